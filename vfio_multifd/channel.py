@@ -1,0 +1,224 @@
+"""One multifd channel: a buffered protocol that receives, a coroutine that queues.
+
+:class:`ChannelProtocol` is the fast path. The event loop asks it where the
+next bytes go (``get_buffer``) and it answers with the decoder's buffer: for a
+payload, the very buffer the chunk will live in until it is written, so the
+kernel copies each byte once. Complete packets go to a short deque; when that
+is full, reading pauses (TCP then pushes back on the source).
+
+:class:`ChannelReader` is the coroutine that takes those packets and queues
+them into the reassembly buffer under the device's ``asyncio.Condition``,
+which a synchronous protocol callback could not do: ``notify`` needs the lock
+and only a coroutine can await it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import structlog
+
+from .errors import HandshakeError, MultifdError, ProtocolError, Reason
+from .wire import ChannelDecoder, ChannelHandshake, DevicePacket
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = structlog.get_logger("vfio_multifd.channel")
+
+#: Complete packets a channel may hold before it stops reading its socket.
+MAX_PENDING_PACKETS = 2
+
+
+class ChannelState(enum.Enum):
+    HANDSHAKE = "handshake"
+    ACTIVE = "active"
+    CLOSED = "closed"  # clean end of stream
+    REFUSED = "refused"  # failed the handshake
+    FAILED = "failed"
+
+
+class ChannelProtocol(asyncio.BufferedProtocol):
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        self.decoder = ChannelDecoder(
+            max_packet_size=session.settings.max_packet_size, allocate=session.pool.acquire
+        )
+        self.state = ChannelState.HANDSHAKE
+        self.channel_id: int | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.pending: deque[DevicePacket] = deque()
+        self.eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading = True
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self.log = log
+
+    # -- asyncio callbacks ------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.log = log.bind(peer=self.peer)
+        loop = asyncio.get_running_loop()
+        self._handshake_timer = loop.call_later(
+            self.session.settings.handshake_timeout, self._handshake_timed_out
+        )
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.session.progress(nbytes)
+        try:
+            self.decoder.buffer_updated(nbytes)
+            while (event := self.decoder.next_event()) is not None:
+                if isinstance(event, ChannelHandshake):
+                    self._on_handshake(event)
+                else:
+                    self.pending.append(event)
+                    if len(self.pending) >= MAX_PENDING_PACKETS and self._reading:
+                        self._reading = False
+                        assert self.transport is not None
+                        self.transport.pause_reading()
+                    self._wake()
+        except HandshakeError as error:
+            self._refuse(error)
+        except ProtocolError as error:
+            self.fail(error)
+
+    def eof_received(self) -> bool:
+        try:
+            self.decoder.eof()
+        except HandshakeError as error:
+            self._refuse(error)
+        except ProtocolError as error:
+            self.fail(error)
+        else:
+            self.eof = True
+            self._wake()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_handshake_timer()
+        if self.state is ChannelState.HANDSHAKE:
+            self._refuse(
+                HandshakeError(
+                    Reason.HANDSHAKE_CLOSED,
+                    f"connection closed inside the handshake ({exc or 'reset'})",
+                )
+            )
+        elif self.state is ChannelState.ACTIVE and not self.eof:
+            self.fail(
+                ProtocolError(
+                    Reason.PACKET_TRUNCATED,
+                    f"connection lost before the end of the stream: {exc or 'reset'}",
+                )
+            )
+        self._wake()
+
+    # -- handshake --------------------------------------------------------------
+
+    def _on_handshake(self, handshake: ChannelHandshake) -> None:
+        self._cancel_handshake_timer()
+        self.session.accept_channel(self, handshake)  # raises HandshakeError to refuse
+        self.channel_id = handshake.channel_id
+        self.state = ChannelState.ACTIVE
+        self.log = self.log.bind(channel=self.channel_id)
+        self.log.info("channel_accepted")
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_timer = None
+        if self.state is ChannelState.HANDSHAKE:
+            timeout = self.session.settings.handshake_timeout
+            self._refuse(
+                HandshakeError(
+                    Reason.HANDSHAKE_TIMEOUT,
+                    f"no complete handshake within {timeout:g} s "
+                    f"({self.decoder.bytes_received} of 64 bytes)",
+                )
+            )
+
+    def _cancel_handshake_timer(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def _refuse(self, error: HandshakeError) -> None:
+        """Refuse this one connection; the migration goes on waiting for its channels."""
+        if self.state is not ChannelState.HANDSHAKE:
+            return
+        self._cancel_handshake_timer()
+        self.state = ChannelState.REFUSED
+        self.session.channel_refused(self, error)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def fail(self, error: MultifdError) -> None:
+        if self.state is not ChannelState.ACTIVE:
+            return
+        self.state = ChannelState.FAILED
+        self.session.fail(error.with_context(channel=self.channel_id))
+        if self.transport is not None:
+            self.transport.abort()
+        self._wake()
+
+    # -- the reader's side --------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_packet(self) -> DevicePacket | None:
+        """The next complete packet, or ``None`` at a clean end of stream."""
+        while not self.pending:
+            if self.eof or self.state is not ChannelState.ACTIVE:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        packet = self.pending.popleft()
+        if not self._reading and self.transport is not None and not self.eof:
+            self._reading = True
+            self.transport.resume_reading()
+        return packet
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class ChannelReader:
+    """The coroutine side of one accepted channel."""
+
+    def __init__(self, protocol: ChannelProtocol, session: Session) -> None:
+        self.protocol = protocol
+        self.session = session
+
+    async def run(self) -> None:
+        protocol = self.protocol
+        channel = protocol.channel_id
+        deliver = self.session.deliver
+        try:
+            while (packet := await protocol.next_packet()) is not None:
+                await deliver(packet)
+        except MultifdError as error:
+            protocol.fail(error)
+            return
+        if protocol.state is ChannelState.ACTIVE:
+            protocol.state = ChannelState.CLOSED
+            protocol.log.info(
+                "channel_closed",
+                bytes=protocol.decoder.bytes_received,
+                packets=protocol.decoder.packets,
+            )
+            self.session.channel_closed(protocol)

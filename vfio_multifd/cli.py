@@ -1,0 +1,236 @@
+"""``vfio-multifd receive | send``: the command line.
+
+The only place that picks the event loop (uvloop) and turns outcomes into
+exit codes: 0 complete, 1 the migration failed, 2 usage error, 128+N when
+stopped by signal N (130 for SIGINT, 143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import structlog
+
+from . import logconfig
+from .config import (
+    Address,
+    DeviceSpec,
+    Digest,
+    QueueFullPolicy,
+    ReceiveSettings,
+    parse_size,
+    parse_uuid,
+)
+from .errors import Cancelled, MultifdError, UsageError
+from .sender import DEFAULT_CHUNK_SIZE, ORDERS, SendResult, SourceDevice, send
+from .session import Session, SessionResult
+from .wire import DEFAULT_MAX_PACKET_SIZE
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+log = structlog.get_logger("vfio_multifd.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    return None if value <= 0 else value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="vfio-multifd",
+        description="QEMU-format multifd device-state migration: destination and source.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    rx = sub.add_parser("receive", help="run the destination daemon")
+    rx.add_argument("--listen", default="tcp:127.0.0.1:4444", metavar="tcp:HOST:PORT|unix:PATH",
+                    help="where to listen (default tcp:127.0.0.1:4444; port 0 picks a free port)")
+    rx.add_argument("--channels", type=int, default=2, metavar="N",
+                    help="multifd channels to expect (default 2, as QEMU)")
+    rx.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000",
+                    help="the source VM's UUID (default all zero)")
+    rx.add_argument("--device", action="append", required=True,
+                    metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
+                    help="a device to receive (repeatable); instance defaults to 0, "
+                         "config to PATH.config")
+    rx.add_argument("--max-packet-size", type=_size, default=DEFAULT_MAX_PACKET_SIZE,
+                    metavar="SIZE", help="largest next_packet_size accepted (default 4M)")
+    rx.add_argument("--max-queued-bytes", type=_size, default=None, metavar="SIZE",
+                    help="bound on chunk bytes held in memory (default: no bound)")
+    rx.add_argument("--on-queue-full", choices=[p.value for p in QueueFullPolicy],
+                    default=QueueFullPolicy.SPILL.value,
+                    help="at the bound: spill to disk (default) or fail like QEMU")
+    rx.add_argument("--spill-dir", default=None, metavar="DIR",
+                    help="where spilled chunks go (default: the first data file's directory)")
+    rx.add_argument("--accept-timeout", type=_seconds, default=None, metavar="SECONDS",
+                    help="fail unless every channel connects within this time (default: wait)")
+    rx.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                    help="refuse a connection that sends no handshake within this time (10)")
+    rx.add_argument("--progress-timeout", type=_seconds, default=150.0, metavar="SECONDS",
+                    help="fail after this long without a byte received or written "
+                         "(default 150, as KubeVirt; 0 disables)")
+    rx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value,
+                    help="digest of each device's data in the summary (default xxh3-128)")
+    rx.add_argument("--no-fsync", action="store_true",
+                    help="do not fsync outputs before renaming them into place")
+    _log_options(rx)
+
+    tx = sub.add_parser("send", help="send device state like a QEMU source")
+    tx.add_argument("--connect", required=True, metavar="tcp:HOST:PORT|unix:PATH")
+    tx.add_argument("--channels", type=int, default=2, metavar="N")
+    tx.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000")
+    tx.add_argument("--device", action="append", required=True,
+                    metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
+                    help="a device to send (repeatable)")
+    tx.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
+                    help="largest chunk (default 1M, as QEMU)")
+    tx.add_argument("--order", choices=ORDERS, default="round-robin",
+                    help="packet order: round-robin as QEMU, or reverse / random")
+    tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    tx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value)
+    tx.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="keep retrying to connect for this long (default 30)")
+    _log_options(tx)
+    return parser
+
+
+def _log_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=logconfig.FORMATS, default="auto")
+    parser.add_argument("--log-level", choices=logconfig.LEVELS, default="info")
+
+
+def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
+    from pathlib import Path
+
+    if args.channels < 1:
+        raise UsageError(f"--channels must be at least 1, not {args.channels}")
+    return ReceiveSettings(
+        devices=tuple(DeviceSpec.parse(text) for text in args.device),
+        listen=Address.parse(args.listen),
+        channels=args.channels,
+        uuid=parse_uuid(args.uuid),
+        max_packet_size=args.max_packet_size,
+        max_queued_bytes=args.max_queued_bytes,
+        on_queue_full=QueueFullPolicy(args.on_queue_full),
+        spill_dir=Path(args.spill_dir) if args.spill_dir else None,
+        accept_timeout=args.accept_timeout,
+        handshake_timeout=args.handshake_timeout or 10.0,
+        progress_timeout=args.progress_timeout,
+        digest=Digest(args.digest),
+        fsync=not args.no_fsync,
+    )
+
+
+async def _receive(settings: ReceiveSettings) -> SessionResult:
+    session = Session(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(
+            signum,
+            lambda s=signum: session.cancel(
+                f"cancelled by {signal.Signals(s).name}", signal_number=s
+            ),
+        )
+    try:
+        return await session.run()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def run_loop(coro_factory: object) -> object:
+    import uvloop
+
+    return uvloop.run(coro_factory)  # type: ignore[arg-type]
+
+
+def print_receive_summary(result: SessionResult, out: TextIO) -> None:
+    for d in result.devices:
+        print(
+            f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
+            f"config {d.config_bytes} bytes, {d.digest} -> {d.data_path}",
+            file=out,
+        )
+    print(
+        f"received {result.data_bytes} bytes in {result.seconds:.3f} s "
+        f"({result.mb_per_s:.1f} MB/s); peak queued {result.peak_queued_bytes} bytes, "
+        f"spilled {result.spilled_bytes} bytes, paused {result.paused_seconds:.3f} s",
+        file=out,
+    )
+
+
+def print_send_summary(result: SendResult, out: TextIO) -> None:
+    for key, size, chunks, digest in result.devices:
+        print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
+    print(
+        f"sent {sum(d[1] for d in result.devices)} bytes in {result.seconds:.3f} s "
+        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels",
+        file=out,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    logconfig.configure(log_format=args.log_format, level=args.log_level)
+    try:
+        if args.command == "receive":
+            settings = receive_settings(args)
+            result = run_loop(_receive(settings))
+            assert isinstance(result, SessionResult)
+            print_receive_summary(result, sys.stdout)
+        else:
+            sent = send(
+                Address.parse(args.connect),
+                [SourceDevice.parse(text) for text in args.device],
+                channels=args.channels,
+                uuid=parse_uuid(args.uuid),
+                chunk_size=args.chunk_size,
+                order=args.order,
+                seed=args.seed,
+                digest=Digest(args.digest),
+                connect_timeout=args.connect_timeout,
+            )
+            print_send_summary(sent, sys.stdout)
+        return EXIT_OK
+    except UsageError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Cancelled as error:
+        print(f"vfio-multifd: {error}", file=sys.stderr)
+        return 128 + (error.signal_number or signal.SIGINT)
+    except MultifdError as error:
+        log.error("migration_failed", error=str(error), reason=error.reason.value)
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT

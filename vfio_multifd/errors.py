@@ -1,0 +1,135 @@
+"""One exception hierarchy, split by who is at fault.
+
+* :class:`ProtocolError` - the peer (the migration source) broke the protocol.
+  :class:`HandshakeError` is the subset that refuses only one connection.
+* :class:`UsageError` - we were misconfigured (bad command line, bad paths).
+* :class:`DeviceIOError` - writing a device's data or config file failed.
+* :class:`SessionError` - the migration as a whole could not finish
+  (incomplete streams, timeouts, cancellation, memory policy).
+
+Every error carries the channel, device and idx it concerns (where known)
+and a stable ``reason`` code, so tests and scripts need not parse messages.
+The message a user sees is ``channel 1: device 0000:00:02.0/vfio: state
+buffer 7 already filled``: context first, then what was expected and what came.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Reason(enum.StrEnum):
+    # handshake (refuses one connection)
+    HANDSHAKE_MAGIC = "handshake-magic"
+    HANDSHAKE_VERSION = "handshake-version"
+    HANDSHAKE_UUID = "handshake-uuid"
+    HANDSHAKE_CHANNEL_ID = "handshake-channel-id"
+    HANDSHAKE_DUPLICATE_CHANNEL = "handshake-duplicate-channel"
+    HANDSHAKE_MAIN_CHANNEL = "handshake-main-channel"
+    HANDSHAKE_CLOSED = "handshake-closed"
+    HANDSHAKE_TIMEOUT = "handshake-timeout"
+    # packet
+    PACKET_MAGIC = "packet-magic"
+    PACKET_VERSION = "packet-version"
+    PACKET_RAM = "packet-ram"
+    PACKET_SYNC = "packet-sync"
+    PACKET_IDSTR = "packet-idstr"
+    PACKET_SIZE = "packet-size"
+    PACKET_TRUNCATED = "packet-truncated"
+    # routing
+    UNKNOWN_DEVICE = "unknown-device"
+    # VFIO payload
+    VFIO_SHORT = "vfio-short"
+    VFIO_VERSION = "vfio-version"
+    VFIO_INVALID_IDX = "vfio-invalid-idx"
+    VFIO_ALREADY_FILLED = "vfio-already-filled"
+    VFIO_AFTER_CONFIG = "vfio-after-config"
+    VFIO_SECOND_CONFIG = "vfio-second-config"
+    VFIO_CONFIG_BLOB = "vfio-config-blob"
+    # limits
+    QUEUE_FULL = "queue-full"
+    # device I/O
+    DEVICE_WRITE = "device-write"
+    # session
+    INCOMPLETE = "incomplete"
+    ACCEPT_TIMEOUT = "accept-timeout"
+    PROGRESS_TIMEOUT = "progress-timeout"
+    CANCELLED = "cancelled"
+    # usage
+    USAGE = "usage"
+
+
+class MultifdError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    reason: Reason
+
+    def __init__(
+        self,
+        reason: Reason,
+        message: str,
+        *,
+        channel: int | None = None,
+        device: str | None = None,
+        idx: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.channel = channel
+        self.device = device
+        self.idx = idx
+
+    def with_context(
+        self, *, channel: int | None = None, device: str | None = None
+    ) -> MultifdError:
+        """Fill in context the raiser could not know (pure code knows no channel)."""
+        if self.channel is None and channel is not None:
+            self.channel = channel
+        if self.device is None and device is not None:
+            self.device = device
+        return self
+
+    def __str__(self) -> str:
+        parts = []
+        if self.channel is not None:
+            parts.append(f"channel {self.channel}")
+        if self.device is not None:
+            parts.append(f"device {self.device}")
+        parts.append(self.message)
+        return ": ".join(parts)
+
+
+class ProtocolError(MultifdError):
+    """The peer sent something the protocol does not allow."""
+
+
+class HandshakeError(ProtocolError):
+    """A connection failed the channel handshake; only that connection is refused."""
+
+
+class UsageError(MultifdError):
+    """We were asked to do something impossible (command line, configuration)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.USAGE, message)
+
+
+class DeviceIOError(MultifdError):
+    """Writing a device's data or config file failed; ``errno`` says why."""
+
+    def __init__(self, message: str, *, device: str, errno: int | None) -> None:
+        super().__init__(Reason.DEVICE_WRITE, message, device=device)
+        self.errno = errno
+
+
+class SessionError(MultifdError):
+    """The migration as a whole cannot complete."""
+
+
+class Cancelled(SessionError):
+    """Stopped on request (a signal or migrate_cancel)."""
+
+    def __init__(self, message: str, *, signal_number: int | None = None) -> None:
+        super().__init__(Reason.CANCELLED, message)
+        self.signal_number = signal_number

@@ -1,0 +1,155 @@
+"""One loader per device: takes chunks in ``idx`` order and writes them off the loop.
+
+The loader waits on its device's ``asyncio.Condition`` (the channel readers
+notify it when they queue the chunk it needs), takes every consecutive ready
+chunk in one batch, and hands the batch to the device's own writer thread,
+which hashes and ``writev``s it. Channel readers keep reading meanwhile. After
+the last data chunk comes the config state: its tags are checked, it is
+stored, and the device is complete (QEMU's ``vfio_load_bufs_thread``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from .config import Digest
+from .output import Output
+from .reassembly import Chunk, ChunkState, DeviceBuffer
+from .wire import check_config_blob
+
+log = structlog.get_logger("vfio_multifd.loader")
+
+#: How many bytes one writev batch may carry.
+BATCH_BYTES = 8 << 20
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+def new_hasher(digest: Digest) -> Hasher:
+    if digest is Digest.SHA256:
+        return hashlib.sha256()
+    import xxhash
+
+    return xxhash.xxh3_128()
+
+
+def format_digest(digest: Digest, hasher: Hasher) -> str:
+    return f"{digest.value}:{hasher.hexdigest()}"
+
+
+@dataclass(slots=True)
+class LoadTimes:
+    started: float = 0.0  # monotonic, first write
+    completed: float = 0.0  # monotonic, device complete
+
+
+class DeviceLoader:
+    def __init__(
+        self,
+        device: DeviceBuffer,
+        condition: asyncio.Condition,
+        data: Output,
+        config: Output,
+        *,
+        digest: Digest,
+        written: Callable[[list[Chunk]], None],
+        read_spilled: Callable[[Chunk], bytes] | None = None,
+    ) -> None:
+        self.device = device
+        self.condition = condition
+        self.data = data
+        self.config = config
+        self.digest = digest
+        self.hasher = new_hasher(digest)
+        self._written = written  # the session releases the chunks' memory
+        self._read_spilled = read_spilled
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
+        self.times = LoadTimes()
+        self.log = log.bind(device=str(device.key))
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.data.open)
+        await loop.run_in_executor(self.executor, self.config.open)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        device = self.device
+        self.log.info("load_thread_start")
+        while True:
+            async with self.condition:
+                if not device.ready:
+                    self.log.debug("load_starved", next_idx=device.next_idx)
+                    await self.condition.wait_for(lambda: device.ready)
+                chunks = device.take_ready(BATCH_BYTES)
+            if not self.times.started:
+                self.times.started = time.monotonic()
+            if chunks[0].config:
+                await self._load_config(loop, chunks[0])
+                self._written(chunks)
+                break
+            await loop.run_in_executor(self.executor, self._write_batch, chunks)
+            self._written(chunks)
+        self.times.completed = time.monotonic()
+        self.log.info(
+            "load_thread_end",
+            bytes=device.bytes_written,
+            chunks=device.chunks_written,
+            digest=self.digest_text,
+        )
+
+    @property
+    def digest_text(self) -> str:
+        return format_digest(self.digest, self.hasher)
+
+    def _write_batch(self, chunks: list[Chunk]) -> None:
+        """On the writer thread: hash and write a run of consecutive chunks."""
+        views: list[bytes | memoryview] = []
+        for chunk in chunks:
+            if chunk.state is ChunkState.SPILLED:
+                assert self._read_spilled is not None
+                view: bytes | memoryview = self._read_spilled(chunk)
+            else:
+                view = chunk.data
+            # hashlib and xxhash release the GIL on large buffers.
+            self.hasher.update(view)
+            views.append(view)
+        self.data.write(views)
+
+    async def _load_config(self, loop: asyncio.AbstractEventLoop, chunk: Chunk) -> None:
+        def load() -> None:
+            blob = self._read_spilled(chunk) if chunk.state is ChunkState.SPILLED else chunk.data
+            assert blob is not None
+            check_config_blob(blob, self.device.key, chunk.idx)
+            self.config.write([blob])
+            # Both files are durable before the session renames anything into place.
+            self.data.finish()
+            self.config.finish()
+
+        self.log.debug("load_config_start", idx=chunk.idx)
+        await loop.run_in_executor(self.executor, load)
+        self.log.debug("load_config_end", idx=chunk.idx, size=chunk.size)
+
+    async def commit(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self.executor, self.data.commit)
+        await loop.run_in_executor(self.executor, self.config.commit)
+
+    def discard(self) -> None:
+        """Drop the outputs (blocking but quick: closes and unlinks); never raises."""
+        self.data.discard()
+        self.config.discard()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,151 @@
+"""Where a device's state goes: a data or config file that is only ever complete.
+
+A regular file is written to a temporary file in the same directory and,
+once the whole migration has completed, fsynced and renamed over the final
+path; a failed or cancelled run removes the temporary file and leaves
+whatever was at the final path untouched. Character devices and FIFOs
+(``/dev/null``, a pipe to another program) cannot be renamed into place and
+are written directly.
+
+Every method here blocks: the loader calls them on its writer thread, never
+on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from .errors import DeviceIOError
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import on the main thread: umask can only be read by setting it.
+_UMASK = _read_umask()
+
+# writev takes at most IOV_MAX buffers (1024 on Linux).
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
+
+Buffer = bytes | bytearray | memoryview
+
+
+def write_fully(write: Callable[[Sequence[Buffer]], int], buffers: Sequence[Buffer]) -> int:
+    """Write every byte of ``buffers`` through a writev-like ``write``, retrying short writes."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    total = 0
+    start = 0
+    while start < len(views):
+        written = write(views[start : start + _IOV_MAX])
+        if written <= 0:
+            raise OSError(errno_module.EIO, f"write returned {written}")
+        total += written
+        # Skip whole buffers written, then trim the partly written one.
+        while start < len(views) and written >= len(views[start]):
+            written -= len(views[start])
+            start += 1
+        if written:
+            views[start] = views[start][written:]
+    return total
+
+
+class Output:
+    """One output file of one device (its data, or its config state)."""
+
+    def __init__(self, path: Path, *, device: str, what: str, fsync: bool = True) -> None:
+        self.path = path
+        self.device = device
+        self.what = what  # "data file" / "config file", for messages
+        self.fsync = fsync
+        self.fd: int | None = None
+        self.temp_path: Path | None = None  # None: written in place (device or FIFO)
+        self.bytes_written = 0
+
+    def open(self) -> None:
+        try:
+            try:
+                mode = os.stat(self.path).st_mode
+            except FileNotFoundError:
+                mode = None
+            if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
+                # Opening a FIFO blocks until a reader comes: we are on the writer thread.
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                return
+            if mode is not None and not stat.S_ISREG(mode):
+                raise IsADirectoryError(errno_module.EISDIR, "not a regular file", str(self.path))
+            fd, temp = tempfile.mkstemp(
+                dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".part"
+            )
+            self.fd, self.temp_path = fd, Path(temp)
+            os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would, not mkstemp's 0600
+        except OSError as error:
+            raise self._error("cannot open", error) from error
+
+    def write(self, buffers: Sequence[Buffer]) -> None:
+        fd = self.fd
+        assert fd is not None, "output is not open"
+        try:
+            self.bytes_written += write_fully(lambda views: os.writev(fd, views), buffers)
+        except OSError as error:
+            raise self._error("cannot write", error) from error
+
+    def finish(self) -> None:
+        """Make the written bytes durable (before the rename makes them visible)."""
+        if self.fd is None:
+            return
+        try:
+            if self.fsync and self.temp_path is not None:
+                os.fsync(self.fd)
+            os.close(self.fd)
+        except OSError as error:
+            raise self._error("cannot finish", error) from error
+        finally:
+            self.fd = None
+
+    def commit(self) -> None:
+        """Put the finished file at its final path (call after :meth:`finish`)."""
+        if self.temp_path is None:
+            return
+        try:
+            os.replace(self.temp_path, self.path)
+            self.temp_path = None
+            if self.fsync:
+                directory = os.open(self.path.parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+        except OSError as error:
+            raise self._error("cannot rename into place", error) from error
+
+    def discard(self) -> None:
+        """Forget everything written; the final path stays as it was. Never raises."""
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
+        if self.temp_path is not None:
+            try:
+                os.unlink(self.temp_path)
+            except OSError:
+                pass
+            self.temp_path = None
+
+    def _error(self, doing: str, error: OSError) -> DeviceIOError:
+        reason = error.strerror or str(error)
+        code = f"{errno_module.errorcode.get(error.errno, error.errno)}, " if error.errno else ""
+        return DeviceIOError(
+            f"{doing} {self.what} {self.path}: {reason} ({code}errno {error.errno})",
+            device=self.device,
+            errno=error.errno,
+        )

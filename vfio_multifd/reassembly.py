@@ -1,0 +1,266 @@
+"""The reassembly buffer: chunks of every device, queued by ``idx`` until written.
+
+Pure: no event loop, no files. The buffer decides what is legal (PROTOCOL.md
+section 3.4), what the loader may take next, and how many bytes are held in
+memory; the asyncio adapters (``session``, ``loader``) do the waiting and the
+I/O. Memory grows with what is queued, never with the value of ``idx``:
+chunks live in a dict keyed by ``idx``.
+
+A chunk is *held* from the moment it is inserted until the loader has written
+it and calls :meth:`ReassemblyBuffer.release`; held chunks are either in memory
+or spilled to disk by the adapter (``spill_ref`` is the adapter's token for
+where; the core never looks inside it).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import ProtocolError, Reason, SessionError
+from .wire import DeviceKey, DevicePacket
+
+
+class ChunkState(enum.Enum):
+    MEMORY = "memory"  # payload held in ``buffer``
+    SPILLING = "spilling"  # being written to the spill file; still in memory
+    SPILLED = "spilled"  # on disk only; ``spill_ref`` says where
+    TAKEN = "taken"  # handed to the loader, not yet written
+
+
+@dataclass(slots=True, eq=False)
+class Chunk:
+    device: DeviceKey
+    idx: int
+    size: int
+    config: bool
+    buffer: bytearray | None
+    state: ChunkState = ChunkState.MEMORY
+    spill_ref: object | None = None
+
+    @property
+    def data(self) -> memoryview:
+        assert self.buffer is not None, "chunk is spilled"
+        return memoryview(self.buffer)[: self.size]
+
+
+@dataclass(slots=True)
+class DeviceBuffer:
+    """One device's queue: what has been written, what waits, where it ends."""
+
+    key: DeviceKey
+    next_idx: int = 0  # the next idx the loader takes
+    last_idx: int | None = None  # the config packet's idx, once it came
+    max_idx: int = -1  # the highest idx received
+    chunks: dict[int, Chunk] = field(default_factory=dict)  # waiting, by idx
+    bytes_written: int = 0
+    chunks_written: int = 0
+    complete: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """The chunk the loader needs next is there and can be taken."""
+        chunk = self.chunks.get(self.next_idx)
+        return chunk is not None and chunk.state is not ChunkState.SPILLING
+
+    def insert(self, chunk: Chunk) -> None:
+        idx = chunk.idx
+        if idx < self.next_idx or idx in self.chunks:
+            raise ProtocolError(
+                Reason.VFIO_ALREADY_FILLED,
+                f"state buffer {idx} already filled",
+                device=str(self.key),
+                idx=idx,
+            )
+        last = self.last_idx
+        if chunk.config:
+            if last is not None:
+                raise ProtocolError(
+                    Reason.VFIO_SECOND_CONFIG,
+                    f"second config state packet (idx {idx}; the first was idx {last})",
+                    device=str(self.key),
+                    idx=idx,
+                )
+            if self.max_idx > idx:
+                raise ProtocolError(
+                    Reason.VFIO_AFTER_CONFIG,
+                    f"state buffer {self.max_idx} came before the config state packet "
+                    f"with idx {idx}, which must be the last",
+                    device=str(self.key),
+                    idx=self.max_idx,
+                )
+            self.last_idx = idx
+        elif last is not None and idx > last:
+            raise ProtocolError(
+                Reason.VFIO_AFTER_CONFIG,
+                f"state buffer {idx} is after the config state packet (idx {last})",
+                device=str(self.key),
+                idx=idx,
+            )
+        self.chunks[idx] = chunk
+        if idx > self.max_idx:
+            self.max_idx = idx
+
+    def take_ready(self, max_bytes: int) -> list[Chunk]:
+        """Pop consecutive ready chunks from ``next_idx`` (at least one, about ``max_bytes``)."""
+        taken: list[Chunk] = []
+        total = 0
+        chunks = self.chunks
+        while True:
+            chunk = chunks.get(self.next_idx)
+            if chunk is None or chunk.state is ChunkState.SPILLING:
+                break
+            if taken and (total + chunk.size > max_bytes or chunk.config):
+                break  # the config chunk goes alone, after every data chunk is written
+            del chunks[self.next_idx]
+            if chunk.state is ChunkState.MEMORY:
+                chunk.state = ChunkState.TAKEN
+            taken.append(chunk)
+            total += chunk.size
+            self.next_idx += 1
+            if chunk.config:
+                break
+        return taken
+
+    def missing(self) -> str:
+        """The indices still missing, as ranges: ``"3-5, 9 and the config state"``."""
+        ranges: list[str] = []
+        end = self.max_idx if self.last_idx is None else self.last_idx
+        start = None
+        for idx in _absent(self.next_idx, end, self.chunks):
+            if start is not None and idx == prev + 1:
+                prev = idx
+                continue
+            if start is not None:
+                ranges.append(_span(start, prev))
+            start = prev = idx
+        if start is not None:
+            ranges.append(_span(start, prev))
+        text = ", ".join(ranges)
+        if self.last_idx is None:
+            after = f" (after idx {self.max_idx})" if self.max_idx >= 0 else ""
+            tail = f"the config state packet{after}"
+            return f"{text} and {tail}" if text else tail
+        return text
+
+
+def _absent(start: int, end: int, present: dict[int, Chunk]) -> Iterator[int]:
+    """Indices in ``start..end`` that are absent, in O(len(present)) for sparse gaps."""
+    idx = start
+    for held in sorted(i for i in present if i >= start):
+        if held > end:
+            break
+        yield from range(idx, held)
+        idx = held + 1
+    yield from range(idx, end + 1)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
+class ReassemblyBuffer:
+    """Every expected device's queue plus the shared memory accounting."""
+
+    def __init__(self, devices: Iterable[DeviceKey], *, max_queued_bytes: int | None = None):
+        self.devices: dict[DeviceKey, DeviceBuffer] = {key: DeviceBuffer(key) for key in devices}
+        self.max_queued_bytes = max_queued_bytes
+        self.queued_bytes = 0  # chunk bytes held in memory (MEMORY, SPILLING, TAKEN)
+        self.peak_queued_bytes = 0
+        self.spilled_bytes = 0  # total ever spilled
+        self.spilled_now = 0  # bytes currently on disk only
+
+    def device(self, key: DeviceKey) -> DeviceBuffer:
+        try:
+            return self.devices[key]
+        except KeyError:
+            known = ", ".join(str(k) for k in self.devices) or "none"
+            raise ProtocolError(
+                Reason.UNKNOWN_DEVICE,
+                f"unknown device (idstr {key.idstr!r}, instance_id {key.instance_id}); "
+                f"expected one of: {known}",
+                device=str(key),
+            ) from None
+
+    def fits(self, size: int) -> bool:
+        bound = self.max_queued_bytes
+        return bound is None or self.queued_bytes + size <= bound
+
+    def insert(self, packet: DevicePacket) -> Chunk:
+        """Queue a packet's chunk in memory (the caller has checked :meth:`fits`)."""
+        device = self.device(packet.device)
+        chunk = Chunk(packet.device, packet.idx, packet.size, packet.config, packet.buffer)
+        device.insert(chunk)
+        self._grow(chunk.size)
+        return chunk
+
+    def check_fits_or_fail(self, packet: DevicePacket) -> None:
+        """QEMU's policy: a queue over the bound fails the migration."""
+        if not self.fits(packet.size):
+            raise SessionError(
+                Reason.QUEUE_FULL,
+                f"queueing state buffer {packet.idx} ({packet.size} bytes) would hold "
+                f"{self.queued_bytes + packet.size} bytes, over the bound of "
+                f"{self.max_queued_bytes} (--max-queued-bytes)",
+                device=str(packet.device),
+                idx=packet.idx,
+            )
+
+    def _grow(self, size: int) -> None:
+        self.queued_bytes += size
+        if self.queued_bytes > self.peak_queued_bytes:
+            self.peak_queued_bytes = self.queued_bytes
+
+    def spill_started(self, chunk: Chunk) -> None:
+        chunk.state = ChunkState.SPILLING
+
+    def spill_done(self, chunk: Chunk, ref: object) -> bytearray:
+        """The chunk is on disk: it no longer counts as memory. Returns the freed buffer."""
+        buffer = chunk.buffer
+        assert buffer is not None and chunk.state is ChunkState.SPILLING
+        chunk.buffer = None
+        chunk.spill_ref = ref
+        chunk.state = ChunkState.SPILLED
+        self.queued_bytes -= chunk.size
+        self.spilled_bytes += chunk.size
+        self.spilled_now += chunk.size
+        return buffer
+
+    def spill_victim(self) -> Chunk | None:
+        """The in-memory chunk needed furthest in the future, or ``None``.
+
+        Evicting what is needed last is optimal for a consumer that reads in
+        order (Belady); a device's next-needed chunk is never chosen, since the
+        loader is about to write it anyway.
+        """
+        best: Chunk | None = None
+        best_distance = 0
+        for device in self.devices.values():
+            for idx, chunk in device.chunks.items():
+                distance = idx - device.next_idx
+                if distance > best_distance and chunk.state is ChunkState.MEMORY:
+                    best, best_distance = chunk, distance
+        return best
+
+    def release(self, chunks: Iterable[Chunk]) -> None:
+        """The loader wrote these chunks: forget them."""
+        for chunk in chunks:
+            device = self.devices[chunk.device]
+            if chunk.config:
+                device.complete = True
+            else:
+                device.bytes_written += chunk.size
+                device.chunks_written += 1
+            if chunk.state is ChunkState.SPILLED:
+                self.spilled_now -= chunk.size
+            else:
+                self.queued_bytes -= chunk.size
+            chunk.buffer = None
+
+    @property
+    def complete(self) -> bool:
+        return all(device.complete for device in self.devices.values())
+
+    def incomplete_devices(self) -> list[DeviceBuffer]:
+        return [device for device in self.devices.values() if not device.complete]

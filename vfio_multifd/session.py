@@ -1,0 +1,408 @@
+"""One migration, destination side: listen, accept channels, load devices, finish.
+
+The session is the one boundary errors flow back to. Channel readers, loaders
+and the watchdog report problems through :meth:`Session.fail`; :meth:`run`
+then stops everything, discards every output and raises the first error.
+Outputs become final only when every device is complete (PROTOCOL.md 3.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from .channel import ChannelProtocol, ChannelReader, ChannelState
+from .config import Address, QueueFullPolicy, ReceiveSettings
+from .errors import (
+    Cancelled,
+    DeviceIOError,
+    HandshakeError,
+    MultifdError,
+    Reason,
+    SessionError,
+    UsageError,
+)
+from .loader import DeviceLoader
+from .output import Output
+from .pool import BufferPool
+from .reassembly import Chunk, DeviceBuffer, ReassemblyBuffer
+from .spill import SpillStore
+from .wire import ChannelHandshake, DeviceKey, DevicePacket, check_handshake
+
+log = structlog.get_logger("vfio_multifd.session")
+
+
+class SessionStatus(enum.StrEnum):
+    """QMP's names for a migration's states."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResult:
+    device: DeviceKey
+    data_path: Path
+    config_path: Path
+    bytes: int
+    chunks: int
+    config_bytes: int
+    digest: str
+    seconds: float  # from the first byte received to the device's completion
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    devices: tuple[DeviceResult, ...]
+    seconds: float  # first byte received to the last device complete
+    bytes_received: int  # on all channels, headers included
+    peak_queued_bytes: int
+    spilled_bytes: int
+    paused_seconds: float
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(device.bytes for device in self.devices)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class Session:
+    def __init__(self, settings: ReceiveSettings) -> None:
+        self.settings = settings
+        self.status = SessionStatus.SETUP
+        self.pool = BufferPool()
+        self.reassembly = ReassemblyBuffer(
+            (spec.key for spec in settings.devices), max_queued_bytes=settings.max_queued_bytes
+        )
+        self.conditions = {spec.key: asyncio.Condition() for spec in settings.devices}
+        # Waited on by channels that must make room under --max-queued-bytes.
+        self.memory = asyncio.Condition()
+        self.spill: SpillStore | None = None
+        self.loaders = {
+            spec.key: DeviceLoader(
+                self.reassembly.devices[spec.key],
+                self.conditions[spec.key],
+                Output(spec.data_path, device=str(spec.key), what="data file", fsync=settings.fsync),
+                Output(
+                    spec.config_path, device=str(spec.key), what="config file", fsync=settings.fsync
+                ),
+                digest=settings.digest,
+                written=self._written,
+                read_spilled=self._read_spilled,
+            )
+            for spec in settings.devices
+        }
+        self.channels: dict[int, ChannelProtocol] = {}
+        self.connections: set[ChannelProtocol] = set()
+        self.address: Address | None = None  # where we listen, once we do
+        self.listening = asyncio.Event()
+        self.error: MultifdError | None = None
+        self.bytes_received = 0
+        self.started: float | None = None  # monotonic, first channel accepted
+        self.paused_seconds = 0.0
+        self._failed: asyncio.Future[MultifdError] | None = None
+        self._readers: set[asyncio.Task[None]] = set()
+        self.log = log
+
+    # -- running ----------------------------------------------------------------
+
+    async def run(self) -> SessionResult:
+        """Receive the whole migration. Raises a :class:`MultifdError` on failure."""
+        loop = asyncio.get_running_loop()
+        self._failed = loop.create_future()
+        try:
+            return await self._run(loop)
+        except asyncio.CancelledError:
+            self._set_status(SessionStatus.CANCELLED)
+            raise
+        except MultifdError as error:
+            self.error = error
+            self._set_status(
+                SessionStatus.CANCELLED if isinstance(error, Cancelled) else SessionStatus.FAILED
+            )
+            raise
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> SessionResult:
+        settings = self.settings
+        server: asyncio.Server | None = None
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for loader in self.loaders.values():
+                try:
+                    await loader.open()
+                except DeviceIOError as error:
+                    raise UsageError(str(error)) from error
+            server = await self._listen(loop)
+            tasks = [
+                asyncio.create_task(loader.run(), name=f"loader {key}")
+                for key, loader in self.loaders.items()
+            ]
+            tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+            loaded = asyncio.gather(*tasks[:-1])
+            assert self._failed is not None
+            await asyncio.wait([loaded, self._failed], return_when=asyncio.FIRST_COMPLETED)
+            if self._failed.done():
+                raise self._failed.result()
+            loaded.result()  # a loader's own error (config blob, write failure)
+            await self._close(server, tasks)
+            server = None
+            for loader in self.loaders.values():
+                await loader.commit()
+            self._set_status(SessionStatus.COMPLETED)
+            result = self._result()
+            self._log_summary(result)
+            return result
+        except BaseException:
+            await self._abort(server, tasks)
+            raise
+        finally:
+            for loader in self.loaders.values():
+                loader.close()
+            if self.spill is not None:
+                self.spill.close()
+            if settings.listen.kind == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(settings.listen.path)
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
+        listen = self.settings.listen
+
+        def factory() -> ChannelProtocol:
+            protocol = ChannelProtocol(self)
+            self.connections.add(protocol)
+            return protocol
+
+        try:
+            if listen.kind == "unix":
+                server = await loop.create_unix_server(factory, listen.path)
+                self.address = listen
+            else:
+                server = await loop.create_server(
+                    factory, listen.host, listen.port, reuse_address=True
+                )
+                port = server.sockets[0].getsockname()[1]
+                self.address = Address("tcp", listen.host, port)
+        except OSError as error:
+            raise UsageError(f"cannot listen on {listen}: {error.strerror or error}") from error
+        self.log.info(
+            "listening",
+            address=str(self.address),
+            channels=self.settings.channels,
+            devices=[str(spec.key) for spec in self.settings.devices],
+        )
+        self.listening.set()
+        return server
+
+    async def _close(self, server: asyncio.Server | None, tasks: list[asyncio.Task[None]]) -> None:
+        if server is not None:
+            server.close()
+        for protocol in list(self.connections):
+            protocol.close()
+        pending = [*tasks, *self._readers]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _abort(self, server: asyncio.Server | None, tasks: list[asyncio.Task[None]]) -> None:
+        await self._close(server, tasks)
+        # A writer thread may be in the middle of a write: let it finish, then
+        # remove every temporary file. Nothing reaches a final path.
+        loop = asyncio.get_running_loop()
+        for loader in self.loaders.values():
+            await asyncio.shield(loop.run_in_executor(loader.executor, loader.discard))
+
+    def fail(self, error: MultifdError) -> None:
+        """Report an error that ends the migration (the first one wins)."""
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(error)
+
+    def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
+        if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            self._set_status(SessionStatus.CANCELLING)
+        self.fail(Cancelled(why, signal_number=signal_number))
+
+    def _set_status(self, status: SessionStatus) -> None:
+        if status is not self.status:
+            self.log.info("state_change", old=self.status.value, new=status.value)
+            self.status = status
+
+    # -- channels -----------------------------------------------------------------
+
+    def accept_channel(self, protocol: ChannelProtocol, handshake: ChannelHandshake) -> None:
+        settings = self.settings
+        check_handshake(handshake, uuid=settings.uuid, channels=settings.channels)
+        if handshake.channel_id in self.channels:
+            raise HandshakeError(
+                Reason.HANDSHAKE_DUPLICATE_CHANNEL,
+                f"channel id {handshake.channel_id} is already connected",
+            )
+        self.channels[handshake.channel_id] = protocol
+        if self.started is None:
+            self.started = time.monotonic()
+            self._set_status(SessionStatus.ACTIVE)
+        task = asyncio.create_task(
+            ChannelReader(protocol, self).run(), name=f"channel {handshake.channel_id}"
+        )
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    def channel_refused(self, protocol: ChannelProtocol, error: HandshakeError) -> None:
+        self.connections.discard(protocol)
+        protocol.log.warning("channel_refused", error=str(error), reason=error.reason.value)
+
+    def channel_closed(self, protocol: ChannelProtocol) -> None:
+        """A channel ended cleanly. When all have, every device must be able to finish."""
+        channels = self.channels
+        if len(channels) < self.settings.channels:
+            return
+        if any(p.state is not ChannelState.CLOSED for p in channels.values()):
+            return
+        stuck = [d for d in self.reassembly.incomplete_devices() if not _fully_received(d)]
+        if stuck:
+            detail = "; ".join(f"device {d.key}: missing idx {d.missing()}" for d in stuck)
+            self.fail(
+                SessionError(
+                    Reason.INCOMPLETE,
+                    f"all {len(channels)} channels closed with "
+                    f"{len(stuck)} device(s) incomplete: {detail}",
+                    device=str(stuck[0].key) if len(stuck) == 1 else None,
+                )
+            )
+
+    def progress(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+
+    # -- queueing -----------------------------------------------------------------
+
+    async def deliver(self, packet: DevicePacket) -> None:
+        """Queue one packet's chunk for its device's loader (a channel reader calls this)."""
+        reassembly = self.reassembly
+        device = reassembly.device(packet.device)
+        if not reassembly.fits(packet.size):
+            await self._make_room(device, packet)
+        condition = self.conditions[device.key]
+        async with condition:
+            reassembly.insert(packet)
+            if device.ready:
+                condition.notify()
+
+    async def _make_room(self, device: DeviceBuffer, packet: DevicePacket) -> None:
+        if self.settings.on_queue_full is QueueFullPolicy.FAIL:
+            self.reassembly.check_fits_or_fail(packet)
+            return
+        raise NotImplementedError
+
+    def _written(self, chunks: list[Chunk]) -> None:
+        for chunk in chunks:
+            if chunk.buffer is not None:
+                self.pool.release(chunk.buffer)
+        self.reassembly.release(chunks)
+
+    def _read_spilled(self, chunk: Chunk) -> bytes:
+        assert self.spill is not None
+        return self.spill.read(chunk.spill_ref)
+
+    # -- watchdog -----------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        last_bytes, last_written, last_change = -1, -1, loop.time()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            if settings.accept_timeout is not None and len(self.channels) < settings.channels:
+                if now - opened > settings.accept_timeout:
+                    missing = sorted(set(range(settings.channels)) - set(self.channels))
+                    self.fail(
+                        SessionError(
+                            Reason.ACCEPT_TIMEOUT,
+                            f"only {len(self.channels)} of {settings.channels} channels "
+                            f"connected within {settings.accept_timeout:g} s "
+                            f"(missing channel ids {', '.join(map(str, missing))})",
+                        )
+                    )
+            written = sum(d.bytes_written for d in self.reassembly.devices.values())
+            if self.bytes_received != last_bytes or written != last_written:
+                last_bytes, last_written, last_change = self.bytes_received, written, now
+            elif (
+                settings.progress_timeout is not None
+                and self.status is SessionStatus.ACTIVE
+                and now - last_change > settings.progress_timeout
+            ):
+                self.fail(
+                    SessionError(
+                        Reason.PROGRESS_TIMEOUT,
+                        f"no progress for {settings.progress_timeout:g} s "
+                        f"({self.bytes_received} bytes received; waiting for "
+                        + "; ".join(
+                            f"device {d.key} idx {d.next_idx}"
+                            for d in self.reassembly.incomplete_devices()
+                        )
+                        + ")",
+                    )
+                )
+
+    # -- results ------------------------------------------------------------------
+
+    def _result(self) -> SessionResult:
+        started = self.started or time.monotonic()
+        devices = []
+        for spec in self.settings.devices:
+            loader = self.loaders[spec.key]
+            buffer = self.reassembly.devices[spec.key]
+            devices.append(
+                DeviceResult(
+                    device=spec.key,
+                    data_path=spec.data_path,
+                    config_path=spec.config_path,
+                    bytes=buffer.bytes_written,
+                    chunks=buffer.chunks_written,
+                    config_bytes=loader.config.bytes_written,
+                    digest=loader.digest_text,
+                    seconds=loader.times.completed - started,
+                )
+            )
+        last = max(self.loaders[d.device].times.completed for d in devices)
+        return SessionResult(
+            devices=tuple(devices),
+            seconds=last - started,
+            bytes_received=self.bytes_received,
+            peak_queued_bytes=self.reassembly.peak_queued_bytes,
+            spilled_bytes=self.reassembly.spilled_bytes,
+            paused_seconds=self.paused_seconds,
+        )
+
+    def _log_summary(self, result: SessionResult) -> None:
+        self.log.info(
+            "migration_completed",
+            seconds=round(result.seconds, 3),
+            mb_per_s=round(result.mb_per_s, 1),
+            bytes=result.data_bytes,
+            peak_queued_bytes=result.peak_queued_bytes,
+            spilled_bytes=result.spilled_bytes,
+            paused_seconds=round(result.paused_seconds, 3),
+        )
+
+
+def _fully_received(device: DeviceBuffer) -> bool:
+    """Every chunk up to the config packet is queued (or already written)."""
+    last = device.last_idx
+    return last is not None and len(device.chunks) == last - device.next_idx + 1

@@ -1,0 +1,475 @@
+"""QEMU's multifd device-state wire format: constants, headers, an incremental decoder.
+
+Pure: no sockets, no files, no event loop. Bytes go in, events come out, and
+"need more data" is the absence of an event, never an exception. The decoder
+is built for a zero-copy receive path: :meth:`ChannelDecoder.get_buffer`
+returns the very memory the next bytes belong in (for a payload, the buffer
+the chunk will live in until it is written), so a socket can ``recv_into`` it.
+Every field is checked as soon as its bytes are there, and a payload size is
+checked against the maximum before anything is allocated.
+
+Layouts are in PROTOCOL.md section 2; all integers are big-endian, all
+structures packed.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .errors import HandshakeError, ProtocolError, Reason
+
+# --- constants -----------------------------------------------------------------
+
+MULTIFD_MAGIC = 0x11223344
+MULTIFD_VERSION = 1
+VFIO_STATE_VERSION = 0
+QEMU_VM_FILE_MAGIC = b"QEVM"  # first bytes of a QEMU *main* migration channel
+INVALID_IDX = 0xFFFFFFFF
+IDSTR_SIZE = 256
+MAX_IDSTR_LEN = IDSTR_SIZE - 1  # byte 255 is always NUL
+UUID_SIZE = 16
+
+#: QEMU's source never sends a chunk larger than this (VFIO's data buffer).
+QEMU_MAX_CHUNK = 1 << 20
+#: Our default bound on ``next_packet_size``: QEMU's 1 MiB plus room to spare.
+DEFAULT_MAX_PACKET_SIZE = 4 << 20
+
+
+class PacketFlag(enum.IntFlag):
+    SYNC = 0x01
+    COMPRESSION_MASK = 0x3E
+    DEVICE_STATE = 0x40
+
+
+class VfioFlag(enum.IntFlag):
+    CONFIG_STATE = 0x1
+
+
+class ConfigTag(enum.IntEnum):
+    """The be64 tags of VFIO's migration stream (PROTOCOL.md section 2.5)."""
+
+    END_OF_STATE = 0xFFFFFFFFEF100001
+    DEV_CONFIG_STATE = 0xFFFFFFFFEF100002
+    DEV_SETUP_STATE = 0xFFFFFFFFEF100003
+    DEV_DATA_STATE = 0xFFFFFFFFEF100004
+    DEV_INIT_DATA_SENT = 0xFFFFFFFFEF100005
+    DEV_CONFIG_LOAD_READY = 0xFFFFFFFFEF100006
+
+
+# magic, version, uuid, channel id, 7 unused bytes, four unused u64
+HANDSHAKE = struct.Struct(">II16sB7x32x")
+# magic, version, flags
+PACKET_HEADER = struct.Struct(">III")
+# packet header, idstr, instance_id, next_packet_size
+DEVICE_STATE_HEADER = struct.Struct(">III256sII")
+# version, idx, flags
+VFIO_HEADER = struct.Struct(">III")
+CONFIG_TAG = struct.Struct(">Q")
+
+#: Bytes before a device-state packet's data: the 276-byte device-state header
+#: and the 12-byte VFIO header. Every valid packet is at least this long.
+PACKET_PREFIX_SIZE = DEVICE_STATE_HEADER.size + VFIO_HEADER.size
+
+assert HANDSHAKE.size == 64
+assert DEVICE_STATE_HEADER.size == 276
+assert PACKET_PREFIX_SIZE == 288
+
+
+# --- values ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceKey:
+    """A device is named by its ``idstr`` plus its ``instance_id``."""
+
+    idstr: str
+    instance_id: int = 0
+
+    def __str__(self) -> str:
+        if self.instance_id == 0:
+            return self.idstr
+        return f"{self.idstr} instance {self.instance_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHandshake:
+    channel_id: int
+    uuid: bytes = bytes(UUID_SIZE)
+
+    def encode(self) -> bytes:
+        return HANDSHAKE.pack(MULTIFD_MAGIC, MULTIFD_VERSION, self.uuid, self.channel_id)
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePacket:
+    """One complete device-state packet: a chunk of a device's state.
+
+    ``buffer`` owns the bytes (it may be larger than the data, and may come
+    from a pool); ``data`` is the chunk itself, ``size`` bytes long.
+    """
+
+    device: DeviceKey
+    idx: int
+    config: bool
+    buffer: bytearray
+    size: int
+
+    @property
+    def data(self) -> memoryview:
+        return memoryview(self.buffer)[: self.size]
+
+
+def encode_idstr(idstr: str) -> bytes:
+    raw = idstr.encode("utf-8", "surrogateescape")
+    if not raw or len(raw) > MAX_IDSTR_LEN or b"\0" in raw:
+        raise ValueError(f"idstr must be 1..{MAX_IDSTR_LEN} bytes without NUL: {idstr!r}")
+    return raw
+
+
+def encode_packet_prefix(device: DeviceKey, idx: int, data_size: int, config: bool) -> bytes:
+    """The 288 bytes that precede a chunk's data on the wire."""
+    flags = VfioFlag.CONFIG_STATE if config else 0
+    return DEVICE_STATE_HEADER.pack(
+        MULTIFD_MAGIC,
+        MULTIFD_VERSION,
+        PacketFlag.DEVICE_STATE,
+        encode_idstr(device.idstr),
+        device.instance_id,
+        VFIO_HEADER.size + data_size,
+    ) + VFIO_HEADER.pack(VFIO_STATE_VERSION, idx, flags)
+
+
+def encode_device_packet(device: DeviceKey, idx: int, data: bytes, config: bool = False) -> bytes:
+    return encode_packet_prefix(device, idx, len(data), config) + bytes(data)
+
+
+def encode_config_blob(config_bytes: bytes) -> bytes:
+    return (
+        CONFIG_TAG.pack(ConfigTag.DEV_CONFIG_STATE)
+        + bytes(config_bytes)
+        + CONFIG_TAG.pack(ConfigTag.END_OF_STATE)
+    )
+
+
+def check_config_blob(blob: bytes | memoryview, device: DeviceKey, idx: int) -> None:
+    """Raise unless ``blob`` starts with DEV_CONFIG_STATE and ends with END_OF_STATE."""
+    size = CONFIG_TAG.size
+    if len(blob) < 2 * size:
+        raise ProtocolError(
+            Reason.VFIO_CONFIG_BLOB,
+            f"config state of {len(blob)} bytes is too short for its two tags (idx {idx})",
+            device=str(device),
+            idx=idx,
+        )
+    (first,) = CONFIG_TAG.unpack_from(blob, 0)
+    (last,) = CONFIG_TAG.unpack_from(blob, len(blob) - size)
+    if first != ConfigTag.DEV_CONFIG_STATE:
+        raise ProtocolError(
+            Reason.VFIO_CONFIG_BLOB,
+            f"config state (idx {idx}) starts with {first:#018x}, "
+            f"expected DEV_CONFIG_STATE {ConfigTag.DEV_CONFIG_STATE:#018x}",
+            device=str(device),
+            idx=idx,
+        )
+    if last != ConfigTag.END_OF_STATE:
+        raise ProtocolError(
+            Reason.VFIO_CONFIG_BLOB,
+            f"config state (idx {idx}) ends with {last:#018x}, "
+            f"expected END_OF_STATE {ConfigTag.END_OF_STATE:#018x}",
+            device=str(device),
+            idx=idx,
+        )
+
+
+def check_handshake(
+    handshake: ChannelHandshake, *, uuid: bytes, channels: int
+) -> None:
+    """The session-level checks of a decoded handshake (PROTOCOL.md section 3.1)."""
+    if handshake.uuid != uuid:
+        raise HandshakeError(
+            Reason.HANDSHAKE_UUID,
+            f"handshake uuid {handshake.uuid.hex()} differs from the expected {uuid.hex()}",
+        )
+    # QEMU checks id > channels, an off-by-one; ids run 0 .. channels-1.
+    if handshake.channel_id >= channels:
+        raise HandshakeError(
+            Reason.HANDSHAKE_CHANNEL_ID,
+            f"handshake channel id {handshake.channel_id} is not below the "
+            f"{channels} expected channels",
+        )
+
+
+# --- the incremental decoder ---------------------------------------------------
+
+
+class DecoderState(enum.Enum):
+    HANDSHAKE = "handshake"
+    HEADER = "header"  # the 288-byte packet prefix
+    PAYLOAD = "payload"
+    CLOSED = "closed"  # clean end of stream at a packet boundary
+    ERROR = "error"  # terminal; the decoder raised
+
+
+Event = ChannelHandshake | DevicePacket
+
+
+def _default_allocate(size: int) -> bytearray:
+    return bytearray(size)
+
+
+class ChannelDecoder:
+    """Decodes one multifd channel: the handshake, then device-state packets.
+
+    Zero-copy use (a ``BufferedProtocol``): write into :meth:`get_buffer`, then
+    call :meth:`buffer_updated`. Copying use (tests, simple readers):
+    :meth:`receive_data`. Either way, then drain :meth:`next_event` until it
+    returns ``None``, and call :meth:`eof` when the peer closes.
+    """
+
+    def __init__(
+        self,
+        *,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        allocate: Callable[[int], bytearray] = _default_allocate,
+    ) -> None:
+        if max_packet_size < VFIO_HEADER.size:
+            raise ValueError(f"max_packet_size must be at least {VFIO_HEADER.size}")
+        self.max_packet_size = max_packet_size
+        self._allocate = allocate
+        self.state = DecoderState.HANDSHAKE
+        self._events: deque[Event] = deque()
+        self._handshake = bytearray(HANDSHAKE.size)
+        self._prefix = bytearray(PACKET_PREFIX_SIZE)
+        self._unit = memoryview(self._handshake)  # the memory being filled
+        self._filled = 0
+        self._checked = 0  # how many prefix bytes have been validated
+        # header fields of the packet being received
+        self._device: DeviceKey | None = None
+        self._idx = 0
+        self._config = False
+        self._payload: bytearray | None = None
+        self._payload_size = 0
+        #: Bytes consumed so far, and complete packets decoded.
+        self.bytes_received = 0
+        self.packets = 0
+
+    # -- feeding ----------------------------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """The memory the next bytes of the stream belong in (never empty)."""
+        if self.state in (DecoderState.CLOSED, DecoderState.ERROR):
+            raise RuntimeError(f"decoder is {self.state.value}")
+        return self._unit[self._filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`."""
+        self._filled += nbytes
+        self.bytes_received += nbytes
+        try:
+            if self.state is DecoderState.PAYLOAD:
+                if self._filled == self._payload_size:
+                    self._finish_packet()
+            elif self.state is DecoderState.HEADER:
+                self._check_prefix()
+            else:
+                self._check_handshake()
+        except ProtocolError:
+            self.state = DecoderState.ERROR
+            raise
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Copy ``data`` in; events become available from :meth:`next_event`."""
+        view = memoryview(data).cast("B")
+        while view:
+            target = self.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
+    def next_event(self) -> Event | None:
+        """The next complete handshake or packet, or ``None`` when more data is needed."""
+        return self._events.popleft() if self._events else None
+
+    def eof(self) -> None:
+        """The peer closed the stream. Clean only at a packet boundary."""
+        if self.state is DecoderState.ERROR:
+            return
+        if self.state is DecoderState.HANDSHAKE:
+            self.state = DecoderState.ERROR
+            raise HandshakeError(
+                Reason.HANDSHAKE_CLOSED,
+                f"connection closed inside the handshake after {self._filled} of "
+                f"{HANDSHAKE.size} bytes",
+            )
+        if self.state is DecoderState.PAYLOAD or self._filled:
+            error = self._truncated()
+            self.state = DecoderState.ERROR
+            raise error
+        self.state = DecoderState.CLOSED
+
+    def _truncated(self) -> ProtocolError:
+        if self._payload is not None:
+            return ProtocolError(
+                Reason.PACKET_TRUNCATED,
+                f"stream closed inside state buffer {self._idx}: {self._filled} of "
+                f"{self._payload_size} data bytes received",
+                device=str(self._device),
+                idx=self._idx,
+            )
+        return ProtocolError(
+            Reason.PACKET_TRUNCATED,
+            f"stream closed inside a packet header: {self._filled} of "
+            f"{PACKET_PREFIX_SIZE} bytes received",
+            device=None if self._device is None else str(self._device),
+        )
+
+    # -- units ----------------------------------------------------------------
+
+    def _check_handshake(self) -> None:
+        buf = self._handshake
+        filled = self._filled
+        if filled >= 4 and self._checked < 4:
+            if bytes(buf[:4]) == QEMU_VM_FILE_MAGIC:
+                raise HandshakeError(
+                    Reason.HANDSHAKE_MAIN_CHANNEL,
+                    "a QEMU main migration channel (QEVM) connected; this destination "
+                    "receives only multifd channels",
+                )
+            (magic,) = struct.unpack_from(">I", buf, 0)
+            if magic != MULTIFD_MAGIC:
+                raise HandshakeError(
+                    Reason.HANDSHAKE_MAGIC,
+                    f"handshake magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
+                )
+            self._checked = 4
+        if filled >= 8 and self._checked < 8:
+            (version,) = struct.unpack_from(">I", buf, 4)
+            if version != MULTIFD_VERSION:
+                raise HandshakeError(
+                    Reason.HANDSHAKE_VERSION,
+                    f"handshake version {version}, expected {MULTIFD_VERSION}",
+                )
+            self._checked = 8
+        if filled == HANDSHAKE.size:
+            _, _, uuid, channel_id = HANDSHAKE.unpack(buf)
+            self._events.append(ChannelHandshake(channel_id, uuid))
+            self._start_header()
+
+    def _start_header(self) -> None:
+        self.state = DecoderState.HEADER
+        self._unit = memoryview(self._prefix)
+        self._filled = 0
+        self._checked = 0
+        self._device = None
+        self._payload = None
+
+    def _check_prefix(self) -> None:
+        buf = self._prefix
+        filled = self._filled
+        if self._checked < PACKET_HEADER.size and filled >= 4:
+            self._check_packet_header(filled)
+        if filled >= DEVICE_STATE_HEADER.size and self._checked < DEVICE_STATE_HEADER.size:
+            self._check_device_state_header()
+        if filled == PACKET_PREFIX_SIZE:
+            version, idx, flags = VFIO_HEADER.unpack_from(buf, DEVICE_STATE_HEADER.size)
+            device = self._device
+            assert device is not None
+            if version != VFIO_STATE_VERSION:
+                raise ProtocolError(
+                    Reason.VFIO_VERSION,
+                    f"VFIO state version {version}, expected {VFIO_STATE_VERSION} (idx {idx})",
+                    device=str(device),
+                    idx=idx,
+                )
+            if idx == INVALID_IDX:
+                raise ProtocolError(
+                    Reason.VFIO_INVALID_IDX,
+                    f"idx {INVALID_IDX:#x} is invalid",
+                    device=str(device),
+                    idx=idx,
+                )
+            self._idx = idx
+            self._config = bool(flags & VfioFlag.CONFIG_STATE)
+            size = self._payload_size
+            self._payload = self._allocate(size)
+            self._unit = memoryview(self._payload)[:size]
+            self._filled = 0
+            self.state = DecoderState.PAYLOAD
+            if size == 0:
+                self._finish_packet()
+
+    def _check_packet_header(self, filled: int) -> None:
+        buf = self._prefix
+        if self._checked < 4:
+            (magic,) = struct.unpack_from(">I", buf, 0)
+            if magic != MULTIFD_MAGIC:
+                raise ProtocolError(
+                    Reason.PACKET_MAGIC,
+                    f"packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
+                )
+            self._checked = 4
+        if filled >= 8 and self._checked < 8:
+            (version,) = struct.unpack_from(">I", buf, 4)
+            if version != MULTIFD_VERSION:
+                raise ProtocolError(
+                    Reason.PACKET_VERSION,
+                    f"packet version {version}, expected {MULTIFD_VERSION}",
+                )
+            self._checked = 8
+        if filled >= 12 and self._checked < 12:
+            (flags,) = struct.unpack_from(">I", buf, 8)
+            if not flags & PacketFlag.DEVICE_STATE:
+                kind = "SYNC" if flags & PacketFlag.SYNC else "RAM"
+                raise ProtocolError(
+                    Reason.PACKET_RAM,
+                    f"{kind} packet (flags {flags:#x}); this destination receives only "
+                    f"device-state packets (flag {PacketFlag.DEVICE_STATE:#x})",
+                )
+            if flags & PacketFlag.SYNC:
+                raise ProtocolError(
+                    Reason.PACKET_SYNC,
+                    f"SYNC bit set on a device-state packet (flags {flags:#x})",
+                )
+            self._checked = 12
+
+    def _check_device_state_header(self) -> None:
+        _, _, _, raw_idstr, instance_id, size = DEVICE_STATE_HEADER.unpack_from(self._prefix)
+        if raw_idstr[MAX_IDSTR_LEN] != 0:
+            raise ProtocolError(
+                Reason.PACKET_IDSTR,
+                f"idstr is not NUL-terminated (byte {MAX_IDSTR_LEN} is "
+                f"{raw_idstr[MAX_IDSTR_LEN]:#04x})",
+            )
+        idstr = raw_idstr[: raw_idstr.index(0)].decode("utf-8", "surrogateescape")
+        device = DeviceKey(idstr, instance_id)
+        self._device = device
+        if size == 0 or size > self.max_packet_size:
+            raise ProtocolError(
+                Reason.PACKET_SIZE,
+                f"next_packet_size {size}, expected 1..{self.max_packet_size}",
+                device=str(device),
+            )
+        if size < VFIO_HEADER.size:
+            raise ProtocolError(
+                Reason.VFIO_SHORT,
+                f"payload of {size} bytes is shorter than the {VFIO_HEADER.size}-byte "
+                "VFIO header",
+                device=str(device),
+            )
+        self._payload_size = size - VFIO_HEADER.size
+        self._checked = DEVICE_STATE_HEADER.size
+
+    def _finish_packet(self) -> None:
+        payload = self._payload
+        device = self._device
+        assert payload is not None and device is not None
+        self._events.append(
+            DevicePacket(device, self._idx, self._config, payload, self._payload_size)
+        )
+        self.packets += 1
+        self._start_header()
