@@ -163,12 +163,12 @@ def send_streams(address: str, streams: list[bytes], *, connect_timeout: float =
                 except OSError as e:
                     if e.errno != errno.ENOTCONN:
                         raise
-            except BaseException as e:  # noqa: BLE001 - reported to the caller
+            except BaseException as e:
                 with lock:
                     errors.append(e)
 
         threads = [threading.Thread(target=run, args=(s, d), name=f"qemu-source-{i}", daemon=True)
-                   for i, (s, d) in enumerate(zip(socks, streams))]
+                   for i, (s, d) in enumerate(zip(socks, streams, strict=True))]
         for t in threads:
             t.start()
         for t in threads:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import qemu_source as qs  # noqa: E402
+import qemu_source as qs
 
 IDSTR = "0000:00:02.0/vfio"
 

@@ -206,7 +206,6 @@ class ChannelReader:
 
     async def run(self) -> None:
         protocol = self.protocol
-        channel = protocol.channel_id
         deliver = self.session.deliver
         try:
             while (packet := await protocol.next_packet()) is not None:

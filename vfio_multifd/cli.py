@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import signal
 import sys
 from collections.abc import Sequence
@@ -66,53 +67,125 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     rx = sub.add_parser("receive", help="run the destination daemon")
-    rx.add_argument("--listen", default="tcp:127.0.0.1:4444", metavar="tcp:HOST:PORT|unix:PATH",
-                    help="where to listen (default tcp:127.0.0.1:4444; port 0 picks a free port)")
-    rx.add_argument("--channels", type=int, default=2, metavar="N",
-                    help="multifd channels to expect (default 2, as QEMU)")
-    rx.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000",
-                    help="the source VM's UUID (default all zero)")
-    rx.add_argument("--device", action="append", required=True,
-                    metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
-                    help="a device to receive (repeatable); instance defaults to 0, "
-                         "config to PATH.config")
-    rx.add_argument("--max-packet-size", type=_size, default=DEFAULT_MAX_PACKET_SIZE,
-                    metavar="SIZE", help="largest next_packet_size accepted (default 4M)")
-    rx.add_argument("--max-queued-bytes", type=_size, default=None, metavar="SIZE",
-                    help="bound on chunk bytes held in memory (default: no bound)")
-    rx.add_argument("--on-queue-full", choices=[p.value for p in QueueFullPolicy],
-                    default=QueueFullPolicy.SPILL.value,
-                    help="at the bound: spill to disk (default) or fail like QEMU")
-    rx.add_argument("--spill-dir", default=None, metavar="DIR",
-                    help="where spilled chunks go (default: the first data file's directory)")
-    rx.add_argument("--accept-timeout", type=_seconds, default=None, metavar="SECONDS",
-                    help="fail unless every channel connects within this time (default: wait)")
-    rx.add_argument("--handshake-timeout", type=_seconds, default=10.0, metavar="SECONDS",
-                    help="refuse a connection that sends no handshake within this time (10)")
-    rx.add_argument("--progress-timeout", type=_seconds, default=150.0, metavar="SECONDS",
-                    help="fail after this long without a byte received or written "
-                         "(default 150, as KubeVirt; 0 disables)")
-    rx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value,
-                    help="digest of each device's data in the summary (default xxh3-128)")
-    rx.add_argument("--no-fsync", action="store_true",
-                    help="do not fsync outputs before renaming them into place")
+    rx.add_argument(
+        "--listen",
+        default="tcp:127.0.0.1:4444",
+        metavar="tcp:HOST:PORT|unix:PATH",
+        help="where to listen (default tcp:127.0.0.1:4444; port 0 picks a free port)",
+    )
+    rx.add_argument(
+        "--channels",
+        type=int,
+        default=2,
+        metavar="N",
+        help="multifd channels to expect (default 2, as QEMU)",
+    )
+    rx.add_argument(
+        "--uuid",
+        default="00000000-0000-0000-0000-000000000000",
+        help="the source VM's UUID (default all zero)",
+    )
+    rx.add_argument(
+        "--device",
+        action="append",
+        required=True,
+        metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
+        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config",
+    )
+    rx.add_argument(
+        "--max-packet-size",
+        type=_size,
+        default=DEFAULT_MAX_PACKET_SIZE,
+        metavar="SIZE",
+        help="largest next_packet_size accepted (default 4M)",
+    )
+    rx.add_argument(
+        "--max-queued-bytes",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="bound on chunk bytes held in memory (default: no bound)",
+    )
+    rx.add_argument(
+        "--on-queue-full",
+        choices=[p.value for p in QueueFullPolicy],
+        default=QueueFullPolicy.SPILL.value,
+        help="at the bound: spill to disk (default) or fail like QEMU",
+    )
+    rx.add_argument(
+        "--spill-dir",
+        default=None,
+        metavar="DIR",
+        help="where spilled chunks go (default: the first data file's directory)",
+    )
+    rx.add_argument(
+        "--accept-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="fail unless every channel connects within this time (default: wait)",
+    )
+    rx.add_argument(
+        "--handshake-timeout",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="refuse a connection that sends no handshake within this time (10)",
+    )
+    rx.add_argument(
+        "--progress-timeout",
+        type=_seconds,
+        default=150.0,
+        metavar="SECONDS",
+        help="fail after this long without a byte received or written "
+        "(default 150, as KubeVirt; 0 disables)",
+    )
+    rx.add_argument(
+        "--digest",
+        choices=[d.value for d in Digest],
+        default=Digest.XXH3_128.value,
+        help="digest of each device's data in the summary (default xxh3-128)",
+    )
+    rx.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not fsync outputs before renaming them into place",
+    )
     _log_options(rx)
 
     tx = sub.add_parser("send", help="send device state like a QEMU source")
     tx.add_argument("--connect", required=True, metavar="tcp:HOST:PORT|unix:PATH")
     tx.add_argument("--channels", type=int, default=2, metavar="N")
     tx.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000")
-    tx.add_argument("--device", action="append", required=True,
-                    metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
-                    help="a device to send (repeatable)")
-    tx.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
-                    help="largest chunk (default 1M, as QEMU)")
-    tx.add_argument("--order", choices=ORDERS, default="round-robin",
-                    help="packet order: round-robin as QEMU, or reverse / random")
+    tx.add_argument(
+        "--device",
+        action="append",
+        required=True,
+        metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
+        help="a device to send (repeatable)",
+    )
+    tx.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="largest chunk (default 1M, as QEMU)",
+    )
+    tx.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="round-robin",
+        help="packet order: round-robin as QEMU, or reverse / random",
+    )
     tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
     tx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value)
-    tx.add_argument("--connect-timeout", type=float, default=30.0, metavar="SECONDS",
-                    help="keep retrying to connect for this long (default 30)")
+    tx.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep retrying to connect for this long (default 30)",
+    )
     _log_options(tx)
     return parser
 
@@ -148,11 +221,9 @@ async def _receive(settings: ReceiveSettings) -> SessionResult:
     session = Session(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
+        name = signal.Signals(signum).name
         loop.add_signal_handler(
-            signum,
-            lambda s=signum: session.cancel(
-                f"cancelled by {signal.Signals(s).name}", signal_number=s
-            ),
+            signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
         )
     try:
         return await session.run()

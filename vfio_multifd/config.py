@@ -99,9 +99,7 @@ class DeviceSpec:
 
     @classmethod
     def parse(cls, text: str) -> DeviceSpec:
-        fields = parse_fields(
-            text, what="device", allowed={"idstr", "instance", "data", "config"}
-        )
+        fields = parse_fields(text, what="device", allowed={"idstr", "instance", "data", "config"})
         key = parse_device_key(fields, text)
         data = fields.get("data")
         if not data:

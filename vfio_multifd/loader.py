@@ -129,8 +129,12 @@ class DeviceLoader:
 
     async def _load_config(self, loop: asyncio.AbstractEventLoop, chunk: Chunk) -> None:
         def load() -> None:
-            blob = self._read_spilled(chunk) if chunk.state is ChunkState.SPILLED else chunk.data
-            assert blob is not None
+            blob: bytes | memoryview
+            if chunk.state is ChunkState.SPILLED:
+                assert self._read_spilled is not None
+                blob = self._read_spilled(chunk)
+            else:
+                blob = chunk.data
             check_config_blob(blob, self.device.key, chunk.idx)
             self.config.write([blob])
             # Both files are durable before the session renames anything into place.

@@ -17,7 +17,9 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
 
 
-def configure(*, log_format: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+def configure(
+    *, log_format: str = "auto", level: str = "info", stream: TextIO | None = None
+) -> None:
     stream = stream or sys.stderr
     if log_format == "auto":
         log_format = "console" if stream.isatty() else "json"

@@ -13,6 +13,7 @@ on the event loop thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_module
 import os
 import stat
@@ -129,16 +130,12 @@ class Output:
     def discard(self) -> None:
         """Forget everything written; the final path stays as it was. Never raises."""
         if self.fd is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:
-                pass
             self.fd = None
         if self.temp_path is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(self.temp_path)
-            except OSError:
-                pass
             self.temp_path = None
 
     def _error(self, doing: str, error: OSError) -> DeviceIOError:

@@ -125,19 +125,14 @@ class DeviceBuffer:
 
     def missing(self) -> str:
         """The indices still missing, as ranges: ``"3-5, 9 and the config state"``."""
-        ranges: list[str] = []
         end = self.max_idx if self.last_idx is None else self.last_idx
-        start = None
+        spans: list[list[int]] = []  # [first, last] of each run of absent indices
         for idx in _absent(self.next_idx, end, self.chunks):
-            if start is not None and idx == prev + 1:
-                prev = idx
-                continue
-            if start is not None:
-                ranges.append(_span(start, prev))
-            start = prev = idx
-        if start is not None:
-            ranges.append(_span(start, prev))
-        text = ", ".join(ranges)
+            if spans and spans[-1][1] == idx - 1:
+                spans[-1][1] = idx
+            else:
+                spans.append([idx, idx])
+        text = ", ".join(_span(first, last) for first, last in spans)
         if self.last_idx is None:
             after = f" (after idx {self.max_idx})" if self.max_idx >= 0 else ""
             tail = f"the config state packet{after}"

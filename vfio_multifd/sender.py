@@ -112,7 +112,9 @@ class DeviceState:
 Packet = tuple[int, int]  # (device index, idx)
 
 
-def plan(devices: Sequence[DeviceState], channels: int, order: str, seed: int) -> list[list[Packet]]:
+def plan(
+    devices: Sequence[DeviceState], channels: int, order: str, seed: int
+) -> list[list[Packet]]:
     """Which packets each channel sends, in the order it sends them."""
     sequences = [[(d, idx) for idx in range(state.chunks + 1)] for d, state in enumerate(devices)]
     if order == "reverse":

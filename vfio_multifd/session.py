@@ -13,9 +13,9 @@ import contextlib
 import enum
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -97,7 +97,9 @@ class Session:
             spec.key: DeviceLoader(
                 self.reassembly.devices[spec.key],
                 self.conditions[spec.key],
-                Output(spec.data_path, device=str(spec.key), what="data file", fsync=settings.fsync),
+                Output(
+                    spec.data_path, device=str(spec.key), what="data file", fsync=settings.fsync
+                ),
                 Output(
                     spec.config_path, device=str(spec.key), what="config file", fsync=settings.fsync
                 ),
@@ -153,9 +155,10 @@ class Session:
                 for key, loader in self.loaders.items()
             ]
             tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
-            loaded = asyncio.gather(*tasks[:-1])
+            loaded: asyncio.Future[list[None]] = asyncio.gather(*tasks[:-1])
             assert self._failed is not None
-            await asyncio.wait([loaded, self._failed], return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [loaded, self._failed]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if self._failed.done():
                 raise self._failed.result()
             loaded.result()  # a loader's own error (config blob, write failure)
@@ -328,17 +331,20 @@ class Session:
         while True:
             await asyncio.sleep(0.25)
             now = loop.time()
-            if settings.accept_timeout is not None and len(self.channels) < settings.channels:
-                if now - opened > settings.accept_timeout:
-                    missing = sorted(set(range(settings.channels)) - set(self.channels))
-                    self.fail(
-                        SessionError(
-                            Reason.ACCEPT_TIMEOUT,
-                            f"only {len(self.channels)} of {settings.channels} channels "
-                            f"connected within {settings.accept_timeout:g} s "
-                            f"(missing channel ids {', '.join(map(str, missing))})",
-                        )
+            if (
+                settings.accept_timeout is not None
+                and len(self.channels) < settings.channels
+                and now - opened > settings.accept_timeout
+            ):
+                missing = sorted(set(range(settings.channels)) - set(self.channels))
+                self.fail(
+                    SessionError(
+                        Reason.ACCEPT_TIMEOUT,
+                        f"only {len(self.channels)} of {settings.channels} channels "
+                        f"connected within {settings.accept_timeout:g} s "
+                        f"(missing channel ids {', '.join(map(str, missing))})",
                     )
+                )
             written = sum(d.bytes_written for d in self.reassembly.devices.values())
             if self.bytes_received != last_bytes or written != last_written:
                 last_bytes, last_written, last_change = self.bytes_received, written, now

@@ -185,9 +185,7 @@ def check_config_blob(blob: bytes | memoryview, device: DeviceKey, idx: int) -> 
         )
 
 
-def check_handshake(
-    handshake: ChannelHandshake, *, uuid: bytes, channels: int
-) -> None:
+def check_handshake(handshake: ChannelHandshake, *, uuid: bytes, channels: int) -> None:
     """The session-level checks of a decoded handshake (PROTOCOL.md section 3.1)."""
     if handshake.uuid != uuid:
         raise HandshakeError(
@@ -457,8 +455,7 @@ class ChannelDecoder:
         if size < VFIO_HEADER.size:
             raise ProtocolError(
                 Reason.VFIO_SHORT,
-                f"payload of {size} bytes is shorter than the {VFIO_HEADER.size}-byte "
-                "VFIO header",
+                f"payload of {size} bytes is shorter than the {VFIO_HEADER.size}-byte VFIO header",
                 device=str(device),
             )
         self._payload_size = size - VFIO_HEADER.size

@@ -1,0 +1,49 @@
+"""Shared fixtures: every async test runs under both the stdlib loop and uvloop,
+and a test fails if anything reached the loop's exception handler (as uvloop's
+own suite does): an exception nobody awaited is a bug, not noise."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+_loop_errors: list[dict[str, Any]] = []
+
+
+def _record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    _loop_errors.append(context)
+    loop.default_exception_handler(context)
+
+
+def _factory(
+    new_loop: Callable[[], asyncio.AbstractEventLoop],
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    def make() -> asyncio.AbstractEventLoop:
+        loop = new_loop()
+        loop.set_exception_handler(_record)
+        return loop
+
+    return make
+
+
+def pytest_asyncio_loop_factories(
+    config: Any, item: Any
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    return {"asyncio": _factory(asyncio.new_event_loop), "uvloop": _factory(uvloop.new_event_loop)}
+
+
+@pytest.fixture(autouse=True)
+def no_unhandled_loop_errors() -> Iterator[None]:
+    _loop_errors.clear()
+    yield
+    errors = list(_loop_errors)
+    _loop_errors.clear()
+    assert not errors, f"the event loop's exception handler was called: {errors}"
