@@ -22,7 +22,7 @@ import structlog
 
 from .config import Digest
 from .output import Output
-from .reassembly import Chunk, ChunkState, DeviceBuffer
+from .reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
 from .wire import check_config_blob
 
 log = structlog.get_logger("vfio_multifd.loader")
@@ -57,6 +57,7 @@ class LoadTimes:
 class DeviceLoader:
     def __init__(
         self,
+        reassembly: ReassemblyBuffer,
         device: DeviceBuffer,
         condition: asyncio.Condition,
         data: Output,
@@ -66,6 +67,7 @@ class DeviceLoader:
         written: Callable[[list[Chunk]], None],
         read_spilled: Callable[[Chunk], bytes] | None = None,
     ) -> None:
+        self.reassembly = reassembly
         self.device = device
         self.condition = condition
         self.data = data
@@ -92,7 +94,7 @@ class DeviceLoader:
                 if not device.ready:
                     self.log.debug("load_starved", next_idx=device.next_idx)
                     await self.condition.wait_for(lambda: device.ready)
-                chunks = device.take_ready(BATCH_BYTES)
+                chunks = self.reassembly.take(device, BATCH_BYTES)
             if not self.times.started:
                 self.times.started = time.monotonic()
             if chunks[0].config:
@@ -114,18 +116,28 @@ class DeviceLoader:
         return format_digest(self.digest, self.hasher)
 
     def _write_batch(self, chunks: list[Chunk]) -> None:
-        """On the writer thread: hash and write a run of consecutive chunks."""
+        """On the writer thread: hash and write a run of consecutive chunks.
+
+        Chunks in memory go out in one writev; a spilled chunk is read back and
+        written on its own, so reading back never holds more than one chunk.
+        """
         views: list[bytes | memoryview] = []
         for chunk in chunks:
             if chunk.state is ChunkState.SPILLED:
                 assert self._read_spilled is not None
-                view: bytes | memoryview = self._read_spilled(chunk)
-            else:
-                view = chunk.data
+                if views:
+                    self.data.write(views)
+                    views = []
+                data = self._read_spilled(chunk)
+                self.hasher.update(data)
+                self.data.write([data])
+                continue
+            view = chunk.data
             # hashlib and xxhash release the GIL on large buffers.
             self.hasher.update(view)
             views.append(view)
-        self.data.write(views)
+        if views:
+            self.data.write(views)
 
     async def _load_config(self, loop: asyncio.AbstractEventLoop, chunk: Chunk) -> None:
         def load() -> None:

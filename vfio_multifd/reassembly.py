@@ -65,7 +65,15 @@ class DeviceBuffer:
         return chunk is not None and chunk.state is not ChunkState.SPILLING
 
     def insert(self, chunk: Chunk) -> None:
-        idx = chunk.idx
+        self.check(chunk.idx, chunk.config)
+        if chunk.config:
+            self.last_idx = chunk.idx
+        self.chunks[chunk.idx] = chunk
+        if chunk.idx > self.max_idx:
+            self.max_idx = chunk.idx
+
+    def check(self, idx: int, config: bool) -> None:
+        """Raise if a chunk ``idx`` (a config chunk if ``config``) may not be queued now."""
         if idx < self.next_idx or idx in self.chunks:
             raise ProtocolError(
                 Reason.VFIO_ALREADY_FILLED,
@@ -74,7 +82,7 @@ class DeviceBuffer:
                 idx=idx,
             )
         last = self.last_idx
-        if chunk.config:
+        if config:
             if last is not None:
                 raise ProtocolError(
                     Reason.VFIO_SECOND_CONFIG,
@@ -90,7 +98,6 @@ class DeviceBuffer:
                     device=str(self.key),
                     idx=self.max_idx,
                 )
-            self.last_idx = idx
         elif last is not None and idx > last:
             raise ProtocolError(
                 Reason.VFIO_AFTER_CONFIG,
@@ -98,9 +105,16 @@ class DeviceBuffer:
                 device=str(self.key),
                 idx=idx,
             )
-        self.chunks[idx] = chunk
-        if idx > self.max_idx:
-            self.max_idx = idx
+
+    def ready_run_bytes(self) -> int:
+        """Bytes in memory that the loader can write without anything more arriving."""
+        total = 0
+        idx = self.next_idx
+        chunks = self.chunks
+        while (chunk := chunks.get(idx)) is not None and chunk.state is ChunkState.MEMORY:
+            total += chunk.size
+            idx += 1
+        return total
 
     def take_ready(self, max_bytes: int) -> list[Chunk]:
         """Pop consecutive ready chunks from ``next_idx`` (at least one, about ``max_bytes``)."""
@@ -162,6 +176,8 @@ class ReassemblyBuffer:
         self.devices: dict[DeviceKey, DeviceBuffer] = {key: DeviceBuffer(key) for key in devices}
         self.max_queued_bytes = max_queued_bytes
         self.queued_bytes = 0  # chunk bytes held in memory (MEMORY, SPILLING, TAKEN)
+        self.taken_bytes = 0  # of which handed to loaders and being written
+        self.spilling_bytes = 0  # of which being written to the spill file
         self.peak_queued_bytes = 0
         self.spilled_bytes = 0  # total ever spilled
         self.spilled_now = 0  # bytes currently on disk only
@@ -190,6 +206,27 @@ class ReassemblyBuffer:
         self._grow(chunk.size)
         return chunk
 
+    def insert_spilled(self, packet: DevicePacket, ref: object) -> Chunk:
+        """Queue a chunk that went straight to the spill file (``ref`` says where)."""
+        device = self.device(packet.device)
+        chunk = Chunk(
+            packet.device, packet.idx, packet.size, packet.config, None, ChunkState.SPILLED, ref
+        )
+        device.insert(chunk)
+        self.spilled_bytes += chunk.size
+        self.spilled_now += chunk.size
+        return chunk
+
+    def take(self, device: DeviceBuffer, max_bytes: int) -> list[Chunk]:
+        """:meth:`DeviceBuffer.take_ready`, with the memory it holds accounted as taken."""
+        chunks = device.take_ready(max_bytes)
+        self.taken_bytes += sum(c.size for c in chunks if c.state is ChunkState.TAKEN)
+        return chunks
+
+    def drainable_bytes(self) -> int:
+        """Memory the loaders will free with no further input: being written or ready to be."""
+        return self.taken_bytes + sum(d.ready_run_bytes() for d in self.devices.values())
+
     def check_fits_or_fail(self, packet: DevicePacket) -> None:
         """QEMU's policy: a queue over the bound fails the migration."""
         if not self.fits(packet.size):
@@ -208,7 +245,9 @@ class ReassemblyBuffer:
             self.peak_queued_bytes = self.queued_bytes
 
     def spill_started(self, chunk: Chunk) -> None:
+        assert chunk.state is ChunkState.MEMORY
         chunk.state = ChunkState.SPILLING
+        self.spilling_bytes += chunk.size
 
     def spill_done(self, chunk: Chunk, ref: object) -> bytearray:
         """The chunk is on disk: it no longer counts as memory. Returns the freed buffer."""
@@ -218,6 +257,7 @@ class ReassemblyBuffer:
         chunk.spill_ref = ref
         chunk.state = ChunkState.SPILLED
         self.queued_bytes -= chunk.size
+        self.spilling_bytes -= chunk.size
         self.spilled_bytes += chunk.size
         self.spilled_now += chunk.size
         return buffer
@@ -251,6 +291,8 @@ class ReassemblyBuffer:
                 self.spilled_now -= chunk.size
             else:
                 self.queued_bytes -= chunk.size
+                if chunk.state is ChunkState.TAKEN:
+                    self.taken_bytes -= chunk.size
             chunk.buffer = None
 
     @property

@@ -12,7 +12,9 @@ import asyncio
 import contextlib
 import enum
 import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,16 +87,21 @@ class Session:
     def __init__(self, settings: ReceiveSettings) -> None:
         self.settings = settings
         self.status = SessionStatus.SETUP
-        self.pool = BufferPool()
+        # Idle pooled buffers are memory too: under a bound, keep no more than it.
+        bound = settings.max_queued_bytes
+        self.pool = BufferPool(max_idle_bytes=min(64 << 20, bound or 64 << 20))
         self.reassembly = ReassemblyBuffer(
             (spec.key for spec in settings.devices), max_queued_bytes=settings.max_queued_bytes
         )
         self.conditions = {spec.key: asyncio.Condition() for spec in settings.devices}
-        # Waited on by channels that must make room under --max-queued-bytes.
-        self.memory = asyncio.Condition()
+        # Set (and at once cleared) whenever queued memory shrinks: wakes the
+        # channels waiting to make room under --max-queued-bytes. Synchronous,
+        # so a wake-up cannot slip between a check and the wait.
+        self.memory_freed = asyncio.Event()
         self.spill: SpillStore | None = None
         self.loaders = {
             spec.key: DeviceLoader(
+                self.reassembly,
                 self.reassembly.devices[spec.key],
                 self.conditions[spec.key],
                 Output(
@@ -119,6 +126,7 @@ class Session:
         self.paused_seconds = 0.0
         self._failed: asyncio.Future[MultifdError] | None = None
         self._readers: set[asyncio.Task[None]] = set()
+        self._spill_executor = ThreadPoolExecutor(1, thread_name_prefix="spill")
         self.log = log
 
     # -- running ----------------------------------------------------------------
@@ -156,6 +164,8 @@ class Session:
             ]
             tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
             loaded: asyncio.Future[list[None]] = asyncio.gather(*tasks[:-1])
+            # On failure the loaders are cancelled; the error that counts is elsewhere.
+            loaded.add_done_callback(_retrieve)
             assert self._failed is not None
             waiters: list[asyncio.Future[Any]] = [loaded, self._failed]
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -176,6 +186,7 @@ class Session:
         finally:
             for loader in self.loaders.values():
                 loader.close()
+            self._spill_executor.shutdown(wait=True, cancel_futures=True)
             if self.spill is not None:
                 self.spill.close()
             if settings.listen.kind == "unix":
@@ -297,25 +308,108 @@ class Session:
         """Queue one packet's chunk for its device's loader (a channel reader calls this)."""
         reassembly = self.reassembly
         device = reassembly.device(packet.device)
-        if not reassembly.fits(packet.size):
-            await self._make_room(device, packet)
+        condition = self.conditions[device.key]
+        while True:
+            # The common case costs one comparison: no bound, or room under it.
+            async with condition:
+                if reassembly.fits(packet.size):
+                    reassembly.insert(packet)
+                    if device.ready:
+                        condition.notify()
+                    return
+            if await self._make_room(device, packet):
+                return
+
+    async def _make_room(self, device: DeviceBuffer, packet: DevicePacket) -> bool:
+        """Memory is at --max-queued-bytes. Returns True if ``packet`` itself was queued.
+
+        Why this cannot deadlock: a channel waits here only while some memory
+        is *drainable* - being written by a loader, being spilled, or ready
+        for a loader to take - and each of those frees memory with no further
+        input from any channel. Otherwise it spills to disk, which needs no
+        input either. No channel ever waits for another channel to deliver.
+        """
+        reassembly = self.reassembly
+        device.check(packet.idx, packet.config)  # a bad chunk fails now, not after a spill
+        if self.settings.on_queue_full is QueueFullPolicy.FAIL:
+            reassembly.check_fits_or_fail(packet)
+            return False
+        if reassembly.drainable_bytes() or reassembly.spilling_bytes:
+            await self._wait_for_memory()
+            return False
+        victim = reassembly.spill_victim()
+        distance = packet.idx - device.next_idx
+        if distance > 0 and (
+            victim is None
+            or distance >= victim.idx - reassembly.devices[victim.device].next_idx
+        ):
+            await self._spill_packet(device, packet)
+            return True
+        if victim is None:
+            # Only the device's next chunk is left to place and every byte
+            # in memory is on its way out: wait for it.
+            await self._wait_for_memory()
+            return False
+        await self._spill_chunk(victim)
+        return False
+
+    async def _wait_for_memory(self) -> None:
+        started = time.monotonic()
+        await self.memory_freed.wait()
+        self.paused_seconds += time.monotonic() - started
+
+    def _memory_freed(self) -> None:
+        self.memory_freed.set()
+        self.memory_freed.clear()
+
+    def _spill_store(self) -> SpillStore:
+        if self.spill is None:
+            self.spill = SpillStore(self._spill_dir())
+            self.log.info("spill_file_opened", directory=str(self.spill.directory))
+        return self.spill
+
+    def _spill_dir(self) -> Path:
+        if self.settings.spill_dir is not None:
+            return self.settings.spill_dir
+        parent = self.settings.devices[0].data_path.resolve().parent
+        # /dev/null's directory is no place for a file.
+        return parent if parent != Path("/dev") else Path(tempfile.gettempdir())
+
+    async def _spill_packet(self, device: DeviceBuffer, packet: DevicePacket) -> None:
+        """Put an incoming chunk straight into the spill file: it never counts as memory."""
+        store = self._spill_store()
+        ref = store.reserve(packet.size)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._spill_executor, store.write, ref, packet.data)
         condition = self.conditions[device.key]
         async with condition:
-            reassembly.insert(packet)
+            self.reassembly.insert_spilled(packet, ref)
             if device.ready:
                 condition.notify()
+        self.pool.release(packet.buffer)
 
-    async def _make_room(self, device: DeviceBuffer, packet: DevicePacket) -> None:
-        if self.settings.on_queue_full is QueueFullPolicy.FAIL:
-            self.reassembly.check_fits_or_fail(packet)
-            return
-        raise NotImplementedError
+    async def _spill_chunk(self, chunk: Chunk) -> None:
+        """Move a queued chunk from memory to the spill file."""
+        store = self._spill_store()
+        reassembly = self.reassembly
+        reassembly.spill_started(chunk)
+        ref = store.reserve(chunk.size)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._spill_executor, store.write, ref, chunk.data)
+        self.pool.release(reassembly.spill_done(chunk, ref))
+        device = reassembly.devices[chunk.device]
+        condition = self.conditions[chunk.device]
+        self._memory_freed()
+        async with condition:
+            if device.ready:
+                condition.notify()
 
     def _written(self, chunks: list[Chunk]) -> None:
         for chunk in chunks:
             if chunk.buffer is not None:
                 self.pool.release(chunk.buffer)
         self.reassembly.release(chunks)
+        self._memory_freed()
 
     def _read_spilled(self, chunk: Chunk) -> bytes:
         assert self.spill is not None
@@ -406,6 +500,11 @@ class Session:
             spilled_bytes=result.spilled_bytes,
             paused_seconds=round(result.paused_seconds, 3),
         )
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _fully_received(device: DeviceBuffer) -> bool:
