@@ -209,7 +209,7 @@ class ChannelReader:
         deliver = self.session.deliver
         try:
             while (packet := await protocol.next_packet()) is not None:
-                await deliver(packet)
+                await deliver(packet, protocol.channel_id)
         except MultifdError as error:
             protocol.fail(error)
             return

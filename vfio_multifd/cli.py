@@ -28,7 +28,7 @@ from .config import (
     parse_uuid,
 )
 from .errors import Cancelled, MultifdError, UsageError
-from .sender import DEFAULT_CHUNK_SIZE, ORDERS, SendResult, SourceDevice, send
+from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SendResult, SourceDevice, send
 from .session import Session, SessionResult
 from .wire import DEFAULT_MAX_PACKET_SIZE
 
@@ -180,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
     tx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value)
     tx.add_argument(
+        "--inject",
+        choices=sorted(FAULTS),
+        default=None,
+        metavar="FAULT",
+        help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
+    )
+    tx.add_argument(
         "--connect-timeout",
         type=float,
         default=30.0,
@@ -287,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seed=args.seed,
                 digest=Digest(args.digest),
                 connect_timeout=args.connect_timeout,
+                inject=args.inject,
             )
             print_send_summary(sent, sys.stdout)
         return EXIT_OK

@@ -21,6 +21,7 @@ from typing import Protocol
 import structlog
 
 from .config import Digest
+from .errors import MultifdError
 from .output import Output
 from .reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
 from .wire import check_config_blob
@@ -147,7 +148,10 @@ class DeviceLoader:
                 blob = self._read_spilled(chunk)
             else:
                 blob = chunk.data
-            check_config_blob(blob, self.device.key, chunk.idx)
+            try:
+                check_config_blob(blob, self.device.key, chunk.idx)
+            except MultifdError as error:
+                raise error.with_context(channel=chunk.channel) from None
             self.config.write([blob])
             # Both files are durable before the session renames anything into place.
             self.data.finish()

@@ -38,6 +38,7 @@ class Chunk:
     buffer: bytearray | None
     state: ChunkState = ChunkState.MEMORY
     spill_ref: object | None = None
+    channel: int | None = None  # which channel brought it, for error messages
 
     @property
     def data(self) -> memoryview:
@@ -198,19 +199,30 @@ class ReassemblyBuffer:
         bound = self.max_queued_bytes
         return bound is None or self.queued_bytes + size <= bound
 
-    def insert(self, packet: DevicePacket) -> Chunk:
+    def insert(self, packet: DevicePacket, channel: int | None = None) -> Chunk:
         """Queue a packet's chunk in memory (the caller has checked :meth:`fits`)."""
         device = self.device(packet.device)
-        chunk = Chunk(packet.device, packet.idx, packet.size, packet.config, packet.buffer)
+        chunk = Chunk(
+            packet.device, packet.idx, packet.size, packet.config, packet.buffer, channel=channel
+        )
         device.insert(chunk)
         self._grow(chunk.size)
         return chunk
 
-    def insert_spilled(self, packet: DevicePacket, ref: object) -> Chunk:
+    def insert_spilled(
+        self, packet: DevicePacket, ref: object, channel: int | None = None
+    ) -> Chunk:
         """Queue a chunk that went straight to the spill file (``ref`` says where)."""
         device = self.device(packet.device)
         chunk = Chunk(
-            packet.device, packet.idx, packet.size, packet.config, None, ChunkState.SPILLED, ref
+            packet.device,
+            packet.idx,
+            packet.size,
+            packet.config,
+            None,
+            ChunkState.SPILLED,
+            ref,
+            channel,
         )
         device.insert(chunk)
         self.spilled_bytes += chunk.size

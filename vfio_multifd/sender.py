@@ -30,6 +30,32 @@ from .loader import format_digest, new_hasher
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
 
 ORDERS = ("round-robin", "reverse", "random")
+
+#: Faults ``--inject`` can put into channel 0's stream, to show each error.
+FAULTS = {
+    "handshake-magic": "channel 0's handshake has a wrong magic (refused)",
+    "handshake-version": "channel 0's handshake has version 2 (refused)",
+    "handshake-uuid": "channel 0's handshake carries another VM's uuid (refused)",
+    "handshake-id": "channel 0 claims id = --channels (refused)",
+    "main-channel": "channel 0 starts like QEMU's main channel, QEVM (refused)",
+    "bad-magic": "the first packet has a wrong magic",
+    "bad-version": "the first packet has version 2",
+    "ram": "a RAM packet (flags 0) instead of the first packet",
+    "sync": "the first packet has the SYNC bit set",
+    "idstr-unterminated": "the first packet's idstr fills all 256 bytes",
+    "zero-size": "the first packet says next_packet_size 0",
+    "oversize": "the first packet says next_packet_size 2 GiB",
+    "short-vfio": "the first packet's payload is shorter than the VFIO header",
+    "vfio-version": "the first packet has VFIO version 1",
+    "invalid-idx": "the first packet has idx 0xffffffff",
+    "duplicate": "the first packet is sent twice",
+    "unknown-device": "an extra packet for a device the destination does not know",
+    "after-config": "an extra chunk after the first device's config packet",
+    "second-config": "a second config packet for the first device",
+    "bad-config": "the first device's config blob lacks its tags",
+    "missing": "the first device's chunk 0 is never sent",
+    "truncate": "channel 0 closes in the middle of its first packet",
+}
 DEFAULT_CHUNK_SIZE = 1 << 20
 CONFIG_SIZE = 256
 
@@ -139,6 +165,86 @@ def _interleave(sequences: list[list[Packet]]) -> Iterator[Packet]:
                 yield seq[n]
 
 
+def _handshake_bytes(handshake: ChannelHandshake, fault: str | None, channels: int) -> bytes:
+    raw = bytearray(handshake.encode())
+    if fault == "handshake-magic":
+        raw[0:4] = b"\xde\xad\xbe\xef"
+    elif fault == "handshake-version":
+        raw[4:8] = (2).to_bytes(4, "big")
+    elif fault == "handshake-uuid":
+        raw[8:24] = bytes(range(1, 17)) if raw[8:24] != bytes(range(1, 17)) else bytes(16)
+    elif fault == "handshake-id":
+        raw[24] = channels
+    elif fault == "main-channel":
+        raw[0:8] = b"QEVM\x00\x00\x00\x03"
+    return bytes(raw)
+
+
+def _corrupt(
+    fault: str, prefix: bytes, data: bytes | memoryview
+) -> tuple[bytes, bytes | memoryview]:
+    """Damage the first packet of channel 0 (the header fields at PROTOCOL.md 2.3/2.4 offsets)."""
+    raw = bytearray(prefix)
+    if fault == "bad-magic":
+        raw[0:4] = b"\x12\x34\x56\x78"
+    elif fault == "bad-version":
+        raw[4:8] = (2).to_bytes(4, "big")
+    elif fault == "ram":
+        raw[8:12] = bytes(4)
+    elif fault == "sync":
+        raw[11] |= 0x01
+    elif fault == "idstr-unterminated":
+        raw[12:268] = b"x" * 256
+    elif fault == "zero-size":
+        raw[272:276] = bytes(4)
+    elif fault == "oversize":
+        raw[272:276] = (0x80000000).to_bytes(4, "big")
+    elif fault == "short-vfio":
+        raw[272:276] = (8).to_bytes(4, "big")
+        return bytes(raw[:284]), b""
+    elif fault == "vfio-version":
+        raw[276:280] = (1).to_bytes(4, "big")
+    elif fault == "invalid-idx":
+        raw[280:284] = (0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(raw), data
+
+
+UNKNOWN_DEVICE = DeviceKey("0000:99:00.0/unknown", 0)
+
+
+def _packet(
+    states: Sequence[DeviceState], d: int, idx: int, fault: str | None
+) -> tuple[DeviceKey, bytes | memoryview, bool]:
+    """Device, data and CONFIG_STATE flag of planned packet (d, idx)."""
+    if d < 0:
+        return UNKNOWN_DEVICE, b"who am I", False
+    state = states[d]
+    if idx > state.chunks:  # an injected packet after the config packet
+        second = fault == "second-config"
+        return state.key, state.config_blob if second else b"late chunk", second
+    if fault == "bad-config" and d == 0 and idx == state.chunks:
+        return state.key, bytes(24), True
+    return state.key, state.chunk(idx), idx == state.chunks
+
+
+def _plan_fault(
+    fault: str, states: Sequence[DeviceState], per_channel: list[list[Packet]]
+) -> list[list[Packet]]:
+    """Faults that add or remove whole packets change the plan of channel 0."""
+    first = [list(packets) for packets in per_channel]
+    channel0 = first[0]
+    last = states[0].chunks
+    if fault == "duplicate" and channel0:
+        channel0.insert(1, channel0[0])
+    elif fault in ("after-config", "second-config"):
+        channel0.append((0, last + 1))  # idx beyond the config packet's
+    elif fault == "missing":
+        first = [[p for p in packets if p != (0, 0)] for packets in first]
+    elif fault == "unknown-device":
+        channel0.insert(0, (-1, 0))
+    return first
+
+
 @dataclass(slots=True)
 class SendResult:
     devices: list[tuple[DeviceKey, int, int, str]]  # key, bytes, chunks, digest
@@ -235,6 +341,7 @@ def send(
     seed: int = 0,
     digest: Digest = Digest.XXH3_128,
     connect_timeout: float = 30.0,
+    inject: str | None = None,
 ) -> SendResult:
     if not 1 <= channels <= 256:
         raise UsageError(f"--channels must be 1..256, not {channels}")
@@ -244,14 +351,23 @@ def send(
     try:
         digests = [state.digest(digest) for state in states]
         per_channel = plan(states, channels, order, seed)
+        if inject is not None and inject not in FAULTS:
+            raise UsageError(f"unknown --inject {inject!r} (one of {', '.join(FAULTS)})")
+        if inject is not None:
+            per_channel = _plan_fault(inject, states, per_channel)
 
         def stream(channel_id: int) -> ChannelStream:
             def run(sock: socket.socket) -> int:
-                total = send_all(sock, [ChannelHandshake(channel_id, uuid).encode()])
-                for d, idx in per_channel[channel_id]:
-                    state = states[d]
-                    data = state.chunk(idx)
-                    prefix = encode_packet_prefix(state.key, idx, len(data), idx == state.chunks)
+                fault = inject if channel_id == 0 else None
+                handshake = ChannelHandshake(channel_id, uuid)
+                total = send_all(sock, [_handshake_bytes(handshake, fault, channels)])
+                for n, (d, idx) in enumerate(per_channel[channel_id]):
+                    key, data, config = _packet(states, d, idx, inject)
+                    prefix = encode_packet_prefix(key, idx, len(data), config)
+                    if n == 0 and fault is not None:
+                        if fault == "truncate":
+                            return total + send_all(sock, [prefix[: len(prefix) // 2]])
+                        prefix, data = _corrupt(fault, prefix, data)
                     total += send_all(sock, [prefix, data])
                 return total
 

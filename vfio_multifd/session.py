@@ -295,7 +295,6 @@ class Session:
                     Reason.INCOMPLETE,
                     f"all {len(channels)} channels closed with "
                     f"{len(stuck)} device(s) incomplete: {detail}",
-                    device=str(stuck[0].key) if len(stuck) == 1 else None,
                 )
             )
 
@@ -304,7 +303,7 @@ class Session:
 
     # -- queueing -----------------------------------------------------------------
 
-    async def deliver(self, packet: DevicePacket) -> None:
+    async def deliver(self, packet: DevicePacket, channel: int | None = None) -> None:
         """Queue one packet's chunk for its device's loader (a channel reader calls this)."""
         reassembly = self.reassembly
         device = reassembly.device(packet.device)
@@ -313,14 +312,16 @@ class Session:
             # The common case costs one comparison: no bound, or room under it.
             async with condition:
                 if reassembly.fits(packet.size):
-                    reassembly.insert(packet)
+                    reassembly.insert(packet, channel)
                     if device.ready:
                         condition.notify()
                     return
-            if await self._make_room(device, packet):
+            if await self._make_room(device, packet, channel):
                 return
 
-    async def _make_room(self, device: DeviceBuffer, packet: DevicePacket) -> bool:
+    async def _make_room(
+        self, device: DeviceBuffer, packet: DevicePacket, channel: int | None
+    ) -> bool:
         """Memory is at --max-queued-bytes. Returns True if ``packet`` itself was queued.
 
         Why this cannot deadlock: a channel waits here only while some memory
@@ -340,10 +341,9 @@ class Session:
         victim = reassembly.spill_victim()
         distance = packet.idx - device.next_idx
         if distance > 0 and (
-            victim is None
-            or distance >= victim.idx - reassembly.devices[victim.device].next_idx
+            victim is None or distance >= victim.idx - reassembly.devices[victim.device].next_idx
         ):
-            await self._spill_packet(device, packet)
+            await self._spill_packet(device, packet, channel)
             return True
         if victim is None:
             # Only the device's next chunk is left to place and every byte
@@ -375,7 +375,9 @@ class Session:
         # /dev/null's directory is no place for a file.
         return parent if parent != Path("/dev") else Path(tempfile.gettempdir())
 
-    async def _spill_packet(self, device: DeviceBuffer, packet: DevicePacket) -> None:
+    async def _spill_packet(
+        self, device: DeviceBuffer, packet: DevicePacket, channel: int | None
+    ) -> None:
         """Put an incoming chunk straight into the spill file: it never counts as memory."""
         store = self._spill_store()
         ref = store.reserve(packet.size)
@@ -383,7 +385,7 @@ class Session:
         await loop.run_in_executor(self._spill_executor, store.write, ref, packet.data)
         condition = self.conditions[device.key]
         async with condition:
-            self.reassembly.insert_spilled(packet, ref)
+            self.reassembly.insert_spilled(packet, ref, channel)
             if device.ready:
                 condition.notify()
         self.pool.release(packet.buffer)
