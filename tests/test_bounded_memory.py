@@ -19,8 +19,6 @@ from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, s
 
 from vfio_multifd import DeviceKey, QueueFullPolicy, Reason, SessionError
 
-pytestmark = pytest.mark.asyncio
-
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 CHUNK = 16384

@@ -21,8 +21,6 @@ from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, s
 from vfio_multifd import Address, DeviceKey
 from vfio_multifd.sender import SourceDevice, send
 
-pytestmark = pytest.mark.asyncio
-
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 

@@ -117,6 +117,7 @@ class Session:
             for spec in settings.devices
         }
         self.channels: dict[int, ChannelProtocol] = {}
+        self.refused: list[tuple[str, HandshakeError]] = []  # (peer, why)
         self.connections: set[ChannelProtocol] = set()
         self.address: Address | None = None  # where we listen, once we do
         self.listening = asyncio.Event()
@@ -278,6 +279,7 @@ class Session:
 
     def channel_refused(self, protocol: ChannelProtocol, error: HandshakeError) -> None:
         self.connections.discard(protocol)
+        self.refused.append((protocol.peer, error))
         protocol.log.warning("channel_refused", error=str(error), reason=error.reason.value)
 
     def channel_closed(self, protocol: ChannelProtocol) -> None:

@@ -1,0 +1,294 @@
+"""Every row of PROTOCOL.md section 4, over real loopback sockets.
+
+Handshake problems refuse one connection and the migration goes on; every
+other problem ends the migration with an error naming channel, device and
+idx, and leaves nothing at the final paths (an earlier file stays untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import qemu_source as qs
+from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, settings, start
+
+from vfio_multifd import (
+    Address,
+    Cancelled,
+    DeviceIOError,
+    DeviceKey,
+    DeviceSpec,
+    HandshakeError,
+    MultifdError,
+    ProtocolError,
+    Reason,
+    SessionError,
+)
+
+A = DeviceKey(IDSTR, 0)
+DATA = random_bytes(5 * 4096 + 7, 1)
+CFG = b"config bytes"
+CHUNKS = qs.device_chunks(DATA, 4096)
+CONFIG_PACKET = qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(CFG), config=True)
+
+
+def good(idx: int) -> bytes:
+    return qs.device_packet(IDSTR, 0, idx, CHUNKS[idx])
+
+
+def with_field(packet: bytes, offset: int, value: bytes) -> bytes:
+    return packet[:offset] + value + packet[offset + len(value) :]
+
+
+def u32(value: int) -> bytes:
+    return struct.pack(">I", value)
+
+
+# name -> (channel 0's packets after its handshake, reason, device named, idx named)
+PACKET_CASES: dict[str, tuple[Callable[[], bytes], Reason, str | None, int | None]] = {
+    "packet magic": (lambda: with_field(good(0), 0, u32(0x12345678)), Reason.PACKET_MAGIC, None, None),
+    "packet version": (lambda: with_field(good(0), 4, u32(2)), Reason.PACKET_VERSION, None, None),
+    "RAM packet": (lambda: with_field(good(0), 8, u32(0)) + bytes(400), Reason.PACKET_RAM, None, None),
+    "SYNC packet": (lambda: with_field(good(0), 8, u32(1)), Reason.PACKET_RAM, None, None),
+    "SYNC bit on device state": (lambda: with_field(good(0), 8, u32(0x41)), Reason.PACKET_SYNC, None, None),
+    "idstr not NUL-terminated": (lambda: with_field(good(0), 12, b"x" * 256), Reason.PACKET_IDSTR, None, None),
+    "next_packet_size zero": (lambda: with_field(good(0), 272, u32(0)), Reason.PACKET_SIZE, IDSTR, None),
+    "next_packet_size too big": (lambda: with_field(good(0), 272, u32(0xFFFFFFFF)), Reason.PACKET_SIZE, IDSTR, None),
+    "payload shorter than 12": (lambda: with_field(good(0), 272, u32(8))[:284], Reason.VFIO_SHORT, IDSTR, None),
+    "VFIO version": (lambda: with_field(good(0), 276, u32(1)), Reason.VFIO_VERSION, IDSTR, 0),
+    "idx 0xffffffff": (lambda: with_field(good(0), 280, u32(0xFFFFFFFF)), Reason.VFIO_INVALID_IDX, IDSTR, 0xFFFFFFFF),
+    "unknown device": (lambda: qs.device_packet("0000:99:00.0/vfio", 0, 0, b"x"), Reason.UNKNOWN_DEVICE, "0000:99:00.0/vfio", None),
+    "unknown instance": (lambda: qs.device_packet(IDSTR, 7, 0, b"x"), Reason.UNKNOWN_DEVICE, f"{IDSTR} instance 7", None),
+    "idx already filled": (lambda: good(1) + good(0) + good(1), Reason.VFIO_ALREADY_FILLED, IDSTR, 1),
+    "idx after the config packet": (lambda: CONFIG_PACKET + qs.device_packet(IDSTR, 0, len(CHUNKS) + 3, b"late"), Reason.VFIO_AFTER_CONFIG, IDSTR, len(CHUNKS) + 3),
+    "config packet before a higher idx": (lambda: qs.device_packet(IDSTR, 0, 9, b"x") + CONFIG_PACKET, Reason.VFIO_AFTER_CONFIG, IDSTR, 9),
+    "second config packet": (lambda: CONFIG_PACKET + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(b"2"), config=True), Reason.VFIO_ALREADY_FILLED, IDSTR, len(CHUNKS)),
+    "second config packet, other idx": (lambda: qs.device_packet(IDSTR, 0, 3, qs.config_blob(b"2"), config=True) + CONFIG_PACKET, Reason.VFIO_SECOND_CONFIG, IDSTR, len(CHUNKS)),
+    "config blob without DEV_CONFIG_STATE": (lambda: b"".join(good(i) for i in range(len(CHUNKS))) + qs.device_packet(IDSTR, 0, len(CHUNKS), bytes(8) + CFG + qs.config_blob(b"")[8:], config=True), Reason.VFIO_CONFIG_BLOB, IDSTR, len(CHUNKS)),
+    "config blob without END_OF_STATE": (lambda: b"".join(good(i) for i in range(len(CHUNKS))) + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(CFG)[:-8], config=True), Reason.VFIO_CONFIG_BLOB, IDSTR, len(CHUNKS)),
+    "stream closed inside a header": (lambda: good(0)[:100], Reason.PACKET_TRUNCATED, None, None),
+    "stream closed inside a payload": (lambda: good(0)[:-10], Reason.PACKET_TRUNCATED, IDSTR, 0),
+}
+
+
+def send_raw(address: str, streams: list[bytes]) -> None:
+    """Like qs.send_streams, but a reset by the daemon is expected, not an error."""
+    with contextlib.suppress(OSError):
+        qs.send_streams(address, streams)
+
+
+@pytest.mark.parametrize("case", sorted(PACKET_CASES))
+async def test_packet_error_fails_the_migration_and_leaves_nothing(tmp_path: Path, case: str) -> None:
+    build, reason, device, idx = PACKET_CASES[case]
+    config = settings(tmp_path, A, channels=1, max_packet_size=64 * 1024)
+    config.devices[0].data_path.write_bytes(b"previous run")
+    running = await start(config)
+    await asyncio.to_thread(send_raw, running.address, [qs.handshake(0) + build()])
+    with pytest.raises(ProtocolError) as caught:
+        await running.result()
+    error = caught.value
+    assert error.reason is reason, str(error)
+    assert error.channel == 0 and str(error).startswith("channel 0: ")
+    assert error.device == device
+    if device is not None:
+        assert f"device {device}: " in str(error)
+    assert error.idx == idx
+    if idx is not None:
+        assert str(idx) in str(error) or f"{idx:#x}" in str(error)
+    assert config.devices[0].data_path.read_bytes() == b"previous run"
+    assert final_files(tmp_path) == ["dev0.bin"], "temporary files are removed"
+    assert running.session.status.value == "failed"
+
+
+def all_good_streams(channels: int = 2) -> list[bytes]:
+    return qs.build_streams([(IDSTR, 0, DATA, CFG)], channels, chunk_size=4096)
+
+
+HANDSHAKE_CASES: dict[str, tuple[bytes, Reason]] = {
+    "wrong magic": (with_field(qs.handshake(0), 0, u32(0xCAFEBABE)), Reason.HANDSHAKE_MAGIC),
+    "wrong version": (with_field(qs.handshake(0), 4, u32(9)), Reason.HANDSHAKE_VERSION),
+    "another VM's uuid": (qs.handshake(0, bytes(range(16))), Reason.HANDSHAKE_UUID),
+    "id equal to channels": (qs.handshake(2), Reason.HANDSHAKE_CHANNEL_ID),
+    "QEMU main channel": (b"QEVM\x00\x00\x00\x03" + bytes(100), Reason.HANDSHAKE_MAIN_CHANNEL),
+    "HTTP request": (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", Reason.HANDSHAKE_MAGIC),
+    "closed inside the handshake": (qs.handshake(0)[:20], Reason.HANDSHAKE_CLOSED),
+    "empty connection": (b"", Reason.HANDSHAKE_CLOSED),
+}
+
+
+def stray(address: str, payload: bytes) -> bytes:
+    """Connect, send, half-close; return what the daemon sent back before closing."""
+    host, port = address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        if payload:
+            sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        received = b""
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        return received
+
+
+@pytest.mark.parametrize("case", sorted(HANDSHAKE_CASES))
+async def test_bad_handshake_refuses_only_that_connection(tmp_path: Path, case: str) -> None:
+    payload, reason = HANDSHAKE_CASES[case]
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    answer = await asyncio.to_thread(stray, running.address, payload)
+    assert answer == b"", "the destination answers nothing on a channel"
+    for _ in range(100):
+        if running.session.refused:
+            break
+        await asyncio.sleep(0.01)
+    [(_, error)] = running.session.refused
+    assert isinstance(error, HandshakeError) and error.reason is reason, str(error)
+    assert running.session.status.value == "setup"
+    await asyncio.to_thread(qs.send_streams, running.address, all_good_streams())
+    await running.result()
+    assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+async def test_duplicate_channel_id_is_refused_while_the_first_one_works(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    streams = all_good_streams()
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    first = socket.create_connection((host, int(port)))
+    first.sendall(streams[0])
+    first.shutdown(socket.SHUT_WR)
+    await asyncio.to_thread(stray, running.address, qs.handshake(0))
+    reasons = [e.reason for _, e in running.session.refused]
+    assert reasons == [Reason.HANDSHAKE_DUPLICATE_CHANNEL]
+    await asyncio.to_thread(qs.send_streams, running.address, streams[1:])
+    await running.result()
+    first.close()
+    assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=1, handshake_timeout=0.2)
+    running = await start(config)
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as silent:
+        silent.sendall(qs.handshake(0)[:10])
+        silent.settimeout(5)
+        assert await asyncio.to_thread(silent.recv, 10) == b""  # the daemon hung up on it
+    [(_, error)] = running.session.refused
+    assert error.reason is Reason.HANDSHAKE_TIMEOUT and "10 of 64 bytes" in str(error)
+    await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
+    await running.result()
+    assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+async def test_all_channels_closed_names_the_missing_indices(tmp_path: Path) -> None:
+    packets = [good(i) for i in (0, 3)]  # 1, 2 and whatever follows 3 never come
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    await asyncio.to_thread(
+        qs.send_streams, running.address, [qs.handshake(0) + packets[0], qs.handshake(1) + packets[1]]
+    )
+    with pytest.raises(SessionError) as caught:
+        await running.result()
+    assert caught.value.reason is Reason.INCOMPLETE
+    assert "missing idx 1-2 and the config state packet (after idx 3)" in str(caught.value)
+    assert final_files(tmp_path) == []
+
+
+async def test_no_progress_within_the_timeout(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=1, progress_timeout=0.5)
+    running = await start(config)
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(qs.handshake(0) + good(1))  # then nothing, connection kept open
+        with pytest.raises(SessionError) as caught:
+            await running.result(timeout=10)
+    assert caught.value.reason is Reason.PROGRESS_TIMEOUT
+    assert f"device {IDSTR} idx 0" in str(caught.value)
+    assert final_files(tmp_path) == []
+
+
+async def test_accept_timeout_names_the_missing_channels(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=3, accept_timeout=0.4)
+    running = await start(config)
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(qs.handshake(1))
+        with pytest.raises(SessionError) as caught:
+            await running.result(timeout=10)
+    assert caught.value.reason is Reason.ACCEPT_TIMEOUT
+    assert "only 1 of 3 channels" in str(caught.value) and "missing channel ids 0, 2" in str(caught.value)
+
+
+async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=1)
+    config.devices[0].data_path.write_bytes(b"keep me")
+    running = await start(config)
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(qs.handshake(0) + good(0) + good(1))
+        for _ in range(200):
+            if running.session.reassembly.devices[A].bytes_written:
+                break
+            await asyncio.sleep(0.01)
+        running.session.cancel("test says stop")
+        with pytest.raises(Cancelled):
+            await running.result(timeout=5)
+    assert running.session.status.value == "cancelled"
+    assert final_files(tmp_path) == ["dev0.bin"]
+    assert config.devices[0].data_path.read_bytes() == b"keep me"
+
+
+async def test_write_error_names_enospc(tmp_path: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    config = settings(tmp_path, A, channels=2)
+    config = type(config)(
+        **{
+            **{f: getattr(config, f) for f in config.__dataclass_fields__},
+            "devices": (DeviceSpec(A, Path("/dev/full"), tmp_path / "cfg"),),
+        }
+    )
+    running = await start(config)
+    await asyncio.to_thread(send_raw, running.address, all_good_streams())
+    with pytest.raises(DeviceIOError) as caught:
+        await running.result()
+    assert caught.value.errno == errno.ENOSPC
+    assert "No space left on device" in str(caught.value) and IDSTR in str(caught.value)
+    assert final_files(tmp_path) == []
+
+
+async def test_unix_socket_stray_connection(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=1, listen=Address("unix", path=str(tmp_path / "s")))
+    running = await start(config)
+
+    def poke() -> None:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(tmp_path / "s"))
+            sock.sendall(b"hello")
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(10)
+
+    await asyncio.to_thread(poke)
+    await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
+    await running.result()
+    assert [e.reason for _, e in running.session.refused] == [Reason.HANDSHAKE_MAGIC]
+    assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+def test_error_hierarchy_is_split_by_fault() -> None:
+    assert issubclass(HandshakeError, ProtocolError)
+    assert issubclass(ProtocolError, MultifdError)
+    assert not issubclass(DeviceIOError, ProtocolError)
+    assert issubclass(Cancelled, SessionError)
+    error = ProtocolError(Reason.VFIO_ALREADY_FILLED, "state buffer 7 already filled", device=IDSTR_B, idx=7)
+    assert str(error.with_context(channel=1)) == f"channel 1: device {IDSTR_B}: state buffer 7 already filled"
