@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 from pathlib import Path
 
@@ -31,8 +32,8 @@ def feed(data: bytes, cuts: list[int], max_packet_size: int = 4096) -> list[obje
     decoder = ChannelDecoder(max_packet_size=max_packet_size)
     events: list[object] = []
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
-    for start, end in zip(points, points[1:], strict=False):
-        decoder.receive_data(data[start:end])
+    for first, end in itertools.pairwise(points):
+        decoder.receive_data(data[first:end])
         while (event := decoder.next_event()) is not None:
             events.append(event)
     return events
