@@ -1,18 +1,49 @@
-"""vfio-multifd: a QEMU-format multifd device-state migration destination."""
+"""vfio-multifd: a QEMU-format multifd device-state migration destination.
 
-from .config import Address, DeviceSpec, Digest, QueueFullPolicy, ReceiveSettings
-from .errors import (
-    Cancelled,
-    DeviceIOError,
-    HandshakeError,
-    MultifdError,
-    ProtocolError,
-    Reason,
-    SessionError,
-    UsageError,
-)
-from .session import DeviceResult, Session, SessionResult, SessionStatus
-from .wire import DeviceKey
+The names below are loaded on first use, so that ``import vfio_multifd.wire``
+(the pure codec) does not drag in the event loop, sockets and threads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import Address, DeviceSpec, Digest, QueueFullPolicy, ReceiveSettings
+    from .errors import (
+        Cancelled,
+        DeviceIOError,
+        HandshakeError,
+        MultifdError,
+        ProtocolError,
+        Reason,
+        SessionError,
+        UsageError,
+    )
+    from .session import DeviceResult, Session, SessionResult, SessionStatus
+    from .wire import DeviceKey
+
+_EXPORTS = {
+    "Address": "config",
+    "DeviceSpec": "config",
+    "Digest": "config",
+    "QueueFullPolicy": "config",
+    "ReceiveSettings": "config",
+    "Cancelled": "errors",
+    "DeviceIOError": "errors",
+    "HandshakeError": "errors",
+    "MultifdError": "errors",
+    "ProtocolError": "errors",
+    "Reason": "errors",
+    "SessionError": "errors",
+    "UsageError": "errors",
+    "DeviceResult": "session",
+    "Session": "session",
+    "SessionResult": "session",
+    "SessionStatus": "session",
+    "DeviceKey": "wire",
+}
 
 __all__ = [
     "Address",
@@ -35,3 +66,12 @@ __all__ = [
     "UsageError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vfio_multifd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

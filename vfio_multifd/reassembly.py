@@ -141,13 +141,7 @@ class DeviceBuffer:
     def missing(self) -> str:
         """The indices still missing, as ranges: ``"3-5, 9 and the config state"``."""
         end = self.max_idx if self.last_idx is None else self.last_idx
-        spans: list[list[int]] = []  # [first, last] of each run of absent indices
-        for idx in _absent(self.next_idx, end, self.chunks):
-            if spans and spans[-1][1] == idx - 1:
-                spans[-1][1] = idx
-            else:
-                spans.append([idx, idx])
-        text = ", ".join(_span(first, last) for first, last in spans)
+        text = ", ".join(_span(first, last) for first, last in _gaps(self.next_idx, end, self.chunks))
         if self.last_idx is None:
             after = f" (after idx {self.max_idx})" if self.max_idx >= 0 else ""
             tail = f"the config state packet{after}"
@@ -155,15 +149,21 @@ class DeviceBuffer:
         return text
 
 
-def _absent(start: int, end: int, present: dict[int, Chunk]) -> Iterator[int]:
-    """Indices in ``start..end`` that are absent, in O(len(present)) for sparse gaps."""
+def _gaps(start: int, end: int, present: dict[int, Chunk]) -> Iterator[tuple[int, int]]:
+    """The runs ``(first, last)`` of indices in ``start..end`` that are absent.
+
+    Time grows with the chunks held, never with the size of a gap: a source
+    that sends idx 4294967294 alone must not make this message slow.
+    """
     idx = start
     for held in sorted(i for i in present if i >= start):
         if held > end:
             break
-        yield from range(idx, held)
+        if held > idx:
+            yield idx, held - 1
         idx = held + 1
-    yield from range(idx, end + 1)
+    if idx <= end:
+        yield idx, end
 
 
 def _span(first: int, last: int) -> str:

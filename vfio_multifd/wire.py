@@ -74,6 +74,10 @@ CONFIG_TAG = struct.Struct(">Q")
 #: and the 12-byte VFIO header. Every valid packet is at least this long.
 PACKET_PREFIX_SIZE = DEVICE_STATE_HEADER.size + VFIO_HEADER.size
 
+# Offsets in the packet prefix by which a field is complete and can be checked.
+_IDSTR_END = PACKET_HEADER.size + IDSTR_SIZE  # 268: byte 255 of idstr
+_VFIO_IDX_END = DEVICE_STATE_HEADER.size + 8  # 284
+
 assert HANDSHAKE.size == 64
 assert DEVICE_STATE_HEADER.size == 276
 assert PACKET_PREFIX_SIZE == 288
@@ -90,9 +94,11 @@ class DeviceKey:
     instance_id: int = 0
 
     def __str__(self) -> str:
+        # A non-UTF-8 idstr decodes with surrogate escapes; show its bytes as \\xNN.
+        idstr = self.idstr.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
         if self.instance_id == 0:
-            return self.idstr
-        return f"{self.idstr} instance {self.instance_id}"
+            return idstr
+        return f"{idstr} instance {self.instance_id}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,27 +377,37 @@ class ChannelDecoder:
         filled = self._filled
         if self._checked < PACKET_HEADER.size and filled >= 4:
             self._check_packet_header(filled)
+        if filled >= _IDSTR_END and self._checked < _IDSTR_END:
+            if buf[_IDSTR_END - 1] != 0:
+                raise ProtocolError(
+                    Reason.PACKET_IDSTR,
+                    f"idstr is not NUL-terminated (byte {MAX_IDSTR_LEN} is "
+                    f"{buf[_IDSTR_END - 1]:#04x})",
+                )
+            self._checked = _IDSTR_END
         if filled >= DEVICE_STATE_HEADER.size and self._checked < DEVICE_STATE_HEADER.size:
             self._check_device_state_header()
-        if filled == PACKET_PREFIX_SIZE:
-            version, idx, flags = VFIO_HEADER.unpack_from(buf, DEVICE_STATE_HEADER.size)
-            device = self._device
-            assert device is not None
+        if filled >= _VFIO_IDX_END and self._checked < _VFIO_IDX_END:
+            # The version is checked with the idx, 4 bytes later, so its error names the idx.
+            version, idx = struct.unpack_from(">II", buf, DEVICE_STATE_HEADER.size)
             if version != VFIO_STATE_VERSION:
                 raise ProtocolError(
                     Reason.VFIO_VERSION,
                     f"VFIO state version {version}, expected {VFIO_STATE_VERSION} (idx {idx})",
-                    device=str(device),
+                    device=str(self._device),
                     idx=idx,
                 )
             if idx == INVALID_IDX:
                 raise ProtocolError(
                     Reason.VFIO_INVALID_IDX,
                     f"idx {INVALID_IDX:#x} is invalid",
-                    device=str(device),
+                    device=str(self._device),
                     idx=idx,
                 )
             self._idx = idx
+            self._checked = _VFIO_IDX_END
+        if filled == PACKET_PREFIX_SIZE:
+            (flags,) = struct.unpack_from(">I", buf, _VFIO_IDX_END)
             self._config = bool(flags & VfioFlag.CONFIG_STATE)
             size = self._payload_size
             self._payload = self._allocate(size)
@@ -437,12 +453,6 @@ class ChannelDecoder:
 
     def _check_device_state_header(self) -> None:
         _, _, _, raw_idstr, instance_id, size = DEVICE_STATE_HEADER.unpack_from(self._prefix)
-        if raw_idstr[MAX_IDSTR_LEN] != 0:
-            raise ProtocolError(
-                Reason.PACKET_IDSTR,
-                f"idstr is not NUL-terminated (byte {MAX_IDSTR_LEN} is "
-                f"{raw_idstr[MAX_IDSTR_LEN]:#04x})",
-            )
         idstr = raw_idstr[: raw_idstr.index(0)].decode("utf-8", "surrogateescape")
         device = DeviceKey(idstr, instance_id)
         self._device = device

@@ -1,0 +1,125 @@
+"""The pure modules (wire, reassembly, and errors which both use) touch no I/O.
+
+STYLE.md habit 1: ``wire`` and ``reassembly`` import neither asyncio nor socket
+nor os, and a test proves it: in a fresh interpreter (so nothing else has
+imported them first) and in their source text.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
+PURE = ("wire", "reassembly")
+#: Modules a pure module may import from inside the package.
+PURE_CLOSURE = {"wire", "reassembly", "errors"}
+#: Never in sys.modules after importing only the pure modules.
+IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
+#: Never imported by the pure modules' source.
+FORBIDDEN_IMPORTS = {
+    "os", "asyncio", "socket", "selectors", "ssl", "subprocess", "io",
+    "pathlib", "shutil", "tempfile", "mmap", "threading", "signal",
+    "uvloop", "structlog",
+}
+
+_REPORT = f"""
+import json, sys
+print(json.dumps({{name: name in sys.modules for name in {list(IO_MODULES)!r}}}))
+"""
+
+
+def _run(code: str, *flags: str) -> dict[str, bool]:
+    result = subprocess.run(
+        [sys.executable, *flags, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PACKAGE_DIR.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded: dict[str, bool] = json.loads(result.stdout.strip().splitlines()[-1])
+    return loaded
+
+
+def test_fresh_interpreter_starts_without_io_modules() -> None:
+    # The baseline the checks below rely on: -I -S loads no site packages.
+    loaded = _run(_REPORT, "-I", "-S")
+    assert not any(loaded.values()), loaded
+
+
+def test_pure_modules_alone_import_no_io_modules() -> None:
+    # A stand-in package object, so only the modules themselves (not the
+    # package's __init__) are imported.
+    code = f"""
+import sys, types
+package = types.ModuleType("vfio_multifd")
+package.__path__ = [{str(PACKAGE_DIR)!r}]
+sys.modules["vfio_multifd"] = package
+import vfio_multifd.wire, vfio_multifd.reassembly
+assert vfio_multifd.wire.__file__.startswith({str(PACKAGE_DIR)!r})
+loaded = sorted(m.split(".")[1] for m in sys.modules if m.startswith("vfio_multifd."))
+assert loaded == ["errors", "reassembly", "wire"], loaded
+""" + _REPORT
+    loaded = _run(code, "-I", "-S")
+    assert loaded == {name: False for name in IO_MODULES}
+
+
+def test_importing_pure_modules_through_the_package_imports_no_io_modules() -> None:
+    loaded = _run("import vfio_multifd.wire, vfio_multifd.reassembly" + _REPORT)
+    assert loaded == {name: False for name in IO_MODULES}
+
+
+def _imports(module: str) -> tuple[set[str], set[str]]:
+    """Top-level absolute imports and intra-package relative imports of a module."""
+    tree = ast.parse((PACKAGE_DIR / f"{module}.py").read_text(), filename=f"{module}.py")
+    absolute: set[str] = set()
+    relative: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            absolute.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                assert node.module is not None
+                if node.module.split(".")[0] == "vfio_multifd":
+                    relative.add(node.module.split(".")[1] if "." in node.module else "")
+                else:
+                    absolute.add(node.module.split(".")[0])
+            elif node.module:
+                relative.add(node.module.split(".")[0])
+            else:  # from . import x
+                relative.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
+            absolute.add("__import__")
+    return absolute, relative
+
+
+def _closure() -> set[str]:
+    seen: set[str] = set()
+    todo = list(PURE)
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        todo.extend(_imports(module)[1])
+    return seen
+
+
+@pytest.mark.parametrize("module", sorted(PURE_CLOSURE))
+def test_source_imports_nothing_that_does_io(module: str) -> None:
+    absolute, _ = _imports(module)
+    assert absolute, f"{module}.py parsed to no imports at all"
+    assert not absolute & FORBIDDEN_IMPORTS, f"{module}.py imports {absolute & FORBIDDEN_IMPORTS}"
+    assert "__import__" not in absolute
+
+
+def test_pure_modules_import_only_pure_siblings() -> None:
+    closure = _closure()
+    assert closure <= PURE_CLOSURE, f"pure modules reach {closure - PURE_CLOSURE}"
+    assert set(PURE) <= closure
