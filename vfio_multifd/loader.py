@@ -67,6 +67,7 @@ class DeviceLoader:
         digest: Digest,
         written: Callable[[list[Chunk]], None],
         read_spilled: Callable[[Chunk], bytes] | None = None,
+        failed: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.reassembly = reassembly
         self.device = device
@@ -77,6 +78,8 @@ class DeviceLoader:
         self.hasher = new_hasher(digest)
         self._written = written  # the session releases the chunks' memory
         self._read_spilled = read_spilled
+        self._failed = failed  # a batch written in the background failed
+        self._in_flight: set[asyncio.Future[None]] = set()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
         self.times = LoadTimes()
         self.log = log.bind(device=str(device.key))
@@ -99,11 +102,12 @@ class DeviceLoader:
             if not self.times.started:
                 self.times.started = time.monotonic()
             if chunks[0].config:
+                if self._in_flight:
+                    await asyncio.gather(*self._in_flight)  # every data chunk is written
                 await self._load_config(loop, chunks[0])
                 self._written(chunks)
                 break
-            await loop.run_in_executor(self.executor, self._write_batch, chunks)
-            self._written(chunks)
+            self._submit(loop, chunks)
         self.times.completed = time.monotonic()
         self.log.info(
             "load_thread_end",
@@ -111,6 +115,31 @@ class DeviceLoader:
             chunks=device.chunks_written,
             digest=self.digest_text,
         )
+
+    def _submit(self, loop: asyncio.AbstractEventLoop, chunks: list[Chunk]) -> None:
+        """Queue a batch for the writer thread without waiting for it.
+
+        The loader goes straight back for the next ready chunks, so the writer
+        always has work queued and never waits for the event loop to come
+        round (one loop iteration can receive more than a batch). The single
+        writer thread keeps batches in order; each one's memory is released
+        when it is written.
+        """
+        future = loop.run_in_executor(self.executor, self._write_batch, chunks)
+        self._in_flight.add(future)
+
+        def written(done: asyncio.Future[None]) -> None:
+            self._in_flight.discard(done)
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                self._written(chunks)
+            elif self._failed is not None:
+                assert isinstance(error, MultifdError | OSError)
+                self._failed(error)
+
+        future.add_done_callback(written)
 
     @property
     def digest_text(self) -> str:

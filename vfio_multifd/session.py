@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import logging
 import os
 import tempfile
 import time
@@ -113,6 +114,7 @@ class Session:
                 digest=settings.digest,
                 written=self._written,
                 read_spilled=self._read_spilled,
+                failed=self._writer_failed,
             )
             for spec in settings.devices
         }
@@ -124,11 +126,16 @@ class Session:
         self.error: MultifdError | None = None
         self.bytes_received = 0
         self.started: float | None = None  # monotonic, first channel accepted
+        self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self.paused_seconds = 0.0
         self._failed: asyncio.Future[MultifdError] | None = None
         self._readers: set[asyncio.Task[None]] = set()
         self._spill_executor = ThreadPoolExecutor(1, thread_name_prefix="spill")
         self.log = log
+        # QEMU's trace point vfio_load_state_device_buffer_incoming, per packet:
+        # decided once here, so a disabled debug level costs one test per packet.
+        self._trace = log.bind()
+        self._trace_incoming = self._trace.is_enabled_for(logging.DEBUG)
 
     # -- running ----------------------------------------------------------------
 
@@ -247,6 +254,12 @@ class Session:
         if self._failed is not None and not self._failed.done():
             self._failed.set_result(error)
 
+    def _writer_failed(self, error: BaseException) -> None:
+        if isinstance(error, MultifdError):
+            self.fail(error)
+        else:  # a bug rather than an I/O error: fail loudly, still cleanly
+            self.fail(SessionError(Reason.DEVICE_WRITE, f"writer failed: {error!r}"))
+
     def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
         if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
             self._set_status(SessionStatus.CANCELLING)
@@ -256,6 +269,8 @@ class Session:
         if status is not self.status:
             self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
+            if status in _FINAL:
+                self.finished = time.monotonic()
 
     # -- channels -----------------------------------------------------------------
 
@@ -310,6 +325,14 @@ class Session:
         reassembly = self.reassembly
         device = reassembly.device(packet.device)
         condition = self.conditions[device.key]
+        if self._trace_incoming:
+            self._trace.debug(
+                "buffer_incoming",
+                channel=channel,
+                device=str(device.key),
+                idx=packet.idx,
+                size=packet.size,
+            )
         while True:
             # The common case costs one comparison: no bound, or room under it.
             async with condition:
@@ -504,6 +527,9 @@ class Session:
             spilled_bytes=result.spilled_bytes,
             paused_seconds=round(result.paused_seconds, 3),
         )
+
+
+_FINAL = (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
