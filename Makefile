@@ -25,7 +25,8 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 bench: install
-	$(BIN)/python -m bench
+	$(BIN)/python -m vfio_multifd.benchmark
+	$(BIN)/python -m vfio_multifd.bench_memory
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -472,8 +472,10 @@ def preallocate_baseline_files(workload: Workload, out_dir: Path) -> None:
             os.close(fd)
 
 
-def run_baseline(workload: Workload, sink: str, out_dir: Path, idle_cpu: float) -> RunResult:
-    if sink == "file":
+def run_baseline(
+    workload: Workload, sink: str, out_dir: Path, idle_cpu: float, *, prealloc: bool = True
+) -> RunResult:
+    if sink == "file" and prealloc:
         preallocate_baseline_files(workload, out_dir)
     proc = subprocess.Popen(
         _baseline_command(workload, sink, out_dir),
@@ -559,7 +561,8 @@ def baseline_receiver(channels: int, chunk: int, sink_dir: str | None) -> int:
 
     def receive(n: int, conn: socket.socket) -> None:
         path = "/dev/null" if sink_dir is None else os.path.join(sink_dir, f"ch{n}.bin")
-        fd = os.open(path, os.O_WRONLY)
+        # Preallocated by the parent (or, with --no-prealloc, created here like the daemon's).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
         buf = bytearray(chunk)
         view = memoryview(buf)
         total = 0
@@ -648,6 +651,7 @@ def run_benchmark(
     size: int,
     reps: int,
     work_dir: Path,
+    prealloc: bool = True,
     chunk: int = CHUNK,
 ) -> list[ConfigResult]:
     results: list[ConfigResult] = []
@@ -687,7 +691,9 @@ def run_benchmark(
                     result = run_daemon(workload, sink, out_dir, config.idle_daemon_cpu, expected)
                     config.daemon.append(result)
                 else:
-                    result = run_baseline(workload, sink, out_dir, config.idle_baseline_cpu)
+                    result = run_baseline(
+                        workload, sink, out_dir, config.idle_baseline_cpu, prealloc=prealloc
+                    )
                     config.baseline.append(result)
                 _clean(out_dir)
                 if sink == "file":
@@ -841,6 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sinks", type=_sink_list, default=None, help="null,file (default both)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also dump raw results")
     parser.add_argument("--tmpdir", default=None, help="where file sinks go (default $TMPDIR)")
+    parser.add_argument(
+        "--no-prealloc",
+        action="store_true",
+        help="file sink: the baseline writes fresh files, as the daemon does, "
+        "instead of files preallocated with posix_fallocate",
+    )
     # the baseline receiver subprocess
     parser.add_argument("--baseline-receiver", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=CHUNK, help=argparse.SUPPRESS)
@@ -877,7 +889,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     work_dir = Path(tempfile.mkdtemp(prefix="vfio-multifd-bench-", dir=base_dir))
     try:
         results = run_benchmark(
-            channels=channels, devices=devices, sinks=sinks, size=size, reps=reps, work_dir=work_dir
+            channels=channels,
+            devices=devices,
+            sinks=sinks,
+            size=size,
+            reps=reps,
+            work_dir=work_dir,
+            prealloc=not args.no_prealloc,
         )
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -900,6 +918,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"minus its idle start-up+shutdown CPU ({idle_note}); RSS = daemon ru_maxrss; "
         "lag = last byte sent -> last device complete."
     )
+    if "file" in sinks:
+        print(
+            "file sink: the daemon writes a fresh temporary file per device and renames it; "
+            + (
+                "the baseline writes fresh files too (--no-prealloc)."
+                if args.no_prealloc
+                else "the baseline writes files preallocated with posix_fallocate (one per "
+                "channel), which spares it the filesystem's block allocation."
+            )
+        )
     for line in assess_targets(results):
         print(line)
     print(f"took {elapsed:.0f} s")
@@ -909,6 +937,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 {
                     "size": size,
                     "reps": reps,
+                    "prealloc": not args.no_prealloc,
                     "seconds": elapsed,
                     "results": [asdict(r) for r in results],
                 },
