@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, cast
 
 import structlog
 
-from .errors import HandshakeError, MultifdError, ProtocolError, Reason
+from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
 from .wire import ChannelDecoder, ChannelHandshake, DevicePacket
 
 if TYPE_CHECKING:
@@ -212,6 +212,10 @@ class ChannelReader:
                 await deliver(packet, protocol.channel_id)
         except MultifdError as error:
             protocol.fail(error)
+            return
+        except Exception as error:  # a bug must end the migration, not hang it
+            protocol.log.exception("channel_reader_crashed")
+            protocol.fail(SessionError(Reason.INTERNAL, f"internal error: {error!r}"))
             return
         if protocol.state is ChannelState.ACTIVE:
             protocol.state = ChannelState.CLOSED

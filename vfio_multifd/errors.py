@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     ACCEPT_TIMEOUT = "accept-timeout"
     PROGRESS_TIMEOUT = "progress-timeout"
     CANCELLED = "cancelled"
+    INTERNAL = "internal"  # a bug: reported cleanly all the same
     # usage
     USAGE = "usage"
 

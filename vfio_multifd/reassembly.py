@@ -173,9 +173,18 @@ def _span(first: int, last: int) -> str:
 class ReassemblyBuffer:
     """Every expected device's queue plus the shared memory accounting."""
 
-    def __init__(self, devices: Iterable[DeviceKey], *, max_queued_bytes: int | None = None):
+    def __init__(
+        self,
+        devices: Iterable[DeviceKey],
+        *,
+        max_queued_bytes: int | None = None,
+        reserve: int = 0,
+    ):
         self.devices: dict[DeviceKey, DeviceBuffer] = {key: DeviceBuffer(key) for key in devices}
         self.max_queued_bytes = max_queued_bytes
+        # Part of the bound that only a device's next-needed chunk may use, so
+        # that chunks arriving early can never crowd out the one a loader waits for.
+        self.reserve = reserve
         self.queued_bytes = 0  # chunk bytes held in memory (MEMORY, SPILLING, TAKEN)
         self.taken_bytes = 0  # of which handed to loaders and being written
         self.spilling_bytes = 0  # of which being written to the spill file
@@ -195,9 +204,14 @@ class ReassemblyBuffer:
                 device=str(key),
             ) from None
 
-    def fits(self, size: int) -> bool:
+    def fits(self, size: int, *, ahead: bool = False) -> bool:
+        """Room for ``size`` more bytes; a chunk ``ahead`` of its device's next may not use the reserve."""
         bound = self.max_queued_bytes
-        return bound is None or self.queued_bytes + size <= bound
+        if bound is None:
+            return True
+        if ahead:
+            bound -= self.reserve
+        return self.queued_bytes + size <= bound
 
     def insert(self, packet: DevicePacket, channel: int | None = None) -> Chunk:
         """Queue a packet's chunk in memory (the caller has checked :meth:`fits`)."""

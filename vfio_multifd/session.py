@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import errno as errno_module
 import logging
 import os
 import tempfile
@@ -41,6 +42,10 @@ from .spill import SpillStore
 from .wire import ChannelHandshake, DeviceKey, DevicePacket, check_handshake
 
 log = structlog.get_logger("vfio_multifd.session")
+
+#: How long a channel whose early chunk finds memory full waits for another
+#: channel to bring the chunk a loader needs, before it spills (once per stall).
+SPILL_GRACE = 0.025
 
 
 class SessionStatus(enum.StrEnum):
@@ -92,13 +97,22 @@ class Session:
         bound = settings.max_queued_bytes
         self.pool = BufferPool(max_idle_bytes=min(64 << 20, bound or 64 << 20))
         self.reassembly = ReassemblyBuffer(
-            (spec.key for spec in settings.devices), max_queued_bytes=settings.max_queued_bytes
+            (spec.key for spec in settings.devices),
+            max_queued_bytes=settings.max_queued_bytes,
+            # QEMU's fail policy knows no reserve: it fails exactly at the bound.
+            reserve=0
+            if settings.on_queue_full is QueueFullPolicy.FAIL
+            else min(settings.max_packet_size, (settings.max_queued_bytes or 0) // 4),
         )
         self.conditions = {spec.key: asyncio.Condition() for spec in settings.devices}
-        # Set (and at once cleared) whenever queued memory shrinks: wakes the
+        # Set (and at once cleared) whenever queued memory shrinks or becomes
+        # drainable: wakes the
         # channels waiting to make room under --max-queued-bytes. Synchronous,
         # so a wake-up cannot slip between a check and the wait.
-        self.memory_freed = asyncio.Event()
+        self.memory_changed = asyncio.Event()
+        self._paused_channels = 0  # channels waiting in _make_room
+        self._pause_started = 0.0
+        self._grace_spent_at = -1  # bytes written when a grace last expired
         self.spill: SpillStore | None = None
         self.loaders = {
             spec.key: DeviceLoader(
@@ -135,7 +149,8 @@ class Session:
         # QEMU's trace point vfio_load_state_device_buffer_incoming, per packet:
         # decided once here, so a disabled debug level costs one test per packet.
         self._trace = log.bind()
-        self._trace_incoming = self._trace.is_enabled_for(logging.DEBUG)
+        enabled = getattr(self._trace, "is_enabled_for", None)  # filtering loggers have it
+        self._trace_incoming = bool(enabled(logging.DEBUG)) if enabled is not None else False
 
     # -- running ----------------------------------------------------------------
 
@@ -165,6 +180,7 @@ class Session:
                     await loader.open()
                 except DeviceIOError as error:
                     raise UsageError(str(error)) from error
+            self._check_spill_dir()
             server = await self._listen(loop)
             tasks = [
                 asyncio.create_task(loader.run(), name=f"loader {key}")
@@ -336,10 +352,12 @@ class Session:
         while True:
             # The common case costs one comparison: no bound, or room under it.
             async with condition:
-                if reassembly.fits(packet.size):
+                if reassembly.fits(packet.size, ahead=packet.idx != device.next_idx):
                     reassembly.insert(packet, channel)
                     if device.ready:
                         condition.notify()
+                        if self._paused_channels:
+                            self._memory_changed()  # memory just became drainable
                     return
             if await self._make_room(device, packet, channel):
                 return
@@ -349,11 +367,14 @@ class Session:
     ) -> bool:
         """Memory is at --max-queued-bytes. Returns True if ``packet`` itself was queued.
 
-        Why this cannot deadlock: a channel waits here only while some memory
-        is *drainable* - being written by a loader, being spilled, or ready
-        for a loader to take - and each of those frees memory with no further
-        input from any channel. Otherwise it spills to disk, which needs no
-        input either. No channel ever waits for another channel to deliver.
+        Why this cannot deadlock: a channel waits here without a time limit
+        only while some memory is *drainable* - being written by a loader,
+        being spilled, or ready for a loader to take - and each of those frees
+        memory with no further input from any channel. It may wait for other
+        channels to bring a device's next chunk, but only for
+        ``SPILL_GRACE`` seconds, once per stall, and only while another
+        channel is still reading. Otherwise it spills to disk, which needs no
+        input either.
         """
         reassembly = self.reassembly
         device.check(packet.idx, packet.config)  # a bad chunk fails now, not after a spill
@@ -362,6 +383,13 @@ class Session:
             return False
         if reassembly.drainable_bytes() or reassembly.spilling_bytes:
             await self._wait_for_memory()
+            return False
+        if packet.idx != device.next_idx and self._stall_grace_allowed():
+            # Memory holds only chunks that arrived early. When channels are
+            # merely skewed, another one brings the next chunk within
+            # milliseconds (into the reserve), and waiting beats spilling.
+            if not await self._wait_for_memory(timeout=SPILL_GRACE):
+                self._grace_spent_at = self._bytes_written()
             return False
         victim = reassembly.spill_victim()
         distance = packet.idx - device.next_idx
@@ -378,20 +406,68 @@ class Session:
         await self._spill_chunk(victim)
         return False
 
-    async def _wait_for_memory(self) -> None:
-        started = time.monotonic()
-        await self.memory_freed.wait()
-        self.paused_seconds += time.monotonic() - started
+    async def _wait_for_memory(self, timeout: float | None = None) -> bool:
+        """Wait until queued memory changes; False if ``timeout`` passed first."""
+        if not self._paused_channels:
+            self._pause_started = time.monotonic()
+        self._paused_channels += 1
+        try:
+            if timeout is None:
+                await self.memory_changed.wait()
+                return True
+            try:
+                await asyncio.wait_for(self.memory_changed.wait(), timeout)
+            except TimeoutError:
+                return False
+            return True
+        finally:
+            self._paused_channels -= 1
+            if not self._paused_channels:
+                # Wall-clock time with at least one channel paused, not a sum over channels.
+                self.paused_seconds += time.monotonic() - self._pause_started
 
-    def _memory_freed(self) -> None:
-        self.memory_freed.set()
-        self.memory_freed.clear()
+    def _stall_grace_allowed(self) -> bool:
+        """Another channel may still bring what is missing, and no grace expired in vain
+        since the loaders last wrote anything."""
+        if self._grace_spent_at == self._bytes_written():
+            return False
+        reading = sum(p.state is ChannelState.ACTIVE for p in self.channels.values())
+        return reading - self._paused_channels > 1  # someone besides this channel
 
-    def _spill_store(self) -> SpillStore:
+    def _bytes_written(self) -> int:
+        return sum(d.bytes_written for d in self.reassembly.devices.values())
+
+    def _memory_changed(self) -> None:
+        self.memory_changed.set()
+        self.memory_changed.clear()
+
+    def _spill_store(self, device: DeviceKey) -> SpillStore:
         if self.spill is None:
-            self.spill = SpillStore(self._spill_dir())
-            self.log.info("spill_file_opened", directory=str(self.spill.directory))
+            directory = self._spill_dir()
+            try:
+                self.spill = SpillStore(directory)
+            except OSError as error:
+                raise _spill_error(error, directory, device) from error
+            self.log.info("spill_file_opened", directory=str(directory))
         return self.spill
+
+    async def _spill_write(
+        self, store: SpillStore, ref: tuple[int, int], data: memoryview, device: DeviceKey
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._spill_executor, store.write, ref, data)
+        except OSError as error:
+            raise _spill_error(error, store.directory, device) from error
+
+    def _check_spill_dir(self) -> None:
+        """A bound that may spill needs a place to spill to: say so now, not mid-migration."""
+        settings = self.settings
+        if settings.max_queued_bytes is None or settings.on_queue_full is not QueueFullPolicy.SPILL:
+            return
+        directory = self._spill_dir()
+        if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot spill to {directory}: not a writable directory (--spill-dir)")
 
     def _spill_dir(self) -> Path:
         if self.settings.spill_dir is not None:
@@ -404,10 +480,9 @@ class Session:
         self, device: DeviceBuffer, packet: DevicePacket, channel: int | None
     ) -> None:
         """Put an incoming chunk straight into the spill file: it never counts as memory."""
-        store = self._spill_store()
+        store = self._spill_store(packet.device)
         ref = store.reserve(packet.size)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._spill_executor, store.write, ref, packet.data)
+        await self._spill_write(store, ref, packet.data, packet.device)
         condition = self.conditions[device.key]
         async with condition:
             self.reassembly.insert_spilled(packet, ref, channel)
@@ -417,16 +492,15 @@ class Session:
 
     async def _spill_chunk(self, chunk: Chunk) -> None:
         """Move a queued chunk from memory to the spill file."""
-        store = self._spill_store()
+        store = self._spill_store(chunk.device)
         reassembly = self.reassembly
         reassembly.spill_started(chunk)
         ref = store.reserve(chunk.size)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._spill_executor, store.write, ref, chunk.data)
+        await self._spill_write(store, ref, chunk.data, chunk.device)
         self.pool.release(reassembly.spill_done(chunk, ref))
         device = reassembly.devices[chunk.device]
         condition = self.conditions[chunk.device]
-        self._memory_freed()
+        self._memory_changed()
         async with condition:
             if device.ready:
                 condition.notify()
@@ -436,11 +510,15 @@ class Session:
             if chunk.buffer is not None:
                 self.pool.release(chunk.buffer)
         self.reassembly.release(chunks)
-        self._memory_freed()
+        self._memory_changed()
 
     def _read_spilled(self, chunk: Chunk) -> bytes:
+        """On a writer thread: a spilled chunk's bytes, back from the spill file."""
         assert self.spill is not None
-        return self.spill.read(chunk.spill_ref)
+        try:
+            return self.spill.read(chunk.spill_ref)
+        except OSError as error:
+            raise _spill_error(error, self.spill.directory, chunk.device) from error
 
     # -- watchdog -----------------------------------------------------------------
 
@@ -530,6 +608,16 @@ class Session:
 
 
 _FINAL = (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
+
+
+def _spill_error(error: OSError, directory: Path, device: DeviceKey) -> DeviceIOError:
+    code = errno_module.errorcode.get(error.errno or 0, error.errno)
+    return DeviceIOError(
+        f"cannot spill a queued chunk to {directory}: {error.strerror or error} "
+        f"({code}, errno {error.errno}); see --spill-dir and --max-queued-bytes",
+        device=str(device),
+        errno=error.errno,
+    )
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
