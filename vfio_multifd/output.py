@@ -38,6 +38,9 @@ _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 16
 
 Buffer = bytes | bytearray | memoryview
 
+#: posix_fallocate a data file this much at a time.
+RESERVE_STEP = 64 << 20
+
 
 def write_fully(write: Callable[[Sequence[Buffer]], int], buffers: Sequence[Buffer]) -> int:
     """Write every byte of ``buffers`` through a writev-like ``write``, retrying short writes."""
@@ -69,6 +72,8 @@ class Output:
         self.fd: int | None = None
         self.temp_path: Path | None = None  # None: written in place (device or FIFO)
         self.bytes_written = 0
+        self.allocated = 0  # bytes reserved ahead with posix_fallocate
+        self.reserving = False  # for regular files, where the filesystem supports it
 
     def open(self) -> None:
         try:
@@ -86,6 +91,7 @@ class Output:
                 dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".part"
             )
             self.fd, self.temp_path = fd, Path(temp)
+            self.reserving = True
             os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would, not mkstemp's 0600
         except OSError as error:
             raise self._error("cannot open", error) from error
@@ -94,15 +100,39 @@ class Output:
         fd = self.fd
         assert fd is not None, "output is not open"
         try:
+            if self.reserving:
+                self._reserve(fd, sum(len(b) for b in buffers))
             self.bytes_written += write_fully(lambda views: os.writev(fd, views), buffers)
         except OSError as error:
             raise self._error("cannot write", error) from error
+
+    def _reserve(self, fd: int, size: int) -> None:
+        """Allocate the file's blocks ahead of the writes, in large steps.
+
+        Measured here (ext4): writing into reserved blocks takes about half the
+        CPU of extending the file write by write. The file is cut back to what
+        was written in :meth:`finish`.
+        """
+        needed = self.bytes_written + size
+        if needed <= self.allocated:
+            return
+        step = max(RESERVE_STEP, needed - self.allocated)
+        try:
+            os.posix_fallocate(fd, self.allocated, step)
+        except OSError as error:
+            if error.errno in (errno_module.EOPNOTSUPP, errno_module.EINVAL):
+                self.reserving = False  # not supported here: never try again
+                return
+            raise
+        self.allocated += step
 
     def finish(self) -> None:
         """Make the written bytes durable (before the rename makes them visible)."""
         if self.fd is None:
             return
         try:
+            if self.allocated > self.bytes_written:
+                os.ftruncate(self.fd, self.bytes_written)
             if self.fsync and self.temp_path is not None:
                 os.fsync(self.fd)
             os.close(self.fd)
