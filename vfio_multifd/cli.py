@@ -1,23 +1,30 @@
-"""``vfio-multifd receive | send``: the command line.
+"""``vfio-multifd receive | send | status``: the command line.
 
 The only place that picks the event loop (uvloop) and turns outcomes into
-exit codes: 0 complete, 1 the migration failed, 2 usage error, 128+N when
-stopped by signal N (130 for SIGINT, 143 for SIGTERM).
+exit codes: 0 complete, 1 the migration failed (or was cancelled with
+``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (130 for
+SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
+import json
+import os
 import signal
 import sys
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TextIO
 
 import structlog
 
-from . import logconfig
+from . import logconfig, status
 from .config import (
     Address,
     DeviceSpec,
@@ -151,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not fsync outputs before renaming them into place",
     )
+    rx.add_argument(
+        "--status-socket",
+        default=None,
+        metavar="PATH",
+        help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
+    )
+    rx.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="once listening, write a newline to file descriptor N and close it "
+        "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
+    )
+    _progress_option(rx, "log migration_progress this often while active")
     _log_options(rx)
 
     tx = sub.add_parser("send", help="send device state like a QEMU source")
@@ -193,13 +215,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep retrying to connect for this long (default 30)",
     )
+    _progress_option(
+        tx, "without a terminal, log send_progress this often (on one: a bar per device)"
+    )
     _log_options(tx)
+
+    st = sub.add_parser("status", help="ask a running daemon (or QEMU's QMP) for query-migrate")
+    st.add_argument("--socket", required=True, metavar="PATH", help="the --status-socket")
+    st.add_argument("--json", action="store_true", help="print the reply as JSON")
+    st.add_argument(
+        "--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after (5)"
+    )
     return parser
 
 
+def _progress_option(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--progress-interval",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help=f"{what} (default 5; 0 disables)",
+    )
+
+
 def _log_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-format", choices=logconfig.FORMATS, default="auto")
-    parser.add_argument("--log-level", choices=logconfig.LEVELS, default="info")
+    parser.add_argument(
+        "--log-format",
+        choices=logconfig.FORMATS,
+        default="auto",
+        help="log lines on stderr: auto (default) is console on a terminal, JSON otherwise",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=logconfig.LEVELS,
+        default="info",
+        help="debug adds QEMU-style trace events (buffer_incoming, load_starved...)",
+    )
 
 
 def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
@@ -224,7 +276,16 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
     )
 
 
-async def _receive(settings: ReceiveSettings) -> SessionResult:
+@dataclass(frozen=True, slots=True)
+class DaemonOptions:
+    """What the daemon does around the session: status socket, readiness, progress."""
+
+    status_socket: str | None = None
+    ready_fd: int | None = None
+    progress_interval: float | None = 5.0
+
+
+async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
     session = Session(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -232,11 +293,55 @@ async def _receive(settings: ReceiveSettings) -> SessionResult:
         loop.add_signal_handler(
             signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
         )
+    run = asyncio.create_task(session.run(), name="session")
     try:
-        return await session.run()
+        async with contextlib.AsyncExitStack() as stack:
+            listening = asyncio.create_task(session.listening.wait())
+            await asyncio.wait([run, listening], return_when=asyncio.FIRST_COMPLETED)
+            if not listening.done():
+                listening.cancel()
+                return await run  # it failed before listening: raises why
+            if options.status_socket is not None:
+                server = status.StatusServer(session, options.status_socket)
+                try:
+                    await server.start()
+                except BaseException:
+                    run.cancel()  # the session discards its outputs
+                    await asyncio.gather(run, return_exceptions=True)
+                    raise
+                stack.push_async_callback(server.close)
+            _notify_ready(session, options)
+            if options.progress_interval is not None:
+                reporter = asyncio.create_task(
+                    status.report_progress(
+                        session,
+                        options.progress_interval,
+                        notify=bool(os.environ.get("NOTIFY_SOCKET")),
+                    ),
+                    name="progress",
+                )
+                stack.push_async_callback(_stop, reporter)
+            return await run
     finally:
+        if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+def _notify_ready(session: Session, options: DaemonOptions) -> None:
+    """The channel socket (and the status socket) accept connections: say so."""
+    if options.ready_fd is not None:
+        status.notify_ready_fd(options.ready_fd)
+    status.sd_notify(
+        f"READY=1\nSTATUS=waiting for {session.settings.channels} channel(s) on {session.address}"
+    )
 
 
 def run_loop(coro_factory: object) -> object:
@@ -270,40 +375,139 @@ def print_send_summary(result: SendResult, out: TextIO) -> None:
     )
 
 
+def _send(args: argparse.Namespace) -> SendResult:
+    devices = [SourceDevice.parse(text) for text in args.device]
+    with _send_progress(devices, args.progress_interval) as progress:
+        return send(
+            Address.parse(args.connect),
+            devices,
+            channels=args.channels,
+            uuid=parse_uuid(args.uuid),
+            chunk_size=args.chunk_size,
+            order=args.order,
+            seed=args.seed,
+            digest=Digest(args.digest),
+            connect_timeout=args.connect_timeout,
+            inject=args.inject,
+            progress=progress,
+        )
+
+
+SendProgress = Callable[[int, int], None]
+
+
+@contextlib.contextmanager
+def _send_progress(
+    devices: Sequence[SourceDevice], interval: float | None
+) -> Iterator[SendProgress | None]:
+    """A bar per device on a terminal, ``send_progress`` log lines otherwise."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        ) as bars:
+            tasks = [bars.add_task(str(d.key), total=d.size) for d in devices]
+            yield lambda device, nbytes: bars.advance(tasks[device], nbytes)
+        return
+    if interval is None:
+        yield None
+        return
+    sent = [0] * len(devices)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def count(device: int, nbytes: int) -> None:
+        with lock:
+            sent[device] += nbytes
+
+    def report() -> None:
+        last, last_time = 0, time.monotonic()
+        while not stop.wait(interval):
+            with lock:
+                per_device = list(sent)
+            total, now = sum(per_device), time.monotonic()
+            log.info(
+                "send_progress",
+                bytes=total,
+                mb_per_s=round((total - last) / 1e6 / (now - last_time), 1),
+                devices={
+                    str(d.key): f"{n}/{d.size}" for d, n in zip(devices, per_device, strict=True)
+                },
+            )
+            last, last_time = total, now
+
+    reporter = threading.Thread(target=report, name="send-progress", daemon=True)
+    reporter.start()
+    try:
+        yield count
+    finally:
+        stop.set()
+        reporter.join(timeout=1.0)
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        reply = status.query(args.socket, timeout=args.timeout)
+    except (OSError, ValueError) as error:
+        print(f"vfio-multifd: error: {args.socket}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    if "error" in reply:
+        print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(reply["return"], indent=2))
+    else:
+        print(status.format_table(reply["return"]))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.command == "status":
+        return _status(args)
     logconfig.configure(log_format=args.log_format, level=args.log_level)
     try:
         if args.command == "receive":
             settings = receive_settings(args)
-            result = run_loop(_receive(settings))
+            if args.ready_fd is not None:
+                status.check_ready_fd(args.ready_fd)
+            options = DaemonOptions(
+                status_socket=args.status_socket,
+                ready_fd=args.ready_fd,
+                progress_interval=args.progress_interval,
+            )
+            result = run_loop(_receive(settings, options))
             assert isinstance(result, SessionResult)
             print_receive_summary(result, sys.stdout)
         else:
-            sent = send(
-                Address.parse(args.connect),
-                [SourceDevice.parse(text) for text in args.device],
-                channels=args.channels,
-                uuid=parse_uuid(args.uuid),
-                chunk_size=args.chunk_size,
-                order=args.order,
-                seed=args.seed,
-                digest=Digest(args.digest),
-                connect_timeout=args.connect_timeout,
-                inject=args.inject,
-            )
-            print_send_summary(sent, sys.stdout)
+            print_send_summary(_send(args), sys.stdout)
         return EXIT_OK
     except UsageError as error:
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except Cancelled as error:
         print(f"vfio-multifd: {error}", file=sys.stderr)
-        return 128 + (error.signal_number or signal.SIGINT)
+        if error.signal_number is not None:
+            return 128 + error.signal_number
+        return EXIT_FAILED  # migrate_cancel: not a signal, and not complete
     except MultifdError as error:
         log.error("migration_failed", error=str(error), reason=error.reason.value)
         print(f"vfio-multifd: error: {error}", file=sys.stderr)

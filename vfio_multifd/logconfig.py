@@ -3,6 +3,11 @@
 JSON lines when stderr is not a terminal (a service's logs go to journald or
 a collector), a readable console renderer when it is. Loggers below the level
 are filtered at bind time, so a debug call on the hot path costs next to nothing.
+
+Event names follow QEMU's trace points where one exists (``load_thread_start``
+for ``vfio_load_bufs_thread_start``, ``buffer_incoming``, ``load_starved``...);
+context such as ``channel`` and ``device`` is bound as fields, never formatted
+into the event.
 """
 
 from __future__ import annotations
@@ -17,12 +22,39 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("auto", "json", "console")
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is at the time of each write.
+
+    A progress display (rich) swaps ``sys.stderr`` for a proxy that prints
+    above its bars; log lines written through this follow the swap instead
+    of tearing the display.
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
+def resolve_format(log_format: str, stream: TextIO) -> str:
+    """``auto`` is ``console`` on a terminal and ``json`` anywhere else."""
+    if log_format not in FORMATS:
+        raise ValueError(f"unknown log format {log_format!r} (one of {', '.join(FORMATS)})")
+    if log_format == "auto":
+        return "console" if stream.isatty() else "json"
+    return log_format
+
+
 def configure(
     *, log_format: str = "auto", level: str = "info", stream: TextIO | None = None
-) -> None:
-    stream = stream or sys.stderr
-    if log_format == "auto":
-        log_format = "console" if stream.isatty() else "json"
+) -> str:
+    """Configure structlog once, at start-up; returns the format chosen (json or console)."""
+    out: TextIO = stream if stream is not None else _Stderr()  # type: ignore[assignment]
+    log_format = resolve_format(log_format, out)
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -30,12 +62,14 @@ def configure(
     ]
     renderer: structlog.typing.Processor
     if log_format == "json":
+        shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    return log_format

@@ -342,7 +342,13 @@ def send(
     digest: Digest = Digest.XXH3_128,
     connect_timeout: float = 30.0,
     inject: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SendResult:
+    """Send ``devices`` over ``channels`` connections to ``address``.
+
+    ``progress(device_index, nbytes)`` is called after each data chunk is sent,
+    from the channel's own thread (so it must be thread-safe).
+    """
     if not 1 <= channels <= 256:
         raise UsageError(f"--channels must be 1..256, not {channels}")
     if chunk_size <= 0:
@@ -369,6 +375,8 @@ def send(
                             return total + send_all(sock, [prefix[: len(prefix) // 2]])
                         prefix, data = _corrupt(fault, prefix, data)
                     total += send_all(sock, [prefix, data])
+                    if progress is not None and d >= 0 and idx < states[d].chunks:
+                        progress(d, len(data))
                 return total
 
             return run
