@@ -53,26 +53,122 @@ def u32(value: int) -> bytes:
 
 # name -> (channel 0's packets after its handshake, reason, device named, idx named)
 PACKET_CASES: dict[str, tuple[Callable[[], bytes], Reason, str | None, int | None]] = {
-    "packet magic": (lambda: with_field(good(0), 0, u32(0x12345678)), Reason.PACKET_MAGIC, None, None),
+    "packet magic": (
+        lambda: with_field(good(0), 0, u32(0x12345678)),
+        Reason.PACKET_MAGIC,
+        None,
+        None,
+    ),
     "packet version": (lambda: with_field(good(0), 4, u32(2)), Reason.PACKET_VERSION, None, None),
-    "RAM packet": (lambda: with_field(good(0), 8, u32(0)) + bytes(400), Reason.PACKET_RAM, None, None),
+    "RAM packet": (
+        lambda: with_field(good(0), 8, u32(0)) + bytes(400),
+        Reason.PACKET_RAM,
+        None,
+        None,
+    ),
     "SYNC packet": (lambda: with_field(good(0), 8, u32(1)), Reason.PACKET_RAM, None, None),
-    "SYNC bit on device state": (lambda: with_field(good(0), 8, u32(0x41)), Reason.PACKET_SYNC, None, None),
-    "idstr not NUL-terminated": (lambda: with_field(good(0), 12, b"x" * 256), Reason.PACKET_IDSTR, None, None),
-    "next_packet_size zero": (lambda: with_field(good(0), 272, u32(0)), Reason.PACKET_SIZE, IDSTR, None),
-    "next_packet_size too big": (lambda: with_field(good(0), 272, u32(0xFFFFFFFF)), Reason.PACKET_SIZE, IDSTR, None),
-    "payload shorter than 12": (lambda: with_field(good(0), 272, u32(8))[:284], Reason.VFIO_SHORT, IDSTR, None),
+    "SYNC bit on device state": (
+        lambda: with_field(good(0), 8, u32(0x41)),
+        Reason.PACKET_SYNC,
+        None,
+        None,
+    ),
+    "idstr not NUL-terminated": (
+        lambda: with_field(good(0), 12, b"x" * 256),
+        Reason.PACKET_IDSTR,
+        None,
+        None,
+    ),
+    "next_packet_size zero": (
+        lambda: with_field(good(0), 272, u32(0)),
+        Reason.PACKET_SIZE,
+        IDSTR,
+        None,
+    ),
+    "next_packet_size too big": (
+        lambda: with_field(good(0), 272, u32(0xFFFFFFFF)),
+        Reason.PACKET_SIZE,
+        IDSTR,
+        None,
+    ),
+    "payload shorter than 12": (
+        lambda: with_field(good(0), 272, u32(8))[:284],
+        Reason.VFIO_SHORT,
+        IDSTR,
+        None,
+    ),
     "VFIO version": (lambda: with_field(good(0), 276, u32(1)), Reason.VFIO_VERSION, IDSTR, 0),
-    "idx 0xffffffff": (lambda: with_field(good(0), 280, u32(0xFFFFFFFF)), Reason.VFIO_INVALID_IDX, IDSTR, 0xFFFFFFFF),
-    "unknown device": (lambda: qs.device_packet("0000:99:00.0/vfio", 0, 0, b"x"), Reason.UNKNOWN_DEVICE, "0000:99:00.0/vfio", None),
-    "unknown instance": (lambda: qs.device_packet(IDSTR, 7, 0, b"x"), Reason.UNKNOWN_DEVICE, f"{IDSTR} instance 7", None),
-    "idx already filled": (lambda: good(1) + good(0) + good(1), Reason.VFIO_ALREADY_FILLED, IDSTR, 1),
-    "idx after the config packet": (lambda: CONFIG_PACKET + qs.device_packet(IDSTR, 0, len(CHUNKS) + 3, b"late"), Reason.VFIO_AFTER_CONFIG, IDSTR, len(CHUNKS) + 3),
-    "config packet before a higher idx": (lambda: qs.device_packet(IDSTR, 0, 9, b"x") + CONFIG_PACKET, Reason.VFIO_AFTER_CONFIG, IDSTR, 9),
-    "second config packet": (lambda: CONFIG_PACKET + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(b"2"), config=True), Reason.VFIO_ALREADY_FILLED, IDSTR, len(CHUNKS)),
-    "second config packet, other idx": (lambda: qs.device_packet(IDSTR, 0, 3, qs.config_blob(b"2"), config=True) + CONFIG_PACKET, Reason.VFIO_SECOND_CONFIG, IDSTR, len(CHUNKS)),
-    "config blob without DEV_CONFIG_STATE": (lambda: b"".join(good(i) for i in range(len(CHUNKS))) + qs.device_packet(IDSTR, 0, len(CHUNKS), bytes(8) + CFG + qs.config_blob(b"")[8:], config=True), Reason.VFIO_CONFIG_BLOB, IDSTR, len(CHUNKS)),
-    "config blob without END_OF_STATE": (lambda: b"".join(good(i) for i in range(len(CHUNKS))) + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(CFG)[:-8], config=True), Reason.VFIO_CONFIG_BLOB, IDSTR, len(CHUNKS)),
+    "idx 0xffffffff": (
+        lambda: with_field(good(0), 280, u32(0xFFFFFFFF)),
+        Reason.VFIO_INVALID_IDX,
+        IDSTR,
+        0xFFFFFFFF,
+    ),
+    "unknown device": (
+        lambda: qs.device_packet("0000:99:00.0/vfio", 0, 0, b"x"),
+        Reason.UNKNOWN_DEVICE,
+        "0000:99:00.0/vfio",
+        None,
+    ),
+    "unknown instance": (
+        lambda: qs.device_packet(IDSTR, 7, 0, b"x"),
+        Reason.UNKNOWN_DEVICE,
+        f"{IDSTR} instance 7",
+        None,
+    ),
+    "idx already filled": (
+        lambda: good(1) + good(0) + good(1),
+        Reason.VFIO_ALREADY_FILLED,
+        IDSTR,
+        1,
+    ),
+    "idx after the config packet": (
+        lambda: CONFIG_PACKET + qs.device_packet(IDSTR, 0, len(CHUNKS) + 3, b"late"),
+        Reason.VFIO_AFTER_CONFIG,
+        IDSTR,
+        len(CHUNKS) + 3,
+    ),
+    "config packet before a higher idx": (
+        lambda: qs.device_packet(IDSTR, 0, 9, b"x") + CONFIG_PACKET,
+        Reason.VFIO_AFTER_CONFIG,
+        IDSTR,
+        9,
+    ),
+    "second config packet": (
+        lambda: (
+            CONFIG_PACKET
+            + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(b"2"), config=True)
+        ),
+        Reason.VFIO_ALREADY_FILLED,
+        IDSTR,
+        len(CHUNKS),
+    ),
+    "second config packet, other idx": (
+        lambda: qs.device_packet(IDSTR, 0, 3, qs.config_blob(b"2"), config=True) + CONFIG_PACKET,
+        Reason.VFIO_SECOND_CONFIG,
+        IDSTR,
+        len(CHUNKS),
+    ),
+    "config blob without DEV_CONFIG_STATE": (
+        lambda: (
+            b"".join(good(i) for i in range(len(CHUNKS)))
+            + qs.device_packet(
+                IDSTR, 0, len(CHUNKS), bytes(8) + CFG + qs.config_blob(b"")[8:], config=True
+            )
+        ),
+        Reason.VFIO_CONFIG_BLOB,
+        IDSTR,
+        len(CHUNKS),
+    ),
+    "config blob without END_OF_STATE": (
+        lambda: (
+            b"".join(good(i) for i in range(len(CHUNKS)))
+            + qs.device_packet(IDSTR, 0, len(CHUNKS), qs.config_blob(CFG)[:-8], config=True)
+        ),
+        Reason.VFIO_CONFIG_BLOB,
+        IDSTR,
+        len(CHUNKS),
+    ),
     "stream closed inside a header": (lambda: good(0)[:100], Reason.PACKET_TRUNCATED, None, None),
     "stream closed inside a payload": (lambda: good(0)[:-10], Reason.PACKET_TRUNCATED, IDSTR, 0),
 }
@@ -85,7 +181,9 @@ def send_raw(address: str, streams: list[bytes]) -> None:
 
 
 @pytest.mark.parametrize("case", sorted(PACKET_CASES))
-async def test_packet_error_fails_the_migration_and_leaves_nothing(tmp_path: Path, case: str) -> None:
+async def test_packet_error_fails_the_migration_and_leaves_nothing(
+    tmp_path: Path, case: str
+) -> None:
     build, reason, device, idx = PACKET_CASES[case]
     config = settings(tmp_path, A, channels=1, max_packet_size=64 * 1024)
     config.devices[0].data_path.write_bytes(b"previous run")
@@ -195,7 +293,9 @@ async def test_all_channels_closed_names_the_missing_indices(tmp_path: Path) -> 
     config = settings(tmp_path, A, channels=2)
     running = await start(config)
     await asyncio.to_thread(
-        qs.send_streams, running.address, [qs.handshake(0) + packets[0], qs.handshake(1) + packets[1]]
+        qs.send_streams,
+        running.address,
+        [qs.handshake(0) + packets[0], qs.handshake(1) + packets[1]],
     )
     with pytest.raises(SessionError) as caught:
         await running.result()
@@ -226,7 +326,9 @@ async def test_accept_timeout_names_the_missing_channels(tmp_path: Path) -> None
         with pytest.raises(SessionError) as caught:
             await running.result(timeout=10)
     assert caught.value.reason is Reason.ACCEPT_TIMEOUT
-    assert "only 1 of 3 channels" in str(caught.value) and "missing channel ids 0, 2" in str(caught.value)
+    assert "only 1 of 3 channels" in str(caught.value) and "missing channel ids 0, 2" in str(
+        caught.value
+    )
 
 
 async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
@@ -290,5 +392,45 @@ def test_error_hierarchy_is_split_by_fault() -> None:
     assert issubclass(ProtocolError, MultifdError)
     assert not issubclass(DeviceIOError, ProtocolError)
     assert issubclass(Cancelled, SessionError)
-    error = ProtocolError(Reason.VFIO_ALREADY_FILLED, "state buffer 7 already filled", device=IDSTR_B, idx=7)
-    assert str(error.with_context(channel=1)) == f"channel 1: device {IDSTR_B}: state buffer 7 already filled"
+    error = ProtocolError(
+        Reason.VFIO_ALREADY_FILLED, "state buffer 7 already filled", device=IDSTR_B, idx=7
+    )
+    assert (
+        str(error.with_context(channel=1))
+        == f"channel 1: device {IDSTR_B}: state buffer 7 already filled"
+    )
+
+
+async def test_cancel_before_run_is_not_lost(tmp_path: Path) -> None:
+    from vfio_multifd import Session
+
+    session = Session(settings(tmp_path, A, channels=1))
+    session.cancel("changed my mind")
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(session.run(), 10)
+    assert session.status.value == "cancelled"
+    assert final_files(tmp_path) == []
+
+
+async def test_cancel_after_completion_is_ignored(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    await asyncio.to_thread(qs.send_streams, running.address, all_good_streams())
+    await running.result()
+    running.session.cancel("too late")
+    assert running.session.status.value == "completed"
+    assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+async def test_unix_path_of_a_live_daemon_is_not_taken_over(tmp_path: Path) -> None:
+    from vfio_multifd import UsageError
+
+    path = str(tmp_path / "mig.sock")
+    first = await start(settings(tmp_path, A, channels=1, listen=Address("unix", path=path)))
+    second_dir = tmp_path / "second"
+    second_dir.mkdir()
+    with pytest.raises(UsageError, match="another process is listening"):
+        await start(settings(second_dir, A, channels=1, listen=Address("unix", path=path)))
+    await asyncio.to_thread(qs.send_streams, first.address, all_good_streams(1))
+    await first.result()
+    assert final_files(second_dir) == []

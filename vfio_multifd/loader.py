@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +84,8 @@ class DeviceLoader:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
         self.times = LoadTimes()
         self.log = log.bind(device=str(device.key))
+        enabled = getattr(self.log, "is_enabled_for", None)  # filtering loggers have it
+        self._debug = bool(enabled(logging.DEBUG)) if enabled is not None else False
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +130,12 @@ class DeviceLoader:
         """
         future = loop.run_in_executor(self.executor, self._write_batch, chunks)
         self._in_flight.add(future)
+        if self._debug:  # QEMU's vfio_load_state_device_buffer_load_start/_end
+            first, last = chunks[0].idx, chunks[-1].idx
+            self.log.debug("load_start", first_idx=first, last_idx=last, chunks=len(chunks))
+            future.add_done_callback(
+                lambda _: self.log.debug("load_end", first_idx=first, last_idx=last)
+            )
 
         def written(done: asyncio.Future[None]) -> None:
             self._in_flight.discard(done)

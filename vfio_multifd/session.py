@@ -14,6 +14,8 @@ import enum
 import errno as errno_module
 import logging
 import os
+import socket
+import stat
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -143,6 +145,9 @@ class Session:
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self.paused_seconds = 0.0
         self._failed: asyncio.Future[MultifdError] | None = None
+        self._pending_error: MultifdError | None = None
+        self._committing = False
+        self._owns_unix_path = False
         self._readers: set[asyncio.Task[None]] = set()
         self._spill_executor = ThreadPoolExecutor(1, thread_name_prefix="spill")
         self.log = log
@@ -158,6 +163,8 @@ class Session:
         """Receive the whole migration. Raises a :class:`MultifdError` on failure."""
         loop = asyncio.get_running_loop()
         self._failed = loop.create_future()
+        if self._pending_error is not None:  # cancelled or failed before run()
+            self._failed.set_result(self._pending_error)
         try:
             return await self._run(loop)
         except asyncio.CancelledError:
@@ -198,6 +205,8 @@ class Session:
             loaded.result()  # a loader's own error (config blob, write failure)
             await self._close(server, tasks)
             server = None
+            # Every device is complete: from here on the outcome is success.
+            self._committing = True
             for loader in self.loaders.values():
                 await loader.commit()
             self._set_status(SessionStatus.COMPLETED)
@@ -213,7 +222,7 @@ class Session:
             self._spill_executor.shutdown(wait=True, cancel_futures=True)
             if self.spill is not None:
                 self.spill.close()
-            if settings.listen.kind == "unix":
+            if self._owns_unix_path:  # never another daemon's socket
                 with contextlib.suppress(OSError):
                     os.unlink(settings.listen.path)
 
@@ -227,7 +236,9 @@ class Session:
 
         try:
             if listen.kind == "unix":
+                _claim_unix_path(listen.path)
                 server = await loop.create_unix_server(factory, listen.path)
+                self._owns_unix_path = True
                 self.address = listen
             else:
                 server = await loop.create_server(
@@ -267,8 +278,18 @@ class Session:
 
     def fail(self, error: MultifdError) -> None:
         """Report an error that ends the migration (the first one wins)."""
-        if self._failed is not None and not self._failed.done():
+        if self._committing or self.error is not None:
+            return
+        if self._failed is None:
+            self._pending_error = self._pending_error or error
+        elif not self._failed.done():
             self._failed.set_result(error)
+        else:
+            return
+        # Show it at once (status socket), not only once the abort is done.
+        if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            cancelled = isinstance(error, Cancelled)
+            self._set_status(SessionStatus.CANCELLING if cancelled else SessionStatus.FAILED)
 
     def _writer_failed(self, error: BaseException) -> None:
         if isinstance(error, MultifdError):
@@ -277,8 +298,10 @@ class Session:
             self.fail(SessionError(Reason.DEVICE_WRITE, f"writer failed: {error!r}"))
 
     def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
-        if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
-            self._set_status(SessionStatus.CANCELLING)
+        """Stop the migration; too late once every device is complete (then it is ignored)."""
+        if self._committing or self.status not in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            self.log.info("cancel_ignored", status=self.status.value, why=why)
+            return
         self.fail(Cancelled(why, signal_number=signal_number))
 
     def _set_status(self, status: SessionStatus) -> None:
@@ -608,6 +631,28 @@ class Session:
 
 
 _FINAL = (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
+
+
+def _claim_unix_path(path: str) -> None:
+    """Remove a stale socket at ``path``; refuse a live one or any other file.
+
+    asyncio would silently unlink a socket that another daemon is serving.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(f"cannot listen on unix:{path}: the path exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: stale
+        return
+    finally:
+        probe.close()
+    raise UsageError(f"cannot listen on unix:{path}: another process is listening there")
 
 
 def _spill_error(error: OSError, directory: Path, device: DeviceKey) -> DeviceIOError:
