@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import functools
+import gc
 import json
 import os
 import signal
@@ -26,6 +27,7 @@ import structlog
 
 from . import logconfig, status
 from .config import (
+    DEFAULT_MAX_QUEUED_BYTES,
     Address,
     DeviceSpec,
     Digest,
@@ -109,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     rx.add_argument(
         "--max-queued-bytes",
         type=_size,
-        default=None,
+        default=DEFAULT_MAX_QUEUED_BYTES,
         metavar="SIZE",
-        help="bound on chunk bytes held in memory (default: no bound)",
+        help="bound on chunk bytes held in memory, all devices together "
+        "(default 64M; 0: no bound)",
     )
     rx.add_argument(
         "--on-queue-full",
@@ -265,7 +268,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         channels=args.channels,
         uuid=parse_uuid(args.uuid),
         max_packet_size=args.max_packet_size,
-        max_queued_bytes=args.max_queued_bytes,
+        max_queued_bytes=args.max_queued_bytes or None,
         on_queue_full=QueueFullPolicy(args.on_queue_full),
         spill_dir=Path(args.spill_dir) if args.spill_dir else None,
         accept_timeout=args.accept_timeout,
@@ -287,6 +290,9 @@ class DaemonOptions:
 
 async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
     session = Session(settings)
+    # Everything allocated so far lives for the whole run: keep the collector
+    # from walking it again and again while packets stream through.
+    gc.freeze()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         name = signal.Signals(signum).name

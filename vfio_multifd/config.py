@@ -108,6 +108,13 @@ class DeviceSpec:
         return cls(key, Path(data), Path(config))
 
 
+#: The CLI's default --max-queued-bytes. Bounded by default: a daemon's memory
+#: should not depend on the order a source happens to send in, and a bounded
+#: queue keeps buffers recycled and the completion lag short when the disk is
+#: slower than the network.
+DEFAULT_MAX_QUEUED_BYTES = 64 << 20
+
+
 class QueueFullPolicy(enum.StrEnum):
     SPILL = "spill"  # ours: stay under the bound, never fail, never deadlock
     FAIL = "fail"  # QEMU's x-migration-max-queued-buffers-size
@@ -125,7 +132,7 @@ class ReceiveSettings:
     channels: int = 2
     uuid: bytes = bytes(16)
     max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
-    max_queued_bytes: int | None = None
+    max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES  # None: no bound
     on_queue_full: QueueFullPolicy = QueueFullPolicy.SPILL
     spill_dir: Path | None = None  # None: beside the first data file
     accept_timeout: float | None = None
