@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from cli_helpers import Daemon
 
 _loop_errors: list[dict[str, Any]] = []
 
@@ -47,3 +50,19 @@ def no_unhandled_loop_errors() -> Iterator[None]:
     errors = list(_loop_errors)
     _loop_errors.clear()
     assert not errors, f"the event loop's exception handler was called: {errors}"
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Daemons started by a test; killed afterwards if still running."""
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short directory: a unix socket path must fit in 108 bytes."""
+    with tempfile.TemporaryDirectory(prefix="vfio-t-") as directory:
+        yield Path(directory)

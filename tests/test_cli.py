@@ -7,158 +7,21 @@ bounded.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import select
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import qemu_source as qs
 import xxhash
+from cli_helpers import TRACEBACK, Daemon, digests, part_files, partial_stream, run, wait_for
 from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.status import query
-
-TOOL = [sys.executable, "-m", "vfio_multifd"]
-TRACEBACK = "Traceback (most recent call last)"
-
-
-class Daemon:
-    """``vfio-multifd receive`` in a subprocess, listening and ready."""
-
-    def __init__(
-        self,
-        workdir: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        ready_timeout: float = 20.0,
-    ) -> None:
-        self.stderr_path = workdir / "daemon.stderr"
-        read_end, write_end = os.pipe()
-        with open(self.stderr_path, "w") as stderr:
-            self.proc = subprocess.Popen(
-                [
-                    *TOOL,
-                    "receive",
-                    "--listen",
-                    "tcp:127.0.0.1:0",
-                    "--ready-fd",
-                    str(write_end),
-                    "--log-format",
-                    "json",
-                    "--no-fsync",
-                    *args,
-                ],
-                stdout=subprocess.PIPE,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                pass_fds=(write_end,),
-                env=env,
-                text=True,
-            )
-        os.close(write_end)
-        try:
-            readable, _, _ = select.select([read_end], [], [], ready_timeout)
-            self.ready_byte = os.read(read_end, 16) if readable else None
-        finally:
-            os.close(read_end)
-        if not self.ready_byte:
-            self.proc.kill()
-            self.proc.wait(5)
-            raise AssertionError(f"daemon not ready: {self.stderr()}")
-        self.address = next(
-            str(event["address"]) for event in self.events() if event["event"] == "listening"
-        )
-
-    def events(self) -> list[dict[str, object]]:
-        """The JSON log lines so far."""
-        events = []
-        text = self.stderr()
-        for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines only
-            if line.startswith("{"):
-                events.append(json.loads(line))
-        return events
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
-        """Exit code, stdout and stderr once the daemon exits."""
-        out, _ = self.proc.communicate(timeout=timeout)
-        return self.proc.returncode, out, self.stderr()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons started by a test; killed afterwards if still running."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short directory: a unix socket path must fit in 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="vfio-cli-") as directory:
-        yield Path(directory)
-
-
-def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TOOL, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def digests(summary: str) -> dict[str, str]:
-    return dict(re.findall(r"^device (\S+): .*?(xxh3-128:[0-9a-f]{32})", summary, re.MULTILINE))
-
-
-def partial_stream(
-    address: str, *, channels: int, chunks: int, chunk_size: int
-) -> list[socket.socket]:
-    """Open every channel and send ``chunks`` data chunks of IDSTR, never the rest."""
-    host, _, port = address.removeprefix("tcp:").rpartition(":")
-    socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(channels)]
-    for n, sock in enumerate(socks):
-        sock.sendall(qs.handshake(n))
-    data = random_bytes(chunk_size, 5)
-    for idx in range(chunks):
-        socks[0].sendall(qs.device_packet(IDSTR, 0, idx, data))
-    return socks
-
-
-def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
-def part_files(directory: Path) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
-
 
 # -- end to end ------------------------------------------------------------------
 
@@ -212,6 +75,47 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
 
 
 # -- usage errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["round-robin", "reverse", "random"])
+def test_cli_daemon_with_the_independent_source(
+    tmp_path: Path, daemons: list[Daemon], order: str
+) -> None:
+    """`vfio-multifd receive` driven by tests/qemu_source.py (written from PROTOCOL.md alone)."""
+    out, sent_dir = tmp_path / "out", tmp_path / "sent"
+    out.mkdir()
+    devices = [(IDSTR, 0, 300_000), (IDSTR_B, 0, 200_001), (IDSTR, 1, 65_536)]
+    args = ["--channels", "4"]
+    for n, (idstr, instance, _) in enumerate(devices):
+        args += ["--device", f"idstr={idstr},instance={instance},data={out / f'{n}.bin'}"]
+    daemon = Daemon(tmp_path, *args)
+    daemons.append(daemon)
+    source = [
+        sys.executable,
+        str(Path(qs.__file__)),
+        "--connect",
+        daemon.address,
+        "--channels",
+        "4",
+        "--order",
+        order,
+        "--seed",
+        "3",
+        "--chunk-size",
+        "65536",
+        "--out-dir",
+        str(sent_dir),
+    ]
+    for idstr, instance, size in devices:
+        source += ["--device", f"{idstr},{instance},{size}"]
+    sent = subprocess.run(source, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    for n in range(len(devices)):
+        assert (out / f"{n}.bin").read_bytes() == (sent_dir / f"{n}.bin").read_bytes()
+        config = (sent_dir / f"{n}.config.bin").read_bytes()
+        assert (out / f"{n}.bin.config").read_bytes() == qs.config_blob(config)
 
 
 @pytest.mark.parametrize(

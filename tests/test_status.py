@@ -15,7 +15,6 @@ import select
 import signal
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from typing import Any
 import pytest
 import qemu_source as qs
 import structlog
+from cli_helpers import TOOL, TRACEBACK, Daemon, part_files, partial_stream, run, wait_for
 from helpers import IDSTR, IDSTR_B, final_files, settings, start
-from test_cli import TOOL, TRACEBACK, Daemon, part_files, partial_stream, run, wait_for
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
 from vfio_multifd.sender import SourceDevice, send
@@ -35,21 +34,6 @@ from vfio_multifd.status import StatusServer, query, query_migrate, sd_notify
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 Reply = dict[str, Any]
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory: a unix socket path must fit in 108 bytes."""
-    with tempfile.TemporaryDirectory(prefix="vfio-st-") as directory:
-        yield Path(directory)
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        daemon.kill()
 
 
 @pytest.fixture
@@ -103,12 +87,12 @@ async def query_migrate_over(path: Path) -> Reply:
 
 
 async def test_status_fields_move_during_a_transfer_then_completed(
-    tmp_path: Path, sock_dir: Path
+    tmp_path: Path, short_dir: Path
 ) -> None:
     sizes = (4 << 20, (2 << 20) + 1000)
     config = settings(tmp_path, A, B, channels=3)
     running = await start(config)
-    path = sock_dir / "status.sock"
+    path = short_dir / "status.sock"
     counted = [0]
     sent_by: dict[int, int] = {}  # packets per channel thread
     lock = threading.Lock()
@@ -199,9 +183,9 @@ async def test_status_fields_move_during_a_transfer_then_completed(
     assert sum(c["packets"] for c in after["channels"]) == sum(chunks) + 2
 
 
-async def test_qmp_conversation(tmp_path: Path, sock_dir: Path) -> None:
+async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
     running = await start(settings(tmp_path, A, channels=1))
-    path = sock_dir / "status.sock"
+    path = short_dir / "status.sock"
     try:
         async with StatusServer(running.session, path):
             assert path.stat().st_mode & 0o777 == 0o600
@@ -244,10 +228,10 @@ async def test_qmp_conversation(tmp_path: Path, sock_dir: Path) -> None:
             await running.result()
 
 
-async def test_migrate_cancel_in_process(tmp_path: Path, sock_dir: Path) -> None:
+async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> None:
     config = settings(tmp_path, A, channels=2)
     running = await start(config)
-    path = sock_dir / "status.sock"
+    path = short_dir / "status.sock"
     async with StatusServer(running.session, path):
         socks = await asyncio.to_thread(
             partial_stream, running.address, channels=2, chunks=2, chunk_size=4096
@@ -272,9 +256,9 @@ async def test_migrate_cancel_in_process(tmp_path: Path, sock_dir: Path) -> None
     assert final_files(tmp_path) == []
 
 
-async def test_failed_status_has_error_desc(tmp_path: Path, sock_dir: Path) -> None:
+async def test_failed_status_has_error_desc(tmp_path: Path, short_dir: Path) -> None:
     running = await start(settings(tmp_path, A, channels=1))
-    path = sock_dir / "status.sock"
+    path = short_dir / "status.sock"
     packet = qs.device_packet(IDSTR, 0, 0, b"x" * 100)
     stream = qs.handshake(0) + packet + packet
     async with StatusServer(running.session, path):
@@ -287,20 +271,20 @@ async def test_failed_status_has_error_desc(tmp_path: Path, sock_dir: Path) -> N
     assert info["channels"][0]["state"] == "failed"
 
 
-async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, sock_dir: Path) -> None:
+async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, short_dir: Path) -> None:
     running = await start(settings(tmp_path, A, channels=1))
     try:
-        stale = sock_dir / "stale.sock"
+        stale = short_dir / "stale.sock"
         with socket.socket(socket.AF_UNIX) as old:
             old.bind(str(stale))  # left behind, as by a killed daemon
         async with StatusServer(running.session, stale):
             assert (await query_migrate_over(stale))["status"] == "setup"
         # A live socket is someone else's: not taken over.
-        async with StatusServer(running.session, sock_dir / "live.sock"):
+        async with StatusServer(running.session, short_dir / "live.sock"):
             with pytest.raises(UsageError, match="another process is listening"):
-                await StatusServer(running.session, sock_dir / "live.sock").start()
-            assert (await query_migrate_over(sock_dir / "live.sock"))["status"] == "setup"
-        regular = sock_dir / "regular"
+                await StatusServer(running.session, short_dir / "live.sock").start()
+            assert (await query_migrate_over(short_dir / "live.sock"))["status"] == "setup"
+        regular = short_dir / "regular"
         regular.write_text("mine")
         with pytest.raises(UsageError, match="cannot listen on --status-socket"):
             await StatusServer(running.session, regular).start()
@@ -327,11 +311,11 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
 
 
 def test_cli_status_table_json_and_cancel(
-    tmp_path: Path, sock_dir: Path, daemons: list[Daemon]
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
 ) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    path = sock_dir / "status.sock"
+    path = short_dir / "status.sock"
     daemon = Daemon(
         tmp_path,
         "--channels",
@@ -454,11 +438,11 @@ def test_ready_fd_gets_one_newline_then_eof_and_the_port_accepts(
             proc.wait(5)
 
 
-def test_sd_notify_path_and_abstract_sockets(sock_dir: Path) -> None:
+def test_sd_notify_path_and_abstract_sockets(short_dir: Path) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
-        listener.bind(str(sock_dir / "notify"))
+        listener.bind(str(short_dir / "notify"))
         listener.settimeout(5)
-        assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(sock_dir / "notify")})
+        assert sd_notify("READY=1", {"NOTIFY_SOCKET": str(short_dir / "notify")})
         assert listener.recv(4096) == b"READY=1"
     name = f"vfio-multifd-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
@@ -467,11 +451,11 @@ def test_sd_notify_path_and_abstract_sockets(sock_dir: Path) -> None:
         assert sd_notify("READY=1", {"NOTIFY_SOCKET": "@" + name})
         assert listener.recv(4096) == b"READY=1"
     assert not sd_notify("READY=1", {})
-    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(sock_dir / "nobody-listens")})
+    assert not sd_notify("READY=1", {"NOTIFY_SOCKET": str(short_dir / "nobody-listens")})
 
 
 def test_daemon_notifies_systemd_when_ready(
-    tmp_path: Path, sock_dir: Path, daemons: list[Daemon]
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
 ) -> None:
     name = f"vfio-multifd-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
@@ -491,18 +475,18 @@ def test_daemon_notifies_systemd_when_ready(
 
 
 def test_a_notify_socket_that_never_reads_does_not_stall_the_daemon(
-    tmp_path: Path, sock_dir: Path, daemons: list[Daemon]
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
 ) -> None:
     """sd_notify never blocks: a full datagram queue loses STATUS= lines, not the loop."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as deaf:
-        deaf.bind(str(sock_dir / "notify"))  # bound, never read: its queue fills
+        deaf.bind(str(short_dir / "notify"))  # bound, never read: its queue fills
         daemon = Daemon(
             tmp_path,
             "--progress-interval",
             "0.01",
             "--device",
             f"idstr={IDSTR},data={tmp_path / 'a.bin'}",
-            env={**os.environ, "NOTIFY_SOCKET": str(sock_dir / "notify")},
+            env={**os.environ, "NOTIFY_SOCKET": str(short_dir / "notify")},
         )
         daemons.append(daemon)
         socks = partial_stream(daemon.address, channels=2, chunks=1, chunk_size=4096)

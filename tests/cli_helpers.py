@@ -1,0 +1,133 @@
+"""Helpers for tests that run the command line as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import qemu_source as qs
+from helpers import IDSTR, random_bytes
+
+TOOL = [sys.executable, "-m", "vfio_multifd"]
+TRACEBACK = "Traceback (most recent call last)"
+
+
+class Daemon:
+    """``vfio-multifd receive`` in a subprocess, listening and ready."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        ready_timeout: float = 20.0,
+    ) -> None:
+        self.stderr_path = workdir / "daemon.stderr"
+        read_end, write_end = os.pipe()
+        with open(self.stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [
+                    *TOOL,
+                    "receive",
+                    "--listen",
+                    "tcp:127.0.0.1:0",
+                    "--ready-fd",
+                    str(write_end),
+                    "--log-format",
+                    "json",
+                    "--no-fsync",
+                    *args,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                pass_fds=(write_end,),
+                env=env,
+                text=True,
+            )
+        os.close(write_end)
+        try:
+            readable, _, _ = select.select([read_end], [], [], ready_timeout)
+            self.ready_byte = os.read(read_end, 16) if readable else None
+        finally:
+            os.close(read_end)
+        if not self.ready_byte:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(f"daemon not ready: {self.stderr()}")
+        self.address = next(
+            str(event["address"]) for event in self.events() if event["event"] == "listening"
+        )
+
+    def events(self) -> list[dict[str, object]]:
+        """The JSON log lines so far."""
+        events = []
+        text = self.stderr()
+        for line in text[: text.rfind("\n") + 1].splitlines():  # whole lines only
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return events
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def finish(self, timeout: float = 30.0) -> tuple[int, str, str]:
+        """Exit code, stdout and stderr once the daemon exits."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, self.stderr()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TOOL, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def digests(summary: str) -> dict[str, str]:
+    return dict(re.findall(r"^device (\S+): .*?(xxh3-128:[0-9a-f]{32})", summary, re.MULTILINE))
+
+
+def partial_stream(
+    address: str, *, channels: int, chunks: int, chunk_size: int
+) -> list[socket.socket]:
+    """Open every channel and send ``chunks`` data chunks of IDSTR, never the rest."""
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(channels)]
+    for n, sock in enumerate(socks):
+        sock.sendall(qs.handshake(n))
+    data = random_bytes(chunk_size, 5)
+    for idx in range(chunks):
+        socks[0].sendall(qs.device_packet(IDSTR, 0, idx, data))
+    return socks
+
+
+def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") -> None:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def part_files(directory: Path) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
