@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 CHUNK = 1 << 20
 #: Packets per ``sendmsg`` call of the replay sender (2 buffers each).
@@ -307,6 +307,61 @@ def _timestamp(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
+class _Driven(NamedTuple):
+    """What one receiver run left behind, for its caller to judge."""
+
+    stdout: _LineReader
+    stderr: _LineReader
+    usage: Usage
+    times: ReplayTimes | None  # None: the replay never ran to its end
+    error: str  # the start-up or replay failure, else the channels' errors
+    fired: bool  # the watchdog killed the receiver
+
+
+def _drive(
+    cmd: list[str],
+    workload: Workload,
+    name: str,
+    *,
+    ready: Callable[[_LineReader, _LineReader], bool],
+    port: Callable[[_LineReader, _LineReader], int],
+    stdout_match: Callable[[str], bool] | None = None,
+    stderr_match: Callable[[str], bool] | None = None,
+) -> _Driven:
+    """Start the receiver ``cmd``, wait until ``ready(stdout, stderr)`` says it listens,
+    replay ``workload`` to ``port(stdout, stderr)`` and reap it (``wait4``).
+
+    A receiver that does not start, or a replay that fails with ``OSError`` or
+    ``RuntimeError``, gets SIGTERM; one that outlives ``RUN_TIMEOUT`` gets SIGKILL."""
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout = _LineReader(proc.stdout, stdout_match)
+    stderr = _LineReader(proc.stderr, stderr_match)
+    watchdog = _Watchdog(proc, RUN_TIMEOUT)
+    times: ReplayTimes | None = None
+    error = ""
+    try:
+        if not ready(stdout, stderr):
+            raise RuntimeError(f"the {name} did not start listening within 30 s")
+        times = replay(port(stdout, stderr), workload)
+    except (OSError, RuntimeError) as exc:
+        error = str(exc)
+        with contextlib.suppress(OSError):
+            os.kill(proc.pid, signal.SIGTERM)
+    usage = _wait4(proc)
+    watchdog.disarm()
+    stdout.join(10)
+    stderr.join(10)
+    if times is not None and times.errors:
+        error = "; ".join(times.errors)
+    return _Driven(stdout, stderr, usage, times, error, watchdog.fired)
+
+
 def daemon_command(workload: Workload, sink: str, out_dir: Path) -> list[str]:
     script = Path(sys.executable).with_name("vfio-multifd")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vfio_multifd"]
@@ -369,35 +424,17 @@ _DEVICE_LINE = re.compile(
 def run_daemon(
     workload: Workload, sink: str, out_dir: Path, idle_cpu: float, expected: list[str]
 ) -> RunResult:
-    proc = subprocess.Popen(
+    stdout, stderr, usage, times, error, fired = _drive(
         daemon_command(workload, sink, out_dir),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        workload,
+        "daemon",
+        ready=lambda _out, err: err.matched.wait(30),
+        port=lambda _out, err: _daemon_port(err),
+        stderr_match=_is_listening,
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    stdout = _LineReader(proc.stdout)
-    stderr = _LineReader(proc.stderr, _is_listening)
-    watchdog = _Watchdog(proc, RUN_TIMEOUT)
-    times: ReplayTimes | None = None
-    error = ""
-    try:
-        if not stderr.matched.wait(30):
-            raise RuntimeError("the daemon did not start listening within 30 s")
-        times = replay(_daemon_port(stderr), workload)
-    except (OSError, RuntimeError) as exc:
-        error = str(exc)
-        with contextlib.suppress(OSError):
-            os.kill(proc.pid, signal.SIGTERM)
-    usage = _wait4(proc)
-    watchdog.disarm()
-    stdout.join(10)
-    stderr.join(10)
     result = RunResult("daemon", ok=False, cpu=usage.cpu, maxrss=usage.maxrss)
     events = _json_lines(stderr)
-    if times is not None and times.errors:
-        error = "; ".join(times.errors)
-    if usage.exit_code != 0 or watchdog.fired or error or times is None:
+    if usage.exit_code != 0 or fired or error or times is None:
         tail = " | ".join(line for _, line in stderr.lines[-3:])
         result.error = error or f"daemon exited with {usage.exit_code}: {tail}"
         return result
@@ -477,33 +514,15 @@ def run_baseline(
 ) -> RunResult:
     if sink == "file" and prealloc:
         preallocate_baseline_files(workload, out_dir)
-    proc = subprocess.Popen(
+    stdout, stderr, usage, times, error, _ = _drive(
         _baseline_command(workload, sink, out_dir),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        workload,
+        "baseline receiver",
+        ready=lambda out, _err: out.matched.wait(30) and bool(out.lines),
+        port=lambda out, _err: int(out.lines[0][1].split()[1]),
+        stdout_match=lambda line: line.startswith("port "),
     )
-    assert proc.stdout is not None and proc.stderr is not None
-    stdout = _LineReader(proc.stdout, lambda line: line.startswith("port "))
-    stderr = _LineReader(proc.stderr)
-    watchdog = _Watchdog(proc, RUN_TIMEOUT)
-    times: ReplayTimes | None = None
-    error = ""
-    try:
-        if not stdout.matched.wait(30) or not stdout.lines:
-            raise RuntimeError("the baseline receiver did not start listening within 30 s")
-        times = replay(int(stdout.lines[0][1].split()[1]), workload)
-    except (OSError, RuntimeError) as exc:
-        error = str(exc)
-        with contextlib.suppress(OSError):
-            os.kill(proc.pid, signal.SIGTERM)
-    usage = _wait4(proc)
-    watchdog.disarm()
-    stdout.join(10)
-    stderr.join(10)
     result = RunResult("baseline", ok=False, cpu=usage.cpu, maxrss=usage.maxrss)
-    if times is not None and times.errors:
-        error = "; ".join(times.errors)
     report = None
     for _, line in stdout.lines:
         if line.startswith("{"):
