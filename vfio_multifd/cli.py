@@ -360,7 +360,9 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
     for d in result.devices:
         print(
             f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
-            f"config {d.config_bytes} bytes, {d.digest} -> {d.data_path}",
+            f"config {d.config_bytes} bytes, {d.seconds:.3f} s "
+            f"({d.bytes / 1e6 / d.seconds if d.seconds > 0 else 0.0:.1f} MB/s), "
+            f"{d.digest} -> {d.data_path}",
             file=out,
         )
     print(
