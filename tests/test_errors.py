@@ -33,6 +33,7 @@ from vfio_multifd import (
 )
 
 A = DeviceKey(IDSTR, 0)
+IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
 DATA = random_bytes(5 * 4096 + 7, 1)
 CFG = b"config bytes"
 CHUNKS = qs.device_chunks(DATA, 4096)
@@ -105,16 +106,16 @@ PACKET_CASES: dict[str, tuple[Callable[[], bytes], Reason, str | None, int | Non
         0xFFFFFFFF,
     ),
     "unknown device": (
-        lambda: qs.device_packet("0000:99:00.0/vfio", 0, 0, b"x"),
+        lambda: qs.device_packet("0000:99:00.0/vfio", 0, 4, b"x"),
         Reason.UNKNOWN_DEVICE,
         "0000:99:00.0/vfio",
-        None,
+        4,
     ),
     "unknown instance": (
         lambda: qs.device_packet(IDSTR, 7, 0, b"x"),
         Reason.UNKNOWN_DEVICE,
         f"{IDSTR} instance 7",
-        None,
+        0,
     ),
     "idx already filled": (
         lambda: good(1) + good(0) + good(1),
@@ -434,3 +435,65 @@ async def test_unix_path_of_a_live_daemon_is_not_taken_over(tmp_path: Path) -> N
     await asyncio.to_thread(qs.send_streams, first.address, all_good_streams(1))
     await first.result()
     assert final_files(second_dir) == []
+
+
+async def test_an_unexpected_writer_error_fails_the_migration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an OSError, not ours: still a failure, never a short file renamed into place."""
+    from vfio_multifd import loader
+
+    real = loader.DeviceLoader._write_batch
+
+    def broken(self: loader.DeviceLoader, chunks: list[object]) -> None:
+        if any(getattr(c, "idx", None) == 1 for c in chunks):
+            raise ValueError("a bug in the writer")
+        real(self, chunks)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader.DeviceLoader, "_write_batch", broken)
+    config = settings(tmp_path, A, channels=1)
+    running = await start(config)
+    await asyncio.to_thread(send_raw, running.address, all_good_streams(1))
+    with pytest.raises(SessionError) as caught:
+        await running.result()
+    assert caught.value.reason is Reason.DEVICE_WRITE and "a bug in the writer" in str(caught.value)
+    assert final_files(tmp_path) == []
+
+
+async def test_a_fifo_without_reader_does_not_block_a_cancel(tmp_path: Path) -> None:
+    import os
+
+    from vfio_multifd import Session
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    config = settings(tmp_path, A, channels=1)
+    config = type(config)(
+        **{
+            **{f: getattr(config, f) for f in config.__dataclass_fields__},
+            "devices": (DeviceSpec(A, fifo, tmp_path / "cfg"),),
+        }
+    )
+    session = Session(config)
+    task = asyncio.create_task(session.run())
+    await asyncio.sleep(0.3)  # waiting for a reader of the FIFO
+    assert not task.done()
+    session.cancel("no reader came")
+    with pytest.raises(Cancelled):
+        await asyncio.wait_for(task, 5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+async def test_cancelling_the_abort_itself_leaves_no_part_file(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, IDSTR_B_KEY, channels=1)
+    running = await start(config)
+    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(qs.handshake(0) + good(0))
+        await asyncio.sleep(0.2)
+        running.task.cancel()
+        await asyncio.sleep(0)
+        running.task.cancel()  # a second cancel while the first abort runs
+        with pytest.raises(asyncio.CancelledError):
+            await running.task
+    assert final_files(tmp_path) == []

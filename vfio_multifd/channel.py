@@ -116,12 +116,15 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 )
             )
         elif self.state is ChannelState.ACTIVE and not self.eof:
-            self.fail(
-                ProtocolError(
+            if self.decoder.inside_unit:  # name the device and idx being received
+                error = self.decoder.truncated_error()
+                error.message += f" (connection lost: {exc or 'reset'})"
+            else:
+                error = ProtocolError(
                     Reason.PACKET_TRUNCATED,
                     f"connection lost before the end of the stream: {exc or 'reset'}",
                 )
-            )
+            self.fail(error)
         self._wake()
 
     # -- handshake --------------------------------------------------------------

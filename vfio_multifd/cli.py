@@ -525,3 +525,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+
+
+def console_main() -> None:
+    """The console script: :func:`main`, then exit even past a stuck writer thread.
+
+    A write to a FIFO that nobody reads cannot be interrupted; the session
+    abandons such a thread after a short wait (and has already removed its
+    temporary files), and the process must not then hang at exit joining it.
+    """
+    code = main()
+    stuck = [
+        t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+    ]
+    if stuck:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)

@@ -11,8 +11,10 @@ stored, and the device is complete (QEMU's ``vfio_load_bufs_thread``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,7 @@ class DeviceLoader:
         self._read_spilled = read_spilled
         self._failed = failed  # a batch written in the background failed
         self._in_flight: set[asyncio.Future[None]] = set()
+        self.write_error: BaseException | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
         self.times = LoadTimes()
         self.log = log.bind(device=str(device.key))
@@ -107,6 +110,8 @@ class DeviceLoader:
             if chunks[0].config:
                 if self._in_flight:
                     await asyncio.gather(*self._in_flight)  # every data chunk is written
+                if self.write_error is not None:
+                    raise self.write_error
                 await self._load_config(loop, chunks[0])
                 self._written(chunks)
                 break
@@ -144,8 +149,10 @@ class DeviceLoader:
             error = done.exception()
             if error is None:
                 self._written(chunks)
-            elif self._failed is not None:
-                assert isinstance(error, MultifdError | OSError)
+                return
+            # Whatever it was, the batch is not on disk: the device can never complete.
+            self.write_error = error
+            if self._failed is not None:
                 self._failed(error)
 
         future.add_done_callback(written)
@@ -204,10 +211,22 @@ class DeviceLoader:
         await loop.run_in_executor(self.executor, self.data.commit)
         await loop.run_in_executor(self.executor, self.config.commit)
 
+    def discard_quietly(self) -> None:
+        """Remove temporary files without waiting for any thread; idempotent, never raises."""
+        for output in (self.data, self.config):
+            if output.temp_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(output.temp_path)
+
     def discard(self) -> None:
         """Drop the outputs (blocking but quick: closes and unlinks); never raises."""
         self.data.discard()
         self.config.discard()
 
-    def close(self) -> None:
-        self.executor.shutdown(wait=True, cancel_futures=True)
+    def stop(self) -> None:
+        """The migration ends: stop waiting for a FIFO's reader."""
+        self.data.stop.set()
+        self.config.stop.set()
+
+    def close(self, *, wait: bool = True) -> None:
+        self.executor.shutdown(wait=wait, cancel_futures=True)

@@ -18,6 +18,7 @@ import errno as errno_module
 import os
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -40,6 +41,13 @@ Buffer = bytes | bytearray | memoryview
 
 #: posix_fallocate a data file this much at a time.
 RESERVE_STEP = 64 << 20
+_RESERVE_GIVE_UP = {
+    errno_module.EOPNOTSUPP,
+    errno_module.EINVAL,
+    errno_module.ENOSPC,
+    errno_module.EDQUOT,
+    errno_module.EFBIG,
+}
 
 
 def write_fully(write: Callable[[Sequence[Buffer]], int], buffers: Sequence[Buffer]) -> int:
@@ -74,6 +82,7 @@ class Output:
         self.bytes_written = 0
         self.allocated = 0  # bytes reserved ahead with posix_fallocate
         self.reserving = False  # for regular files, where the filesystem supports it
+        self.stop = threading.Event()  # set when the migration ends: stop waiting for a FIFO
 
     def open(self) -> None:
         try:
@@ -81,8 +90,10 @@ class Output:
                 mode = os.stat(self.path).st_mode
             except FileNotFoundError:
                 mode = None
-            if mode is not None and (stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)):
-                # Opening a FIFO blocks until a reader comes: we are on the writer thread.
+            if mode is not None and stat.S_ISFIFO(mode):
+                self.fd = self._open_fifo()
+                return
+            if mode is not None and stat.S_ISCHR(mode):
                 self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
                 return
             if mode is not None and not stat.S_ISREG(mode):
@@ -95,6 +106,20 @@ class Output:
             os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would, not mkstemp's 0600
         except OSError as error:
             raise self._error("cannot open", error) from error
+
+    def _open_fifo(self) -> int:
+        """Wait for the FIFO's reader without blocking in open(), so a stop can interrupt it."""
+        while True:
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError as error:
+                if error.errno != errno_module.ENXIO:  # ENXIO: no reader yet
+                    raise
+                if self.stop.wait(0.05):
+                    raise OSError(errno_module.ENXIO, "no reader opened the FIFO") from None
+                continue
+            os.set_blocking(fd, True)
+            return fd
 
     def write(self, buffers: Sequence[Buffer]) -> None:
         fd = self.fd
@@ -120,8 +145,10 @@ class Output:
         try:
             os.posix_fallocate(fd, self.allocated, step)
         except OSError as error:
-            if error.errno in (errno_module.EOPNOTSUPP, errno_module.EINVAL):
-                self.reserving = False  # not supported here: never try again
+            # Not supported here, or no room to reserve that far ahead: the
+            # writes themselves will say whether the data fits. Never try again.
+            if error.errno in _RESERVE_GIVE_UP:
+                self.reserving = False
                 return
             raise
         self.allocated += step

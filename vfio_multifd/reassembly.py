@@ -192,16 +192,18 @@ class ReassemblyBuffer:
         self.spilled_bytes = 0  # total ever spilled
         self.spilled_now = 0  # bytes currently on disk only
 
-    def device(self, key: DeviceKey) -> DeviceBuffer:
+    def device(self, key: DeviceKey, idx: int | None = None) -> DeviceBuffer:
         try:
             return self.devices[key]
         except KeyError:
             known = ", ".join(str(k) for k in self.devices) or "none"
+            at = "" if idx is None else f" in state buffer {idx}"
             raise ProtocolError(
                 Reason.UNKNOWN_DEVICE,
-                f"unknown device (idstr {key.idstr!r}, instance_id {key.instance_id}); "
+                f"unknown device (idstr {key.idstr!r}, instance_id {key.instance_id}){at}; "
                 f"expected one of: {known}",
                 device=str(key),
+                idx=idx,
             ) from None
 
     def fits(self, size: int, *, ahead: bool = False) -> bool:

@@ -48,6 +48,8 @@ log = structlog.get_logger("vfio_multifd.session")
 #: How long a channel whose early chunk finds memory full waits for another
 #: channel to bring the chunk a loader needs, before it spills (once per stall).
 SPILL_GRACE = 0.025
+#: How long an aborting session waits for a writer thread's last write.
+ABANDON_WRITER_AFTER = 0.5
 
 
 class SessionStatus(enum.StrEnum):
@@ -148,6 +150,9 @@ class Session:
         self._pending_error: MultifdError | None = None
         self._committing = False
         self._owns_unix_path = False
+        # True if a writer thread was stuck (a FIFO nobody reads) and left behind:
+        # the process must then exit without waiting for it.
+        self.abandoned_writers = False
         self._readers: set[asyncio.Task[None]] = set()
         self._spill_executor = ThreadPoolExecutor(1, thread_name_prefix="spill")
         self.log = log
@@ -182,11 +187,7 @@ class Session:
         server: asyncio.Server | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            for loader in self.loaders.values():
-                try:
-                    await loader.open()
-                except DeviceIOError as error:
-                    raise UsageError(str(error)) from error
+            await self._open_outputs()
             self._check_spill_dir()
             server = await self._listen(loop)
             tasks = [
@@ -203,10 +204,11 @@ class Session:
             if self._failed.done():
                 raise self._failed.result()
             loaded.result()  # a loader's own error (config blob, write failure)
+            # Every device is complete: from here on the outcome is success, and
+            # the channels we now hang up on (QEMU keeps them open) are no error.
+            self._committing = True
             await self._close(server, tasks)
             server = None
-            # Every device is complete: from here on the outcome is success.
-            self._committing = True
             for loader in self.loaders.values():
                 await loader.commit()
             self._set_status(SessionStatus.COMPLETED)
@@ -218,13 +220,36 @@ class Session:
             raise
         finally:
             for loader in self.loaders.values():
-                loader.close()
+                loader.close(wait=not self.abandoned_writers)
+                if not self._committing:
+                    # Even if the abort itself was cancelled: no .part file stays.
+                    loader.discard_quietly()
             self._spill_executor.shutdown(wait=True, cancel_futures=True)
             if self.spill is not None:
                 self.spill.close()
             if self._owns_unix_path:  # never another daemon's socket
                 with contextlib.suppress(OSError):
                     os.unlink(settings.listen.path)
+
+    async def _open_outputs(self) -> None:
+        """Open every output; a FIFO waits for its reader, but a cancel still stops it."""
+        assert self._failed is not None
+        opening: asyncio.Future[list[None]] = asyncio.gather(
+            *(loader.open() for loader in self.loaders.values())
+        )
+        opening.add_done_callback(_retrieve)
+        waiters: list[asyncio.Future[Any]] = [opening, self._failed]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if not opening.done():
+            for loader in self.loaders.values():
+                loader.stop()
+            with contextlib.suppress(MultifdError):
+                await opening
+            raise self._failed.result()
+        try:
+            opening.result()
+        except DeviceIOError as error:
+            raise UsageError(str(error)) from error
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
         listen = self.settings.listen
@@ -271,10 +296,17 @@ class Session:
     async def _abort(self, server: asyncio.Server | None, tasks: list[asyncio.Task[None]]) -> None:
         await self._close(server, tasks)
         # A writer thread may be in the middle of a write: let it finish, then
-        # remove every temporary file. Nothing reaches a final path.
+        # remove every temporary file. Nothing reaches a final path. A write
+        # that does not finish (a FIFO nobody reads) is abandoned, not awaited.
         loop = asyncio.get_running_loop()
         for loader in self.loaders.values():
-            await asyncio.shield(loop.run_in_executor(loader.executor, loader.discard))
+            loader.stop()
+            discarding = loop.run_in_executor(loader.executor, loader.discard)
+            try:
+                await asyncio.wait_for(asyncio.shield(discarding), ABANDON_WRITER_AFTER)
+            except TimeoutError:
+                self.abandoned_writers = True
+                self.log.warning("writer_abandoned", device=str(loader.device.key))
 
     def fail(self, error: MultifdError) -> None:
         """Report an error that ends the migration (the first one wins)."""
@@ -362,7 +394,7 @@ class Session:
     async def deliver(self, packet: DevicePacket, channel: int | None = None) -> None:
         """Queue one packet's chunk for its device's loader (a channel reader calls this)."""
         reassembly = self.reassembly
-        device = reassembly.device(packet.device)
+        device = reassembly.device(packet.device, packet.idx)
         condition = self.conditions[device.key]
         if self._trace_incoming:
             self._trace.debug(

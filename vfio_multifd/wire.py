@@ -316,6 +316,17 @@ class ChannelDecoder:
             raise error
         self.state = DecoderState.CLOSED
 
+    @property
+    def inside_unit(self) -> bool:
+        """Part of a handshake or packet has been received, not all of it."""
+        return self.state is DecoderState.PAYLOAD or (
+            self.state is DecoderState.HEADER and self._filled > 0
+        )
+
+    def truncated_error(self) -> ProtocolError:
+        """The error for a stream that ends here (see :meth:`eof`)."""
+        return self._truncated()
+
     def _truncated(self) -> ProtocolError:
         if self._payload is not None:
             return ProtocolError(
