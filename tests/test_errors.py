@@ -497,3 +497,18 @@ async def test_cancelling_the_abort_itself_leaves_no_part_file(tmp_path: Path) -
         with pytest.raises(asyncio.CancelledError):
             await running.task
     assert final_files(tmp_path) == []
+
+
+async def test_a_directory_at_a_final_path_fails_before_anything_is_renamed(tmp_path: Path) -> None:
+    """Device 0's file must not be replaced when device 1's cannot be."""
+    config = settings(tmp_path, A, IDSTR_B_KEY, channels=1)
+    config.devices[0].data_path.write_bytes(b"old 0")
+    running = await start(config)
+    config.devices[1].data_path.mkdir()  # appears while the migration runs
+    streams = qs.build_streams([(IDSTR, 0, DATA, CFG), (IDSTR_B, 0, DATA, CFG)], 1, chunk_size=4096)
+    await asyncio.to_thread(send_raw, running.address, streams)
+    with pytest.raises(DeviceIOError) as caught:
+        await running.result()
+    assert "a directory is in the way" in str(caught.value)
+    assert config.devices[0].data_path.read_bytes() == b"old 0"
+    assert final_files(tmp_path) == ["dev0.bin", "dev1.bin"]

@@ -206,10 +206,9 @@ class DeviceLoader:
         await loop.run_in_executor(self.executor, load)
         self.log.debug("load_config_end", idx=chunk.idx, size=chunk.size)
 
-    async def commit(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.executor, self.data.commit)
-        await loop.run_in_executor(self.executor, self.config.commit)
+    @property
+    def outputs(self) -> tuple[Output, Output]:
+        return (self.data, self.config)
 
     def discard_quietly(self) -> None:
         """Remove temporary files without waiting for any thread; idempotent, never raises."""

@@ -168,6 +168,22 @@ class Output:
         finally:
             self.fd = None
 
+    def check_target(self) -> None:
+        """Before any output is renamed: can this one be? (A directory there cannot be replaced.)"""
+        if self.temp_path is None:
+            return
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise self._error("cannot rename into place", error) from error
+        if stat.S_ISDIR(mode):
+            raise self._error(
+                "cannot rename into place",
+                IsADirectoryError(errno_module.EISDIR, "a directory is in the way"),
+            )
+
     def commit(self) -> None:
         """Put the finished file at its final path (call after :meth:`finish`)."""
         if self.temp_path is None:
@@ -175,14 +191,21 @@ class Output:
         try:
             os.replace(self.temp_path, self.path)
             self.temp_path = None
-            if self.fsync:
-                directory = os.open(self.path.parent or ".", os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(directory)
-                finally:
-                    os.close(directory)
         except OSError as error:
             raise self._error("cannot rename into place", error) from error
+
+    def sync_directory(self) -> None:
+        """Make the rename durable."""
+        if not self.fsync:
+            return
+        try:
+            directory = os.open(self.path.parent or ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except OSError as error:
+            raise self._error("cannot sync the directory of", error) from error
 
     def discard(self) -> None:
         """Forget everything written; the final path stays as it was. Never raises."""

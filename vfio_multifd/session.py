@@ -209,8 +209,7 @@ class Session:
             self._committing = True
             await self._close(server, tasks)
             server = None
-            for loader in self.loaders.values():
-                await loader.commit()
+            await loop.run_in_executor(None, self._commit)
             self._set_status(SessionStatus.COMPLETED)
             result = self._result()
             self._log_summary(result)
@@ -250,6 +249,33 @@ class Session:
             opening.result()
         except DeviceIOError as error:
             raise UsageError(str(error)) from error
+
+    def _commit(self) -> None:
+        """On a worker thread: rename every output into place, checking all targets first.
+
+        A rename that still fails part-way (the disk, a race) is reported with
+        the outputs already in place, so nobody mistakes them for the old ones.
+        """
+        outputs = [output for loader in self.loaders.values() for output in loader.outputs]
+        for output in outputs:
+            output.check_target()
+        renamed: list[Output] = []
+        for output in outputs:
+            if output.temp_path is None:
+                continue  # a device or FIFO, written in place
+            try:
+                output.commit()
+            except DeviceIOError as error:
+                if renamed:
+                    done = ", ".join(str(o.path) for o in renamed)
+                    error.message += f"; already in place from this run: {done}"
+                raise
+            renamed.append(output)
+        synced: set[Path] = set()
+        for output in renamed:
+            if output.path.parent not in synced:
+                synced.add(output.path.parent)
+                output.sync_directory()
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> asyncio.Server:
         listen = self.settings.listen
