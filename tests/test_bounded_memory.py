@@ -28,7 +28,12 @@ BOUND = 8 * CHUNK  # 128 KiB: a small fraction of each device's state
 
 def bounded(tmp_path: Path, *keys: DeviceKey, channels: int, **extra: object):  # type: ignore[no-untyped-def]
     return settings(
-        tmp_path, *keys, channels=channels, max_packet_size=MAX_PACKET, max_queued_bytes=BOUND, **extra
+        tmp_path,
+        *keys,
+        channels=channels,
+        max_packet_size=MAX_PACKET,
+        max_queued_bytes=BOUND,
+        **extra,
     )
 
 
@@ -145,3 +150,30 @@ async def test_fail_policy_is_qemus(tmp_path: Path) -> None:
     assert f"bound of {BOUND}" in str(error) and f"state buffer {error.idx}" in str(error)
     assert config.devices[0].data_path.read_bytes() == b"previous"
     assert final_files(tmp_path) == ["dev0.bin"]
+
+
+async def test_a_spill_that_fails_fails_the_migration_with_its_errno(tmp_path: Path) -> None:
+    """No directory to spill to (removed after the start-up check): a clean error, not a hang."""
+    from vfio_multifd import DeviceIOError
+
+    spill_dir = tmp_path / "spill"
+    spill_dir.mkdir()
+    data = random_bytes(64 * CHUNK, 7)
+    config = bounded(tmp_path, A, channels=2, spill_dir=spill_dir)
+    running = await start(config)
+    spill_dir.rmdir()
+    streams = qs.build_streams([(IDSTR, 0, data, b"x")], 2, "reverse", chunk_size=CHUNK)
+    sending = asyncio.create_task(asyncio.to_thread(send_quietly, running.address, streams))
+    with pytest.raises(DeviceIOError) as caught:
+        await running.result(timeout=20)
+    await asyncio.gather(sending)
+    assert caught.value.errno == 2 and "cannot spill state buffer" in str(caught.value)
+    assert caught.value.idx is not None and caught.value.channel in (0, 1)
+    assert final_files(tmp_path) == []
+
+
+def send_quietly(address: str, streams: list[bytes]) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        qs.send_streams(address, streams)

@@ -522,24 +522,33 @@ class Session:
         self.memory_changed.set()
         self.memory_changed.clear()
 
-    def _spill_store(self, device: DeviceKey) -> SpillStore:
+    def _spill_store(self, chunk: Chunk | DevicePacket, channel: int | None) -> SpillStore:
         if self.spill is None:
             directory = self._spill_dir()
             try:
                 self.spill = SpillStore(directory)
             except OSError as error:
-                raise _spill_error(error, directory, device) from error
+                raise _spill_error(
+                    error, directory, chunk.device, idx=chunk.idx, channel=channel
+                ) from error
             self.log.info("spill_file_opened", directory=str(directory))
         return self.spill
 
     async def _spill_write(
-        self, store: SpillStore, ref: tuple[int, int], data: memoryview, device: DeviceKey
+        self,
+        store: SpillStore,
+        ref: tuple[int, int],
+        data: memoryview,
+        chunk: Chunk | DevicePacket,
+        channel: int | None,
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._spill_executor, store.write, ref, data)
         except OSError as error:
-            raise _spill_error(error, store.directory, device) from error
+            raise _spill_error(
+                error, store.directory, chunk.device, idx=chunk.idx, channel=channel
+            ) from error
 
     def _check_spill_dir(self) -> None:
         """A bound that may spill needs a place to spill to: say so now, not mid-migration."""
@@ -561,9 +570,9 @@ class Session:
         self, device: DeviceBuffer, packet: DevicePacket, channel: int | None
     ) -> None:
         """Put an incoming chunk straight into the spill file: it never counts as memory."""
-        store = self._spill_store(packet.device)
+        store = self._spill_store(packet, channel)
         ref = store.reserve(packet.size)
-        await self._spill_write(store, ref, packet.data, packet.device)
+        await self._spill_write(store, ref, packet.data, packet, channel)
         condition = self.conditions[device.key]
         async with condition:
             self.reassembly.insert_spilled(packet, ref, channel)
@@ -573,11 +582,11 @@ class Session:
 
     async def _spill_chunk(self, chunk: Chunk) -> None:
         """Move a queued chunk from memory to the spill file."""
-        store = self._spill_store(chunk.device)
+        store = self._spill_store(chunk, chunk.channel)
         reassembly = self.reassembly
         reassembly.spill_started(chunk)
         ref = store.reserve(chunk.size)
-        await self._spill_write(store, ref, chunk.data, chunk.device)
+        await self._spill_write(store, ref, chunk.data, chunk, chunk.channel)
         self.pool.release(reassembly.spill_done(chunk, ref))
         device = reassembly.devices[chunk.device]
         condition = self.conditions[chunk.device]
@@ -599,7 +608,9 @@ class Session:
         try:
             return self.spill.read(chunk.spill_ref)
         except OSError as error:
-            raise _spill_error(error, self.spill.directory, chunk.device) from error
+            raise _spill_error(
+                error, self.spill.directory, chunk.device, idx=chunk.idx, channel=chunk.channel
+            ) from error
 
     # -- watchdog -----------------------------------------------------------------
 
@@ -713,14 +724,25 @@ def _claim_unix_path(path: str) -> None:
     raise UsageError(f"cannot listen on unix:{path}: another process is listening there")
 
 
-def _spill_error(error: OSError, directory: Path, device: DeviceKey) -> DeviceIOError:
+def _spill_error(
+    error: OSError,
+    directory: Path,
+    device: DeviceKey,
+    *,
+    idx: int | None = None,
+    channel: int | None = None,
+) -> DeviceIOError:
     code = errno_module.errorcode.get(error.errno or 0, error.errno)
-    return DeviceIOError(
-        f"cannot spill a queued chunk to {directory}: {error.strerror or error} "
+    what = "a queued chunk" if idx is None else f"state buffer {idx}"
+    spill_error = DeviceIOError(
+        f"cannot spill {what} to {directory}: {error.strerror or error} "
         f"({code}, errno {error.errno}); see --spill-dir and --max-queued-bytes",
         device=str(device),
         errno=error.errno,
     )
+    # The channel that brought the chunk, not the one whose arrival made room for it.
+    spill_error.idx, spill_error.channel = idx, channel
+    return spill_error
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
