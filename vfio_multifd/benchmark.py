@@ -467,21 +467,27 @@ def run_daemon(
 
 def run_idle_daemon(workload: Workload, sink: str, out_dir: Path) -> Usage:
     """Start-up and shutdown only: start, wait until listening, SIGTERM."""
+    return _run_idle(daemon_command(workload, sink, out_dir), "stderr", _is_listening)
+
+
+def _run_idle(cmd: list[str], stream: str, listening: Callable[[str], bool]) -> Usage:
+    """Start a receiver, wait until it listens (a line on ``stream``), SIGTERM it."""
     proc = subprocess.Popen(
-        daemon_command(workload, sink, out_dir),
+        cmd,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE if stream == "stdout" else subprocess.DEVNULL,
+        stderr=subprocess.PIPE if stream == "stderr" else subprocess.DEVNULL,
     )
-    assert proc.stderr is not None
-    stderr = _LineReader(proc.stderr, _is_listening)
+    pipe = proc.stdout if stream == "stdout" else proc.stderr
+    assert pipe is not None
+    reader = _LineReader(pipe, listening)
     watchdog = _Watchdog(proc, 60)
-    stderr.matched.wait(30)
+    reader.matched.wait(30)
     with contextlib.suppress(OSError):
         os.kill(proc.pid, signal.SIGTERM)
     usage = _wait4(proc)
     watchdog.disarm()
-    stderr.join(10)
+    reader.join(10)
     return usage
 
 
@@ -546,22 +552,9 @@ def run_baseline(
 
 
 def run_idle_baseline(workload: Workload, sink: str, out_dir: Path) -> Usage:
-    proc = subprocess.Popen(
-        _baseline_command(workload, "null", out_dir),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+    return _run_idle(
+        _baseline_command(workload, "null", out_dir), "stdout", lambda line: line.startswith("port ")
     )
-    assert proc.stdout is not None
-    stdout = _LineReader(proc.stdout, lambda line: line.startswith("port "))
-    watchdog = _Watchdog(proc, 60)
-    stdout.matched.wait(30)
-    with contextlib.suppress(OSError):
-        os.kill(proc.pid, signal.SIGTERM)
-    usage = _wait4(proc)
-    watchdog.disarm()
-    stdout.join(10)
-    return usage
 
 
 # --- the baseline receiver (a subprocess: this file run as a script) ----------------------
