@@ -177,3 +177,18 @@ def send_quietly(address: str, streams: list[bytes]) -> None:
 
     with contextlib.suppress(OSError):
         qs.send_streams(address, streams)
+
+
+async def test_zero_length_chunks_count_against_the_bound(tmp_path: Path) -> None:
+    """Each chunk held costs memory besides its data: a flood of empty early chunks is bounded too."""
+    from vfio_multifd.session import CHUNK_OVERHEAD
+
+    count = 3 * BOUND // CHUNK_OVERHEAD  # three times what fits in memory
+    packets = [qs.device_packet(IDSTR, 0, idx, b"") for idx in range(count)]
+    packets.append(qs.device_packet(IDSTR, 0, count, qs.config_blob(b"z"), config=True))
+    packets.reverse()
+    config = bounded(tmp_path, A, channels=2)
+    result = await run(config, streams_of([packets[0::2], packets[1::2]]))
+    assert_outputs(config, [(b"", qs.config_blob(b"z"))])
+    assert result.devices[0].chunks == count
+    assert BOUND // 2 < result.peak_queued_bytes <= BOUND

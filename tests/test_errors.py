@@ -226,9 +226,11 @@ def stray(address: str, payload: bytes) -> bytes:
     """Connect, send, half-close; return what the daemon sent back before closing."""
     host, port = address.removeprefix("tcp:").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        if payload:
-            sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
+        # The daemon may refuse (and close) before it has read it all.
+        with contextlib.suppress(OSError):
+            if payload:
+                sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
         received = b""
         try:
             while chunk := sock.recv(4096):

@@ -141,7 +141,9 @@ class DeviceBuffer:
     def missing(self) -> str:
         """The indices still missing, as ranges: ``"3-5, 9 and the config state"``."""
         end = self.max_idx if self.last_idx is None else self.last_idx
-        text = ", ".join(_span(first, last) for first, last in _gaps(self.next_idx, end, self.chunks))
+        text = ", ".join(
+            _span(first, last) for first, last in _gaps(self.next_idx, end, self.chunks)
+        )
         if self.last_idx is None:
             after = f" (after idx {self.max_idx})" if self.max_idx >= 0 else ""
             tail = f"the config state packet{after}"
@@ -179,12 +181,17 @@ class ReassemblyBuffer:
         *,
         max_queued_bytes: int | None = None,
         reserve: int = 0,
+        chunk_overhead: int = 0,
     ):
         self.devices: dict[DeviceKey, DeviceBuffer] = {key: DeviceBuffer(key) for key in devices}
         self.max_queued_bytes = max_queued_bytes
         # Part of the bound that only a device's next-needed chunk may use, so
         # that chunks arriving early can never crowd out the one a loader waits for.
         self.reserve = reserve
+        # Bytes charged per chunk held in memory on top of its data: the
+        # objects that describe it. Without it, a flood of zero-length early
+        # chunks would cost memory that no bound sees.
+        self.chunk_overhead = chunk_overhead
         self.queued_bytes = 0  # chunk bytes held in memory (MEMORY, SPILLING, TAKEN)
         self.taken_bytes = 0  # of which handed to loaders and being written
         self.spilling_bytes = 0  # of which being written to the spill file
@@ -213,7 +220,7 @@ class ReassemblyBuffer:
             return True
         if ahead:
             bound -= self.reserve
-        return self.queued_bytes + size <= bound
+        return self.queued_bytes + size + self.chunk_overhead <= bound
 
     def insert(self, packet: DevicePacket, channel: int | None = None) -> Chunk:
         """Queue a packet's chunk in memory (the caller has checked :meth:`fits`)."""
@@ -222,7 +229,7 @@ class ReassemblyBuffer:
             packet.device, packet.idx, packet.size, packet.config, packet.buffer, channel=channel
         )
         device.insert(chunk)
-        self._grow(chunk.size)
+        self._grow(self._cost(chunk))
         return chunk
 
     def insert_spilled(
@@ -248,7 +255,7 @@ class ReassemblyBuffer:
     def take(self, device: DeviceBuffer, max_bytes: int) -> list[Chunk]:
         """:meth:`DeviceBuffer.take_ready`, with the memory it holds accounted as taken."""
         chunks = device.take_ready(max_bytes)
-        self.taken_bytes += sum(c.size for c in chunks if c.state is ChunkState.TAKEN)
+        self.taken_bytes += sum(self._cost(c) for c in chunks if c.state is ChunkState.TAKEN)
         return chunks
 
     def drainable_bytes(self) -> int:
@@ -261,11 +268,15 @@ class ReassemblyBuffer:
             raise SessionError(
                 Reason.QUEUE_FULL,
                 f"queueing state buffer {packet.idx} ({packet.size} bytes) would hold "
-                f"{self.queued_bytes + packet.size} bytes, over the bound of "
+                f"{self.queued_bytes + packet.size + self.chunk_overhead} bytes, over the bound of "
                 f"{self.max_queued_bytes} (--max-queued-bytes)",
                 device=str(packet.device),
                 idx=packet.idx,
             )
+
+    def _cost(self, chunk: Chunk) -> int:
+        """What a chunk held in memory counts against the bound."""
+        return chunk.size + self.chunk_overhead
 
     def _grow(self, size: int) -> None:
         self.queued_bytes += size
@@ -275,7 +286,7 @@ class ReassemblyBuffer:
     def spill_started(self, chunk: Chunk) -> None:
         assert chunk.state is ChunkState.MEMORY
         chunk.state = ChunkState.SPILLING
-        self.spilling_bytes += chunk.size
+        self.spilling_bytes += self._cost(chunk)
 
     def spill_done(self, chunk: Chunk, ref: object) -> bytearray:
         """The chunk is on disk: it no longer counts as memory. Returns the freed buffer."""
@@ -284,8 +295,8 @@ class ReassemblyBuffer:
         chunk.buffer = None
         chunk.spill_ref = ref
         chunk.state = ChunkState.SPILLED
-        self.queued_bytes -= chunk.size
-        self.spilling_bytes -= chunk.size
+        self.queued_bytes -= self._cost(chunk)
+        self.spilling_bytes -= self._cost(chunk)
         self.spilled_bytes += chunk.size
         self.spilled_now += chunk.size
         return buffer
@@ -318,9 +329,9 @@ class ReassemblyBuffer:
             if chunk.state is ChunkState.SPILLED:
                 self.spilled_now -= chunk.size
             else:
-                self.queued_bytes -= chunk.size
+                self.queued_bytes -= self._cost(chunk)
                 if chunk.state is ChunkState.TAKEN:
-                    self.taken_bytes -= chunk.size
+                    self.taken_bytes -= self._cost(chunk)
             chunk.buffer = None
 
     @property

@@ -48,6 +48,9 @@ log = structlog.get_logger("vfio_multifd.session")
 #: How long a channel whose early chunk finds memory full waits for another
 #: channel to bring the chunk a loader needs, before it spills (once per stall).
 SPILL_GRACE = 0.025
+#: What each chunk held in memory costs besides its data (its Chunk, the
+#: packet and buffer objects, dict entries: measured at about 235 bytes).
+CHUNK_OVERHEAD = 256
 #: How long an aborting session waits for a writer thread's last write.
 ABANDON_WRITER_AFTER = 0.5
 
@@ -107,6 +110,7 @@ class Session:
             reserve=0
             if settings.on_queue_full is QueueFullPolicy.FAIL
             else min(settings.max_packet_size, (settings.max_queued_bytes or 0) // 4),
+            chunk_overhead=CHUNK_OVERHEAD if settings.max_queued_bytes is not None else 0,
         )
         self.conditions = {spec.key: asyncio.Condition() for spec in settings.devices}
         # Set (and at once cleared) whenever queued memory shrinks or becomes
