@@ -299,8 +299,15 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
     """The snapshot takes ``now``: total time and Mbit/s follow from it, not from a clock."""
     from vfio_multifd import Session
 
+    from vfio_multifd.channel import ChannelProtocol, ChannelState
+
     session = Session(settings(tmp_path, A, channels=1))
-    session.started, session.bytes_received = 100.0, 5_000_000
+    # transferred is what the accepted channels received: one that got 5 MB.
+    channel = ChannelProtocol(session)
+    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
+    channel.decoder.bytes_received = 5_000_000
+    session.channels[0] = channel
+    session.started = 100.0
     info = query_migrate(session, now=102.0)
     assert (info["total-time"], info["transferred"], info["mbps"]) == (2000, 5_000_000, 20.0)
     session.finished = 101.0

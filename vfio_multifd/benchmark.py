@@ -553,7 +553,9 @@ def run_baseline(
 
 def run_idle_baseline(workload: Workload, sink: str, out_dir: Path) -> Usage:
     return _run_idle(
-        _baseline_command(workload, "null", out_dir), "stdout", lambda line: line.startswith("port ")
+        _baseline_command(workload, "null", out_dir),
+        "stdout",
+        lambda line: line.startswith("port "),
     )
 
 

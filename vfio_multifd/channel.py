@@ -75,8 +75,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.state is ChannelState.ACTIVE:  # a refused stray is not traffic
-            self.session.progress(nbytes)
         try:
             self.decoder.buffer_updated(nbytes)
             while (event := self.decoder.next_event()) is not None:
@@ -134,7 +132,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.session.accept_channel(self, handshake)  # raises HandshakeError to refuse
         self.channel_id = handshake.channel_id
         self.state = ChannelState.ACTIVE
-        self.session.progress(self.decoder.bytes_received)  # the handshake counts once accepted
         self.log = self.log.bind(channel=self.channel_id)
         self.log.info("channel_accepted")
 

@@ -113,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size,
         default=DEFAULT_MAX_QUEUED_BYTES,
         metavar="SIZE",
-        help="bound on chunk bytes held in memory, all devices together "
-        "(default 64M; 0: no bound)",
+        help="bound on chunk bytes held in memory, all devices together (default 64M; 0: no bound)",
     )
     rx.add_argument(
         "--on-queue-full",
@@ -535,9 +534,7 @@ def console_main() -> None:
     temporary files), and the process must not then hang at exit joining it.
     """
     code = main()
-    stuck = [
-        t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
-    ]
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if stuck:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -16,6 +16,7 @@ buffer 7 already filled``: context first, then what was expected and what came.
 from __future__ import annotations
 
 import enum
+import errno as errno_module
 
 
 class Reason(enum.StrEnum):
@@ -117,11 +118,28 @@ class UsageError(MultifdError):
 
 
 class DeviceIOError(MultifdError):
-    """Writing a device's data or config file failed; ``errno`` says why."""
+    """Writing a device's data or config file (or spilling its chunks) failed; ``errno`` says why."""
 
-    def __init__(self, message: str, *, device: str, errno: int | None) -> None:
-        super().__init__(Reason.DEVICE_WRITE, message, device=device)
+    def __init__(
+        self,
+        message: str,
+        *,
+        device: str,
+        errno: int | None,
+        idx: int | None = None,
+        channel: int | None = None,
+    ) -> None:
+        super().__init__(Reason.DEVICE_WRITE, message, device=device, idx=idx, channel=channel)
         self.errno = errno
+
+
+def os_error_text(error: OSError) -> str:
+    """``No space left on device (ENOSPC, errno 28)``: the reason, and the code to search for."""
+    reason = error.strerror or str(error)
+    if not error.errno:
+        return reason
+    code = errno_module.errorcode.get(error.errno, str(error.errno))
+    return f"{reason} ({code}, errno {error.errno})"
 
 
 class SessionError(MultifdError):

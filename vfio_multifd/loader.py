@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import structlog
 
 from .config import Digest
 from .errors import MultifdError
+from .logconfig import debug_enabled
 from .output import Output
 from .reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
 from .wire import check_config_blob
@@ -87,8 +87,7 @@ class DeviceLoader:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
         self.times = LoadTimes()
         self.log = log.bind(device=str(device.key))
-        enabled = getattr(self.log, "is_enabled_for", None)  # filtering loggers have it
-        self._debug = bool(enabled(logging.DEBUG)) if enabled is not None else False
+        self._debug = debug_enabled(self.log)
 
     async def open(self) -> None:
         loop = asyncio.get_running_loop()

@@ -73,3 +73,10 @@ def configure(
         cache_logger_on_first_use=False,
     )
     return log_format
+
+
+def debug_enabled(logger: object) -> bool:
+    """Would ``logger.debug`` print? Asked once, so that per-packet debug lines cost
+    one test when off. Unconfigured structlog (a library user's) counts as off."""
+    enabled = getattr(logger, "is_enabled_for", None)  # filtering loggers have it
+    return bool(enabled(logging.DEBUG)) if enabled is not None else False

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import DeviceIOError
+from .errors import DeviceIOError, os_error_text
 
 
 def _read_umask() -> int:
@@ -219,10 +219,8 @@ class Output:
             self.temp_path = None
 
     def _error(self, doing: str, error: OSError) -> DeviceIOError:
-        reason = error.strerror or str(error)
-        code = f"{errno_module.errorcode.get(error.errno, error.errno)}, " if error.errno else ""
         return DeviceIOError(
-            f"{doing} {self.what} {self.path}: {reason} ({code}errno {error.errno})",
+            f"{doing} {self.what} {self.path}: {os_error_text(error)}",
             device=self.device,
             errno=error.errno,
         )

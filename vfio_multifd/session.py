@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-import errno as errno_module
-import logging
 import os
 import socket
 import stat
@@ -35,8 +33,10 @@ from .errors import (
     Reason,
     SessionError,
     UsageError,
+    os_error_text,
 )
 from .loader import DeviceLoader
+from .logconfig import debug_enabled
 from .output import Output
 from .pool import BufferPool
 from .reassembly import Chunk, DeviceBuffer, ReassemblyBuffer
@@ -146,7 +146,6 @@ class Session:
         self.address: Address | None = None  # where we listen, once we do
         self.listening = asyncio.Event()
         self.error: MultifdError | None = None
-        self.bytes_received = 0
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self.paused_seconds = 0.0
@@ -163,8 +162,7 @@ class Session:
         # QEMU's trace point vfio_load_state_device_buffer_incoming, per packet:
         # decided once here, so a disabled debug level costs one test per packet.
         self._trace = log.bind()
-        enabled = getattr(self._trace, "is_enabled_for", None)  # filtering loggers have it
-        self._trace_incoming = bool(enabled(logging.DEBUG)) if enabled is not None else False
+        self._trace_incoming = debug_enabled(self._trace)
 
     # -- running ----------------------------------------------------------------
 
@@ -416,8 +414,10 @@ class Session:
                 )
             )
 
-    def progress(self, nbytes: int) -> None:
-        self.bytes_received += nbytes
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of the accepted channels, handshakes included (refused strays are not traffic)."""
+        return sum(protocol.decoder.bytes_received for protocol in self.channels.values())
 
     # -- queueing -----------------------------------------------------------------
 
@@ -640,9 +640,9 @@ class Session:
                         f"(missing channel ids {', '.join(map(str, missing))})",
                     )
                 )
-            written = sum(d.bytes_written for d in self.reassembly.devices.values())
-            if self.bytes_received != last_bytes or written != last_written:
-                last_bytes, last_written, last_change = self.bytes_received, written, now
+            received, written = self.bytes_received, self._bytes_written()
+            if received != last_bytes or written != last_written:
+                last_bytes, last_written, last_change = received, written, now
             elif (
                 settings.progress_timeout is not None
                 and self.status is SessionStatus.ACTIVE
@@ -736,17 +736,16 @@ def _spill_error(
     idx: int | None = None,
     channel: int | None = None,
 ) -> DeviceIOError:
-    code = errno_module.errorcode.get(error.errno or 0, error.errno)
     what = "a queued chunk" if idx is None else f"state buffer {idx}"
-    spill_error = DeviceIOError(
-        f"cannot spill {what} to {directory}: {error.strerror or error} "
-        f"({code}, errno {error.errno}); see --spill-dir and --max-queued-bytes",
+    # ``channel`` is the one that brought the chunk, not the one whose arrival made room for it.
+    return DeviceIOError(
+        f"cannot spill {what} to {directory}: {os_error_text(error)}; "
+        "see --spill-dir and --max-queued-bytes",
         device=str(device),
         errno=error.errno,
+        idx=idx,
+        channel=channel,
     )
-    # The channel that brought the chunk, not the one whose arrival made room for it.
-    spill_error.idx, spill_error.channel = idx, channel
-    return spill_error
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

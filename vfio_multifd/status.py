@@ -282,9 +282,7 @@ async def _send(writer: asyncio.StreamWriter, message: JSON) -> None:
 # -- progress --------------------------------------------------------------------
 
 
-async def report_progress(
-    session: Session, interval: float, *, notify: bool = False
-) -> None:
+async def report_progress(session: Session, interval: float, *, notify: bool = False) -> None:
     """Log ``migration_progress`` every ``interval`` seconds while the session is active.
 
     MB/s is over the last interval (what an operator watching wants to know);

@@ -311,7 +311,7 @@ class ChannelDecoder:
                 f"{HANDSHAKE.size} bytes",
             )
         if self.state is DecoderState.PAYLOAD or self._filled:
-            error = self._truncated()
+            error = self.truncated_error()
             self.state = DecoderState.ERROR
             raise error
         self.state = DecoderState.CLOSED
@@ -325,9 +325,6 @@ class ChannelDecoder:
 
     def truncated_error(self) -> ProtocolError:
         """The error for a stream that ends here (see :meth:`eof`)."""
-        return self._truncated()
-
-    def _truncated(self) -> ProtocolError:
         if self._payload is not None:
             return ProtocolError(
                 Reason.PACKET_TRUNCATED,
