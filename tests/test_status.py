@@ -298,7 +298,6 @@ async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, short_
 def test_query_migrate_pins_time(tmp_path: Path) -> None:
     """The snapshot takes ``now``: total time and Mbit/s follow from it, not from a clock."""
     from vfio_multifd import Session
-
     from vfio_multifd.channel import ChannelProtocol, ChannelState
 
     session = Session(settings(tmp_path, A, channels=1))
