@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import qemu_source as qs
-from helpers import IDSTR, random_bytes
+from helpers import IDSTR, connect, random_bytes
 
 TOOL = [sys.executable, "-m", "vfio_multifd"]
 TRACEBACK = "Traceback (most recent call last)"
@@ -110,8 +110,7 @@ def partial_stream(
     address: str, *, channels: int, chunks: int, chunk_size: int
 ) -> list[socket.socket]:
     """Open every channel and send ``chunks`` data chunks of IDSTR, never the rest."""
-    host, _, port = address.removeprefix("tcp:").rpartition(":")
-    socks = [socket.create_connection((host, int(port)), timeout=10) for _ in range(channels)]
+    socks = [connect(address) for _ in range(channels)]
     for n, sock in enumerate(socks):
         sock.sendall(qs.handshake(n))
     data = random_bytes(chunk_size, 5)
@@ -131,3 +130,22 @@ def wait_for(predicate: object, timeout: float = 10.0, what: str = "condition") 
 
 def part_files(directory: Path) -> list[str]:
     return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
+
+
+def receive_usage_error(tmp_path: Path, *options: str) -> str:
+    """Run ``receive`` with one device in ``tmp_path`` and ``options``, which must make
+    it a usage error: exit 2, no traceback. Returns its last line on stderr."""
+    result = run(
+        [
+            "receive",
+            *options,
+            "--device",
+            f"idstr=a,data={tmp_path / 'a.bin'}",
+            "--log-format",
+            "json",
+        ],
+        timeout=20,
+    )
+    assert result.returncode == 2, result.stderr
+    assert TRACEBACK not in result.stderr
+    return result.stderr.splitlines()[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -81,3 +82,9 @@ def assert_outputs(config: ReceiveSettings, expected: Sequence[tuple[bytes, byte
     for spec, (data, config_blob) in zip(config.devices, expected, strict=True):
         assert spec.data_path.read_bytes() == data, f"data of {spec.key} differs"
         assert spec.config_path.read_bytes() == config_blob, f"config of {spec.key} differs"
+
+
+def connect(address: str) -> socket.socket:
+    """A plain TCP connection to a session's ``tcp:HOST:PORT`` (10 s timeout), for hand-made streams."""
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    return socket.create_connection((host.strip("[]"), int(port)), timeout=10)

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 import qemu_source as qs
 import xxhash
-from cli_helpers import TRACEBACK, Daemon, digests, part_files, partial_stream, run, wait_for
+from cli_helpers import (
+    TRACEBACK,
+    Daemon,
+    digests,
+    part_files,
+    partial_stream,
+    receive_usage_error,
+    run,
+    wait_for,
+)
 from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.status import query
@@ -149,23 +158,8 @@ def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path) -> N
     taken.listen()
     with taken:
         port = taken.getsockname()[1]
-        result = run(
-            [
-                "receive",
-                "--listen",
-                f"tcp:127.0.0.1:{port}",
-                "--device",
-                f"idstr=a,data={tmp_path / 'a.bin'}",
-                "--log-format",
-                "json",
-            ],
-            timeout=20,
-        )
-    assert result.returncode == 2
-    assert result.stderr.splitlines()[-1].startswith(
-        f"vfio-multifd: error: cannot listen on tcp:127.0.0.1:{port}"
-    )
-    assert TRACEBACK not in result.stderr
+        last_line = receive_usage_error(tmp_path, "--listen", f"tcp:127.0.0.1:{port}")
+    assert last_line.startswith(f"vfio-multifd: error: cannot listen on tcp:127.0.0.1:{port}")
     assert os.listdir(tmp_path) == []
 
 

@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pytest
 import qemu_source as qs
-from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, settings, start
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    assert_outputs,
+    connect,
+    final_files,
+    random_bytes,
+    settings,
+    start,
+)
 
 from vfio_multifd import (
     Address,
@@ -224,8 +233,7 @@ HANDSHAKE_CASES: dict[str, tuple[bytes, Reason]] = {
 
 def stray(address: str, payload: bytes) -> bytes:
     """Connect, send, half-close; return what the daemon sent back before closing."""
-    host, port = address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with connect(address) as sock:
         # The daemon may refuse (and close) before it has read it all.
         with contextlib.suppress(OSError):
             if payload:
@@ -263,8 +271,7 @@ async def test_duplicate_channel_id_is_refused_while_the_first_one_works(tmp_pat
     config = settings(tmp_path, A, channels=2)
     running = await start(config)
     streams = all_good_streams()
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    first = socket.create_connection((host, int(port)))
+    first = connect(running.address)
     first.sendall(streams[0])
     first.shutdown(socket.SHUT_WR)
     await asyncio.to_thread(stray, running.address, qs.handshake(0))
@@ -279,8 +286,7 @@ async def test_duplicate_channel_id_is_refused_while_the_first_one_works(tmp_pat
 async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> None:
     config = settings(tmp_path, A, channels=1, handshake_timeout=0.2)
     running = await start(config)
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as silent:
+    with connect(running.address) as silent:
         silent.sendall(qs.handshake(0)[:10])
         silent.settimeout(5)
         assert await asyncio.to_thread(silent.recv, 10) == b""  # the daemon hung up on it
@@ -310,8 +316,7 @@ async def test_all_channels_closed_names_the_missing_indices(tmp_path: Path) -> 
 async def test_no_progress_within_the_timeout(tmp_path: Path) -> None:
     config = settings(tmp_path, A, channels=1, progress_timeout=0.5)
     running = await start(config)
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as sock:
+    with connect(running.address) as sock:
         sock.sendall(qs.handshake(0) + good(1))  # then nothing, connection kept open
         with pytest.raises(SessionError) as caught:
             await running.result(timeout=10)
@@ -323,8 +328,7 @@ async def test_no_progress_within_the_timeout(tmp_path: Path) -> None:
 async def test_accept_timeout_names_the_missing_channels(tmp_path: Path) -> None:
     config = settings(tmp_path, A, channels=3, accept_timeout=0.4)
     running = await start(config)
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as sock:
+    with connect(running.address) as sock:
         sock.sendall(qs.handshake(1))
         with pytest.raises(SessionError) as caught:
             await running.result(timeout=10)
@@ -338,8 +342,7 @@ async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
     config = settings(tmp_path, A, channels=1)
     config.devices[0].data_path.write_bytes(b"keep me")
     running = await start(config)
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as sock:
+    with connect(running.address) as sock:
         sock.sendall(qs.handshake(0) + good(0) + good(1))
         for _ in range(200):
             if running.session.reassembly.devices[A].bytes_written:
@@ -489,8 +492,7 @@ async def test_a_fifo_without_reader_does_not_block_a_cancel(tmp_path: Path) -> 
 async def test_cancelling_the_abort_itself_leaves_no_part_file(tmp_path: Path) -> None:
     config = settings(tmp_path, A, IDSTR_B_KEY, channels=1)
     running = await start(config)
-    host, port = running.address.removeprefix("tcp:").rsplit(":", 1)
-    with socket.create_connection((host, int(port))) as sock:
+    with connect(running.address) as sock:
         sock.sendall(qs.handshake(0) + good(0))
         await asyncio.sleep(0.2)
         running.task.cancel()
