@@ -301,6 +301,10 @@ class ReassemblyBuffer:
         self.spilled_now += chunk.size
         return buffer
 
+    def distance(self, device: DeviceKey, idx: int) -> int:
+        """How far ahead of its device's next-needed chunk ``idx`` is (0: needed now)."""
+        return idx - self.devices[device].next_idx
+
     def spill_victim(self) -> Chunk | None:
         """The in-memory chunk needed furthest in the future, or ``None``.
 

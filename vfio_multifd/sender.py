@@ -15,6 +15,7 @@ producing it costs no CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import socket
@@ -306,7 +307,7 @@ def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: fl
             sock.shutdown(socket.SHUT_WR)
             # Wait for the daemon to close, so "sent" means "received by the daemon".
             sock.settimeout(timeout)
-            with_suppress_recv(sock)
+            _drain_until_closed(sock)
         except BaseException as error:  # reported by the caller
             errors.append(error)
         finally:
@@ -322,12 +323,11 @@ def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: fl
     return sent
 
 
-def with_suppress_recv(sock: socket.socket) -> None:
-    try:
+def _drain_until_closed(sock: socket.socket) -> None:
+    """The destination answers nothing; its close (or a reset) is the end."""
+    with contextlib.suppress(OSError):
         while sock.recv(4096):
             pass
-    except OSError:
-        pass
 
 
 def send(

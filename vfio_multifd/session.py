@@ -477,9 +477,9 @@ class Session:
                 self._grace_spent_at = self._bytes_written()
             return False
         victim = reassembly.spill_victim()
-        distance = packet.idx - device.next_idx
+        distance = reassembly.distance(packet.device, packet.idx)
         if distance > 0 and (
-            victim is None or distance >= victim.idx - reassembly.devices[victim.device].next_idx
+            victim is None or distance >= reassembly.distance(victim.device, victim.idx)
         ):
             await self._spill_packet(device, packet, channel)
             return True
