@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
 
 import structlog
 
 from .config import Digest
+from .digest import format_digest, new_hasher
 from .errors import MultifdError
 from .logconfig import debug_enabled
 from .output import Output
@@ -33,29 +31,6 @@ log = structlog.get_logger("vfio_multifd.loader")
 
 #: How many bytes one writev batch may carry.
 BATCH_BYTES = 8 << 20
-
-
-class Hasher(Protocol):
-    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
-    def hexdigest(self) -> str: ...
-
-
-def new_hasher(digest: Digest) -> Hasher:
-    if digest is Digest.SHA256:
-        return hashlib.sha256()
-    import xxhash
-
-    return xxhash.xxh3_128()
-
-
-def format_digest(digest: Digest, hasher: Hasher) -> str:
-    return f"{digest.value}:{hasher.hexdigest()}"
-
-
-@dataclass(slots=True)
-class LoadTimes:
-    started: float = 0.0  # monotonic, first write
-    completed: float = 0.0  # monotonic, device complete
 
 
 class DeviceLoader:
@@ -85,7 +60,7 @@ class DeviceLoader:
         self._in_flight: set[asyncio.Future[None]] = set()
         self.write_error: BaseException | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
-        self.times = LoadTimes()
+        self.completed_at = 0.0  # monotonic, once the device is complete
         self.log = log.bind(device=str(device.key))
         self._debug = debug_enabled(self.log)
 
@@ -104,8 +79,6 @@ class DeviceLoader:
                     self.log.debug("load_starved", next_idx=device.next_idx)
                     await self.condition.wait_for(lambda: device.ready)
                 chunks = self.reassembly.take(device, BATCH_BYTES)
-            if not self.times.started:
-                self.times.started = time.monotonic()
             if chunks[0].config:
                 if self._in_flight:
                     await asyncio.gather(*self._in_flight)  # every data chunk is written
@@ -115,7 +88,7 @@ class DeviceLoader:
                 self._written(chunks)
                 break
             self._submit(loop, chunks)
-        self.times.completed = time.monotonic()
+        self.completed_at = time.monotonic()
         self.log.info(
             "load_thread_end",
             bytes=device.bytes_written,

@@ -338,9 +338,5 @@ class ReassemblyBuffer:
                     self.taken_bytes -= self._cost(chunk)
             chunk.buffer = None
 
-    @property
-    def complete(self) -> bool:
-        return all(device.complete for device in self.devices.values())
-
     def incomplete_devices(self) -> list[DeviceBuffer]:
         return [device for device in self.devices.values() if not device.complete]

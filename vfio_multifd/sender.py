@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Address, Digest, parse_device_key, parse_fields, parse_size
+from .digest import format_digest, new_hasher
 from .errors import UsageError
-from .loader import format_digest, new_hasher
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
 
 ORDERS = ("round-robin", "reverse", "random")

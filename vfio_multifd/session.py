@@ -678,10 +678,10 @@ class Session:
                     chunks=buffer.chunks_written,
                     config_bytes=loader.config.bytes_written,
                     digest=loader.digest_text,
-                    seconds=loader.times.completed - started,
+                    seconds=loader.completed_at - started,
                 )
             )
-        last = max(self.loaders[d.device].times.completed for d in devices)
+        last = max(self.loaders[d.device].completed_at for d in devices)
         return SessionResult(
             devices=tuple(devices),
             seconds=last - started,

@@ -33,15 +33,12 @@ IDSTR_SIZE = 256
 MAX_IDSTR_LEN = IDSTR_SIZE - 1  # byte 255 is always NUL
 UUID_SIZE = 16
 
-#: QEMU's source never sends a chunk larger than this (VFIO's data buffer).
-QEMU_MAX_CHUNK = 1 << 20
 #: Our default bound on ``next_packet_size``: QEMU's 1 MiB plus room to spare.
 DEFAULT_MAX_PACKET_SIZE = 4 << 20
 
 
 class PacketFlag(enum.IntFlag):
     SYNC = 0x01
-    COMPRESSION_MASK = 0x3E
     DEVICE_STATE = 0x40
 
 
