@@ -30,7 +30,7 @@ from vfio_multifd import (
     logconfig,
 )
 from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status import query_migrate
+from vfio_multifd.status_server import query_migrate
 
 DEVICES = (DeviceKey("0000:00:02.0/vfio", 0), DeviceKey("0000:00:03.0/vfio", 0))
 

@@ -30,7 +30,7 @@ from cli_helpers import (
 )
 from helpers import IDSTR, IDSTR_B, random_bytes
 
-from vfio_multifd.status import query
+from vfio_multifd.status_client import query
 
 # -- end to end ------------------------------------------------------------------
 

@@ -256,10 +256,10 @@ async def test_bad_handshake_refuses_only_that_connection(tmp_path: Path, case: 
     answer = await asyncio.to_thread(stray, running.address, payload)
     assert answer == b"", "the destination answers nothing on a channel"
     for _ in range(100):
-        if running.session.refused:
+        if running.session.registry.refused:
             break
         await asyncio.sleep(0.01)
-    [(_, error)] = running.session.refused
+    [(_, error)] = running.session.registry.refused
     assert isinstance(error, HandshakeError) and error.reason is reason, str(error)
     assert running.session.status.value == "setup"
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams())
@@ -275,7 +275,7 @@ async def test_duplicate_channel_id_is_refused_while_the_first_one_works(tmp_pat
     first.sendall(streams[0])
     first.shutdown(socket.SHUT_WR)
     await asyncio.to_thread(stray, running.address, qs.handshake(0))
-    reasons = [e.reason for _, e in running.session.refused]
+    reasons = [e.reason for _, e in running.session.registry.refused]
     assert reasons == [Reason.HANDSHAKE_DUPLICATE_CHANNEL]
     await asyncio.to_thread(qs.send_streams, running.address, streams[1:])
     await running.result()
@@ -290,7 +290,7 @@ async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> Non
         silent.sendall(qs.handshake(0)[:10])
         silent.settimeout(5)
         assert await asyncio.to_thread(silent.recv, 10) == b""  # the daemon hung up on it
-    [(_, error)] = running.session.refused
+    [(_, error)] = running.session.registry.refused
     assert error.reason is Reason.HANDSHAKE_TIMEOUT and "10 of 64 bytes" in str(error)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
     await running.result()
@@ -389,7 +389,7 @@ async def test_unix_socket_stray_connection(tmp_path: Path) -> None:
     await asyncio.to_thread(poke)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
     await running.result()
-    assert [e.reason for _, e in running.session.refused] == [Reason.HANDSHAKE_MAGIC]
+    assert [e.reason for _, e in running.session.registry.refused] == [Reason.HANDSHAKE_MAGIC]
     assert_outputs(config, [(DATA, qs.config_blob(CFG))])
 
 
@@ -461,7 +461,7 @@ async def test_an_unexpected_writer_error_fails_the_migration(
     await asyncio.to_thread(send_raw, running.address, all_good_streams(1))
     with pytest.raises(SessionError) as caught:
         await running.result()
-    assert caught.value.reason is Reason.DEVICE_WRITE and "a bug in the writer" in str(caught.value)
+    assert caught.value.reason is Reason.INTERNAL and "a bug in the writer" in str(caught.value)
     assert final_files(tmp_path) == []
 
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vfio_multifd.errors import ProtocolError, Reason, SessionError
+from vfio_multifd.errors import ProtocolError, Reason
 from vfio_multifd.reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
 from vfio_multifd.wire import DeviceKey, DevicePacket
 
@@ -431,19 +431,11 @@ def test_fits_against_the_bound() -> None:
     assert buffer.fits(0)
 
 
-def test_check_fits_or_fail_passes_when_it_fits() -> None:
-    buffer = ReassemblyBuffer([KEY], max_queued_bytes=100)
-    buffer.insert(packet(0, size=60))
-    buffer.check_fits_or_fail(packet(7, size=40))
-    assert buffer.queued_bytes == 60
-
-
-def test_check_fits_or_fail_fails_over_the_bound() -> None:
+def test_queue_full_error_names_device_idx_and_bound() -> None:
     buffer = ReassemblyBuffer([KEY_B], max_queued_bytes=100)
     buffer.insert(packet(0, size=60, key=KEY_B))
-    with pytest.raises(SessionError) as info:
-        buffer.check_fits_or_fail(packet(7, size=41, key=KEY_B))
-    error = info.value
+    assert not buffer.fits(41)
+    error = buffer.queue_full_error(packet(7, size=41, key=KEY_B))
     assert error.reason is Reason.QUEUE_FULL
     assert (error.device, error.idx) == (str(KEY_B), 7)
     text = str(error)

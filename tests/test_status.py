@@ -37,8 +37,10 @@ from cli_helpers import (
 from helpers import IDSTR, IDSTR_B, final_files, settings, start
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
+from vfio_multifd.notify import sd_notify
 from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status import StatusServer, query, query_migrate, sd_notify
+from vfio_multifd.status_client import query
+from vfio_multifd.status_server import StatusServer, query_migrate
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -311,10 +313,12 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
 
     session = Session(settings(tmp_path, A, channels=1))
     # transferred is what the accepted channels received: one that got 5 MB.
-    channel = ChannelProtocol(session)
+    channel = ChannelProtocol(
+        session, max_packet_size=1 << 20, handshake_timeout=10.0, allocate=bytearray
+    )
     channel.channel_id, channel.state = 0, ChannelState.ACTIVE
     channel.decoder.bytes_received = 5_000_000
-    session.channels[0] = channel
+    session.registry.channels[0] = channel
     session.started = 100.0
     info = query_migrate(session, now=102.0)
     assert (info["total-time"], info["transferred"], info["mbps"]) == (2000, 5_000_000, 20.0)

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
         SessionError,
         UsageError,
     )
-    from .session import DeviceResult, Session, SessionResult, SessionStatus
+    from .results import DeviceResult, SessionResult, SessionStatus
+    from .session import Session
     from .wire import DeviceKey
 
 _EXPORTS = {
@@ -38,10 +39,10 @@ _EXPORTS = {
     "Reason": "errors",
     "SessionError": "errors",
     "UsageError": "errors",
-    "DeviceResult": "session",
+    "DeviceResult": "results",
     "Session": "session",
-    "SessionResult": "session",
-    "SessionStatus": "session",
+    "SessionResult": "results",
+    "SessionStatus": "results",
     "DeviceKey": "wire",
 }
 

@@ -6,10 +6,11 @@ payload, the very buffer the chunk will live in until it is written, so the
 kernel copies each byte once. Complete packets go to a short deque; when that
 is full, reading pauses (TCP then pushes back on the source).
 
-:class:`ChannelReader` is the coroutine that takes those packets and queues
-them into the reassembly buffer under the device's ``asyncio.Condition``,
-which a synchronous protocol callback could not do: ``notify`` needs the lock
-and only a coroutine can await it.
+:func:`read_channel` is the coroutine that takes those packets and hands
+them to the owner's ``deliver``, which queues them under the device's
+``asyncio.Condition``: a synchronous protocol callback could not, since
+``notify`` needs the lock and only a coroutine can await it. Above itself a
+channel sees only :class:`ChannelOwner`.
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable
+from typing import Protocol, cast
 
 import structlog
 
 from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
 from .wire import ChannelDecoder, ChannelHandshake, DevicePacket
-
-if TYPE_CHECKING:
-    from .session import Session
 
 log = structlog.get_logger("vfio_multifd.channel")
 
@@ -41,18 +40,46 @@ class ChannelState(enum.Enum):
     FAILED = "failed"
 
 
+class ChannelOwner(Protocol):
+    """What a channel may ask of the migration it belongs to (the session implements it).
+
+    Channels know nothing above them: this is the whole of their view upward.
+    """
+
+    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
+        """Take the channel into the migration; raise :class:`HandshakeError` to refuse it."""
+
+    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+        """The connection failed its handshake and is gone; the migration goes on."""
+
+    def fail(self, error: MultifdError) -> None:
+        """An accepted channel broke the protocol: the migration fails."""
+
+    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
+        """Queue a packet's chunk for its device's loader (may wait for memory)."""
+
+    def closed(self, channel: ChannelProtocol) -> None:
+        """An accepted channel reached a clean end of stream."""
+
+
 class ChannelProtocol(asyncio.BufferedProtocol):
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.decoder = ChannelDecoder(
-            max_packet_size=session.settings.max_packet_size, allocate=session.pool.acquire
-        )
+    def __init__(
+        self,
+        owner: ChannelOwner,
+        *,
+        max_packet_size: int,
+        handshake_timeout: float,
+        allocate: Callable[[int], bytearray],
+    ) -> None:
+        self.owner = owner
+        self.handshake_timeout = handshake_timeout
+        self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=allocate)
         self.state = ChannelState.HANDSHAKE
         self.channel_id: int | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         self.pending: deque[DevicePacket] = deque()
-        self.eof = False
+        self.end_of_stream = False  # the peer shut its side down cleanly
         self._waiter: asyncio.Future[None] | None = None
         self._reading = True
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -67,9 +94,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         self.log = log.bind(peer=self.peer)
         loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(
-            self.session.settings.handshake_timeout, self._handshake_timed_out
-        )
+        self._handshake_timer = loop.call_later(self.handshake_timeout, self._handshake_timed_out)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()
@@ -100,7 +125,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         except ProtocolError as error:
             self.fail(error)
         else:
-            self.eof = True
+            self.end_of_stream = True
             self._wake()
         return False  # close our side too
 
@@ -113,7 +138,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                     f"connection closed inside the handshake ({exc or 'reset'})",
                 )
             )
-        elif self.state is ChannelState.ACTIVE and not self.eof:
+        elif self.state is ChannelState.ACTIVE and not self.end_of_stream:
             if self.decoder.inside_unit:  # name the device and idx being received
                 error = self.decoder.truncated_error()
                 error.message += f" (connection lost: {exc or 'reset'})"
@@ -129,7 +154,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def _on_handshake(self, handshake: ChannelHandshake) -> None:
         self._cancel_handshake_timer()
-        self.session.accept_channel(self, handshake)  # raises HandshakeError to refuse
+        self.owner.accept(self, handshake)  # raises HandshakeError to refuse
         self.channel_id = handshake.channel_id
         self.state = ChannelState.ACTIVE
         self.log = self.log.bind(channel=self.channel_id)
@@ -138,11 +163,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
         if self.state is ChannelState.HANDSHAKE:
-            timeout = self.session.settings.handshake_timeout
             self._refuse(
                 HandshakeError(
                     Reason.HANDSHAKE_TIMEOUT,
-                    f"no complete handshake within {timeout:g} s "
+                    f"no complete handshake within {self.handshake_timeout:g} s "
                     f"({self.decoder.bytes_received} of 64 bytes)",
                 )
             )
@@ -158,7 +182,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             return
         self._cancel_handshake_timer()
         self.state = ChannelState.REFUSED
-        self.session.channel_refused(self, error)
+        self.owner.refused(self, error)
         if self.transport is not None:
             self.transport.abort()
 
@@ -166,7 +190,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self.state is not ChannelState.ACTIVE:
             return
         self.state = ChannelState.FAILED
-        self.session.fail(error.with_context(channel=self.channel_id))
+        self.owner.fail(error.with_context(channel=self.channel_id))
         if self.transport is not None:
             self.transport.abort()
         self._wake()
@@ -181,7 +205,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     async def next_packet(self) -> DevicePacket | None:
         """The next complete packet, or ``None`` at a clean end of stream."""
         while not self.pending:
-            if self.eof or self.state is not ChannelState.ACTIVE:
+            if self.end_of_stream or self.state is not ChannelState.ACTIVE:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -189,7 +213,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             finally:
                 self._waiter = None
         packet = self.pending.popleft()
-        if not self._reading and self.transport is not None and not self.eof:
+        if not self._reading and self.transport is not None and not self.end_of_stream:
             self._reading = True
             self.transport.resume_reading()
         return packet
@@ -199,31 +223,24 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
-class ChannelReader:
-    """The coroutine side of one accepted channel."""
-
-    def __init__(self, protocol: ChannelProtocol, session: Session) -> None:
-        self.protocol = protocol
-        self.session = session
-
-    async def run(self) -> None:
-        protocol = self.protocol
-        deliver = self.session.deliver
-        try:
-            while (packet := await protocol.next_packet()) is not None:
-                await deliver(packet, protocol.channel_id)
-        except MultifdError as error:
-            protocol.fail(error)
-            return
-        except Exception as error:  # a bug must end the migration, not hang it
-            protocol.log.exception("channel_reader_crashed")
-            protocol.fail(SessionError(Reason.INTERNAL, f"internal error: {error!r}"))
-            return
-        if protocol.state is ChannelState.ACTIVE:
-            protocol.state = ChannelState.CLOSED
-            protocol.log.info(
-                "channel_closed",
-                bytes=protocol.decoder.bytes_received,
-                packets=protocol.decoder.packets,
-            )
-            self.session.channel_closed(protocol)
+async def read_channel(protocol: ChannelProtocol, owner: ChannelOwner) -> None:
+    """The coroutine side of one accepted channel: its packets, queued in order."""
+    deliver = owner.deliver
+    try:
+        while (packet := await protocol.next_packet()) is not None:
+            await deliver(packet, protocol.channel_id)
+    except MultifdError as error:
+        protocol.fail(error)
+        return
+    except Exception as error:  # a bug must end the migration, not hang it
+        protocol.log.exception("channel_reader_crashed")
+        protocol.fail(SessionError(Reason.INTERNAL, f"internal error: {error!r}"))
+        return
+    if protocol.state is ChannelState.ACTIVE:
+        protocol.state = ChannelState.CLOSED
+        protocol.log.info(
+            "channel_closed",
+            bytes=protocol.decoder.bytes_received,
+            packets=protocol.decoder.packets,
+        )
+        owner.closed(protocol)

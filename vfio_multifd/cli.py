@@ -25,7 +25,7 @@ from typing import TextIO
 
 import structlog
 
-from . import logconfig, status
+from . import logconfig, notify, status_client, status_server
 from .config import (
     DEFAULT_MAX_QUEUED_BYTES,
     Address,
@@ -37,8 +37,9 @@ from .config import (
     parse_uuid,
 )
 from .errors import Cancelled, MultifdError, UsageError
+from .results import SessionResult
 from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SendResult, SourceDevice, send
-from .session import Session, SessionResult
+from .session import Session
 from .wire import DEFAULT_MAX_PACKET_SIZE
 
 EXIT_OK = 0
@@ -307,7 +308,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                 listening.cancel()
                 return await run  # it failed before listening: raises why
             if options.status_socket is not None:
-                server = status.StatusServer(session, options.status_socket)
+                server = status_server.StatusServer(session, options.status_socket)
                 try:
                     await server.start()
                 except BaseException:
@@ -318,7 +319,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
             _notify_ready(session, options)
             if options.progress_interval is not None:
                 reporter = asyncio.create_task(
-                    status.report_progress(
+                    notify.report_progress(
                         session,
                         options.progress_interval,
                         notify=bool(os.environ.get("NOTIFY_SOCKET")),
@@ -343,8 +344,8 @@ async def _stop(task: asyncio.Task[None]) -> None:
 def _notify_ready(session: Session, options: DaemonOptions) -> None:
     """The channel socket (and the status socket) accept connections: say so."""
     if options.ready_fd is not None:
-        status.notify_ready_fd(options.ready_fd)
-    status.sd_notify(
+        notify.notify_ready_fd(options.ready_fd)
+    notify.sd_notify(
         f"READY=1\nSTATUS=waiting for {session.settings.channels} channel(s) on {session.address}"
     )
 
@@ -468,7 +469,7 @@ def _send_progress(
 
 def _status(args: argparse.Namespace) -> int:
     try:
-        reply = status.query(args.socket, timeout=args.timeout)
+        reply = status_client.query(args.socket, timeout=args.timeout)
     except (OSError, ValueError) as error:
         print(f"vfio-multifd: error: {args.socket}: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -478,7 +479,7 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reply["return"], indent=2))
     else:
-        print(status.format_table(reply["return"]))
+        print(status_client.format_table(reply["return"]))
     return EXIT_OK
 
 
@@ -495,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "receive":
             settings = receive_settings(args)
             if args.ready_fd is not None:
-                status.check_ready_fd(args.ready_fd)
+                notify.check_ready_fd(args.ready_fd)
             options = DaemonOptions(
                 status_socket=args.status_socket,
                 ready_fd=args.ready_fd,

@@ -107,6 +107,12 @@ class DeviceBuffer:
                 idx=idx,
             )
 
+    @property
+    def fully_received(self) -> bool:
+        """Every chunk up to the config packet is queued (or already written)."""
+        last = self.last_idx
+        return last is not None and len(self.chunks) == last - self.next_idx + 1
+
     def ready_run_bytes(self) -> int:
         """Bytes in memory that the loader can write without anything more arriving."""
         total = 0
@@ -198,6 +204,7 @@ class ReassemblyBuffer:
         self.peak_queued_bytes = 0
         self.spilled_bytes = 0  # total ever spilled
         self.spilled_now = 0  # bytes currently on disk only
+        self.bytes_written = 0  # data bytes the loaders wrote, all devices together
 
     def device(self, key: DeviceKey, idx: int | None = None) -> DeviceBuffer:
         try:
@@ -262,17 +269,16 @@ class ReassemblyBuffer:
         """Memory the loaders will free with no further input: being written or ready to be."""
         return self.taken_bytes + sum(d.ready_run_bytes() for d in self.devices.values())
 
-    def check_fits_or_fail(self, packet: DevicePacket) -> None:
-        """QEMU's policy: a queue over the bound fails the migration."""
-        if not self.fits(packet.size):
-            raise SessionError(
-                Reason.QUEUE_FULL,
-                f"queueing state buffer {packet.idx} ({packet.size} bytes) would hold "
-                f"{self.queued_bytes + packet.size + self.chunk_overhead} bytes, over the bound of "
-                f"{self.max_queued_bytes} (--max-queued-bytes)",
-                device=str(packet.device),
-                idx=packet.idx,
-            )
+    def queue_full_error(self, packet: DevicePacket) -> SessionError:
+        """QEMU's policy: the error of a queue that ``packet`` would take over the bound."""
+        return SessionError(
+            Reason.QUEUE_FULL,
+            f"queueing state buffer {packet.idx} ({packet.size} bytes) would hold "
+            f"{self.queued_bytes + packet.size + self.chunk_overhead} bytes, over the bound of "
+            f"{self.max_queued_bytes} (--max-queued-bytes)",
+            device=str(packet.device),
+            idx=packet.idx,
+        )
 
     def _cost(self, chunk: Chunk) -> int:
         """What a chunk held in memory counts against the bound."""
@@ -330,6 +336,7 @@ class ReassemblyBuffer:
             else:
                 device.bytes_written += chunk.size
                 device.chunks_written += 1
+                self.bytes_written += chunk.size
             if chunk.state is ChunkState.SPILLED:
                 self.spilled_now -= chunk.size
             else:

@@ -1,16 +1,31 @@
-"""Spill file: where queued chunks go when memory is at its bound.
+"""The spill file: where chunks go when memory is at --max-queued-bytes.
 
-An anonymous temporary file (unlinked as soon as it is created, so nothing
-is left behind even if the process is killed). Space is reserved on the event
-loop thread; the blocking ``pwrite`` / ``pread`` calls run on worker threads,
-and positioned I/O lets them run concurrently on one descriptor.
+An anonymous temporary file (unlinked as soon as it is created, so nothing is
+left behind even if the process is killed), created on the first spill.
+:class:`SpillStore` is the file: space is reserved on the event loop thread,
+and positioned ``pwrite`` / ``pread`` let worker threads use one descriptor
+at once. :class:`Spiller` runs the writes on its own thread for the event
+loop, and the reads on a loader's writer thread; errors name the chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import structlog
+
+from .config import ReceiveSettings
+from .errors import DeviceIOError, UsageError, os_error_text
+from .reassembly import Chunk
+from .wire import DeviceKey
+
+log = structlog.get_logger("vfio_multifd.spill")
+
+SpillRef = tuple[int, int]  # offset, size
 
 
 class SpillStore:
@@ -21,13 +36,13 @@ class SpillStore:
         self.directory = directory
         self.end = 0
 
-    def reserve(self, size: int) -> tuple[int, int]:
+    def reserve(self, size: int) -> SpillRef:
         """A place for ``size`` bytes: the token :meth:`write` and :meth:`read` take."""
         ref = (self.end, size)
         self.end += size
         return ref
 
-    def write(self, ref: tuple[int, int], data: memoryview) -> None:
+    def write(self, ref: SpillRef, data: memoryview) -> None:
         fd = self.fd
         assert fd is not None
         offset, size = ref
@@ -52,3 +67,67 @@ class SpillStore:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def spill_directory(settings: ReceiveSettings) -> Path:
+    """--spill-dir, or the first data file's directory (never /dev: /dev/null's)."""
+    if settings.spill_dir is not None:
+        return settings.spill_dir
+    parent = settings.devices[0].data_path.resolve().parent
+    return parent if parent != Path("/dev") else Path(tempfile.gettempdir())
+
+
+class Spiller:
+    """Puts chunks in the spill file and gets them back; the file opens on first use."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.store: SpillStore | None = None
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="spill")
+
+    def check_directory(self) -> None:
+        """A bound that may spill needs a place to spill to: say so now, not mid-migration."""
+        directory = self.directory
+        if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot spill to {directory}: not a writable directory (--spill-dir)")
+
+    async def write(
+        self, data: memoryview, device: DeviceKey, idx: int, channel: int | None
+    ) -> SpillRef:
+        """Write one chunk's bytes off the loop; the token says where they went."""
+        try:
+            if self.store is None:
+                self.store = SpillStore(self.directory)
+                log.info("spill_file_opened", directory=str(self.directory))
+            store = self.store
+            ref = store.reserve(len(data))
+            await asyncio.get_running_loop().run_in_executor(self._executor, store.write, ref, data)
+        except OSError as error:
+            raise self._error(error, device, idx, channel) from error
+        return ref
+
+    def read(self, chunk: Chunk) -> bytes:
+        """On a writer thread: a spilled chunk's bytes, back from the spill file."""
+        assert self.store is not None
+        try:
+            return self.store.read(chunk.spill_ref)
+        except OSError as error:
+            raise self._error(error, chunk.device, chunk.idx, chunk.channel) from error
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+
+    def _error(
+        self, error: OSError, device: DeviceKey, idx: int, channel: int | None
+    ) -> DeviceIOError:
+        # ``channel`` is the one that brought the chunk, not the one whose arrival made room for it.
+        return DeviceIOError(
+            f"cannot spill state buffer {idx} to {self.directory}: {os_error_text(error)}; "
+            "see --spill-dir and --max-queued-bytes",
+            device=str(device),
+            errno=error.errno,
+            idx=idx,
+            channel=channel,
+        )

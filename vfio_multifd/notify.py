@@ -1,0 +1,105 @@
+"""What the daemon tells its supervisor: readiness, and progress while it runs.
+
+* :func:`sd_notify` and :func:`notify_ready_fd` - readiness for systemd
+  (``READY=1`` on ``$NOTIFY_SOCKET``) and for scripts (a byte on a file descriptor).
+* :func:`report_progress` - a ``migration_progress`` log line every few seconds
+  while the migration is active (and ``STATUS=`` for systemd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Mapping
+
+import structlog
+
+from .errors import UsageError
+from .results import SessionStatus
+from .session import Session
+
+log = structlog.get_logger("vfio_multifd.notify")
+
+
+def sd_notify(message: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Send ``message`` (e.g. ``"READY=1"``) to systemd's ``$NOTIFY_SOCKET``.
+
+    The protocol of sd_notify(3), without libsystemd: one datagram on a unix
+    socket, whose address starting with ``@`` is in the abstract namespace.
+    Returns False when there is no socket to notify (not run by systemd) or
+    the send failed; readiness is best effort and never stops the daemon.
+    """
+    address = (os.environ if environ is None else environ).get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        log.warning("notify_socket_unsupported", address=address)  # e.g. vsock:
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            # Never block the event loop: a receiver that stopped reading
+            # (a full queue) loses the message instead of stalling the data path.
+            sock.setblocking(False)
+            sock.sendto(message.encode(), address)
+    except BlockingIOError:
+        log.debug("sd_notify_dropped", address=address.lstrip("\0"))
+        return False
+    except OSError as error:
+        log.warning("sd_notify_failed", address=address.lstrip("\0"), error=str(error))
+        return False
+    return True
+
+
+def check_ready_fd(fd: int) -> None:
+    """Fail early (a usage error) if ``--ready-fd`` is not an open descriptor."""
+    try:
+        os.fstat(fd)
+    except OSError as error:
+        raise UsageError(f"--ready-fd {fd}: {error.strerror}") from None
+
+
+def notify_ready_fd(fd: int) -> None:
+    """Write a newline to ``fd`` and close it (the s6 readiness convention)."""
+    try:
+        os.write(fd, b"\n")
+    except OSError as error:
+        log.warning("ready_fd_failed", fd=fd, error=str(error))
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+async def report_progress(session: Session, interval: float, *, notify: bool = False) -> None:
+    """Log ``migration_progress`` every ``interval`` seconds while the session is active.
+
+    MB/s is over the last interval (what an operator watching wants to know);
+    the summary at the end has the average. With ``notify``, the same goes to
+    systemd as ``STATUS=`` (``systemctl status`` shows it).
+    """
+    last_bytes, last_time = session.bytes_received, time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        received = session.bytes_received
+        rate = (received - last_bytes) / 1e6 / (now - last_time)
+        last_bytes, last_time = received, now
+        if session.status is not SessionStatus.ACTIVE:
+            continue
+        devices = session.reassembly.devices.values()
+        written = sum(device.bytes_written for device in devices)
+        session.log.info(
+            "migration_progress",
+            bytes=received,
+            bytes_written=written,
+            mb_per_s=round(rate, 1),
+            queued_bytes=session.reassembly.queued_bytes,
+            next_idx={str(device.key): device.next_idx for device in devices},
+            channels=len(session.registry.channels),
+        )
+        if notify:  # until a message is lost: then systemd is not listening
+            notify = sd_notify(f"STATUS=active: {received / 1e6:.0f} MB received, {rate:.1f} MB/s")

@@ -1,0 +1,54 @@
+"""What a migration reports: its QMP status and, once complete, each device's result."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from pathlib import Path
+
+from .wire import DeviceKey
+
+
+class SessionStatus(enum.StrEnum):
+    """QMP's names for a migration's states."""
+
+    SETUP = "setup"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (SessionStatus.COMPLETED, SessionStatus.FAILED, SessionStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceResult:
+    device: DeviceKey
+    data_path: Path
+    config_path: Path
+    bytes: int
+    chunks: int
+    config_bytes: int
+    digest: str
+    seconds: float  # from the first byte received to the device's completion
+
+
+@dataclass(frozen=True, slots=True)
+class SessionResult:
+    devices: tuple[DeviceResult, ...]
+    seconds: float  # first byte received to the last device complete
+    bytes_received: int  # on all channels, headers included
+    peak_queued_bytes: int
+    spilled_bytes: int
+    paused_seconds: float
+
+    @property
+    def data_bytes(self) -> int:
+        return sum(device.bytes for device in self.devices)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
