@@ -124,7 +124,9 @@ class Admission:
     ) -> None:
         """Put an arriving chunk straight into the spill file: it never counts as memory."""
         ref = await self.spiller.write(packet.data, packet.device, packet.idx, channel)
-        await self._insert_ready(device.key, lambda: self.reassembly.insert_spilled(packet, ref, channel))
+        await self._insert_ready(
+            device.key, lambda: self.reassembly.insert_spilled(packet, ref, channel)
+        )
         self.pool.release(packet.buffer)
 
     async def _spill_victim(self, chunk: Chunk) -> None:

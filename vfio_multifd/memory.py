@@ -94,7 +94,11 @@ class MemoryPolicy:
             return Fail(reassembly.queue_full_error(packet))
         if reassembly.drainable_bytes() or reassembly.spilling_bytes:
             return WAIT
-        if ahead and others_reading > 0 and self._grace_expired_at_written != reassembly.bytes_written:
+        if (
+            ahead
+            and others_reading > 0
+            and self._grace_expired_at_written != reassembly.bytes_written
+        ):
             # Memory holds only chunks that arrived early. When channels are
             # merely skewed, another one brings the next chunk within
             # milliseconds (into the reserve), and waiting beats spilling.

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .config import DeviceSpec
 from .errors import DeviceIOError, os_error_text
 
 
@@ -224,3 +225,12 @@ class Output:
             device=self.device,
             errno=error.errno,
         )
+
+
+def device_outputs(spec: DeviceSpec, *, fsync: bool) -> tuple[Output, Output]:
+    """A device's data file and config file."""
+    device = str(spec.key)
+    return (
+        Output(spec.data_path, device=device, what="data file", fsync=fsync),
+        Output(spec.config_path, device=device, what="config file", fsync=fsync),
+    )

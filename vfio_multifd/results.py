@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .wire import DeviceKey
+
+if TYPE_CHECKING:
+    from .loader import DeviceLoader
+    from .reassembly import ReassemblyBuffer
 
 
 class SessionStatus(enum.StrEnum):
@@ -52,3 +58,35 @@ class SessionResult:
     @property
     def mb_per_s(self) -> float:
         return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def summarize(
+    loaders: Sequence[DeviceLoader],
+    reassembly: ReassemblyBuffer,
+    *,
+    started: float,
+    bytes_received: int,
+    paused_seconds: float,
+) -> SessionResult:
+    """The result of a completed migration (``started``: monotonic, the first channel)."""
+    devices = tuple(
+        DeviceResult(
+            device=loader.device.key,
+            data_path=loader.data.path,
+            config_path=loader.config.path,
+            bytes=loader.device.bytes_written,
+            chunks=loader.device.chunks_written,
+            config_bytes=loader.config.bytes_written,
+            digest=loader.digest_text,
+            seconds=loader.completed_at - started,
+        )
+        for loader in loaders
+    )
+    return SessionResult(
+        devices=devices,
+        seconds=max(loader.completed_at for loader in loaders) - started,
+        bytes_received=bytes_received,
+        peak_queued_bytes=reassembly.peak_queued_bytes,
+        spilled_bytes=reassembly.spilled_bytes,
+        paused_seconds=paused_seconds,
+    )

@@ -26,10 +26,10 @@ from .errors import Cancelled, HandshakeError, MultifdError, Reason, SessionErro
 from .listener import ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
-from .output import Output
+from .output import device_outputs
 from .pool import BufferPool
 from .reassembly import ReassemblyBuffer
-from .results import DeviceResult, SessionResult, SessionStatus
+from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .watchdog import Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket
@@ -70,10 +70,7 @@ class Session:
                 self.reassembly,
                 self.reassembly.devices[spec.key],
                 self.admission.conditions[spec.key],
-                Output(spec.data_path, device=str(spec.key), what="data file", fsync=settings.fsync),
-                Output(
-                    spec.config_path, device=str(spec.key), what="config file", fsync=settings.fsync
-                ),
+                *device_outputs(spec, fsync=settings.fsync),
                 digest=settings.digest,
                 written=self.admission.release_written,
                 read_spilled=self.spiller.read,
@@ -292,26 +289,11 @@ class Session:
         )
 
     def _result(self) -> SessionResult:
-        started = self.started or time.monotonic()
-        devices = tuple(
-            DeviceResult(
-                device=loader.device.key,
-                data_path=loader.data.path,
-                config_path=loader.config.path,
-                bytes=loader.device.bytes_written,
-                chunks=loader.device.chunks_written,
-                config_bytes=loader.config.bytes_written,
-                digest=loader.digest_text,
-                seconds=loader.completed_at - started,
-            )
-            for loader in self.loaders
-        )
-        result = SessionResult(
-            devices=devices,
-            seconds=max(loader.completed_at for loader in self.loaders) - started,
+        result = summarize(
+            self.loaders,
+            self.reassembly,
+            started=self.started or time.monotonic(),
             bytes_received=self.registry.bytes_received,
-            peak_queued_bytes=self.reassembly.peak_queued_bytes,
-            spilled_bytes=self.reassembly.spilled_bytes,
             paused_seconds=self.admission.paused_seconds,
         )
         self.log.info(

@@ -28,7 +28,12 @@ class Sample:
 
 class Watchdog:
     def __init__(
-        self, *, channels: int, accept_timeout: float | None, progress_timeout: float | None, now: float
+        self,
+        *,
+        channels: int,
+        accept_timeout: float | None,
+        progress_timeout: float | None,
+        now: float,
     ) -> None:
         self.channels = channels
         self.accept_timeout = accept_timeout
