@@ -43,9 +43,9 @@ class DeviceLoader:
         config: Output,
         *,
         digest: Digest,
-        written: Callable[[list[Chunk]], None],
+        release: Callable[[list[Chunk]], None],
         read_spilled: Callable[[Chunk], bytes] | None = None,
-        failed: Callable[[BaseException], None] | None = None,
+        write_failed: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.reassembly = reassembly
         self.device = device
@@ -54,9 +54,9 @@ class DeviceLoader:
         self.config = config
         self.digest = digest
         self.hasher = new_hasher(digest)
-        self._written = written  # the session releases the chunks' memory
+        self._release = release  # gives the written chunks' memory back
         self._read_spilled = read_spilled
-        self._failed = failed  # a batch written in the background failed
+        self._write_failed = write_failed  # a batch written in the background failed
         self._in_flight: set[asyncio.Future[None]] = set()
         self.write_error: BaseException | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
@@ -85,7 +85,7 @@ class DeviceLoader:
                 if self.write_error is not None:
                     raise self.write_error
                 await self._load_config(loop, chunks[0])
-                self._written(chunks)
+                self._release(chunks)
                 break
             self._submit(loop, chunks)
         self.completed_at = time.monotonic()
@@ -114,20 +114,20 @@ class DeviceLoader:
                 lambda _: self.log.debug("load_end", first_idx=first, last_idx=last)
             )
 
-        def written(done: asyncio.Future[None]) -> None:
+        def batch_done(done: asyncio.Future[None]) -> None:
             self._in_flight.discard(done)
             if done.cancelled():
                 return
             error = done.exception()
             if error is None:
-                self._written(chunks)
+                self._release(chunks)
                 return
             # Whatever it was, the batch is not on disk: the device can never complete.
             self.write_error = error
-            if self._failed is not None:
-                self._failed(error)
+            if self._write_failed is not None:
+                self._write_failed(error)
 
-        future.add_done_callback(written)
+        future.add_done_callback(batch_done)
 
     @property
     def digest_text(self) -> str:

@@ -72,9 +72,9 @@ class Session:
                 self.admission.conditions[spec.key],
                 *device_outputs(spec, fsync=settings.fsync),
                 digest=settings.digest,
-                written=self.admission.release_written,
+                release=self.admission.release_written,
                 read_spilled=self.spiller.read,
-                failed=self._writer_failed,
+                write_failed=self._writer_failed,
             )
             for spec in settings.devices
         ]
