@@ -135,6 +135,7 @@ class ReceiveSettings:
     max_queued_bytes: int | None = DEFAULT_MAX_QUEUED_BYTES  # None: no bound
     on_queue_full: QueueFullPolicy = QueueFullPolicy.SPILL
     spill_dir: Path | None = None  # None: beside the first data file
+    max_spill_bytes: int | None = None  # None: no cap
     accept_timeout: float | None = None
     handshake_timeout: float = 10.0
     progress_timeout: float | None = 150.0  # KubeVirt's default

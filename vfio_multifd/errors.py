@@ -49,6 +49,7 @@ class Reason(enum.StrEnum):
     VFIO_CONFIG_BLOB = "vfio-config-blob"
     # limits
     QUEUE_FULL = "queue-full"
+    SPILL_FULL = "spill-full"
     # device I/O
     DEVICE_WRITE = "device-write"
     # session

@@ -57,7 +57,7 @@ class Session:
             chunk_overhead=CHUNK_OVERHEAD if bound is not None else 0,
         )
         self.registry = ChannelRegistry(channels=settings.channels, uuid=settings.uuid)
-        self.spiller = Spiller(spill_directory(settings))
+        self.spiller = Spiller(spill_directory(settings), max_bytes=settings.max_spill_bytes)
         self.admission = Admission(
             self.reassembly,
             MemoryPolicy(self.reassembly, fail_when_full=fail_when_full),
