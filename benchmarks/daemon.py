@@ -46,12 +46,13 @@ class _Output(threading.Thread):
     def __init__(self, pipe: IO[bytes], events: list[Event], listening: threading.Event) -> None:
         super().__init__(daemon=True)
         self.pipe, self.events, self.listening = pipe, events, listening
-        self.text: list[str] = []
+        self.lines: list[str] = []
         self.start()
 
     def run(self) -> None:
         for raw in iter(self.pipe.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
             try:
                 event = json.loads(line)
             except ValueError:
@@ -60,8 +61,6 @@ class _Output(threading.Thread):
                 self.events.append(event)
                 if event.get("event") == "listening":
                     self.listening.set()
-            else:
-                self.text.append(line)
         self.listening.set()  # end of output: whoever waits must look at the events
         self.pipe.close()
 
@@ -90,7 +89,6 @@ class Finished:
     cpu: float  # user + system seconds, start to exit
     peak_rss: int  # bytes
     events: list[Event]  # its JSON lines, stdout's then stderr's
-    text: list[str]  # its other lines
     replay: Replay | None  # None: the replay did not run to its end
     error: str  # why the run failed: start-up, replay, exit status ("" if none)
 
@@ -115,20 +113,25 @@ def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TI
     watcher = threading.Thread(target=_watch_peak_rss, args=(proc.pid, peak), daemon=True)
     watcher.start()
     watchdog = threading.Timer(timeout, _kill, args=(proc.pid, signal.SIGKILL))
+    watchdog.daemon = True
     watchdog.start()
     sent: Replay | None = None
     error = ""
     try:
-        listening.wait(LISTEN_TIMEOUT)
+        wait = min(LISTEN_TIMEOUT, timeout)
+        listening.wait(wait)
         address = next(
             (e["address"] for e in out_events + err_events if e.get("event") == "listening"), None
         )
         if address is None:
-            raise RuntimeError(f"it logged no listening address within {LISTEN_TIMEOUT:.0f} s")
+            raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
         sent = replay(Address.parse(str(address)), workload, timeout)
     except (OSError, RuntimeError) as exc:
         error = str(exc) or type(exc).__name__
         _kill(proc.pid, signal.SIGTERM)
+    except BaseException:  # interrupted: leave no receiver behind
+        _kill(proc.pid, signal.SIGKILL)
+        raise
     # Exited but not reaped: its pid cannot be reused, so the watchdog may still fire harmlessly.
     os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
     watchdog.cancel()
@@ -138,15 +141,14 @@ def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TI
     for output in outputs:
         output.join(10)
     watcher.join(1)
-    if not error and proc.returncode != 0:
-        tail = " | ".join((outputs[1].text or outputs[0].text)[-3:])
-        error = f"exit status {proc.returncode}: {tail}"
+    if proc.returncode != 0:
+        tail = " | ".join(outputs[1].lines[-2:])  # stderr: where both say why they failed
+        error = "; ".join(filter(None, [error, f"exit status {proc.returncode}: {tail}"]))
     return Finished(
         exit_code=proc.returncode,
         cpu=usage.ru_utime + usage.ru_stime,
         peak_rss=peak[0],
         events=out_events + err_events,
-        text=outputs[0].text + outputs[1].text,
         replay=sent,
         error=error,
     )

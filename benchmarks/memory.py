@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from daemon import DaemonRun, run_daemon
+from report import median_range, progress
 from vfio_multifd.config import parse_size
 from vfio_multifd.sender import Packet
 from workload import CHUNK, Workload, build_workload, device_states, encode
@@ -84,10 +83,6 @@ class Report:
         return all(run.ok for run in runs)
 
 
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_memory(*, size: int, bound: int, reps: int, workdir: Path) -> Report:
     report = Report(bound)
     options = ["--no-fsync", "--spill-dir", str(workdir)]
@@ -103,7 +98,7 @@ def run_memory(*, size: int, bound: int, reps: int, workdir: Path) -> Report:
     ):
         run = run_daemon(workload, workdir, *bounded)
         report.cases.append(Case(name, nbytes, run))
-        _progress(f"  {name}: {_figures(run)}")
+        progress(f"  {name}: {_figures(run)}")
         for entry in workdir.iterdir():
             entry.unlink()
     workload = build_workload([size], channels=4, seed=4)
@@ -115,7 +110,7 @@ def run_memory(*, size: int, bound: int, reps: int, workdir: Path) -> Report:
         ):
             run = run_daemon(workload, None, *limit)
             report.in_order[name].append(run)
-            _progress(f"  in order {name}: {_figures(run)}")
+            progress(f"  in order {name}: {_figures(run)}")
     return report
 
 
@@ -127,13 +122,6 @@ def _figures(run: DaemonRun) -> str:
         f"{run.peak_queued_bytes / MIB:.1f} MiB, spilled {run.spilled_bytes / MIB:.0f} MiB, "
         f"paused {run.paused_seconds:.2f} s"
     )
-
-
-def _cell(values: list[float], spec: str) -> str:
-    if not values:
-        return "-"
-    median = format(statistics.median(values), spec)
-    return median if len(values) == 1 else f"{median} [{min(values):{spec}}-{max(values):{spec}}]"
 
 
 def format_report(report: Report) -> list[str]:
@@ -153,11 +141,11 @@ def format_report(report: Report) -> list[str]:
     runs = len(report.in_order["unbounded"])
     lines.append(
         f"in order, 4 channels, /dev/null, median [range] of {runs}: "
-        f"no bound {_cell(report.speeds('unbounded'), '.0f')} MB/s "
-        f"(peak RSS {_cell(report.rss('unbounded'), '.0f')} MiB), "
-        f"bounded {_cell(report.speeds('bounded'), '.0f')} MB/s "
-        f"(peak RSS {_cell(report.rss('bounded'), '.0f')} MiB), "
-        f"ratio {_cell(report.ratios(), '.2f')}"
+        f"no bound {median_range(report.speeds('unbounded'), '.0f')} MB/s "
+        f"(peak RSS {median_range(report.rss('unbounded'), '.0f')} MiB), "
+        f"bounded {median_range(report.speeds('bounded'), '.0f')} MB/s "
+        f"(peak RSS {median_range(report.rss('bounded'), '.0f')} MiB), "
+        f"ratio {median_range(report.ratios(), '.2f')}"
     )
     target = report.bound + RSS_ALLOWANCE
     worst = max((c.run.peak_rss for c in report.cases if c.run.ok), default=None)
