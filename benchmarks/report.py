@@ -12,11 +12,11 @@ def progress(message: str) -> None:
 
 
 def median_range(values: list[float], spec: str, scale: float = 1.0) -> str:
-    """``median [min-max]`` of ``values`` times ``scale``; the median alone for one value,
+    """``median [min..max]`` of ``values`` times ``scale``; the median alone for one value,
     ``-`` for none (every run failed)."""
     if not values:
         return "-"
     median = format(statistics.median(values) * scale, spec)
     if len(values) == 1:
         return median
-    return f"{median} [{min(values) * scale:{spec}}-{max(values) * scale:{spec}}]"
+    return f"{median} [{min(values) * scale:{spec}}..{max(values) * scale:{spec}}]"

@@ -30,6 +30,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -349,21 +350,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     print(format_table(results))
     print()
-    print(
+    legend = (
         f"{size >> 20} MiB of 1 MiB chunks per run, {reps} repetition(s): median [range]. "
         "MB/s = 1e6 data bytes per second of the receiver's own clock (first byte received "
         "-> last written); ratio = daemon/baseline of each a/b pair; CPU s/GB = user+sys "
         "of the receiving process from start to exit per 1e9 data bytes (base CPU: the "
-        "baseline's); RSS = the daemon's peak (VmHWM); lag = last byte sent -> last device "
-        "complete; daemon ok = daemon runs that completed with the workload's digests (the "
-        "others are not counted)."
+        "baseline's); RSS = the daemon's peak (VmHWM); lag = the last sendmsg returned -> "
+        "the last device complete (two processes' wall clocks: it can read a little below 0); "
+        "daemon ok = daemon runs that completed with the workload's digests (only those count)."
     )
     if "file" in sinks:
-        print(
-            "file sink: fresh files, the daemon's one per device (temporary, renamed), the "
+        legend += (
+            " File sink: fresh files, the daemon's one per device (temporary, renamed), the "
             "baseline's one for all channels; "
             + ("neither fsyncs." if args.no_fsync else "both fsync before they report done.")
         )
+    print(textwrap.fill(legend, 100))
     for line in assess_targets(results):
         print(line)
     print(f"took {elapsed:.0f} s")
