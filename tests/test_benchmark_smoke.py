@@ -12,12 +12,13 @@ import struct
 from pathlib import Path
 
 import pytest
-import xxhash
 
 import memory
 import plain_copy
 import throughput
 from daemon import run_receiver
+from vfio_multifd.config import Digest
+from vfio_multifd.digest import digest_of
 from workload import Workload, build_workload, idstr_of
 
 HEADER = struct.Struct(">III256sII")  # magic, version, flags, idstr, instance_id, size
@@ -42,7 +43,7 @@ def packets_of(stream: bytes, channel: int) -> list[tuple[str, int, bool, bytes]
 
 
 def digests_of_streams(workload: Workload) -> dict[str, str]:
-    """xxh3-128 of each device's data in idx order, from the bytes of every channel."""
+    """Each device's digest of its data in idx order, parsed from the bytes of every channel."""
     chunks: dict[str, dict[int, bytes]] = {}
     configs: dict[str, int] = {}
     for channel in range(workload.channels):
@@ -55,10 +56,7 @@ def digests_of_streams(workload: Workload) -> dict[str, str]:
     result = {}
     for idstr, by_idx in chunks.items():
         assert sorted(by_idx) == list(range(configs[idstr]))
-        hasher = xxhash.xxh3_128()
-        for idx in range(configs[idstr]):
-            hasher.update(by_idx[idx])
-        result[idstr] = f"xxh3-128:{hasher.hexdigest()}"
+        result[idstr] = digest_of(Digest.XXH3_128, [by_idx[idx] for idx in sorted(by_idx)])
     return result
 
 
