@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: install
-	$(BIN)/ruff check vfio_multifd tests examples
-	$(BIN)/mypy vfio_multifd
+	$(BIN)/ruff check vfio_multifd tests examples benchmarks
+	$(BIN)/mypy vfio_multifd benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -25,8 +25,8 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 bench: install
-	$(BIN)/python -m vfio_multifd.benchmark
-	$(BIN)/python -m vfio_multifd.bench_memory
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # test_benchmark_smoke
 
 from cli_helpers import Daemon
 

@@ -1,8 +1,9 @@
-"""The benchmark runs end to end on a tiny workload and reports what the daemon received.
+"""The benchmarks (``benchmarks/``) run end to end on tiny workloads over 127.0.0.1.
 
-No timing is asserted: only that every figure was produced and is positive, and
-that the digest the daemon printed for each device is the digest of the data
-the replay sender sent (recomputed here by parsing the very bytes sent).
+No time is asserted: only that every run succeeded and produced its figures,
+that the digest the daemon reported for each device is the digest of the data
+the replay sender sent (recomputed here by parsing the very bytes sent), and
+that the plain copy's sink holds exactly the bytes of the stream sent.
 """
 
 from __future__ import annotations
@@ -11,32 +12,43 @@ import struct
 from pathlib import Path
 
 import pytest
-import xxhash
 
-from vfio_multifd import benchmark
+import memory
+import plain_copy
+import throughput
+from daemon import run_receiver
+from vfio_multifd.config import Digest
+from vfio_multifd.digest import digest_of
+from workload import Workload, build_workload, idstr_of
 
 HEADER = struct.Struct(">III256sII")  # magic, version, flags, idstr, instance_id, size
 VFIO = struct.Struct(">III")  # version, idx, flags
 
 
-def digests_of_streams(workload: benchmark.Workload) -> dict[str, str]:
-    """Parse every channel's stream as sent; xxh3-128 of each device's data in idx order."""
+def packets_of(stream: bytes, channel: int) -> list[tuple[str, int, bool, bytes]]:
+    """One channel's stream as sent, parsed: (idstr, idx, config state?, data) per packet."""
+    magic, version, _uuid, channel_id = struct.unpack_from(">II16sB", stream, 0)
+    assert (magic, version, channel_id) == (0x11223344, 1, channel)
+    packets = []
+    offset = 64
+    while offset < len(stream):
+        magic, version, flags, raw_idstr, _instance, size = HEADER.unpack_from(stream, offset)
+        assert (magic, version, flags) == (0x11223344, 1, 0x40)
+        offset += HEADER.size
+        _vversion, idx, vflags = VFIO.unpack_from(stream, offset)
+        data = stream[offset + VFIO.size : offset + size]
+        offset += size
+        packets.append((raw_idstr.rstrip(b"\0").decode(), idx, bool(vflags & 1), data))
+    return packets
+
+
+def digests_of_streams(workload: Workload) -> dict[str, str]:
+    """Each device's digest of its data in idx order, parsed from the bytes of every channel."""
     chunks: dict[str, dict[int, bytes]] = {}
     configs: dict[str, int] = {}
     for channel in range(workload.channels):
-        stream = workload.stream_bytes(channel)
-        magic, version, _uuid, channel_id = struct.unpack_from(">II16sB", stream, 0)
-        assert (magic, version, channel_id) == (0x11223344, 1, channel)
-        offset = 64
-        while offset < len(stream):
-            magic, version, flags, raw_idstr, _instance, size = HEADER.unpack_from(stream, offset)
-            assert (magic, version, flags) == (0x11223344, 1, 0x40)
-            offset += HEADER.size
-            _vversion, idx, vflags = VFIO.unpack_from(stream, offset)
-            data = stream[offset + VFIO.size : offset + size]
-            offset += size
-            idstr = raw_idstr.rstrip(b"\0").decode()
-            if vflags & 1:
+        for idstr, idx, config, data in packets_of(workload.stream_bytes(channel), channel):
+            if config:
                 configs[idstr] = idx
             else:
                 assert idx not in chunks.setdefault(idstr, {})
@@ -44,67 +56,105 @@ def digests_of_streams(workload: benchmark.Workload) -> dict[str, str]:
     result = {}
     for idstr, by_idx in chunks.items():
         assert sorted(by_idx) == list(range(configs[idstr]))
-        hasher = xxhash.xxh3_128()
-        for idx in range(configs[idstr]):
-            hasher.update(by_idx[idx])
-        result[idstr] = f"xxh3-128:{hasher.hexdigest()}"
+        result[idstr] = digest_of(Digest.XXH3_128, [by_idx[idx] for idx in sorted(by_idx)])
     return result
 
 
-def test_benchmark_tiny_run(tmp_path: Path) -> None:
-    size = 16 << 20
-    results = benchmark.run_benchmark(
-        channels=[2], devices=[2], sinks=["null", "file"], size=size, reps=1, work_dir=tmp_path
-    )
-    assert [(r.sink, r.devices, r.channels) for r in results] == [("null", 2, 2), ("file", 2, 2)]
-
-    workload = benchmark.build_workload(channels=2, devices=2, size=size)
+def test_throughput_tiny_run(tmp_path: Path) -> None:
+    workload = build_workload([5 << 20, (3 << 20) + 12345], channels=2)
     sent = digests_of_streams(workload)
-    expected = [sent[benchmark.idstr_of(d)] for d in range(2)]
-    assert workload.expected_digests() == expected
+    assert sent == workload.expected_digests
+    assert sorted(sent) == [idstr_of(0), idstr_of(1)]
 
+    results = [
+        throughput.run_config(workload, sink, reps=2, out_dir=tmp_path) for sink in ("null", "file")
+    ]
     for config in results:
+        assert (config.devices, config.channels, config.size) == (2, 2, workload.size)
         for run in (*config.baseline, *config.daemon):
             assert run.ok, run.error
-            assert run.mb_per_s > 0 and run.seconds > 0 and run.cpu > 0 and run.maxrss > 0
-        (daemon,) = config.daemon
-        assert daemon.digests == expected
-        assert daemon.digest_ok
-        assert config.ratio() is not None and config.ratio() > 0
+            assert run.mb_per_s > 0 and run.cpu_per_gb > 0 and run.peak_rss > 0
+        for run in config.daemon:
+            assert run.daemon is not None
+            assert run.daemon.digests == sent
+            assert run.daemon.bytes == workload.size
+        assert len(config.ratios()) == 2 and all(ratio > 0 for ratio in config.ratios())
+        assert config.ok_runs("daemon") == config.ok_runs("baseline") == 2
+    assert list(tmp_path.iterdir()) == []  # every run's outputs are removed
 
-    table = benchmark.format_table(results)
-    lines = table.splitlines()
+    lines = throughput.format_table(results).splitlines()
     assert len(lines) == 2 + len(results)
-    for line in lines[2:]:
-        fields = line.split()
-        numbers = [float(x) for x in fields[3:10]]  # MB/s .. lag
-        assert all(x >= 0 for x in numbers), line
-        assert numbers[0] > 0 and numbers[1] > 0 and numbers[2] > 0 and numbers[6] > 0, line
-        assert fields[-1] == "ok"
-    assert any("digests equal" in line for line in benchmark.assess_targets(results))
-    assert list(tmp_path.iterdir()) == []  # outputs are removed after each configuration
+    assert [line.split()[:3] for line in lines[2:]] == [["null", "2", "2"], ["file", "2", "2"]]
+    assert all(line.endswith("2/2") for line in lines[2:])
+    targets = throughput.assess_targets(results)
+    assert targets[-1].startswith("met") and "(0 failed, not counted)" in targets[-1]
 
 
-def test_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = benchmark.main(
-        [
-            "--size",
-            "16M",
-            "--reps",
-            "1",
-            "--channels",
-            "1",
-            "--devices",
-            "1",
-            "--sinks",
-            "null",
-            "--tmpdir",
-            str(tmp_path),
-            "--json",
-            str(tmp_path / "raw.json"),
-        ]
-    )
+def test_a_wrong_digest_is_a_failed_run(tmp_path: Path) -> None:
+    workload = build_workload([2 << 20], channels=1)
+    workload.expected_digests[idstr_of(0)] = "xxh3-128:" + "0" * 32
+    config = throughput.run_config(workload, "null", reps=1, out_dir=tmp_path)
+    (run,) = config.daemon
+    assert not run.ok and "digest differs" in run.error
+    assert config.ratios() == [] and config.median("daemon", "mb_per_s") is None
+    assert config.baseline[0].ok
+
+
+def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw = tmp_path / "raw.json"
+    argv = ["--size", "4M", "--reps", "1", "--channels", "1", "--devices", "1", "--sinks", "null"]
+    code = throughput.main([*argv, "--tmpdir", str(tmp_path), "--json", str(raw)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "daemon MB/s" in out and "took" in out
-    assert (tmp_path / "raw.json").stat().st_size > 0
+    assert raw.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+def test_memory_tiny_run(tmp_path: Path) -> None:
+    mib = 1 << 20
+    report = memory.run_memory(size=24 * mib, bound=8 * mib, reps=1, workdir=tmp_path)
+    assert report.ok(), [case.run.error for case in report.cases]
+    reverse, crossing = report.cases
+    assert (reverse.size, crossing.size) == (24 * mib, 12 * mib)
+    for case in report.cases:
+        assert case.run.bytes == case.size
+        assert 0 < case.run.peak_queued_bytes <= 8 * mib
+        assert case.run.peak_rss > 0 and case.run.mb_per_s > 0
+    assert reverse.run.spilled_bytes > 0  # first chunk last: most of it cannot stay in memory
+    assert len(report.ratios()) == 1
+    unbounded, bounded = report.in_order["unbounded"][0], report.in_order["bounded"][0]
+    assert bounded.peak_queued_bytes <= 8 * mib  # (it may spill a little on a loaded machine)
+    assert unbounded.spilled_bytes == 0  # no bound: nothing to spill for
+    lines = memory.format_report(report)
+    assert lines[2].endswith("match") and lines[3].endswith("match")
+    assert "in-order runs failed (not counted): 0" in lines
+
+
+def test_crossing_plan() -> None:
+    workload = memory.crossing(3 << 20, seed=2)  # idx 0, 1, 2 and the config packet 3
+    assert digests_of_streams(workload) == workload.expected_digests
+    a, b = idstr_of(0), idstr_of(1)
+    order = [
+        [(idstr, idx) for idstr, idx, _, _ in packets_of(workload.stream_bytes(c), c)]
+        for c in range(2)
+    ]
+    assert order == [[(a, 2), (a, 3), (b, 0), (b, 1)], [(b, 2), (b, 3), (a, 0), (a, 1)]]
+
+
+@pytest.mark.parametrize("connections", [1, 2])
+def test_plain_copy_writes_the_stream(tmp_path: Path, connections: int) -> None:
+    workload = build_workload([3 << 20], channels=connections)
+    sink = tmp_path / "sink.bin"
+    finished = run_receiver(plain_copy.command(connections, str(sink)), workload, timeout=30)
+    assert finished.error == "" and finished.exit_code == 0
+    assert finished.replay is not None
+    assert finished.replay.channel_bytes == workload.channel_bytes
+    (done,) = finished.named(plain_copy.DONE)
+    assert done["bytes"] == sum(workload.channel_bytes) and done["errors"] == []
+    assert done["seconds"] > 0 and finished.cpu > 0
+    written = sink.read_bytes()
+    if connections == 1:
+        assert written == workload.stream_bytes(0)
+    else:  # the connections' writes interleave
+        assert len(written) == sum(workload.channel_bytes)

@@ -1,0 +1,22 @@
+"""What both benchmark reports share: progress lines, and a median with its range."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+
+def progress(message: str) -> None:
+    """One line per run on stderr, as it happens (the report itself goes to stdout)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def median_range(values: list[float], spec: str, scale: float = 1.0) -> str:
+    """``median [min..max]`` of ``values`` times ``scale``; the median alone for one value,
+    ``-`` for none (every run failed)."""
+    if not values:
+        return "-"
+    median = format(statistics.median(values) * scale, spec)
+    if len(values) == 1:
+        return median
+    return f"{median} [{min(values) * scale:{spec}}..{max(values) * scale:{spec}}]"

@@ -1,0 +1,386 @@
+"""Receive throughput: the daemon against the plain copy, same streams, same sink, same run.
+
+    python benchmarks/throughput.py [--quick] [--size 1G] [--reps 3] [--channels 1,2,4,8]
+        [--devices 1,4] [--sinks null,file] [--no-fsync] [--json PATH] [--tmpdir DIR]
+
+For every sink, device count and channel count it runs, alternately and
+``--reps`` times over, (a) the baseline, ``plain_copy.py`` (one thread per
+connection, ``recv_into`` a reused 1 MiB buffer, ``os.write`` to one sink;
+a file sink is fsynced at the end), and (b) the daemon, ``python -m
+vfio_multifd receive`` with its default settings (digests on, fsync on unless
+``--no-fsync``). Both get the same pre-built QEMU-format streams from the
+same replay sender. Sinks: ``null`` is /dev/null; ``file`` is fresh files in
+``--tmpdir`` (the daemon's one per device, the baseline's one in all).
+
+Per run: MB/s = data bytes / the receiver's own seconds, first byte received
+to last byte written (the daemon's ``migration_completed``, the plain copy's
+report); CPU = user + system of the receiving process, start to exit
+(``wait4``), per 1e9 data bytes; peak RSS = ``VmHWM``; lag = the replay's last
+``sendmsg`` -> the daemon's last ``load_thread_end``. A daemon run whose
+digests differ from the workload's failed and is not counted. The report gives
+medians and ranges, and the ratio daemon/baseline of each a/b pair; nothing
+here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import textwrap
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import plain_copy
+from daemon import DaemonRun, run_daemon, run_receiver
+from report import median_range, progress
+from vfio_multifd.config import parse_size
+from workload import Workload, build_workload
+
+# Targets of the throughput issue: reported as met or not, never asserted.
+TARGET_RATIO = 1.0  # daemon / baseline at 4 channels
+TARGET_CPU_PER_GB = 0.5  # daemon CPU seconds per GB
+TARGET_LAG_MS = 50.0  # median completion lag
+FLAT_TOLERANCE = 0.10  # "flat": the slowest within 10 % of the fastest
+
+
+@dataclass
+class Run:
+    kind: str  # "baseline" or "daemon"
+    ok: bool
+    error: str = ""
+    mb_per_s: float = 0.0
+    cpu_per_gb: float = 0.0
+    peak_rss: int = 0
+    lag: float = 0.0  # the daemon's (the baseline has no per-device completion)
+    daemon: DaemonRun | None = None
+
+
+@dataclass
+class ConfigResult:
+    sink: str
+    devices: int
+    channels: int
+    size: int
+    baseline: list[Run] = field(default_factory=list)
+    daemon: list[Run] = field(default_factory=list)
+
+    def values(self, kind: str, attr: str) -> list[float]:
+        runs = self.baseline if kind == "baseline" else self.daemon
+        return [float(getattr(run, attr)) for run in runs if run.ok]
+
+    def median(self, kind: str, attr: str) -> float | None:
+        values = self.values(kind, attr)
+        return statistics.median(values) if values else None
+
+    def ratios(self) -> list[float]:
+        """Daemon MB/s / baseline MB/s of each a/b pair in which both succeeded."""
+        pairs = zip(self.baseline, self.daemon, strict=False)
+        return [d.mb_per_s / b.mb_per_s for b, d in pairs if b.ok and d.ok and b.mb_per_s > 0]
+
+    def ratio(self) -> float | None:
+        ratios = self.ratios()
+        return statistics.median(ratios) if ratios else None
+
+    def ok_runs(self, kind: str) -> int:
+        return sum(1 for run in (self.baseline if kind == "baseline" else self.daemon) if run.ok)
+
+
+def split(size: int, devices: int) -> list[int]:
+    base, extra = divmod(size, devices)
+    return [base + (1 if d < extra else 0) for d in range(devices)]
+
+
+def run_baseline(workload: Workload, sink: str, fsync: bool) -> Run:
+    finished = run_receiver(plain_copy.command(workload.channels, sink, fsync=fsync), workload)
+    done = finished.named(plain_copy.DONE)
+    if finished.error or not done:
+        return Run("baseline", ok=False, error=finished.error or "no report")
+    report = done[-1]
+    if report["bytes"] != sum(workload.channel_bytes):
+        received = f"received {report['bytes']} of {sum(workload.channel_bytes)} bytes"
+        return Run("baseline", ok=False, error=received)
+    return Run(
+        "baseline",
+        ok=True,
+        mb_per_s=workload.size / 1e6 / float(report["seconds"]),
+        cpu_per_gb=finished.cpu / (workload.size / 1e9),
+        peak_rss=finished.peak_rss,
+    )
+
+
+def run_the_daemon(workload: Workload, out_dir: Path | None, fsync: bool) -> Run:
+    result = run_daemon(workload, out_dir, *([] if fsync else ["--no-fsync"]))
+    return Run(
+        "daemon",
+        ok=result.ok,
+        error=result.error,
+        mb_per_s=result.mb_per_s,
+        cpu_per_gb=result.cpu / (workload.size / 1e9),
+        peak_rss=result.peak_rss,
+        lag=result.lag,
+        daemon=result,
+    )
+
+
+def _clean(directory: Path) -> None:
+    for entry in directory.iterdir():
+        entry.unlink()
+
+
+def run_config(
+    workload: Workload, sink: str, *, reps: int, out_dir: Path, fsync: bool = True
+) -> ConfigResult:
+    """``reps`` a/b pairs of one workload into one sink, the order alternating."""
+    config = ConfigResult(sink, len(workload.devices), workload.channels, workload.size)
+    for rep in range(reps):
+        # Alternate which goes first, so drift (page cache, other load) hits both alike.
+        for kind in ("baseline", "daemon") if rep % 2 == 0 else ("daemon", "baseline"):
+            if kind == "daemon":
+                run = run_the_daemon(workload, out_dir if sink == "file" else None, fsync)
+                config.daemon.append(run)
+            else:
+                target = str(out_dir / "plain.bin") if sink == "file" else os.devnull
+                run = run_baseline(workload, target, fsync)
+                config.baseline.append(run)
+            _clean(out_dir)
+            if sink == "file":
+                os.sync()  # this run's dirty pages are not the next one's to write
+            status = (
+                f"{run.mb_per_s:8.1f} MB/s  cpu {run.cpu_per_gb:.3f} s/GB  "
+                f"rss {run.peak_rss / 2**20:6.1f} MiB"
+            )
+            if kind == "daemon":
+                status += f"  lag {run.lag * 1e3:6.1f} ms"
+            if not run.ok:
+                status = f"FAILED ({run.error})"
+            progress(
+                f"{sink:4} dev={config.devices} ch={config.channels} "
+                f"rep {rep + 1}/{reps} {kind:8} {status}"
+            )
+    return config
+
+
+def run_benchmark(
+    *,
+    channels: Sequence[int],
+    devices: Sequence[int],
+    sinks: Sequence[str],
+    size: int,
+    reps: int,
+    work_dir: Path,
+    fsync: bool = True,
+) -> list[ConfigResult]:
+    results = []
+    for sink in sinks:
+        for n_devices in devices:
+            for n_channels in channels:
+                workload = build_workload(split(size, n_devices), channels=n_channels)
+                out_dir = work_dir / f"{sink}-{n_devices}dev-{n_channels}ch"
+                out_dir.mkdir()
+                results.append(run_config(workload, sink, reps=reps, out_dir=out_dir, fsync=fsync))
+                out_dir.rmdir()
+    return results
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[ConfigResult]) -> str:
+    rows = [
+        (
+            r.sink,
+            str(r.devices),
+            str(r.channels),
+            median_range(r.values("baseline", "mb_per_s"), ".0f"),
+            median_range(r.values("daemon", "mb_per_s"), ".0f"),
+            median_range(r.ratios(), ".2f"),
+            median_range(r.values("daemon", "cpu_per_gb"), ".2f"),
+            median_range(r.values("baseline", "cpu_per_gb"), ".2f"),
+            median_range(r.values("daemon", "peak_rss"), ".0f", 2**-20),
+            median_range(r.values("daemon", "lag"), ".1f", 1e3),
+            f"{r.ok_runs('daemon')}/{len(r.daemon)}",
+        )
+        for r in results
+    ]
+    header = (
+        "sink", "dev", "ch", "base MB/s", "daemon MB/s", "ratio", "CPU s/GB",
+        "base CPU", "RSS MiB", "lag ms", "daemon ok",
+    )  # fmt: skip
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def assess_targets(results: Sequence[ConfigResult]) -> list[str]:
+    """The issue's targets, each met or not on this run's medians (a report, not a test)."""
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a    " if ok is None else ("met    " if ok else "NOT MET")
+
+    def ratio_at_4(r: ConfigResult) -> float | None:
+        return r.ratio() if r.channels == 4 else None
+
+    def cpu(r: ConfigResult) -> float | None:
+        return r.median("daemon", "cpu_per_gb")
+
+    def lag_ms(r: ConfigResult) -> float | None:
+        lag = r.median("daemon", "lag")
+        return None if lag is None else lag * 1e3
+
+    lines = []
+    checks = (
+        (f"ratio >= {TARGET_RATIO:g} at 4 channels", ratio_at_4, min, TARGET_RATIO, ""),
+        (
+            f"CPU <= {TARGET_CPU_PER_GB:g} s/GB (start to exit)",
+            cpu,
+            max,
+            TARGET_CPU_PER_GB,
+            " s/GB",
+        ),
+        (f"completion lag <= {TARGET_LAG_MS:g} ms median", lag_ms, max, TARGET_LAG_MS, " ms"),
+    )
+    for text, measure, pick, limit, unit in checks:
+        known = [(value, r) for r in results if (value := measure(r)) is not None]
+        if not known:
+            lines.append(f"{verdict(None)} {text}: no run")
+            continue
+        value, r = pick(known, key=lambda item: item[0])
+        ok = value >= limit if pick is min else value <= limit
+        where = f"{r.sink}, {r.devices} dev, {r.channels} ch"
+        lines.append(f"{verdict(ok)} {text}: worst {value:.2f}{unit} ({where})")
+    for dimension, other in (("channels", "devices"), ("devices", "channels")):
+        groups: dict[tuple[str, int], list[float]] = {}
+        for r in results:
+            value = r.median("daemon", "mb_per_s")
+            if value is not None:
+                groups.setdefault((r.sink, getattr(r, other)), []).append(value)
+        spreads = [1 - min(v) / max(v) for v in groups.values() if len(v) > 1]
+        lines.append(
+            f"{verdict(max(spreads) <= FLAT_TOLERANCE if spreads else None)} daemon MB/s flat "
+            f"across {dimension} (slowest within {FLAT_TOLERANCE:.0%} of fastest): "
+            + (f"worst -{max(spreads):.0%}" if spreads else "one value only")
+        )
+    failed = sum(len(r.daemon) - r.ok_runs("daemon") for r in results)
+    lines.append(
+        f"{verdict(failed == 0)} every daemon run completed with the workload's digests "
+        f"({failed} failed, not counted)"
+    )
+    return lines
+
+
+# --- the command line ------------------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def _sink_list(text: str) -> list[str]:
+    sinks = [part.strip() for part in text.split(",") if part.strip()]
+    for sink in sinks:
+        if sink not in ("null", "file"):
+            raise argparse.ArgumentTypeError(f"unknown sink {sink!r} (null, file)")
+    return sinks
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/throughput.py",
+        description="Receive throughput of the daemon against a plain blocking Python copy.",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="1 and 4 channels, 1 device, 256M, 1 repetition"
+    )
+    parser.add_argument("--size", default=None, help="data bytes per run (default 1G)")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--channels", type=_int_list, default=None, help="default 1,2,4,8")
+    parser.add_argument("--devices", type=_int_list, default=None, help="default 1,4")
+    parser.add_argument("--sinks", type=_sink_list, default=None, help="null,file (default both)")
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="file sink: neither receiver fsyncs"
+    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="also dump raw results")
+    parser.add_argument("--tmpdir", default=None, help="where file sinks go (default $TMPDIR)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quick = args.quick
+    size = parse_size(args.size or ("256M" if quick else "1G"))
+    reps = args.reps or (1 if quick else 3)
+    channels = args.channels or ([1, 4] if quick else [1, 2, 4, 8])
+    devices = args.devices or ([1] if quick else [1, 4])
+    sinks = args.sinks or ["null", "file"]
+    base_dir = Path(args.tmpdir or tempfile.gettempdir())
+    free = shutil.disk_usage(base_dir).free
+    if "file" in sinks and free < 3 * size:
+        progress(
+            f"throughput: {free >> 20} MiB free in {base_dir}, the file sink needs {3 * size >> 20}"
+        )
+        return 2
+    started = time.monotonic()
+    progress(
+        f"throughput: sinks {sinks}, devices {devices}, channels {channels}, "
+        f"{size >> 20} MiB per run, {reps} repetition(s)"
+    )
+    work_dir = Path(tempfile.mkdtemp(prefix="vfio-multifd-bench-", dir=base_dir))
+    try:
+        results = run_benchmark(
+            channels=channels,
+            devices=devices,
+            sinks=sinks,
+            size=size,
+            reps=reps,
+            work_dir=work_dir,
+            fsync=not args.no_fsync,
+        )
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    print(format_table(results))
+    print()
+    legend = (
+        f"{size >> 20} MiB of 1 MiB chunks per run, {reps} repetition(s): median [range]. "
+        "MB/s = 1e6 data bytes per second of the receiver's own clock (first byte received "
+        "-> last written); ratio = daemon/baseline of each a/b pair; CPU s/GB = user+sys "
+        "of the receiving process from start to exit per 1e9 data bytes (base CPU: the "
+        "baseline's); RSS = the daemon's peak (VmHWM); lag = the last sendmsg returned -> "
+        "the last device complete (two processes' wall clocks: it can read a little below 0); "
+        "daemon ok = daemon runs that completed with the workload's digests (only those count)."
+    )
+    if "file" in sinks:
+        legend += (
+            " File sink: fresh files, the daemon's one per device (temporary, renamed), the "
+            "baseline's one for all channels; "
+            + ("neither fsyncs." if args.no_fsync else "both fsync before they report done.")
+        )
+    print(textwrap.fill(legend, 100))
+    for line in assess_targets(results):
+        print(line)
+    print(f"took {elapsed:.0f} s")
+    if args.json:
+        raw = {
+            "size": size,
+            "reps": reps,
+            "fsync": not args.no_fsync,
+            "seconds": elapsed,
+            "results": [asdict(r) for r in results],
+        }
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    failed = any(not run.ok for r in results for run in (*r.baseline, *r.daemon))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
