@@ -181,7 +181,7 @@ def send_quietly(address: str, streams: list[bytes]) -> None:
 
 async def test_zero_length_chunks_count_against_the_bound(tmp_path: Path) -> None:
     """Each chunk held costs memory besides its data: a flood of empty early chunks is bounded too."""
-    from vfio_multifd.session import CHUNK_OVERHEAD
+    from vfio_multifd.reassembly import CHUNK_OVERHEAD
 
     count = 3 * BOUND // CHUNK_OVERHEAD  # three times what fits in memory
     packets = [qs.device_packet(IDSTR, 0, idx, b"") for idx in range(count)]

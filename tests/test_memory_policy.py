@@ -18,13 +18,15 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vfio_multifd.errors import ProtocolError, Reason
+from vfio_multifd.config import DeviceSpec, QueueFullPolicy, ReceiveSettings
+from vfio_multifd.errors import ProtocolError, Reason, UsageError
 from vfio_multifd.memory import (
     Decision,
     Fail,
@@ -34,8 +36,13 @@ from vfio_multifd.memory import (
     SpillVictim,
     Wait,
 )
-from vfio_multifd.reassembly import Chunk, ChunkState, ReassemblyBuffer
-from vfio_multifd.session import CHUNK_OVERHEAD
+from vfio_multifd.reassembly import (
+    CHUNK_OVERHEAD,
+    Chunk,
+    ChunkState,
+    ReassemblyBuffer,
+    capacity_of,
+)
 from vfio_multifd.wire import DeviceKey, DevicePacket
 
 IDSTR = "0000:00:02.0/vfio"
@@ -57,8 +64,8 @@ def bounded(
 
 
 def spill_reserve(max_packet_size: int, bound: int) -> int:
-    """The reserve ``Session`` gives the spill policy."""
-    return min(max_packet_size, bound // 4)
+    """A reserve for one next-needed chunk of the largest size (bookkeeping aside)."""
+    return min(capacity_of(max_packet_size), bound)
 
 
 def write_up_to(buffer: ReassemblyBuffer, key: DeviceKey, next_idx: int) -> None:
@@ -393,18 +400,36 @@ def test_illegal_chunk_raises_before_anything_is_spilled(
 # --- issue 10 item 4 ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 item 4: the bound check ignores the per-chunk overhead")
-def test_max_size_chunk_is_placeable_when_the_bound_equals_max_packet_size() -> None:
-    # Startup accepts --max-queued-bytes == --max-packet-size, but the chunk
-    # also costs CHUNK_OVERHEAD: it never fits, there is nothing to drain or
-    # spill, and the channel waits forever.
-    max_packet_size = bound = 1 << 16
-    buffer = bounded(
-        bound, reserve=spill_reserve(max_packet_size, bound), overhead=CHUNK_OVERHEAD
+def test_a_bound_too_small_for_the_largest_chunk_is_refused_at_startup(tmp_path: Path) -> None:
+    """Issue 10 item 4: --max-queued-bytes == --max-packet-size was accepted, yet a
+    max-size chunk also costs CHUNK_OVERHEAD: it never fitted and nothing drained."""
+    spec = DeviceSpec(KEY, tmp_path / "d", tmp_path / "c")
+    with pytest.raises(UsageError) as caught:
+        ReceiveSettings(devices=(spec,), max_packet_size=1 << 16, max_queued_bytes=1 << 16)
+    smallest = 2 * capacity_of((1 << 16) - 12) + CHUNK_OVERHEAD
+    assert f"the smallest bound that works is {smallest}" in str(caught.value)
+    ok = ReceiveSettings(devices=(spec,), max_packet_size=1 << 16, max_queued_bytes=smallest)
+    assert ok.smallest_bound == smallest
+    with pytest.raises(UsageError):
+        ReceiveSettings(devices=(spec,), max_packet_size=1 << 16, max_queued_bytes=smallest - 1)
+    fail = ReceiveSettings(
+        devices=(spec,),
+        max_packet_size=1 << 16,
+        max_queued_bytes=smallest - capacity_of((1 << 16) - 12),
+        on_queue_full=QueueFullPolicy.FAIL,
     )
+    assert fail.smallest_bound == capacity_of((1 << 16) - 12) + CHUNK_OVERHEAD
+
+
+@pytest.mark.parametrize("payload", [(1 << 16) - 12, (1 << 20), 600 * 1024 + 5])
+def test_at_the_smallest_bound_the_largest_chunk_is_placeable(payload: int) -> None:
+    """As the session sets it up: the staging buffer out of the bound, the reserve one
+    largest chunk. The next-needed one fits an empty buffer; an early one spills."""
+    largest = capacity_of(payload) + CHUNK_OVERHEAD
+    buffer = bounded(largest, reserve=largest, overhead=CHUNK_OVERHEAD)
     policy = MemoryPolicy(buffer, fail_when_full=False)
-    decision = admit(policy, packet(0, size=max_packet_size), others_reading=0)
-    assert isinstance(decision, Insert | SpillIncoming | SpillVictim), decision
+    assert isinstance(admit(policy, packet(0, size=payload), others_reading=0), Insert)
+    assert isinstance(admit(policy, packet(1, size=payload), others_reading=0), SpillIncoming)
 
 
 # --- the policy against channels and loaders, without an event loop ---------------------
@@ -768,3 +793,53 @@ PolicyMachine.TestCase.settings = MACHINE_SETTINGS
 EmptyChunkMachine.TestCase.settings = MACHINE_SETTINGS
 TestPolicyWithChannelsAndLoaders = PolicyMachine.TestCase
 TestPolicyWithEmptyChunks = EmptyChunkMachine.TestCase
+
+
+# --- issue 10 item 6: each decision costs O(log n), not O(n) ---------------------------
+
+
+class CountingDict(dict[int, Chunk]):
+    """A device's chunk table that counts the entries a caller looks at."""
+
+    looked_at = 0
+
+    def get(self, key: int, default: object = None) -> object:  # type: ignore[override]
+        CountingDict.looked_at += 1
+        return super().get(key, default)
+
+    def items(self):  # type: ignore[no-untyped-def,override]
+        for item in super().items():
+            CountingDict.looked_at += 1
+            yield item
+
+    def values(self):  # type: ignore[no-untyped-def,override]
+        for value in super().values():
+            CountingDict.looked_at += 1
+            yield value
+
+
+def test_spill_decisions_with_100000_queued_chunks_look_at_few_of_them() -> None:
+    """Reverse order with 100,000 small chunks queued: every decision scanned every
+    queued chunk (a quadratic spill that ran at about 100 packets/s)."""
+    count = 100_000
+    buffer = ReassemblyBuffer([KEY], max_queued_bytes=None, chunk_overhead=CHUNK_OVERHEAD)
+    device = buffer.devices[KEY]
+    device.chunks = CountingDict()
+    for idx in range(count, 0, -1):  # idx 0, the one the loader needs, never comes
+        buffer.insert(packet(idx, size=1))
+    buffer.max_queued_bytes = buffer.queued_bytes  # full: every arrival needs a decision
+    policy = MemoryPolicy(buffer, fail_when_full=False)
+    CountingDict.looked_at = 0
+    decisions = 1000
+    for n in range(decisions):
+        victim = buffer.spill_victim()
+        assert victim is not None and victim.idx == count - n  # the farthest, each time
+        # policy.admit itself: the admit() helper above snapshots the whole buffer.
+        decision = policy.admit(packet(count + 1 + n, size=1), now=0.0, others_reading=0)
+        assert isinstance(decision, SpillIncoming)
+        buffer.spill_started(victim)
+        buffer.spill_done(victim, ("ref", n))
+        buffer.max_queued_bytes = buffer.queued_bytes  # full again
+        assert not buffer.drainable()
+    per_decision = CountingDict.looked_at / decisions
+    assert per_decision < 50, f"{per_decision:.0f} chunks looked at per decision"

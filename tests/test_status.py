@@ -313,9 +313,7 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
 
     session = Session(settings(tmp_path, A, channels=1))
     # transferred is what the accepted channels received: one that got 5 MB.
-    channel = ChannelProtocol(
-        session, max_packet_size=1 << 20, handshake_timeout=10.0, allocate=bytearray
-    )
+    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
     channel.channel_id, channel.state = 0, ChannelState.ACTIVE
     channel.decoder.bytes_received = 5_000_000
     session.registry.channels[0] = channel

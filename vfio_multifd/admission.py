@@ -1,28 +1,41 @@
-"""Admission: a channel's packet into the reassembly buffer, under the memory bound.
+"""Admission: memory for a channel's packets, under the bound, and their chunks into the queue.
 
-The asyncio side of ``memory.py``. :meth:`Admission.deliver` asks the policy
-what to do with each packet and carries the decision out: insert it under the
-device's ``asyncio.Condition`` (waking the loader when its next chunk is
-there), wait for memory, or move a chunk to the spill file. It also gives
-memory back when a loader has written a batch, and wakes those waiting for it.
+The asyncio side of ``memory.py``. When a packet's header is complete, its
+channel asks for a payload buffer: :meth:`Admission.allocate_now` grants one
+at once when it fits under --max-queued-bytes (charged from that moment, so
+memory that peers merely announce counts); otherwise :meth:`Admission.allocate`
+asks the policy and carries the decision out - wait for memory, move a queued
+chunk to the spill file, or receive the payload into the one staging buffer
+and spill it from there. :meth:`Admission.deliver` then queues the complete
+chunk under the device's ``asyncio.Condition`` (waking the loader when its next
+chunk is there), and :meth:`Admission.release_written` gives memory back when
+a loader has written a batch, waking those waiting for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
 
 from .logconfig import debug_enabled
 from .memory import Fail, Insert, MemoryPolicy, SpillIncoming, SpillVictim, Wait
 from .pool import BufferPool
-from .reassembly import Chunk, DeviceBuffer, ReassemblyBuffer
+from .reassembly import Chunk, ReassemblyBuffer, capacity_of
 from .spill import Spiller
-from .wire import DeviceKey, DevicePacket
+from .wire import DeviceKey, DevicePacket, PacketHeader
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
 
 log = structlog.get_logger("vfio_multifd.admission")
+
+#: Idle pooled buffers kept when memory is not bounded.
+UNBOUNDED_IDLE_BYTES = 64 << 20
 
 
 class Admission:
@@ -30,17 +43,23 @@ class Admission:
         self,
         reassembly: ReassemblyBuffer,
         policy: MemoryPolicy,
-        pool: BufferPool,
         spiller: Spiller,
         *,
+        bound: int | None,
+        staging_size: int,
         reading_channels: Callable[[], int],
     ) -> None:
         self.reassembly = reassembly
         self.policy = policy
-        self.pool = pool
+        self.pool = BufferPool()
         self.spiller = spiller
+        self.bound = bound  # --max-queued-bytes: chunks, staging and idle buffers together
         self.conditions = {key: asyncio.Condition() for key in reassembly.devices}
         self._reading_channels = reading_channels  # accepted channels still reading
+        # The one buffer a chunk that goes straight to the spill file is received in.
+        self._staging_size = staging_size
+        self._staging: mmap.mmap | None = None
+        self._staging_busy = False
         # One future per channel waiting for memory: a change resolves them all,
         # so a wake-up cannot fall between a channel's check and its wait.
         self._memory_waiters: list[asyncio.Future[bool]] = []
@@ -52,43 +71,120 @@ class Admission:
         self._trace = log.bind()
         self._trace_incoming = debug_enabled(self._trace)
 
-    async def deliver(self, packet: DevicePacket, channel: int | None = None) -> None:
-        """Queue one packet's chunk for its device's loader (a channel reader calls this)."""
+    # -- payload buffers ------------------------------------------------------------
+
+    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
+        """A charged buffer for ``header``'s payload if it fits now (the fast path)."""
         reassembly = self.reassembly
-        device = reassembly.device(packet.device, packet.idx)
-        condition = self.conditions[device.key]
-        if self._trace_incoming:
-            self._trace.debug(
-                "buffer_incoming",
-                channel=channel,
-                device=str(device.key),
-                idx=packet.idx,
-                size=packet.size,
-            )
-        while True:
-            # The common case costs one comparison: no bound, or room under it.
-            async with condition:
-                if reassembly.fits(packet.size, ahead=packet.idx != device.next_idx):
-                    reassembly.insert(packet, channel)
-                    if device.ready:
-                        condition.notify()
-                        if self._paused:
-                            self.memory_changed()  # memory just became drainable
-                    return
+        device = reassembly.device(header.device, header.idx)
+        device.check(header.idx, header.config)  # a bad chunk fails before its payload
+        if not reassembly.fits(header.size, ahead=header.idx != device.next_idx):
+            return None
+        reassembly.allocate(header.size)
+        buffer = self.pool.acquire(header.size)
+        self._trim_pool()
+        return buffer
+
+    async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
+        """A buffer for ``header``'s payload once the memory policy allows it."""
+        while (buffer := self.allocate_now(header)) is None:
             others = self._reading_channels() - self._paused - 1
-            decision = self.policy.admit(packet, now=time.monotonic(), others_reading=others)
-            if isinstance(decision, Insert):
-                continue  # room was made while we asked
+            decision = self.policy.admit(header, now=time.monotonic(), others_reading=others)
             if isinstance(decision, Wait):
                 if not await self._wait_for_memory(decision.deadline):
                     self.policy.wait_expired()
             elif isinstance(decision, SpillIncoming):
-                await self._spill_incoming(device, packet, channel)
-                return
+                return await self._acquire_staging()
             elif isinstance(decision, SpillVictim):
                 await self._spill_victim(decision.chunk)
             elif isinstance(decision, Fail):
                 raise decision.error
+            else:
+                assert isinstance(decision, Insert)  # room was made meanwhile: take it
+        return buffer
+
+    async def _acquire_staging(self) -> mmap.mmap:
+        while self._staging_busy:  # freed once its chunk is in the spill file
+            await self._wait_for_memory(None)
+        self._staging_busy = True
+        if self._staging is None:
+            self._staging = mmap.mmap(-1, capacity_of(self._staging_size))
+        return self._staging
+
+    def _trim_pool(self) -> None:
+        """Idle buffers are memory too: keep only what the bound has room for."""
+        self.pool.shrink(self._idle_room())
+
+    def _idle_room(self) -> int:
+        if self.bound is None:
+            return UNBOUNDED_IDLE_BYTES
+        staging = 0 if self._staging is None else len(self._staging)
+        return max(0, self.bound - self.reassembly.queued_bytes - staging)
+
+    def _release_buffer(self, buffer: PayloadBuffer) -> None:
+        self.pool.release(buffer, room=self._idle_room())
+
+    # -- chunks -----------------------------------------------------------------------
+
+    async def deliver(self, packet: DevicePacket, channel: int | None = None) -> None:
+        """Queue one complete packet's chunk for its device's loader."""
+        if self._trace_incoming:
+            self._trace.debug(
+                "buffer_incoming",
+                channel=channel,
+                device=str(packet.device),
+                idx=packet.idx,
+                size=packet.size,
+            )
+        if packet.buffer is self._staging:
+            await self._spill_incoming(packet, channel)
+            return
+        reassembly = self.reassembly
+        condition = self.conditions[packet.device]
+        async with condition:
+            reassembly.insert(packet, channel, allocated=True)
+            if reassembly.devices[packet.device].ready:
+                condition.notify()
+                if self._paused:
+                    self.memory_changed()  # memory just became drainable
+
+    async def _spill_incoming(self, packet: DevicePacket, channel: int | None) -> None:
+        """A chunk received in the staging buffer goes to the spill file: it never counts as memory."""
+        try:
+            ref = await self.spiller.write(packet.data, packet.device, packet.idx, channel)
+            await self._insert_ready(
+                packet.device, lambda: self.reassembly.insert_spilled(packet, ref, channel)
+            )
+        finally:
+            self._staging_busy = False
+            self.memory_changed()
+
+    async def _spill_victim(self, chunk: Chunk) -> None:
+        """Move a queued chunk from memory to the spill file."""
+        reassembly = self.reassembly
+        reassembly.spill_started(chunk)
+        ref = await self.spiller.write(chunk.data, chunk.device, chunk.idx, chunk.channel)
+        self._release_buffer(reassembly.spill_done(chunk, ref))
+        self.memory_changed()
+        await self._insert_ready(chunk.device, lambda: None)
+
+    async def _insert_ready(self, key: DeviceKey, change: Callable[[], object]) -> None:
+        """Make ``change`` under the device's condition and wake its loader if it can go on."""
+        condition = self.conditions[key]
+        async with condition:
+            change()
+            if self.reassembly.devices[key].ready:
+                condition.notify()
+
+    def release_written(self, chunks: list[Chunk]) -> None:
+        """A loader wrote ``chunks``: their memory is free for the channels again."""
+        self.reassembly.release(chunks)
+        for chunk in chunks:
+            if chunk.buffer is not None:
+                self._release_buffer(chunk.buffer)
+        self.memory_changed()
+
+    # -- waiting for memory --------------------------------------------------------------
 
     async def _wait_for_memory(self, deadline: float | None) -> bool:
         """Wait until queued memory changes; False if ``deadline`` passed first."""
@@ -118,41 +214,6 @@ class Admission:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(True)
-
-    async def _spill_incoming(
-        self, device: DeviceBuffer, packet: DevicePacket, channel: int | None
-    ) -> None:
-        """Put an arriving chunk straight into the spill file: it never counts as memory."""
-        ref = await self.spiller.write(packet.data, packet.device, packet.idx, channel)
-        await self._insert_ready(
-            device.key, lambda: self.reassembly.insert_spilled(packet, ref, channel)
-        )
-        self.pool.release(packet.buffer)
-
-    async def _spill_victim(self, chunk: Chunk) -> None:
-        """Move a queued chunk from memory to the spill file."""
-        reassembly = self.reassembly
-        reassembly.spill_started(chunk)
-        ref = await self.spiller.write(chunk.data, chunk.device, chunk.idx, chunk.channel)
-        self.pool.release(reassembly.spill_done(chunk, ref))
-        self.memory_changed()
-        await self._insert_ready(chunk.device, lambda: None)
-
-    async def _insert_ready(self, key: DeviceKey, change: Callable[[], object]) -> None:
-        """Make ``change`` under the device's condition and wake its loader if it can go on."""
-        condition = self.conditions[key]
-        async with condition:
-            change()
-            if self.reassembly.devices[key].ready:
-                condition.notify()
-
-    def release_written(self, chunks: list[Chunk]) -> None:
-        """A loader wrote ``chunks``: their memory is free for the channels again."""
-        for chunk in chunks:
-            if chunk.buffer is not None:
-                self.pool.release(chunk.buffer)
-        self.reassembly.release(chunks)
-        self.memory_changed()
 
 
 def _expire(waiter: asyncio.Future[bool]) -> None:

@@ -3,11 +3,14 @@
 :class:`ChannelProtocol` is the fast path. The event loop asks it where the
 next bytes go (``get_buffer``) and it answers with the decoder's buffer: for a
 payload, the very buffer the chunk will live in until it is written, so the
-kernel copies each byte once. Complete packets go to a short deque; when that
-is full, reading pauses (TCP then pushes back on the source).
+kernel copies each byte once. That buffer is asked of the owner when the
+packet's header is complete, before any payload byte is read: memory is
+charged for what a peer announces, and when the owner cannot grant it at once
+reading pauses until it can. Complete packets go to a short deque; when that
+is full, reading pauses too (TCP then pushes back on the source).
 
-:func:`read_channel` is the coroutine that takes those packets and hands
-them to the owner's ``deliver``, which queues them under the device's
+:func:`read_channel` is the coroutine that asks for the buffers the fast
+path could not get at once, and hands complete packets to the owner's ``deliver``, which queues them under the device's
 ``asyncio.Condition``: a synchronous protocol callback could not, since
 ``notify`` needs the lock and only a coroutine can await it. Above itself a
 channel sees only :class:`ChannelOwner`.
@@ -18,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
-from collections.abc import Callable
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
 from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
-from .wire import ChannelDecoder, ChannelHandshake, DevicePacket
+from .wire import ASK, ChannelDecoder, ChannelHandshake, DevicePacket, PacketHeader
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
 
 log = structlog.get_logger("vfio_multifd.channel")
 
@@ -55,6 +60,15 @@ class ChannelOwner(Protocol):
     def fail(self, error: MultifdError) -> None:
         """An accepted channel broke the protocol: the migration fails."""
 
+    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
+        """A buffer for the announced payload if memory allows it at once, else ``None``.
+
+        Raises :class:`ProtocolError` for a chunk that may not be queued at all.
+        """
+
+    async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
+        """A buffer for the announced payload, once memory allows (may wait or spill)."""
+
     async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
         """Queue a packet's chunk for its device's loader (may wait for memory)."""
 
@@ -64,21 +78,19 @@ class ChannelOwner(Protocol):
 
 class ChannelProtocol(asyncio.BufferedProtocol):
     def __init__(
-        self,
-        owner: ChannelOwner,
-        *,
-        max_packet_size: int,
-        handshake_timeout: float,
-        allocate: Callable[[int], bytearray],
+        self, owner: ChannelOwner, *, max_packet_size: int, handshake_timeout: float
     ) -> None:
         self.owner = owner
         self.handshake_timeout = handshake_timeout
-        self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=allocate)
+        # Each payload buffer is asked of the owner when its header is complete.
+        self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=ASK)
         self.state = ChannelState.HANDSHAKE
         self.channel_id: int | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self.pending: deque[DevicePacket] = deque()
+        # Complete packets, and at most one header still waiting for its buffer.
+        self.pending: deque[DevicePacket | PacketHeader] = deque()
+        self._awaiting_buffer = False
         self.end_of_stream = False  # the peer shut its side down cleanly
         self._waiter: asyncio.Future[None] | None = None
         self._reading = True
@@ -102,20 +114,42 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         try:
             self.decoder.buffer_updated(nbytes)
-            while (event := self.decoder.next_event()) is not None:
-                if isinstance(event, ChannelHandshake):
-                    self._on_handshake(event)
-                else:
-                    self.pending.append(event)
-                    if len(self.pending) >= MAX_PENDING_PACKETS and self._reading:
-                        self._reading = False
-                        assert self.transport is not None
-                        self.transport.pause_reading()
-                    self._wake()
+            self._take_events()
         except HandshakeError as error:
             self._refuse(error)
         except ProtocolError as error:
             self.fail(error)
+
+    def _take_events(self) -> None:
+        while (event := self.decoder.next_event()) is not None:
+            if isinstance(event, ChannelHandshake):
+                self._on_handshake(event)
+            elif isinstance(event, PacketHeader):
+                # The fast path: memory allows it, the payload is read at once.
+                buffer = self.owner.allocate_now(event)
+                if buffer is not None:
+                    self.decoder.provide_buffer(buffer)
+                else:  # the reader asks again, and may wait: read nothing meanwhile
+                    self._awaiting_buffer = True
+                    self.pending.append(event)
+                    self._wake()
+            else:
+                self.pending.append(event)
+                self._wake()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read while no header waits for its buffer and few packets wait for the reader."""
+        transport = self.transport
+        if transport is None or self.end_of_stream or self.state is not ChannelState.ACTIVE:
+            return
+        wanted = not self._awaiting_buffer and len(self.pending) < MAX_PENDING_PACKETS
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
 
     def eof_received(self) -> bool:
         try:
@@ -202,8 +236,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def next_packet(self) -> DevicePacket | None:
-        """The next complete packet, or ``None`` at a clean end of stream."""
+    async def next_item(self) -> DevicePacket | PacketHeader | None:
+        """The next complete packet or header awaiting its buffer; ``None`` at a clean end."""
         while not self.pending:
             if self.end_of_stream or self.state is not ChannelState.ACTIVE:
                 return None
@@ -212,11 +246,20 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        packet = self.pending.popleft()
-        if not self._reading and self.transport is not None and not self.end_of_stream:
-            self._reading = True
-            self.transport.resume_reading()
-        return packet
+        item = self.pending.popleft()
+        self._update_reading()
+        return item
+
+    def provide_buffer(self, buffer: PayloadBuffer) -> None:
+        """The buffer the last header asked for: the payload can be read now."""
+        self._awaiting_buffer = False
+        if self.state is not ChannelState.ACTIVE:
+            return
+        try:
+            self.decoder.provide_buffer(buffer)
+            self._take_events()
+        except ProtocolError as error:
+            self.fail(error)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -225,10 +268,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
 async def read_channel(protocol: ChannelProtocol, owner: ChannelOwner) -> None:
     """The coroutine side of one accepted channel: its packets, queued in order."""
-    deliver = owner.deliver
+    channel = protocol.channel_id
     try:
-        while (packet := await protocol.next_packet()) is not None:
-            await deliver(packet, protocol.channel_id)
+        while (item := await protocol.next_item()) is not None:
+            if isinstance(item, PacketHeader):
+                protocol.provide_buffer(await owner.allocate(item, channel))
+            else:
+                await owner.deliver(item, channel)
     except MultifdError as error:
         protocol.fail(error)
         return

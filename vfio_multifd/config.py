@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
-from .wire import DEFAULT_MAX_PACKET_SIZE, DeviceKey, encode_idstr
+from .reassembly import CHUNK_OVERHEAD, capacity_of
+from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -159,8 +160,33 @@ class ReceiveSettings:
         ]
         if len(set(paths)) != len(paths):
             raise UsageError("two outputs share one path")
-        if self.max_queued_bytes is not None and self.max_queued_bytes < self.max_packet_size:
+        if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(
-                f"--max-queued-bytes {self.max_queued_bytes} is below --max-packet-size "
-                f"{self.max_packet_size}: not even one chunk would fit"
+                f"--max-packet-size {self.max_packet_size} is below {VFIO_HEADER.size}, "
+                "the size of a VFIO header alone"
             )
+        smallest = self.smallest_bound
+        if self.max_queued_bytes is not None and self.max_queued_bytes < smallest:
+            why = (
+                "the largest chunk and its bookkeeping"
+                if self.on_queue_full is QueueFullPolicy.FAIL
+                else "a reserve for the chunk a loader needs next, and a buffer to spill from, "
+                "each as large as the largest chunk"
+            )
+            raise UsageError(
+                f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
+                f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
+            )
+
+    @property
+    def max_payload_size(self) -> int:
+        """The largest chunk a packet may carry (its payload after the VFIO header)."""
+        return self.max_packet_size - VFIO_HEADER.size
+
+    @property
+    def smallest_bound(self) -> int:
+        """The smallest --max-queued-bytes with which every arrival order completes."""
+        largest = capacity_of(self.max_payload_size) + CHUNK_OVERHEAD
+        if self.on_queue_full is QueueFullPolicy.FAIL:
+            return largest
+        return largest + capacity_of(self.max_payload_size)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .errors import SessionError
 from .reassembly import Chunk, ReassemblyBuffer
-from .wire import DevicePacket
+from .wire import DevicePacket, PacketHeader
 
 #: How long a channel whose early chunk finds memory full waits for another
 #: channel to bring the chunk a loader needs, before it spills (once per stall).
@@ -77,7 +77,9 @@ class MemoryPolicy:
         # second grace until they write more (a stall is waited out once).
         self._grace_expired_at_written = -1
 
-    def admit(self, packet: DevicePacket, *, now: float, others_reading: int) -> Decision:
+    def admit(
+        self, packet: PacketHeader | DevicePacket, *, now: float, others_reading: int
+    ) -> Decision:
         """Where ``packet``'s chunk goes. ``others_reading``: channels besides the
         arriving one that are reading and not themselves waiting for memory.
 
@@ -92,7 +94,7 @@ class MemoryPolicy:
         device.check(packet.idx, packet.config)
         if self.fail_when_full:
             return Fail(reassembly.queue_full_error(packet))
-        if reassembly.drainable_bytes() or reassembly.spilling_bytes:
+        if reassembly.drainable() or reassembly.spilling_bytes:
             return WAIT
         if (
             ahead

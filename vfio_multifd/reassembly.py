@@ -6,20 +6,42 @@ memory; the asyncio adapters (``session``, ``loader``) do the waiting and the
 I/O. Memory grows with what is queued, never with the value of ``idx``:
 chunks live in a dict keyed by ``idx``.
 
-A chunk is *held* from the moment it is inserted until the loader has written
-it and calls :meth:`ReassemblyBuffer.release`; held chunks are either in memory
-or spilled to disk by the adapter (``spill_ref`` is the adapter's token for
+Memory is charged from the moment a payload buffer is allocated, before its
+bytes arrive (:meth:`ReassemblyBuffer.allocate`), at the buffer's capacity
+plus a per-chunk overhead, so what peers merely announce counts too. A chunk
+is *held* from the moment it is inserted until the loader has written it and
+calls :meth:`ReassemblyBuffer.release`; held chunks are either in memory or
+spilled to disk by the adapter (``spill_ref`` is the adapter's token for
 where; the core never looks inside it).
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import ProtocolError, Reason, SessionError
-from .wire import DeviceKey, DevicePacket
+from .wire import DeviceKey, DevicePacket, PacketHeader
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
+
+
+#: What each chunk held in memory costs besides its buffer (its Chunk, the
+#: packet and buffer objects, dict and heap entries: measured at about 235 bytes).
+CHUNK_OVERHEAD = 256
+#: Payloads this large get page-rounded buffers of their own (and are pooled);
+#: smaller ones an exact ``bytearray``.
+POOLED_MIN = 64 << 10
+PAGE = 4096
+
+
+def capacity_of(size: int) -> int:
+    """The bytes a payload buffer of ``size`` really takes: what memory is charged for."""
+    return size if size < POOLED_MIN else -(-size // PAGE) * PAGE
 
 
 class ChunkState(enum.Enum):
@@ -35,10 +57,11 @@ class Chunk:
     idx: int
     size: int
     config: bool
-    buffer: bytearray | None
+    buffer: PayloadBuffer | None
     state: ChunkState = ChunkState.MEMORY
     spill_ref: object | None = None
     channel: int | None = None  # which channel brought it, for error messages
+    cost: int = 0  # what it counts against the bound while in memory
 
     @property
     def data(self) -> memoryview:
@@ -55,6 +78,9 @@ class DeviceBuffer:
     last_idx: int | None = None  # the config packet's idx, once it came
     max_idx: int = -1  # the highest idx received
     chunks: dict[int, Chunk] = field(default_factory=dict)  # waiting, by idx
+    # -idx of chunks inserted in memory: the top is the spill victim candidate.
+    # Stale entries (taken, spilled) are dropped when they reach the top.
+    in_memory: list[int] = field(default_factory=list)
     bytes_written: int = 0
     chunks_written: int = 0
     complete: bool = False
@@ -69,6 +95,15 @@ class DeviceBuffer:
         self.check(chunk.idx, chunk.config)
         if chunk.config:
             self.last_idx = chunk.idx
+        if chunk.state is ChunkState.MEMORY:
+            if len(self.in_memory) > 2 * len(self.chunks) + 16:
+                # Mostly stale (chunks taken in order never reach the top): rebuild,
+                # amortized O(1) per insert, so the heap stays as small as the queue.
+                self.in_memory = [
+                    -idx for idx, c in self.chunks.items() if c.state is ChunkState.MEMORY
+                ]
+                heapq.heapify(self.in_memory)
+            heapq.heappush(self.in_memory, -chunk.idx)
         self.chunks[chunk.idx] = chunk
         if chunk.idx > self.max_idx:
             self.max_idx = chunk.idx
@@ -113,15 +148,22 @@ class DeviceBuffer:
         last = self.last_idx
         return last is not None and len(self.chunks) == last - self.next_idx + 1
 
-    def ready_run_bytes(self) -> int:
-        """Bytes in memory that the loader can write without anything more arriving."""
-        total = 0
-        idx = self.next_idx
+    @property
+    def ready_in_memory(self) -> bool:
+        """The next chunk is in memory: the loader will free it with no further input."""
+        chunk = self.chunks.get(self.next_idx)
+        return chunk is not None and chunk.state is ChunkState.MEMORY
+
+    def farthest_in_memory(self) -> Chunk | None:
+        """The in-memory chunk needed last (not the next one), in O(log n) amortized."""
+        heap = self.in_memory
         chunks = self.chunks
-        while (chunk := chunks.get(idx)) is not None and chunk.state is ChunkState.MEMORY:
-            total += chunk.size
-            idx += 1
-        return total
+        while heap:
+            chunk = chunks.get(-heap[0])
+            if chunk is not None and chunk.state is ChunkState.MEMORY:
+                return chunk if chunk.idx > self.next_idx else None
+            heapq.heappop(heap)  # taken, spilled or spilling: no longer a candidate
+        return None
 
     def take_ready(self, max_bytes: int) -> list[Chunk]:
         """Pop consecutive ready chunks from ``next_idx`` (at least one, about ``max_bytes``)."""
@@ -198,7 +240,10 @@ class ReassemblyBuffer:
         # objects that describe it. Without it, a flood of zero-length early
         # chunks would cost memory that no bound sees.
         self.chunk_overhead = chunk_overhead
-        self.queued_bytes = 0  # chunk bytes held in memory (MEMORY, SPILLING, TAKEN)
+        # Memory charged against the bound: payload buffers allocated (being
+        # received, or held by a chunk in MEMORY, SPILLING or TAKEN state).
+        self.queued_bytes = 0
+        self.in_flight_bytes = 0  # of which buffers still being received
         self.taken_bytes = 0  # of which handed to loaders and being written
         self.spilling_bytes = 0  # of which being written to the spill file
         self.peak_queued_bytes = 0
@@ -220,23 +265,53 @@ class ReassemblyBuffer:
                 idx=idx,
             ) from None
 
+    def cost(self, size: int) -> int:
+        """What a chunk of ``size`` payload bytes counts against the bound while in memory."""
+        return capacity_of(size) + self.chunk_overhead
+
     def fits(self, size: int, *, ahead: bool = False) -> bool:
-        """Room for ``size`` more bytes; a chunk ``ahead`` of its device's next may not use the reserve."""
+        """Room for a chunk of ``size`` more bytes; a chunk ``ahead`` of its device's next may
+        not use the reserve."""
         bound = self.max_queued_bytes
         if bound is None:
             return True
         if ahead:
             bound -= self.reserve
-        return self.queued_bytes + size + self.chunk_overhead <= bound
+        return self.queued_bytes + self.cost(size) <= bound
 
-    def insert(self, packet: DevicePacket, channel: int | None = None) -> Chunk:
-        """Queue a packet's chunk in memory (the caller has checked :meth:`fits`)."""
+    def allocate(self, size: int) -> int:
+        """Charge a payload buffer about to be received; returns its cost (see :meth:`insert`)."""
+        cost = self.cost(size)
+        self.in_flight_bytes += cost
+        self._grow(cost)
+        return cost
+
+    def free_allocation(self, cost: int) -> None:
+        """A buffer charged by :meth:`allocate` will never be inserted (its channel failed)."""
+        self.in_flight_bytes -= cost
+        self.queued_bytes -= cost
+
+    def insert(
+        self, packet: DevicePacket, channel: int | None = None, *, allocated: bool = False
+    ) -> Chunk:
+        """Queue a packet's chunk in memory. ``allocated``: its buffer was charged by
+        :meth:`allocate` (otherwise it is charged now; the caller has checked :meth:`fits`)."""
         device = self.device(packet.device)
+        cost = self.cost(packet.size)
         chunk = Chunk(
-            packet.device, packet.idx, packet.size, packet.config, packet.buffer, channel=channel
+            packet.device,
+            packet.idx,
+            packet.size,
+            packet.config,
+            packet.buffer,
+            channel=channel,
+            cost=cost,
         )
         device.insert(chunk)
-        self._grow(self._cost(chunk))
+        if allocated:
+            self.in_flight_bytes -= cost
+        else:
+            self._grow(cost)
         return chunk
 
     def insert_spilled(
@@ -262,27 +337,24 @@ class ReassemblyBuffer:
     def take(self, device: DeviceBuffer, max_bytes: int) -> list[Chunk]:
         """:meth:`DeviceBuffer.take_ready`, with the memory it holds accounted as taken."""
         chunks = device.take_ready(max_bytes)
-        self.taken_bytes += sum(self._cost(c) for c in chunks if c.state is ChunkState.TAKEN)
+        self.taken_bytes += sum(c.cost for c in chunks if c.state is ChunkState.TAKEN)
         return chunks
 
-    def drainable_bytes(self) -> int:
-        """Memory the loaders will free with no further input: being written or ready to be."""
-        return self.taken_bytes + sum(d.ready_run_bytes() for d in self.devices.values())
+    def drainable(self) -> bool:
+        """Some memory will be freed with no further input: a loader is writing it, or
+        can take it now (O(devices))."""
+        return self.taken_bytes > 0 or any(d.ready_in_memory for d in self.devices.values())
 
-    def queue_full_error(self, packet: DevicePacket) -> SessionError:
+    def queue_full_error(self, packet: PacketHeader | DevicePacket) -> SessionError:
         """QEMU's policy: the error of a queue that ``packet`` would take over the bound."""
         return SessionError(
             Reason.QUEUE_FULL,
             f"queueing state buffer {packet.idx} ({packet.size} bytes) would hold "
-            f"{self.queued_bytes + packet.size + self.chunk_overhead} bytes, over the bound of "
+            f"{self.queued_bytes + self.cost(packet.size)} bytes, over the bound of "
             f"{self.max_queued_bytes} (--max-queued-bytes)",
             device=str(packet.device),
             idx=packet.idx,
         )
-
-    def _cost(self, chunk: Chunk) -> int:
-        """What a chunk held in memory counts against the bound."""
-        return chunk.size + self.chunk_overhead
 
     def _grow(self, size: int) -> None:
         self.queued_bytes += size
@@ -292,17 +364,17 @@ class ReassemblyBuffer:
     def spill_started(self, chunk: Chunk) -> None:
         assert chunk.state is ChunkState.MEMORY
         chunk.state = ChunkState.SPILLING
-        self.spilling_bytes += self._cost(chunk)
+        self.spilling_bytes += chunk.cost
 
-    def spill_done(self, chunk: Chunk, ref: object) -> bytearray:
+    def spill_done(self, chunk: Chunk, ref: object) -> PayloadBuffer:
         """The chunk is on disk: it no longer counts as memory. Returns the freed buffer."""
         buffer = chunk.buffer
         assert buffer is not None and chunk.state is ChunkState.SPILLING
         chunk.buffer = None
         chunk.spill_ref = ref
         chunk.state = ChunkState.SPILLED
-        self.queued_bytes -= self._cost(chunk)
-        self.spilling_bytes -= self._cost(chunk)
+        self.queued_bytes -= chunk.cost
+        self.spilling_bytes -= chunk.cost
         self.spilled_bytes += chunk.size
         self.spilled_now += chunk.size
         return buffer
@@ -316,15 +388,14 @@ class ReassemblyBuffer:
 
         Evicting what is needed last is optimal for a consumer that reads in
         order (Belady); a device's next-needed chunk is never chosen, since the
-        loader is about to write it anyway.
+        loader is about to write it anyway. O(devices x log n).
         """
         best: Chunk | None = None
         best_distance = 0
         for device in self.devices.values():
-            for idx, chunk in device.chunks.items():
-                distance = idx - device.next_idx
-                if distance > best_distance and chunk.state is ChunkState.MEMORY:
-                    best, best_distance = chunk, distance
+            chunk = device.farthest_in_memory()
+            if chunk is not None and chunk.idx - device.next_idx > best_distance:
+                best, best_distance = chunk, chunk.idx - device.next_idx
         return best
 
     def release(self, chunks: Iterable[Chunk]) -> None:
@@ -340,9 +411,9 @@ class ReassemblyBuffer:
             if chunk.state is ChunkState.SPILLED:
                 self.spilled_now -= chunk.size
             else:
-                self.queued_bytes -= self._cost(chunk)
+                self.queued_bytes -= chunk.cost
                 if chunk.state is ChunkState.TAKEN:
-                    self.taken_bytes -= self._cost(chunk)
+                    self.taken_bytes -= chunk.cost
             chunk.buffer = None
 
     def incomplete_devices(self) -> list[DeviceBuffer]:

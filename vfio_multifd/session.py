@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -27,19 +27,16 @@ from .listener import ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
-from .pool import BufferPool
-from .reassembly import ReassemblyBuffer
+from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .watchdog import Sample, Watchdog, watch
-from .wire import ChannelHandshake, DevicePacket
+from .wire import ChannelHandshake, DevicePacket, PacketHeader
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
 
 log = structlog.get_logger("vfio_multifd.session")
-
-#: What each chunk held in memory costs besides its data (its Chunk, the
-#: packet and buffer objects, dict entries: measured at about 235 bytes).
-CHUNK_OVERHEAD = 256
-
 
 class Session:
     def __init__(self, settings: ReceiveSettings) -> None:
@@ -47,13 +44,15 @@ class Session:
         self.status = SessionStatus.SETUP
         bound = settings.max_queued_bytes
         fail_when_full = settings.on_queue_full is QueueFullPolicy.FAIL
-        # Idle pooled buffers are memory too: under a bound, keep no more than it.
-        self.pool = BufferPool(max_idle_bytes=min(64 << 20, bound or 64 << 20))
+        spills = bound is not None and not fail_when_full
+        # Spilling sets aside part of the bound: a buffer to receive a chunk that
+        # goes straight to the spill file, and a reserve that only a device's
+        # next-needed chunk may use, so that early chunks can never crowd it out.
+        staging = capacity_of(settings.max_payload_size) if spills else 0
         self.reassembly = ReassemblyBuffer(
             (spec.key for spec in settings.devices),
-            max_queued_bytes=bound,
-            # QEMU's fail policy knows no reserve: it fails exactly at the bound.
-            reserve=0 if fail_when_full else min(settings.max_packet_size, (bound or 0) // 4),
+            max_queued_bytes=None if bound is None else bound - staging,
+            reserve=capacity_of(settings.max_payload_size) + CHUNK_OVERHEAD if spills else 0,
             chunk_overhead=CHUNK_OVERHEAD if bound is not None else 0,
         )
         self.registry = ChannelRegistry(channels=settings.channels, uuid=settings.uuid)
@@ -61,8 +60,9 @@ class Session:
         self.admission = Admission(
             self.reassembly,
             MemoryPolicy(self.reassembly, fail_when_full=fail_when_full),
-            self.pool,
             self.spiller,
+            bound=bound,
+            staging_size=settings.max_payload_size,
             reading_channels=lambda: self.registry.reading,
         )
         self.loaders = [
@@ -185,7 +185,6 @@ class Session:
                 self,
                 max_packet_size=self.settings.max_packet_size,
                 handshake_timeout=self.settings.handshake_timeout,
-                allocate=self.pool.acquire,
             )
 
         address = await self.registry.listen(self.settings.listen, new_channel)
@@ -256,6 +255,12 @@ class Session:
 
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         self.registry.refuse(channel, error)
+
+    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
+        return self.admission.allocate_now(header)
+
+    async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
+        return await self.admission.allocate(header, channel)
 
     async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
         await self.admission.deliver(packet, channel)

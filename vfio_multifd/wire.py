@@ -19,8 +19,12 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import HandshakeError, ProtocolError, Reason
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
 
 # --- constants -----------------------------------------------------------------
 
@@ -108,6 +112,21 @@ class ChannelHandshake:
 
 
 @dataclass(frozen=True, slots=True)
+class PacketHeader:
+    """A packet's header is complete: its payload (``size`` bytes) needs a buffer.
+
+    Emitted only by a decoder without an allocator, which then waits for
+    :meth:`ChannelDecoder.provide_buffer`: whoever owns the memory decides
+    before a single payload byte is read.
+    """
+
+    device: DeviceKey
+    idx: int
+    config: bool
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class DevicePacket:
     """One complete device-state packet: a chunk of a device's state.
 
@@ -118,7 +137,7 @@ class DevicePacket:
     device: DeviceKey
     idx: int
     config: bool
-    buffer: bytearray
+    buffer: PayloadBuffer
     size: int
 
     @property
@@ -210,16 +229,22 @@ def check_handshake(handshake: ChannelHandshake, *, uuid: bytes, channels: int) 
 class DecoderState(enum.Enum):
     HANDSHAKE = "handshake"
     HEADER = "header"  # the 288-byte packet prefix
+    AWAITING_BUFFER = "awaiting-buffer"  # PacketHeader emitted; see provide_buffer()
     PAYLOAD = "payload"
     CLOSED = "closed"  # clean end of stream at a packet boundary
     ERROR = "error"  # terminal; the decoder raised
 
 
-Event = ChannelHandshake | DevicePacket
+Event = ChannelHandshake | PacketHeader | DevicePacket
 
 
 def _default_allocate(size: int) -> bytearray:
     return bytearray(size)
+
+
+#: ``allocate=`` for a decoder that asks for each payload buffer with a
+#: :class:`PacketHeader` event instead of allocating it.
+ASK = None
 
 
 class ChannelDecoder:
@@ -229,13 +254,17 @@ class ChannelDecoder:
     call :meth:`buffer_updated`. Copying use (tests, simple readers):
     :meth:`receive_data`. Either way, then drain :meth:`next_event` until it
     returns ``None``, and call :meth:`eof` when the peer closes.
+
+    Payload buffers come from ``allocate(size)``; with ``allocate=ASK`` the
+    decoder instead emits a :class:`PacketHeader` and reads nothing more until
+    :meth:`provide_buffer` is called (the owner of the memory decides first).
     """
 
     def __init__(
         self,
         *,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
-        allocate: Callable[[int], bytearray] = _default_allocate,
+        allocate: Callable[[int], PayloadBuffer] | None = _default_allocate,
     ) -> None:
         if max_packet_size < VFIO_HEADER.size:
             raise ValueError(f"max_packet_size must be at least {VFIO_HEADER.size}")
@@ -252,7 +281,7 @@ class ChannelDecoder:
         self._device: DeviceKey | None = None
         self._idx = 0
         self._config = False
-        self._payload: bytearray | None = None
+        self._payload: PayloadBuffer | None = None
         self._payload_size = 0
         #: Bytes consumed so far, and complete packets decoded.
         self.bytes_received = 0
@@ -262,9 +291,15 @@ class ChannelDecoder:
 
     def get_buffer(self) -> memoryview:
         """The memory the next bytes of the stream belong in (never empty)."""
-        if self.state in (DecoderState.CLOSED, DecoderState.ERROR):
+        if self.state in (DecoderState.CLOSED, DecoderState.ERROR, DecoderState.AWAITING_BUFFER):
             raise RuntimeError(f"decoder is {self.state.value}")
         return self._unit[self._filled :]
+
+    def provide_buffer(self, buffer: PayloadBuffer) -> None:
+        """The payload buffer a :class:`PacketHeader` asked for (at least ``size`` bytes)."""
+        if self.state is not DecoderState.AWAITING_BUFFER:
+            raise RuntimeError(f"decoder is {self.state.value}, not awaiting a buffer")
+        self._start_payload(buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last :meth:`get_buffer`."""
@@ -286,6 +321,8 @@ class ChannelDecoder:
         """Copy ``data`` in; events become available from :meth:`next_event`."""
         view = memoryview(data).cast("B")
         while view:
+            if self.state is DecoderState.AWAITING_BUFFER:
+                raise RuntimeError("provide_buffer() first: the decoder is awaiting a buffer")
             target = self.get_buffer()
             n = min(len(target), len(view))
             target[:n] = view[:n]
@@ -307,7 +344,7 @@ class ChannelDecoder:
                 f"connection closed inside the handshake after {self._filled} of "
                 f"{HANDSHAKE.size} bytes",
             )
-        if self.state is DecoderState.PAYLOAD or self._filled:
+        if self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or self._filled:
             error = self.truncated_error()
             self.state = DecoderState.ERROR
             raise error
@@ -316,16 +353,17 @@ class ChannelDecoder:
     @property
     def inside_unit(self) -> bool:
         """Part of a handshake or packet has been received, not all of it."""
-        return self.state is DecoderState.PAYLOAD or (
+        return self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or (
             self.state is DecoderState.HEADER and self._filled > 0
         )
 
     def truncated_error(self) -> ProtocolError:
         """The error for a stream that ends here (see :meth:`eof`)."""
-        if self._payload is not None:
+        if self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER):
+            received = self._filled if self.state is DecoderState.PAYLOAD else 0
             return ProtocolError(
                 Reason.PACKET_TRUNCATED,
-                f"stream closed inside state buffer {self._idx}: {self._filled} of "
+                f"stream closed inside state buffer {self._idx}: {received} of "
                 f"{self._payload_size} data bytes received",
                 device=str(self._device),
                 idx=self._idx,
@@ -414,13 +452,23 @@ class ChannelDecoder:
         if filled == PACKET_PREFIX_SIZE:
             (flags,) = struct.unpack_from(">I", buf, _VFIO_IDX_END)
             self._config = bool(flags & VfioFlag.CONFIG_STATE)
-            size = self._payload_size
-            self._payload = self._allocate(size)
-            self._unit = memoryview(self._payload)[:size]
-            self._filled = 0
-            self.state = DecoderState.PAYLOAD
-            if size == 0:
-                self._finish_packet()
+            if self._allocate is None:
+                assert self._device is not None
+                self.state = DecoderState.AWAITING_BUFFER
+                self._events.append(
+                    PacketHeader(self._device, self._idx, self._config, self._payload_size)
+                )
+            else:
+                self._start_payload(self._allocate(self._payload_size))
+
+    def _start_payload(self, buffer: PayloadBuffer) -> None:
+        size = self._payload_size
+        self._payload = buffer
+        self._unit = memoryview(buffer)[:size]
+        self._filled = 0
+        self.state = DecoderState.PAYLOAD
+        if size == 0:
+            self._finish_packet()
 
     def _check_packet_header(self, filled: int) -> None:
         buf = self._prefix

@@ -1,0 +1,53 @@
+"""Admission's waits for memory: a change cannot be missed (issue 10 item 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from vfio_multifd.admission import Admission
+from vfio_multifd.memory import MemoryPolicy
+from vfio_multifd.reassembly import ReassemblyBuffer
+from vfio_multifd.spill import Spiller
+from vfio_multifd.wire import DeviceKey
+
+KEY = DeviceKey("dev", 0)
+
+
+def admission(tmp_path: Path) -> Admission:
+    buffer = ReassemblyBuffer([KEY], max_queued_bytes=1 << 20)
+    return Admission(
+        buffer,
+        MemoryPolicy(buffer, fail_when_full=False),
+        Spiller(tmp_path),
+        bound=1 << 20,
+        staging_size=1 << 16,
+        reading_channels=lambda: 2,
+    )
+
+
+async def test_a_change_right_after_a_wait_begins_wakes_it(tmp_path: Path) -> None:
+    """A release scheduled just before a channel starts its grace wait must wake it.
+
+    With ``wait_for(event.wait(), t)`` and a set-then-clear pulse, the pulse ran
+    before the wrapped wait registered, and the channel slept the whole grace.
+    """
+    subject = admission(tmp_path)
+    asyncio.get_running_loop().call_soon(subject.memory_changed)
+    woken = await subject._wait_for_memory(time.monotonic() + 30)
+    assert woken is True, "woken by the change (False: it slept until the deadline)"
+
+
+async def test_a_deadline_without_a_change_expires(tmp_path: Path) -> None:
+    subject = admission(tmp_path)
+    assert await subject._wait_for_memory(time.monotonic() + 0.01) is False
+    assert subject.paused_seconds > 0
+
+
+async def test_one_change_wakes_every_waiter(tmp_path: Path) -> None:
+    subject = admission(tmp_path)
+    waits = [asyncio.ensure_future(subject._wait_for_memory(None)) for _ in range(3)]
+    await asyncio.sleep(0)
+    subject.memory_changed()
+    assert await asyncio.wait_for(asyncio.gather(*waits), 5) == [True, True, True]
