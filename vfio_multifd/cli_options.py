@@ -16,7 +16,7 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import logconfig
 from .config import (
@@ -90,8 +90,9 @@ def _queue_bound(text: str) -> int | None:
     return parse_size(text) or None
 
 
-def _choice(kind: type[E]) -> Callable[[str], E]:
-    """The member of an enum named by its value (``--digest sha256``)."""
+def _one_of(kind: type[E]) -> dict[str, Any]:
+    """``type`` and ``choices`` of an enum option: argparse gives the member
+    named by its value (``--digest sha256``), and help shows the values."""
 
     def parse(text: str) -> E:
         try:
@@ -100,7 +101,7 @@ def _choice(kind: type[E]) -> Callable[[str], E]:
             choices = ", ".join(repr(member.value) for member in kind)
             raise UsageError(f"invalid choice: {text!r} (choose from {choices})") from None
 
-    return _option_type(parse)
+    return {"type": _option_type(parse), "choices": list(kind)}
 
 
 def _seconds(text: str, *, zero_disables: bool) -> float:
@@ -163,8 +164,7 @@ def _migration_parent() -> _Parser:
     )
     group.add_argument(
         "--digest",
-        type=_choice(Digest),
-        choices=list(Digest),
+        **_one_of(Digest),
         default=Digest.XXH3_128,
         help="digest of each device's data in the summary (default xxh3-128)",
     )
@@ -269,8 +269,7 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
     )
     rx.add_argument(
         "--on-queue-full",
-        type=_choice(QueueFullPolicy),
-        choices=list(QueueFullPolicy),
+        **_one_of(QueueFullPolicy),
         default=QueueFullPolicy.SPILL,
         help="at the bound: spill to disk (default) or fail like QEMU",
     )
