@@ -4,6 +4,10 @@ The only place that picks the event loop (uvloop) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
 ``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (130 for
 SIGINT, 143 for SIGTERM).
+
+Each subcommand is one handler, ``_<name>_command(args) -> int``, given
+options already converted and checked (:mod:`vfio_multifd.cli_options`);
+:func:`main` parses, runs the handler and maps what it raises to an exit code.
 """
 
 from __future__ import annotations
@@ -18,29 +22,19 @@ import os
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import logconfig, notify, status_client, status_server
-from .config import (
-    DEFAULT_MAX_QUEUED_BYTES,
-    Address,
-    DeviceSpec,
-    Digest,
-    QueueFullPolicy,
-    ReceiveSettings,
-    parse_size,
-    parse_uuid,
-)
+from . import cli_options, logconfig, notify, status_client, status_server
+from .config import ReceiveSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
-from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SendResult, SourceDevice, send
+from .send_progress import send_progress
+from .sender import SendResult, send
 from .session import Session
-from .wire import DEFAULT_MAX_PACKET_SIZE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -48,235 +42,50 @@ EXIT_USAGE = 2
 
 log = structlog.get_logger("vfio_multifd.cli")
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except UsageError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _seconds(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    return None if value <= 0 else value
+T = TypeVar("T")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="vfio-multifd",
-        description="QEMU-format multifd device-state migration: destination and source.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    rx = sub.add_parser("receive", help="run the destination daemon")
-    rx.add_argument(
-        "--listen",
-        default="tcp:127.0.0.1:4444",
-        metavar="tcp:HOST:PORT|unix:PATH",
-        help="where to listen (default tcp:127.0.0.1:4444; port 0 picks a free port)",
-    )
-    rx.add_argument(
-        "--channels",
-        type=int,
-        default=2,
-        metavar="N",
-        help="multifd channels to expect (default 2, as QEMU)",
-    )
-    rx.add_argument(
-        "--uuid",
-        default="00000000-0000-0000-0000-000000000000",
-        help="the source VM's UUID (default all zero)",
-    )
-    rx.add_argument(
-        "--device",
-        action="append",
-        required=True,
-        metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
-        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config",
-    )
-    rx.add_argument(
-        "--max-packet-size",
-        type=_size,
-        default=DEFAULT_MAX_PACKET_SIZE,
-        metavar="SIZE",
-        help="largest next_packet_size accepted (default 4M)",
-    )
-    rx.add_argument(
-        "--max-queued-bytes",
-        type=_size,
-        default=DEFAULT_MAX_QUEUED_BYTES,
-        metavar="SIZE",
-        help="bound on chunk bytes held in memory, all devices together (default 64M; 0: no bound)",
-    )
-    rx.add_argument(
-        "--on-queue-full",
-        choices=[p.value for p in QueueFullPolicy],
-        default=QueueFullPolicy.SPILL.value,
-        help="at the bound: spill to disk (default) or fail like QEMU",
-    )
-    rx.add_argument(
-        "--spill-dir",
-        default=None,
-        metavar="DIR",
-        help="where spilled chunks go (default: the first data file's directory)",
-    )
-    rx.add_argument(
-        "--accept-timeout",
-        type=_seconds,
-        default=None,
-        metavar="SECONDS",
-        help="fail unless every channel connects within this time (default: wait)",
-    )
-    rx.add_argument(
-        "--handshake-timeout",
-        type=_seconds,
-        default=10.0,
-        metavar="SECONDS",
-        help="refuse a connection that sends no handshake within this time (10)",
-    )
-    rx.add_argument(
-        "--progress-timeout",
-        type=_seconds,
-        default=150.0,
-        metavar="SECONDS",
-        help="fail after this long without a byte received or written "
-        "(default 150, as KubeVirt; 0 disables)",
-    )
-    rx.add_argument(
-        "--digest",
-        choices=[d.value for d in Digest],
-        default=Digest.XXH3_128.value,
-        help="digest of each device's data in the summary (default xxh3-128)",
-    )
-    rx.add_argument(
-        "--no-fsync",
-        action="store_true",
-        help="do not fsync outputs before renaming them into place",
-    )
-    rx.add_argument(
-        "--status-socket",
-        default=None,
-        metavar="PATH",
-        help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
-    )
-    rx.add_argument(
-        "--ready-fd",
-        type=int,
-        default=None,
-        metavar="N",
-        help="once listening, write a newline to file descriptor N and close it "
-        "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
-    )
-    _progress_option(rx, "log migration_progress this often while active")
-    _log_options(rx)
-
-    tx = sub.add_parser("send", help="send device state like a QEMU source")
-    tx.add_argument("--connect", required=True, metavar="tcp:HOST:PORT|unix:PATH")
-    tx.add_argument("--channels", type=int, default=2, metavar="N")
-    tx.add_argument("--uuid", default="00000000-0000-0000-0000-000000000000")
-    tx.add_argument(
-        "--device",
-        action="append",
-        required=True,
-        metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
-        help="a device to send (repeatable)",
-    )
-    tx.add_argument(
-        "--chunk-size",
-        type=_size,
-        default=DEFAULT_CHUNK_SIZE,
-        metavar="SIZE",
-        help="largest chunk (default 1M, as QEMU)",
-    )
-    tx.add_argument(
-        "--order",
-        choices=ORDERS,
-        default="round-robin",
-        help="packet order: round-robin as QEMU, or reverse / random",
-    )
-    tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
-    tx.add_argument("--digest", choices=[d.value for d in Digest], default=Digest.XXH3_128.value)
-    tx.add_argument(
-        "--inject",
-        choices=sorted(FAULTS),
-        default=None,
-        metavar="FAULT",
-        help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
-    )
-    tx.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="keep retrying to connect for this long (default 30)",
-    )
-    _progress_option(
-        tx, "without a terminal, log send_progress this often (on one: a bar per device)"
-    )
-    _log_options(tx)
-
-    st = sub.add_parser("status", help="ask a running daemon (or QEMU's QMP) for query-migrate")
-    st.add_argument("--socket", required=True, metavar="PATH", help="the --status-socket")
-    st.add_argument("--json", action="store_true", help="print the reply as JSON")
-    st.add_argument(
-        "--timeout", type=float, default=5.0, metavar="SECONDS", help="give up after (5)"
-    )
-    return parser
-
-
-def _progress_option(parser: argparse.ArgumentParser, what: str) -> None:
-    parser.add_argument(
-        "--progress-interval",
-        type=_seconds,
-        default=5.0,
-        metavar="SECONDS",
-        help=f"{what} (default 5; 0 disables)",
+    return cli_options.build_parser(
+        receive=_receive_command, send=_send_command, status=_status_command
     )
 
 
-def _log_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--log-format",
-        choices=logconfig.FORMATS,
-        default="auto",
-        help="log lines on stderr: auto (default) is console on a terminal, JSON otherwise",
-    )
-    parser.add_argument(
-        "--log-level",
-        choices=logconfig.LEVELS,
-        default="info",
-        help="debug adds QEMU-style trace events (buffer_incoming, load_starved...)",
-    )
+# -- receive ------------------------------------------------------------------------
 
 
 def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
-    from pathlib import Path
-
-    if args.channels < 1:
-        raise UsageError(f"--channels must be at least 1, not {args.channels}")
+    """The session's settings from ``receive``'s options (converted and checked)."""
     return ReceiveSettings(
-        devices=tuple(DeviceSpec.parse(text) for text in args.device),
-        listen=Address.parse(args.listen),
+        devices=tuple(args.device),
+        listen=args.listen,
         channels=args.channels,
-        uuid=parse_uuid(args.uuid),
+        uuid=args.uuid,
         max_packet_size=args.max_packet_size,
-        max_queued_bytes=args.max_queued_bytes or None,
-        on_queue_full=QueueFullPolicy(args.on_queue_full),
-        spill_dir=Path(args.spill_dir) if args.spill_dir else None,
+        max_queued_bytes=args.max_queued_bytes,
+        on_queue_full=args.on_queue_full,
+        spill_dir=args.spill_dir,
+        max_spill_bytes=args.max_spill_bytes,
         accept_timeout=args.accept_timeout,
-        handshake_timeout=args.handshake_timeout or 10.0,
+        handshake_timeout=args.handshake_timeout,
         progress_timeout=args.progress_timeout,
-        digest=Digest(args.digest),
+        digest=args.digest,
         fsync=not args.no_fsync,
     )
+
+
+def _receive_command(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    settings = receive_settings(args)
+    if args.ready_fd is not None:
+        notify.check_ready_fd(args.ready_fd)
+    options = DaemonOptions(
+        status_socket=args.status_socket,
+        ready_fd=args.ready_fd,
+        progress_interval=args.progress_interval,
+    )
+    print_receive_summary(run_loop(_receive(settings, options)), sys.stdout)
+    return EXIT_OK
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,10 +159,11 @@ def _notify_ready(session: Session, options: DaemonOptions) -> None:
     )
 
 
-def run_loop(coro_factory: object) -> object:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to the end on uvloop: the one place the event loop is chosen."""
     import uvloop
 
-    return uvloop.run(coro_factory)  # type: ignore[arg-type]
+    return uvloop.run(main)
 
 
 def print_receive_summary(result: SessionResult, out: TextIO) -> None:
@@ -373,6 +183,29 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
     )
 
 
+# -- send ---------------------------------------------------------------------------
+
+
+def _send_command(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    with send_progress(args.device, args.progress_interval) as progress:
+        result = send(
+            args.connect,
+            args.device,
+            channels=args.channels,
+            uuid=args.uuid,
+            chunk_size=args.chunk_size,
+            order=args.order,
+            seed=args.seed,
+            digest=args.digest,
+            connect_timeout=args.connect_timeout,
+            inject=args.inject,
+            progress=progress,
+        )
+    print_send_summary(result, sys.stdout)
+    return EXIT_OK
+
+
 def print_send_summary(result: SendResult, out: TextIO) -> None:
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
@@ -383,91 +216,10 @@ def print_send_summary(result: SendResult, out: TextIO) -> None:
     )
 
 
-def _send(args: argparse.Namespace) -> SendResult:
-    devices = [SourceDevice.parse(text) for text in args.device]
-    with _send_progress(devices, args.progress_interval) as progress:
-        return send(
-            Address.parse(args.connect),
-            devices,
-            channels=args.channels,
-            uuid=parse_uuid(args.uuid),
-            chunk_size=args.chunk_size,
-            order=args.order,
-            seed=args.seed,
-            digest=Digest(args.digest),
-            connect_timeout=args.connect_timeout,
-            inject=args.inject,
-            progress=progress,
-        )
+# -- status -------------------------------------------------------------------------
 
 
-SendProgress = Callable[[int, int], None]
-
-
-@contextlib.contextmanager
-def _send_progress(
-    devices: Sequence[SourceDevice], interval: float | None
-) -> Iterator[SendProgress | None]:
-    """A bar per device on a terminal, ``send_progress`` log lines otherwise."""
-    if sys.stderr.isatty():
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        ) as bars:
-            tasks = [bars.add_task(str(d.key), total=d.size) for d in devices]
-            yield lambda device, nbytes: bars.advance(tasks[device], nbytes)
-        return
-    if interval is None:
-        yield None
-        return
-    sent = [0] * len(devices)
-    lock = threading.Lock()
-    stop = threading.Event()
-
-    def count(device: int, nbytes: int) -> None:
-        with lock:
-            sent[device] += nbytes
-
-    def report() -> None:
-        last, last_time = 0, time.monotonic()
-        while not stop.wait(interval):
-            with lock:
-                per_device = list(sent)
-            total, now = sum(per_device), time.monotonic()
-            log.info(
-                "send_progress",
-                bytes=total,
-                mb_per_s=round((total - last) / 1e6 / (now - last_time), 1),
-                devices={
-                    str(d.key): f"{n}/{d.size}" for d, n in zip(devices, per_device, strict=True)
-                },
-            )
-            last, last_time = total, now
-
-    reporter = threading.Thread(target=report, name="send-progress", daemon=True)
-    reporter.start()
-    try:
-        yield count
-    finally:
-        stop.set()
-        reporter.join(timeout=1.0)
-
-
-def _status(args: argparse.Namespace) -> int:
+def _status_command(args: argparse.Namespace) -> int:
     try:
         reply = status_client.query(args.socket, timeout=args.timeout)
     except (OSError, ValueError) as error:
@@ -483,31 +235,15 @@ def _status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- entry points -------------------------------------------------------------------
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code."""
     try:
         args = build_parser().parse_args(argv)
-    except UsageError as error:
-        print(f"vfio-multifd: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.command == "status":
-        return _status(args)
-    logconfig.configure(log_format=args.log_format, level=args.log_level)
-    try:
-        if args.command == "receive":
-            settings = receive_settings(args)
-            if args.ready_fd is not None:
-                notify.check_ready_fd(args.ready_fd)
-            options = DaemonOptions(
-                status_socket=args.status_socket,
-                ready_fd=args.ready_fd,
-                progress_interval=args.progress_interval,
-            )
-            result = run_loop(_receive(settings, options))
-            assert isinstance(result, SessionResult)
-            print_receive_summary(result, sys.stdout)
-        else:
-            print_send_summary(_send(args), sys.stdout)
-        return EXIT_OK
+        handler: cli_options.Handler = args.handler
+        return handler(args)
     except UsageError as error:
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -525,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    logconfig.configure(log_format=args.log_format, level=args.log_level)
 
 
 def console_main() -> None:

@@ -24,6 +24,14 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
+def check_channels(channels: int) -> int:
+    """The one check of a channel count (the command line's and the library's):
+    a channel's id is one byte."""
+    if not 1 <= channels <= 256:
+        raise UsageError(f"--channels must be 1..256 (a one-byte id), not {channels}")
+    return channels
+
+
 def parse_uuid(text: str) -> bytes:
     try:
         return uuid_module.UUID(text).bytes
@@ -146,8 +154,7 @@ class ReceiveSettings:
     def __post_init__(self) -> None:
         if not self.devices:
             raise UsageError("at least one --device is required")
-        if not 1 <= self.channels <= 256:
-            raise UsageError(f"--channels must be 1..256 (a one-byte id), not {self.channels}")
+        check_channels(self.channels)
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")

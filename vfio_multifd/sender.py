@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Address, Digest, parse_device_key, parse_fields, parse_size
+from .config import (
+    Address,
+    Digest,
+    check_channels,
+    parse_device_key,
+    parse_fields,
+    parse_size,
+)
 from .digest import format_digest, new_hasher
 from .errors import UsageError
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
@@ -349,8 +356,7 @@ def send(
     ``progress(device_index, nbytes)`` is called after each data chunk is sent,
     from the channel's own thread (so it must be thread-safe).
     """
-    if not 1 <= channels <= 256:
-        raise UsageError(f"--channels must be 1..256, not {channels}")
+    check_channels(channels)
     if chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
     states = [DeviceState(device, chunk_size) for device in devices]

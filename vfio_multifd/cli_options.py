@@ -1,0 +1,390 @@
+"""The command line's options: what each subcommand accepts, converted and
+checked once, by each option's argparse ``type``.
+
+Options that mean the same on both ends come from one parent parser; an
+option's spelling, default and meaning are a contract with users' scripts:
+add options, never rename one. What each subcommand runs is given to
+:func:`build_parser` (see :mod:`vfio_multifd.cli`), so this module knows
+nothing of sessions or sockets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import functools
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from . import logconfig
+from .config import (
+    DEFAULT_MAX_QUEUED_BYTES,
+    Address,
+    DeviceSpec,
+    Digest,
+    QueueFullPolicy,
+    check_channels,
+    parse_size,
+    parse_uuid,
+)
+from .errors import UsageError
+from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
+from .wire import DEFAULT_MAX_PACKET_SIZE
+
+T = TypeVar("T")
+E = TypeVar("E", bound=enum.StrEnum)
+#: What a subcommand runs: its parsed options in, an exit code out.
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- option types: each converts and checks its option, once ------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error goes through :func:`main` like any other: one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --channels: --channels must be 1..256 ...": a message shared
+        # with the library already names its option; say it once.
+        prefix, _, rest = message.partition(": ")
+        if prefix.startswith("argument ") and rest.startswith(prefix.split()[-1] + " "):
+            message = rest
+        raise UsageError(message)
+
+
+def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type`` from a function that raises :class:`UsageError`:
+    its message is kept, and argparse puts the option's name before it."""
+
+    @functools.wraps(parse)
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except UsageError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return convert
+
+
+_size = _option_type(parse_size)
+_uuid = _option_type(parse_uuid)
+_address = _option_type(Address.parse)
+_receive_device = _option_type(DeviceSpec.parse)
+_send_device = _option_type(SourceDevice.parse)
+
+
+@_option_type
+def _channels(text: str) -> int:
+    try:
+        channels = int(text)
+    except ValueError:
+        raise UsageError(f"not a whole number: {text!r}") from None
+    return check_channels(channels)
+
+
+@_option_type
+def _queue_bound(text: str) -> int | None:
+    """A size; 0 is no bound (None)."""
+    return parse_size(text) or None
+
+
+def _one_of(kind: type[E]) -> dict[str, Any]:
+    """``type`` and ``choices`` of an enum option: argparse gives the member
+    named by its value (``--digest sha256``), and help shows the values."""
+
+    def parse(text: str) -> E:
+        try:
+            return kind(text)
+        except ValueError:
+            choices = ", ".join(repr(member.value) for member in kind)
+            raise UsageError(f"invalid choice: {text!r} (choose from {choices})") from None
+
+    return {"type": _option_type(parse), "choices": list(kind)}
+
+
+def _seconds(text: str, *, zero_disables: bool) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise UsageError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_disables):
+        allowed = "0 (disabled) or a finite number" if zero_disables else "a finite number"
+        raise UsageError(f"must be {allowed} of seconds above 0, not {text!r}")
+    return seconds
+
+
+@_option_type
+def _positive_seconds(text: str) -> float:
+    return _seconds(text, zero_disables=False)
+
+
+@_option_type
+def _seconds_or_off(text: str) -> float | None:
+    """0 disables (None)."""
+    return _seconds(text, zero_disables=True) or None
+
+
+# -- the parser: one function per subcommand, shared options in parents -----------
+
+
+def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argparse.ArgumentParser:
+    """``vfio-multifd``'s parser; each subcommand sets ``handler`` to the one given."""
+    parser = _Parser(
+        prog="vfio-multifd",
+        description="QEMU-format multifd device-state migration: destination and source.",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, parser_class=_Parser, help="what to do"
+    )
+    _add_receive(sub, receive)
+    _add_send(sub, send)
+    _add_status(sub, status)
+    return parser
+
+
+def _migration_parent() -> _Parser:
+    """Options that identify the migration, the same on both ends."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("common to receive and send")
+    group.add_argument(
+        "--channels",
+        type=_channels,
+        default=2,
+        metavar="N",
+        help="multifd channels, one connection each: 1..256 (default 2, as QEMU)",
+    )
+    group.add_argument(
+        "--uuid",
+        type=_uuid,
+        default="00000000-0000-0000-0000-000000000000",
+        metavar="UUID",
+        help="the source VM's UUID (default all zero)",
+    )
+    group.add_argument(
+        "--digest",
+        **_one_of(Digest),
+        default=Digest.XXH3_128,
+        help="digest of each device's data in the summary (default xxh3-128)",
+    )
+    return parent
+
+
+def _reporting_parent(*, progress: str, debug: str) -> _Parser:
+    """Log lines on stderr, and progress while it runs; ``progress`` and ``debug``
+    say what the subcommand reports."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("progress and logging")
+    group.add_argument(
+        "--progress-interval",
+        type=_seconds_or_off,
+        default=5.0,
+        metavar="SECONDS",
+        help=f"{progress} (default 5; 0 disables)",
+    )
+    group.add_argument(
+        "--log-format",
+        choices=logconfig.FORMATS,
+        default="auto",
+        help="log lines on stderr: auto (default) is console on a terminal, JSON otherwise",
+    )
+    group.add_argument(
+        "--log-level",
+        choices=logconfig.LEVELS,
+        default="info",
+        help=f"log lines below this level are left out (default info){debug}",
+    )
+    return parent
+
+
+Subcommands = argparse._SubParsersAction  # the type of add_subparsers()'s result
+
+
+def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
+    rx = sub.add_parser(
+        "receive",
+        help="run the destination daemon",
+        parents=[
+            _migration_parent(),
+            _reporting_parent(
+                progress="log migration_progress this often while active",
+                debug="; debug adds QEMU-style trace events (buffer_incoming, load_starved...)",
+            ),
+        ],
+    )
+    rx.set_defaults(handler=handler)
+    rx.add_argument(
+        "--listen",
+        type=_address,
+        default="tcp:127.0.0.1:4444",
+        metavar="tcp:HOST:PORT|unix:PATH",
+        help="where to listen (default tcp:127.0.0.1:4444; port 0 picks a free port)",
+    )
+    rx.add_argument(
+        "--device",
+        type=_receive_device,
+        action="append",
+        required=True,
+        metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
+        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config",
+    )
+    _add_receive_limits(rx)
+    rx.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="do not fsync outputs before renaming them into place",
+    )
+    rx.add_argument(
+        "--status-socket",
+        default=None,
+        metavar="PATH",
+        help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
+    )
+    rx.add_argument(
+        "--ready-fd",
+        type=int,
+        default=None,
+        metavar="N",
+        help="once listening, write a newline to file descriptor N and close it "
+        "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
+    )
+
+
+def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
+    """How much the daemon holds, and how long it waits."""
+    rx.add_argument(
+        "--max-packet-size",
+        type=_size,
+        default=DEFAULT_MAX_PACKET_SIZE,
+        metavar="SIZE",
+        help="largest next_packet_size accepted (default 4M)",
+    )
+    rx.add_argument(
+        "--max-queued-bytes",
+        type=_queue_bound,
+        default=DEFAULT_MAX_QUEUED_BYTES,
+        metavar="SIZE",
+        help="bound on the memory chunk payloads take from the moment their headers "
+        "arrive, all devices together (default 64M; 0: no bound)",
+    )
+    rx.add_argument(
+        "--on-queue-full",
+        **_one_of(QueueFullPolicy),
+        default=QueueFullPolicy.SPILL,
+        help="at the bound: spill to disk (default) or fail like QEMU",
+    )
+    rx.add_argument(
+        "--spill-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where spilled chunks go (default: the first data file's directory)",
+    )
+    rx.add_argument(
+        "--max-spill-bytes",
+        type=_queue_bound,
+        default=None,
+        metavar="SIZE",
+        help="fail rather than hold more than this in the spill file (default, and 0: no cap)",
+    )
+    rx.add_argument(
+        "--accept-timeout",
+        type=_seconds_or_off,
+        default=None,
+        metavar="SECONDS",
+        help="fail unless every channel connects within this time (default, and 0: wait)",
+    )
+    rx.add_argument(
+        "--handshake-timeout",
+        type=_positive_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="refuse a connection that sends no handshake within this time (default 10)",
+    )
+    rx.add_argument(
+        "--progress-timeout",
+        type=_seconds_or_off,
+        default=150.0,
+        metavar="SECONDS",
+        help="fail after this long without a byte received or written "
+        "(default 150, as KubeVirt; 0 disables)",
+    )
+
+
+def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
+    tx = sub.add_parser(
+        "send",
+        help="send device state like a QEMU source",
+        parents=[
+            _migration_parent(),
+            _reporting_parent(
+                progress="without a terminal, log send_progress this often "
+                "(on one: a bar per device)",
+                debug="",
+            ),
+        ],
+    )
+    tx.set_defaults(handler=handler)
+    tx.add_argument(
+        "--connect",
+        type=_address,
+        required=True,
+        metavar="tcp:HOST:PORT|unix:PATH",
+        help="the receiving daemon's --listen address",
+    )
+    tx.add_argument(
+        "--device",
+        type=_send_device,
+        action="append",
+        required=True,
+        metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
+        help="a device to send (repeatable)",
+    )
+    tx.add_argument(
+        "--chunk-size",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        metavar="SIZE",
+        help="largest chunk (default 1M, as QEMU)",
+    )
+    tx.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="round-robin",
+        help="packet order: round-robin as QEMU, or reverse / random",
+    )
+    tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    tx.add_argument(
+        "--inject",
+        choices=sorted(FAULTS),
+        default=None,
+        metavar="FAULT",
+        help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
+    )
+    tx.add_argument(
+        "--connect-timeout",
+        type=_positive_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep retrying to connect for this long (default 30)",
+    )
+
+
+def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:
+    st = sub.add_parser("status", help="ask a running daemon (or QEMU's QMP) for query-migrate")
+    st.set_defaults(handler=handler)
+    st.add_argument(
+        "--socket",
+        required=True,
+        metavar="PATH",
+        help="the daemon's --status-socket (or QEMU's QMP socket)",
+    )
+    st.add_argument("--json", action="store_true", help="print the reply as JSON")
+    st.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="give up after this long (default 5)",
+    )
