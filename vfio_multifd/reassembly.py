@@ -416,5 +416,15 @@ class ReassemblyBuffer:
                     self.taken_bytes -= chunk.cost
             chunk.buffer = None
 
+    def incomplete_error(self, why: str) -> SessionError | None:
+        """The error if nothing more can arrive (``why``) and a device still misses chunks."""
+        stuck = [d for d in self.incomplete_devices() if not d.fully_received]
+        if not stuck:
+            return None
+        detail = "; ".join(f"device {d.key}: missing idx {d.missing()}" for d in stuck)
+        return SessionError(
+            Reason.INCOMPLETE, f"{why} with {len(stuck)} device(s) incomplete: {detail}"
+        )
+
     def incomplete_devices(self) -> list[DeviceBuffer]:
         return [device for device in self.devices.values() if not device.complete]

@@ -59,6 +59,17 @@ class SessionResult:
     def mb_per_s(self) -> float:
         return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
+    def log_fields(self) -> dict[str, float | int]:
+        """The ``migration_completed`` log line's fields (benchmarks parse them)."""
+        return {
+            "seconds": round(self.seconds, 3),
+            "mb_per_s": round(self.mb_per_s, 1),
+            "bytes": self.data_bytes,
+            "peak_queued_bytes": self.peak_queued_bytes,
+            "spilled_bytes": self.spilled_bytes,
+            "paused_seconds": round(self.paused_seconds, 3),
+        }
+
 
 def summarize(
     loaders: Sequence[DeviceLoader],

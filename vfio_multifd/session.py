@@ -267,18 +267,10 @@ class Session:
 
     def closed(self, channel: ChannelProtocol) -> None:
         """A channel ended cleanly. When all have, every device must be able to finish."""
-        if not self.registry.all_closed:
-            return
-        stuck = [d for d in self.reassembly.incomplete_devices() if not d.fully_received]
-        if stuck:
-            detail = "; ".join(f"device {d.key}: missing idx {d.missing()}" for d in stuck)
-            self.fail(
-                SessionError(
-                    Reason.INCOMPLETE,
-                    f"all {self.settings.channels} channels closed with "
-                    f"{len(stuck)} device(s) incomplete: {detail}",
-                )
-            )
+        if self.registry.all_closed:
+            error = self.reassembly.incomplete_error(f"all {self.settings.channels} channels closed")
+            if error is not None:
+                self.fail(error)
 
     # -- what the watchdog and the summary see --------------------------------------------
 
@@ -301,15 +293,7 @@ class Session:
             bytes_received=self.registry.bytes_received,
             paused_seconds=self.admission.paused_seconds,
         )
-        self.log.info(
-            "migration_completed",
-            seconds=round(result.seconds, 3),
-            mb_per_s=round(result.mb_per_s, 1),
-            bytes=result.data_bytes,
-            peak_queued_bytes=result.peak_queued_bytes,
-            spilled_bytes=result.spilled_bytes,
-            paused_seconds=round(result.paused_seconds, 3),
-        )
+        self.log.info("migration_completed", **result.log_fields())
         return result
 
 
