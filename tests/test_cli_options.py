@@ -269,3 +269,28 @@ def test_help_shows_enum_choices_as_values(
 def test_send_log_level_help_does_not_name_receiver_events() -> None:
     (level,) = (a for a in subparsers()["send"]._actions if a.dest == "log_level")
     assert level.help is not None and "buffer_incoming" not in level.help
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (["--max-packet-size", "0"], "--max-packet-size 0 is below 12"),
+        (["--max-packet-size", "11"], "--max-packet-size 11 is below 12"),
+        (
+            ["--max-queued-bytes", "4M"],
+            "--max-queued-bytes 4194304 is too small for --max-packet-size 4194304: "
+            "the smallest bound that works is 8388864",
+        ),
+        (
+            ["--max-queued-bytes", "1M", "--max-packet-size", "1M"],
+            "the smallest bound that works is 2097408",
+        ),
+    ],
+)
+def test_sizes_that_could_never_complete_are_usage_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], expected: str
+) -> None:
+    """Issue 10 items 4 and 5: each connection failed, or the migration stalled."""
+    code = main(["receive", *options, "--device", f"idstr=a,data={tmp_path / 'a.bin'}"])
+    assert code == 2
+    assert expected in capsys.readouterr().err
