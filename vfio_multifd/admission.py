@@ -178,10 +178,10 @@ class Admission:
 
     def release_written(self, chunks: list[Chunk]) -> None:
         """A loader wrote ``chunks``: their memory is free for the channels again."""
-        self.reassembly.release(chunks)
-        for chunk in chunks:
-            if chunk.buffer is not None:
-                self._release_buffer(chunk.buffer)
+        buffers = [chunk.buffer for chunk in chunks if chunk.buffer is not None]
+        self.reassembly.release(chunks)  # forgets each chunk's buffer
+        for buffer in buffers:
+            self._release_buffer(buffer)
         self.memory_changed()
 
     # -- waiting for memory --------------------------------------------------------------
