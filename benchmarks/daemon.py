@@ -2,11 +2,14 @@
 
 ``run_receiver`` starts the process, learns its port from its JSON
 ``listening`` line (the daemon's on stderr, the plain copy's on stdout),
-replays the workload to it, and reaps it with ``wait4`` for its CPU time
-(user + system, start to exit). Its peak RSS is ``VmHWM`` from ``/proc``,
-sampled while it runs: ``wait4``'s ``ru_maxrss`` would carry over the RSS
-this process had when it spawned it. A watchdog kills a receiver that
-outlives the run's timeout, which also unblocks a replay stuck in ``sendmsg``.
+replays the workload to it (or lets another sender loose on it), and reaps
+it with ``wait4`` for its CPU time (user + system, start to exit). Its peak
+RSS is ``VmHWM`` from ``/proc``, sampled while it runs: ``wait4``'s
+``ru_maxrss`` would carry over the RSS this process had when it spawned it.
+Its idle RSS is the same figure read once when it logs ``listening``, before
+any traffic: what the interpreter and the daemon's own start-up take. A
+watchdog kills a receiver that outlives the run's timeout, which also
+unblocks a replay stuck in ``sendmsg``.
 
 ``run_daemon`` does that for ``python -m vfio_multifd receive`` and reads
 the daemon's own JSON log: ``migration_completed`` (its figures) and each
@@ -24,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -65,20 +68,50 @@ class _Output(threading.Thread):
         self.pipe.close()
 
 
+def vm_hwm(pid: int) -> int | None:
+    """The process's peak RSS so far (``VmHWM``, bytes); None once it has exited
+    (a zombie has none)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            text = status.read()
+    except OSError:
+        return None
+    match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
+    return None if match is None else int(match.group(1)) * 1024
+
+
 def _watch_peak_rss(pid: int, peak: list[int]) -> None:
-    """Keep the process's VmHWM (bytes) until it has exited (a zombie has none)."""
-    path = f"/proc/{pid}/status"
-    while True:
-        try:
-            with open(path) as status:
-                text = status.read()
-        except OSError:
-            return
-        match = re.search(r"^VmHWM:\s+(\d+) kB", text, re.MULTILINE)
-        if match is None:
-            return
-        peak[0] = max(peak[0], int(match.group(1)) * 1024)
+    """Keep the process's VmHWM (bytes) until it has exited."""
+    while (hwm := vm_hwm(pid)) is not None:
+        peak[0] = max(peak[0], hwm)
         time.sleep(0.02)
+
+
+def _named(events: list[Event], name: str) -> list[Event]:
+    return [event for event in events if event.get("event") == name]
+
+
+@dataclass(frozen=True)
+class Listening:
+    """A receiver that has logged its address: what a sender may look at while it sends."""
+
+    pid: int
+    address: Address
+    logs: tuple[list[Event], ...]  # its JSON lines so far, stdout's and stderr's (growing)
+
+    def named(self, name: str) -> list[Event]:
+        return _named([event for log in self.logs for event in log], name)
+
+
+#: What feeds a listening receiver (``replay_to`` unless the run says otherwise): it
+#: returns when it is done with the receiver (the replay: once the receiver closed
+#: every channel), or raises OSError or RuntimeError.
+Sender = Callable[[Listening, Workload, float], Replay]
+
+
+def replay_to(receiver: Listening, workload: Workload, timeout: float) -> Replay:
+    """The replay sender: every channel's whole stream, as fast as the receiver takes it."""
+    return replay(receiver.address, workload, timeout)
 
 
 @dataclass
@@ -91,13 +124,16 @@ class Finished:
     events: list[Event]  # its JSON lines, stdout's then stderr's
     replay: Replay | None  # None: the replay did not run to its end
     error: str  # why the run failed: start-up, replay, exit status ("" if none)
+    idle_rss: int = 0  # bytes: VmHWM when it logged ``listening`` (0: it never did)
 
     def named(self, name: str) -> list[Event]:
-        return [event for event in self.events if event.get("event") == name]
+        return _named(self.events, name)
 
 
-def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TIMEOUT) -> Finished:
-    """Start ``cmd``, replay ``workload`` to the address it logs, reap it."""
+def run_receiver(
+    cmd: Sequence[str], workload: Workload, timeout: float = RUN_TIMEOUT, send: Sender = replay_to
+) -> Finished:
+    """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -117,6 +153,7 @@ def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TI
     watchdog.start()
     sent: Replay | None = None
     error = ""
+    idle = 0
     try:
         wait = min(LISTEN_TIMEOUT, timeout)
         listening.wait(wait)
@@ -125,7 +162,9 @@ def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TI
         )
         if address is None:
             raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
-        sent = replay(Address.parse(str(address)), workload, timeout)
+        idle = vm_hwm(proc.pid) or 0
+        receiver = Listening(proc.pid, Address.parse(str(address)), (out_events, err_events))
+        sent = send(receiver, workload, timeout)
     except (OSError, RuntimeError) as exc:
         error = str(exc) or type(exc).__name__
         _kill(proc.pid, signal.SIGTERM)
@@ -151,6 +190,7 @@ def run_receiver(cmd: Sequence[str], workload: Workload, timeout: float = RUN_TI
         events=out_events + err_events,
         replay=sent,
         error=error,
+        idle_rss=idle,
     )
 
 
@@ -197,6 +237,7 @@ class DaemonRun:
     paused_seconds: float = 0.0
     cpu: float = 0.0  # user + system, start to exit
     peak_rss: int = 0
+    idle_rss: int = 0  # VmHWM before any traffic
     lag: float = 0.0  # wall clock: the replay's last sendmsg -> the last load_thread_end
     digests: dict[str, str] = field(default_factory=dict)  # device -> digest
 
@@ -205,7 +246,13 @@ def run_daemon(
     workload: Workload, out_dir: Path | None, *options: str, timeout: float = RUN_TIMEOUT
 ) -> DaemonRun:
     finished = run_receiver(daemon_command(workload, out_dir, *options), workload, timeout)
-    run = DaemonRun(ok=False, error=finished.error, cpu=finished.cpu, peak_rss=finished.peak_rss)
+    run = DaemonRun(
+        ok=False,
+        error=finished.error,
+        cpu=finished.cpu,
+        peak_rss=finished.peak_rss,
+        idle_rss=finished.idle_rss,
+    )
     ends = finished.named("load_thread_end")
     run.digests = {str(e.get("device")): str(e.get("digest")) for e in ends}
     completed = finished.named("migration_completed")

@@ -113,21 +113,32 @@ def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_memory_tiny_run(tmp_path: Path) -> None:
     mib = 1 << 20
-    report = memory.run_memory(size=24 * mib, bound=8 * mib, reps=1, workdir=tmp_path)
-    assert report.ok(), [case.run.error for case in report.cases]
-    reverse, crossing = report.cases
+    report = memory.run_memory(
+        size=24 * mib, bound=8 * mib, reps=1, workdir=tmp_path, stall_channels=32
+    )
+    assert report.ok(), [case.outcome for case in report.cases]
+    reverse, crossing, odd600k, odd100003, small, stalled = report.cases
     assert (reverse.size, crossing.size) == (24 * mib, 12 * mib)
-    for case in report.cases:
+    assert odd600k.size == odd100003.size == 6 * mib
+    assert small.size == 2343 * 1024  # 100,000 chunks per GiB
+    for case in (reverse, crossing, odd600k, odd100003, small):
+        assert case.run.ok and case.completed and case.outcome == "digests match"
         assert case.run.bytes == case.size
-        assert 0 < case.run.peak_queued_bytes <= 8 * mib
-        assert case.run.peak_rss > 0 and case.run.mb_per_s > 0
+        assert case.bound is not None and 0 < case.run.peak_queued_bytes <= case.bound
+        assert case.run.peak_rss > case.run.idle_rss > 0 and case.wall > 0
     assert reverse.run.spilled_bytes > 0  # first chunk last: most of it cannot stay in memory
+    # Announced payloads are charged when announced: the stall holds no more than the bound.
+    assert not stalled.completed and stalled.outcome == "failed as expected (packet-truncated)"
+    assert stalled.bound == 64 * mib and 0 < stalled.run.idle_rss < stalled.run.peak_rss
+    assert stalled.above_idle <= stalled.bound
     assert len(report.ratios()) == 1
-    unbounded, bounded = report.in_order["unbounded"][0], report.in_order["bounded"][0]
+    unbounded, bounded = report.in_order["unbounded"][0].run, report.in_order["bounded"][0].run
     assert bounded.peak_queued_bytes <= 8 * mib  # (it may spill a little on a loaded machine)
     assert unbounded.spilled_bytes == 0  # no bound: nothing to spill for
     lines = memory.format_report(report)
-    assert lines[2].endswith("match") and lines[3].endswith("match")
+    rows = lines[2 : 2 + len(report.rows())]
+    assert len(rows) == 8 and all("NOT" not in row and "FAILED" not in row for row in rows)
+    assert sum(line.startswith("  ") for line in lines) == 8  # a target line per row
     assert "in-order runs failed (not counted): 0" in lines
 
 
