@@ -112,15 +112,23 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+        self._take_events()
+
+    def _take_events(self) -> bool:
+        """Act on every event decoded so far, then on the error that stopped the
+        decoder, if any (after the events before it). False once the channel is done."""
         try:
-            self.decoder.buffer_updated(nbytes)
-            self._take_events()
+            self._take_decoded()
         except HandshakeError as error:
             self._refuse(error)
+            return False
         except ProtocolError as error:
             self.fail(error)
+            return False
+        return True
 
-    def _take_events(self) -> None:
+    def _take_decoded(self) -> None:
         while (event := self.decoder.next_event()) is not None:
             if isinstance(event, ChannelHandshake):
                 self._on_handshake(event)
@@ -152,13 +160,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 transport.pause_reading()
 
     def eof_received(self) -> bool:
-        try:
-            self.decoder.eof()
-        except HandshakeError as error:
-            self._refuse(error)
-        except ProtocolError as error:
-            self.fail(error)
-        else:
+        self.decoder.eof()
+        if self._take_events():
             self.end_of_stream = True
             self._wake()
         return False  # close our side too
@@ -237,8 +240,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     async def next_item(self) -> DevicePacket | PacketHeader | None:
-        """The next complete packet or header awaiting its buffer; ``None`` at a clean end."""
-        while not self.pending:
+        """The next complete packet or header awaiting its buffer; ``None`` at a clean
+        end, and at once when the channel failed (what it still holds is not delivered)."""
+        while not self.pending or self.state is not ChannelState.ACTIVE:
             if self.end_of_stream or self.state is not ChannelState.ACTIVE:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
@@ -255,11 +259,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._awaiting_buffer = False
         if self.state is not ChannelState.ACTIVE:
             return
-        try:
-            self.decoder.provide_buffer(buffer)
-            self._take_events()
-        except ProtocolError as error:
-            self.fail(error)
+        self.decoder.provide_buffer(buffer)
+        self._take_events()
 
     def close(self) -> None:
         if self.transport is not None:

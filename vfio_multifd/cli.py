@@ -166,13 +166,19 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def printable(text: object) -> str:
+    """``str(text)`` that any UTF-8 stream can print: a path's bytes that are not
+    UTF-8 (surrogate escapes) are shown as ``\\xNN``, as device names are."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def print_receive_summary(result: SessionResult, out: TextIO) -> None:
     for d in result.devices:
         print(
             f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
             f"config {d.config_bytes} bytes, {d.seconds:.3f} s "
             f"({d.bytes / 1e6 / d.seconds if d.seconds > 0 else 0.0:.1f} MB/s), "
-            f"{d.digest} -> {d.data_path}",
+            f"{d.digest} -> {printable(d.data_path)}",
             file=out,
         )
     print(

@@ -26,6 +26,7 @@ from .config import (
     Digest,
     QueueFullPolicy,
     check_channels,
+    is_number,
     parse_size,
     parse_uuid,
 )
@@ -82,6 +83,20 @@ def _channels(text: str) -> int:
     except ValueError:
         raise UsageError(f"not a whole number: {text!r}") from None
     return check_channels(channels)
+
+
+@_option_type
+def _ready_fd(text: str) -> int:
+    """A descriptor the daemon inherited, not 0-2: once closed, the next socket would
+    take its number, and a channel on 1 would get the summary meant for stdout."""
+    if not is_number(text) or int(text) > 0x7FFFFFFF:
+        raise UsageError(f"not a file descriptor number: {text!r}")
+    fd = int(text)
+    if fd <= 2:
+        raise UsageError(
+            f"{fd} is standard {('input', 'output', 'error')[fd]}; pass a descriptor of its own"
+        )
+    return fd
 
 
 @_option_type
@@ -243,7 +258,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
     )
     rx.add_argument(
         "--ready-fd",
-        type=int,
+        type=_ready_fd,
         default=None,
         metavar="N",
         help="once listening, write a newline to file descriptor N and close it "

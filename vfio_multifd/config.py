@@ -12,7 +12,13 @@ from .errors import UsageError
 from .reassembly import CHUNK_OVERHEAD, capacity_of
 from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE | re.ASCII)
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
+
+
+def is_number(text: str) -> bool:
+    """``text`` is a whole number in ASCII digits (what ``int`` takes, and no more)."""
+    return _DIGITS.fullmatch(text) is not None
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -55,7 +61,7 @@ class Address:
             return cls("unix", path=rest)
         if kind == "tcp" and sep:
             host, sep, port = rest.rpartition(":")
-            if sep and port.isdigit() and int(port) < 65536:
+            if sep and is_number(port) and int(port) < 65536:
                 host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
                 return cls("tcp", host=host or "127.0.0.1", port=int(port))
         raise UsageError(f"not an address: {text!r} (expected tcp:HOST:PORT or unix:PATH)")
@@ -93,7 +99,7 @@ def parse_device_key(fields: dict[str, str], text: str) -> DeviceKey:
     except ValueError as error:
         raise UsageError(f"device {text!r}: {error}") from None
     instance = fields.get("instance", "0")
-    if not instance.isdigit() or int(instance) > 0xFFFFFFFF:
+    if not is_number(instance) or int(instance) > 0xFFFFFFFF:
         raise UsageError(f"device {text!r}: instance must be 0..4294967295, not {instance!r}")
     return DeviceKey(idstr, int(instance))
 

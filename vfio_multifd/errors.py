@@ -34,6 +34,8 @@ class Reason(enum.StrEnum):
     PACKET_VERSION = "packet-version"
     PACKET_RAM = "packet-ram"
     PACKET_SYNC = "packet-sync"
+    PACKET_COMPRESSION = "packet-compression"
+    PACKET_FLAGS = "packet-flags"
     PACKET_IDSTR = "packet-idstr"
     PACKET_SIZE = "packet-size"
     PACKET_TRUNCATED = "packet-truncated"

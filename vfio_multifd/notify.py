@@ -61,6 +61,8 @@ def check_ready_fd(fd: int) -> None:
         os.fstat(fd)
     except OSError as error:
         raise UsageError(f"--ready-fd {fd}: {error.strerror}") from None
+    except OverflowError:  # a library caller's number (the command line checks its own)
+        raise UsageError(f"--ready-fd {fd}: not a file descriptor number") from None
 
 
 def notify_ready_fd(fd: int) -> None:

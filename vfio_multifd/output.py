@@ -91,6 +91,8 @@ class Output:
                 mode = os.stat(self.path).st_mode
             except FileNotFoundError:
                 mode = None
+            if (mode is None or stat.S_ISREG(mode)) and os.path.islink(self.path):
+                raise _symlink_error(self.path)
             if mode is not None and stat.S_ISFIFO(mode):
                 self.fd = self._open_fifo()
                 return
@@ -182,6 +184,8 @@ class Output:
             return
         except OSError as error:
             raise self._error("cannot rename into place", error) from error
+        if stat.S_ISLNK(mode):  # appeared since open(): never replace a link
+            raise self._error("cannot rename into place", _symlink_error(self.path))
         if stat.S_ISDIR(mode):
             raise self._error(
                 "cannot rename into place",
@@ -228,6 +232,19 @@ class Output:
             device=self.device,
             errno=error.errno,
         )
+
+
+def _symlink_error(path: Path) -> OSError:
+    """A symbolic link at a file output's final path is refused, not followed or replaced:
+    the output is renamed into place, which would replace the link itself."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return OSError(
+        errno_module.ELOOP,
+        f"a symbolic link (to {target}) is in the way; give the path of the file itself",
+    )
 
 
 def device_outputs(spec: DeviceSpec, *, fsync: bool) -> tuple[Output, Output]:

@@ -245,7 +245,10 @@ class Session:
     # -- what channels ask of the session (channel.ChannelOwner) --------------------
 
     def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        if self._group is None:
+        # Once the migration is ending (failed, cancelled, or every device complete)
+        # no reader may start: the task group is shutting down or gone.
+        ending = self._first_error is not None and self._first_error.done()
+        if self._group is None or ending or self._pending_error is not None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
         if self.started is None:
