@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import qemu_source as qs
@@ -29,6 +29,7 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         ready_timeout: float = 20.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.stderr_path = workdir / "daemon.stderr"
         read_end, write_end = os.pipe()
@@ -51,6 +52,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 pass_fds=(write_end,),
                 env=env,
+                preexec_fn=preexec_fn,
                 text=True,
             )
         os.close(write_end)

@@ -9,17 +9,27 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-from collections.abc import Iterator
+import re
+import resource
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import qemu_source as qs
 import structlog
-from cli_helpers import TRACEBACK, Daemon, run
-from helpers import IDSTR, random_bytes, settings, start
+from cli_helpers import TRACEBACK, Daemon, run, wait_for
+from helpers import IDSTR, connect, random_bytes, settings, start
 
 from vfio_multifd import DeviceKey, HandshakeError, ProtocolError, Reason, SessionError, logconfig
 from vfio_multifd.channel import ChannelProtocol, ChannelState
+from vfio_multifd.status_client import query
 from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
 
 A = DeviceKey(IDSTR, 0)
@@ -215,3 +225,308 @@ def test_debug_is_enabled_by_configure_without_is_enabled_for(restore_logging: N
     logconfig.configure(log_format="json", level="info", stream=io.StringIO())
     assert not logconfig.debug_enabled(OldLogger())
     assert not logconfig.debug_enabled(structlog.get_logger("x"))
+
+
+# -- items 1-3: connections that never finish a handshake ---------------------------------
+
+FLOOD = Path(__file__).parent / "flood.py"
+
+
+def limit_descriptors(n: int) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    return apply
+
+
+def host_port(address: str) -> tuple[str, str]:
+    host, _, port = address.removeprefix("tcp:").rpartition(":")
+    return host.strip("[]"), port
+
+
+class Flood:
+    """``flood.py hold``: ``n`` silent connections held open by another process."""
+
+    def __init__(self, address: str, n: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(FLOOD), "hold", *host_port(address), str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        readable, _, _ = select.select([self.proc.stdout], [], [], 60)
+        line = self.proc.stdout.readline() if readable else ""
+        assert line.strip() == f"held {n}", line
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def refusal_lines(daemon: Daemon) -> list[dict[str, object]]:
+    return [e for e in daemon.events() if e["event"] == "channel_refused"]
+
+
+def test_a_flood_larger_than_the_descriptor_limit_does_not_keep_the_channels_out(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Issue item 2: 128 descriptors, 300 silent connections held, then the source."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        "2",
+        "--device",
+        f"idstr={IDSTR},data={out / 'a.bin'}",
+        preexec_fn=limit_descriptors(128),
+    )
+    daemons.append(daemon)
+    flood = Flood(daemon.address, 300)
+    try:
+        started = time.monotonic()
+        sent = run(
+            [
+                "send",
+                "--connect",
+                daemon.address,
+                "--channels",
+                "2",
+                "--device",
+                f"idstr={IDSTR},size=8M,seed=4",
+                "--log-format",
+                "json",
+                "--connect-timeout",
+                "20",
+            ],
+            timeout=40,
+        )
+        code, _, err = daemon.finish(timeout=30)
+        elapsed = time.monotonic() - started
+    finally:
+        flood.close()
+    print(f"300 connections held under RLIMIT_NOFILE 128: the migration took {elapsed:.2f} s")
+    assert sent.returncode == 0, sent.stderr
+    assert code == 0, err
+    assert elapsed < 8, f"the real channels took {elapsed:.1f} s (the handshake timeout is 10 s)"
+    shed = [e for e in refusal_lines(daemon) if e["reason"] == "handshake-shed"]
+    assert shed, "strangers were shed to make room"
+    assert (out / "a.bin").stat().st_size == 8 << 20
+
+
+def test_a_flood_after_the_channels_connected_does_not_fail_the_spill(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Issue item 1: channels in, then a flood held open, then chunks in reverse (a spill)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        "2",
+        "--max-packet-size",
+        "1048588",
+        "--max-queued-bytes",
+        "3M",
+        "--device",
+        f"idstr={IDSTR},data={out / 'a.bin'}",
+        preexec_fn=limit_descriptors(128),
+    )
+    daemons.append(daemon)
+    data = random_bytes(12 << 20, 9)
+    streams = qs.build_streams([(IDSTR, 0, data, b"cfg")], channels=2, order="reverse")
+    socks = [connect(daemon.address) for _ in streams]
+    for sock, stream in zip(socks, streams, strict=True):
+        sock.sendall(stream[:64])
+    wait_for(
+        lambda: sum(e["event"] == "channel_accepted" for e in daemon.events()) == 2,
+        what="both channels accepted",
+    )
+    flood = Flood(daemon.address, 300)
+    try:
+
+        def send_rest(sock: socket.socket, stream: bytes) -> None:
+            sock.sendall(stream[64:])
+            sock.shutdown(socket.SHUT_WR)
+
+        threads = [
+            threading.Thread(target=send_rest, args=pair, daemon=True)
+            for pair in zip(socks, streams, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        code, summary, err = daemon.finish(timeout=30)
+    finally:
+        flood.close()
+        for sock in socks:
+            sock.close()
+    assert code == 0, err
+    spilled = int(re.search(r"spilled (\d+) bytes", summary).group(1))  # type: ignore[union-attr]
+    assert spilled > 0
+    assert (out / "a.bin").read_bytes() == data
+
+
+def vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_refused_connections_are_counted_not_kept_and_their_lines_rate_limited(
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
+) -> None:
+    """Issue item 3: thousands of bad handshakes cost no memory and few log lines."""
+    out = tmp_path / "out"
+    out.mkdir()
+    status = short_dir / "status"
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        "1",
+        "--status-socket",
+        str(status),
+        "--device",
+        f"idstr={IDSTR},data={out / 'a.bin'}",
+    )
+    daemons.append(daemon)
+    count = 6000
+    # Warm up (first connections allocate the loop's and the allocator's structures).
+    subprocess.run(
+        [sys.executable, str(FLOOD), "refuse", *host_port(daemon.address), "200"],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+    before = vm_rss(daemon.proc.pid)
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, str(FLOOD), "refuse", *host_port(daemon.address), str(count)],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    elapsed = time.monotonic() - started
+    wait_for(
+        lambda: query(str(status))["return"]["refused-connections"] == count + 200,
+        what="every refusal counted",
+    )
+    grown = vm_rss(daemon.proc.pid) - before
+    print(f"refused {count} in {elapsed:.1f} s; RSS grew {grown} bytes, {grown / count:.0f} per refusal")
+    assert grown < 4 << 20, f"RSS grew {grown} bytes for {count} refusals"
+    sent = run(
+        [
+            "send",
+            "--connect",
+            daemon.address,
+            "--channels",
+            "1",
+            "--device",
+            f"idstr={IDSTR},size=64K",
+            "--log-format",
+            "json",
+        ]
+    )
+    assert sent.returncode == 0, sent.stderr
+    code, _, err = daemon.finish()
+    assert code == 0, err
+    lines = refusal_lines(daemon)
+    assert len(lines) <= 10 + elapsed + 3, f"{len(lines)} channel_refused lines"
+    tail = [e for e in daemon.events() if e["event"] == "channel_refused_suppressed"]
+    reported = len(lines) + sum(int(str(e["suppressed"])) for e in lines + tail)
+    assert reported == count + 200  # every refusal is a line or counted in one
+
+
+def good_streams(channels: int) -> tuple[list[bytes], bytes]:
+    data = random_bytes(6 * 4096 + 3, 4)
+    return qs.build_streams([(IDSTR, 0, data, b"c")], channels=channels, chunk_size=4096), data
+
+
+def silent_connections(address: str, n: int) -> list[socket.socket]:
+    return [connect(address) for _ in range(n)]
+
+
+async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path: Path) -> None:
+    config = settings(tmp_path, A, channels=2, max_pending_connections=4)
+    running = await start(config)
+    registry = running.session.registry
+    strangers = await asyncio.to_thread(silent_connections, running.address, 20)
+    try:
+        for _ in range(200):
+            if registry.refused_count >= 16:
+                break
+            await asyncio.sleep(0.01)
+        assert len(registry.pending) <= 4
+        assert registry.refused_count == registry.shed_count == 16
+        assert all(e.reason is Reason.HANDSHAKE_SHED for _, e in registry.refused)
+        # The oldest went first: the last four strangers are still waiting.
+        streams, data = good_streams(2)
+        await asyncio.to_thread(qs.send_streams, running.address, streams)
+        await running.result(timeout=10)
+    finally:
+        for sock in strangers:
+            sock.close()
+    assert (tmp_path / "dev0.bin").read_bytes() == data
+
+
+async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vfio_multifd import listener
+
+    monkeypatch.setattr(listener, "descriptor_room", lambda reserve: 5)
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    registry = running.session.registry
+    strangers = await asyncio.to_thread(silent_connections, running.address, 30)
+    try:
+        for _ in range(200):
+            if registry.shed_count >= 25:
+                break
+            await asyncio.sleep(0.01)
+        assert registry.open <= 5
+        streams, data = good_streams(2)
+        await asyncio.to_thread(qs.send_streams, running.address, streams)
+        await running.result(timeout=10)
+    finally:
+        for sock in strangers:
+            sock.close()
+    assert registry.shed_count >= 25
+    assert (tmp_path / "dev0.bin").read_bytes() == data
+
+
+async def test_accept_out_of_descriptors_backs_off_and_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMFILE from accept(): no busy loop, no loop error, and the migration still completes."""
+    import errno
+
+    real_accept = socket.socket.accept
+    failing_until = time.monotonic() + 0.5
+    failures = 0
+
+    def accept(self: socket.socket) -> tuple[socket.socket, Any]:
+        nonlocal failures
+        if time.monotonic() < failing_until:
+            failures += 1
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    streams, data = good_streams(2)
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    await running.result(timeout=10)
+    assert (tmp_path / "dev0.bin").read_bytes() == data
+    assert 1 <= failures <= 12, f"{failures} accept() calls in 0.5 s of EMFILE"

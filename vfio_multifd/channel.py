@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
@@ -95,6 +96,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._reading = True
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._closing = False  # closed before the transport was made: abort it at once
+        #: Called once the connection is gone (its socket closed): the listener counts descriptors.
+        self.on_lost: Callable[[ChannelProtocol], None] | None = None
         self.log = log
 
     # -- asyncio callbacks ------------------------------------------------------
@@ -105,6 +109,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         self.log = log.bind(peer=self.peer)
+        if self._closing or self.state is not ChannelState.HANDSHAKE:  # shed or closed already
+            self.transport.abort()
+            return
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(self.handshake_timeout, self._handshake_timed_out)
 
@@ -186,6 +193,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 )
             self.fail(error)
         self._wake()
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     # -- handshake --------------------------------------------------------------
 
@@ -212,6 +221,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+
+    def refuse(self, error: HandshakeError) -> None:
+        """Refuse this connection if it is still handshaking (the listener sheds it)."""
+        self._refuse(error)
 
     def _refuse(self, error: HandshakeError) -> None:
         """Refuse this one connection; the migration goes on waiting for its channels."""
@@ -263,6 +276,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._take_events()
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None:
             self.transport.abort()
 

@@ -68,6 +68,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         max_spill_bytes=args.max_spill_bytes,
         accept_timeout=args.accept_timeout,
         handshake_timeout=args.handshake_timeout,
+        max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
         digest=args.digest,
         fsync=not args.no_fsync,

@@ -20,6 +20,7 @@ from typing import Any, NoReturn, TypeVar
 
 from . import logconfig
 from .config import (
+    DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
     Address,
     DeviceSpec,
@@ -97,6 +98,14 @@ def _ready_fd(text: str) -> int:
             f"{fd} is standard {('input', 'output', 'error')[fd]}; pass a descriptor of its own"
         )
     return fd
+
+
+@_option_type
+def _count(text: str) -> int:
+    """A whole number, 1 or more."""
+    if not is_number(text) or int(text) < 1:
+        raise UsageError(f"must be a whole number of 1 or more, not {text!r}")
+    return int(text)
 
 
 @_option_type
@@ -316,6 +325,14 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="SECONDS",
         help="refuse a connection that sends no handshake within this time (default 10)",
+    )
+    rx.add_argument(
+        "--max-pending-connections",
+        type=_count,
+        default=DEFAULT_MAX_PENDING_CONNECTIONS,
+        metavar="N",
+        help="connections without a complete handshake held at once; a new one drops the "
+        f"oldest (default {DEFAULT_MAX_PENDING_CONNECTIONS}; a real migration has at most 256)",
     )
     rx.add_argument(
         "--progress-timeout",

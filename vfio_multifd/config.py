@@ -140,6 +140,11 @@ class Digest(enum.StrEnum):
     SHA256 = "sha256"
 
 
+#: Connections without a complete handshake held at once; a real migration has at
+#: most 256 channels, each handshaking for a round trip.
+DEFAULT_MAX_PENDING_CONNECTIONS = 512
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiveSettings:
     devices: tuple[DeviceSpec, ...]
@@ -153,6 +158,7 @@ class ReceiveSettings:
     max_spill_bytes: int | None = None  # None: no cap
     accept_timeout: float | None = None
     handshake_timeout: float = 10.0
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
     progress_timeout: float | None = 150.0  # KubeVirt's default
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
@@ -161,6 +167,10 @@ class ReceiveSettings:
         if not self.devices:
             raise UsageError("at least one --device is required")
         check_channels(self.channels)
+        if self.max_pending_connections < 1:
+            raise UsageError(
+                f"--max-pending-connections must be 1 or more, not {self.max_pending_connections}"
+            )
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")

@@ -29,6 +29,7 @@ class Reason(enum.StrEnum):
     HANDSHAKE_MAIN_CHANNEL = "handshake-main-channel"
     HANDSHAKE_CLOSED = "handshake-closed"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
+    HANDSHAKE_SHED = "handshake-shed"  # dropped to make room for newer connections
     # packet
     PACKET_MAGIC = "packet-magic"
     PACKET_VERSION = "packet-version"

@@ -55,7 +55,11 @@ class Session:
             reserve=capacity_of(settings.max_payload_size) + CHUNK_OVERHEAD if spills else 0,
             chunk_overhead=CHUNK_OVERHEAD if bound is not None else 0,
         )
-        self.registry = ChannelRegistry(channels=settings.channels, uuid=settings.uuid)
+        self.registry = ChannelRegistry(
+            channels=settings.channels,
+            uuid=settings.uuid,
+            max_pending=settings.max_pending_connections,
+        )
         self.spiller = Spiller(spill_directory(settings), max_bytes=settings.max_spill_bytes)
         self.admission = Admission(
             self.reassembly,

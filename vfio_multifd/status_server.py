@@ -65,7 +65,7 @@ def query_migrate(session: Session, now: float) -> JSON:
             "paused-time": round(session.admission.paused_seconds * 1000),
             "devices": [_device_info(device) for device in reassembly.devices.values()],
             "channels": _channels_info(session),
-            "refused-connections": len(session.registry.refused),
+            "refused-connections": session.registry.refused_count,
         }
     )
     return info
