@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import resource
 import select
+import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -27,9 +30,18 @@ import structlog
 from cli_helpers import TRACEBACK, Daemon, run, wait_for
 from helpers import IDSTR, connect, random_bytes, settings, start
 
-from vfio_multifd import DeviceKey, HandshakeError, ProtocolError, Reason, SessionError, logconfig
+from vfio_multifd import (
+    Cancelled,
+    DeviceKey,
+    HandshakeError,
+    ProtocolError,
+    Reason,
+    SessionError,
+    logconfig,
+)
 from vfio_multifd.channel import ChannelProtocol, ChannelState
 from vfio_multifd.status_client import query
+from vfio_multifd.status_server import StatusServer
 from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
 
 A = DeviceKey(IDSTR, 0)
@@ -133,7 +145,17 @@ async def test_a_handshake_completing_once_the_migration_failed_is_refused(
         (["--device", "idstr=a,data=/tmp/x", "--ready-fd", "0"], "standard input"),
         (["--device", "idstr=a,data=/tmp/x", "--ready-fd", "2"], "standard error"),
         (["--device", "idstr=a,data=/tmp/x", "--ready-fd", "\u00b3"], "descriptor"),
-        (["--device", "idstr=a,data=/tmp/x", "--max-spill-bytes", "\u0663", "--accept-timeout", "0.5"], "not a size"),
+        (
+            [
+                "--device",
+                "idstr=a,data=/tmp/x",
+                "--max-spill-bytes",
+                "\u0663",
+                "--accept-timeout",
+                "0.5",
+            ],
+            "not a size",
+        ),
     ],
 )
 def test_bad_values_are_usage_errors(options: list[str], text: str) -> None:
@@ -202,9 +224,14 @@ async def test_an_unconfigured_library_user_gets_no_line_per_packet(
     config = settings(tmp_path, A, channels=1)
     running = await start(config)
     data = random_bytes(8 * 4096, 2)
-    streams = [qs.handshake(0) + b"".join(
-        qs.device_packet(IDSTR, 0, idx, chunk) for idx, chunk in enumerate(qs.device_chunks(data, 4096))
-    ) + qs.device_packet(IDSTR, 0, 8, qs.config_blob(b"c"), config=True)]
+    streams = [
+        qs.handshake(0)
+        + b"".join(
+            qs.device_packet(IDSTR, 0, idx, chunk)
+            for idx, chunk in enumerate(qs.device_chunks(data, 4096))
+        )
+        + qs.device_packet(IDSTR, 0, 8, qs.config_blob(b"c"), config=True)
+    ]
     await asyncio.to_thread(qs.send_streams, running.address, streams)
     await running.result()
     out = capsys.readouterr().out
@@ -422,7 +449,9 @@ def test_refused_connections_are_counted_not_kept_and_their_lines_rate_limited(
         what="every refusal counted",
     )
     grown = vm_rss(daemon.proc.pid) - before
-    print(f"refused {count} in {elapsed:.1f} s; RSS grew {grown} bytes, {grown / count:.0f} per refusal")
+    print(
+        f"refused {count} in {elapsed:.1f} s; RSS grew {grown} bytes, {grown / count:.0f} per refusal"
+    )
     assert grown < 4 << 20, f"RSS grew {grown} bytes for {count} refusals"
     sent = run(
         [
@@ -530,3 +559,230 @@ async def test_accept_out_of_descriptors_backs_off_and_recovers(
     await running.result(timeout=10)
     assert (tmp_path / "dev0.bin").read_bytes() == data
     assert 1 <= failures <= 12, f"{failures} accept() calls in 0.5 s of EMFILE"
+
+
+# -- items 5-7: the status socket -----------------------------------------------------------
+
+
+async def _qmp_line(reader: asyncio.StreamReader) -> dict[str, Any]:
+    line = await asyncio.wait_for(reader.readline(), 5)
+    assert line.endswith(b"\r\n"), line
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+async def test_the_status_socket_is_never_reachable_with_wider_permissions(
+    tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 5: under umask 000, nothing is at the path until it is 0600."""
+    path = short_dir / "status"
+    seen: list[int] = []
+    real_chmod = os.chmod
+
+    def chmod(target: Any, mode: int, *args: Any, **kwargs: Any) -> None:
+        if os.path.lexists(path):
+            seen.append(stat.S_IMODE(os.lstat(path).st_mode))
+        real_chmod(target, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    running = await start(settings(tmp_path, A, channels=1))
+    server = StatusServer(running.session, path)
+    old_umask = os.umask(0)
+    try:
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    try:
+        assert seen == [], f"the socket was at its path with mode {seen} before it was private"
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        assert os.listdir(short_dir) == ["status"]  # the private directory is gone
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        assert "QMP" in await _qmp_line(reader)
+        writer.close()
+    finally:
+        await server.close()
+        running.session.cancel()
+        with pytest.raises(Cancelled):
+            await running.result()
+    assert not path.exists()
+
+
+async def test_a_status_client_that_does_not_read_is_dropped(
+    tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 6: 20,000 pipelined requests never read: the client goes, others are served."""
+    from vfio_multifd import status_server
+
+    monkeypatch.setattr(status_server, "CLIENT_WRITE_TIMEOUT", 0.3)
+    path = short_dir / "status"
+    running = await start(settings(tmp_path, A, channels=1))
+    server = StatusServer(running.session, path)
+    await server.start()
+    try:
+        greedy = socket.socket(socket.AF_UNIX)
+        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.connect(str(path))
+        greedy.setblocking(False)
+        requests = b'{"execute": "query-migrate"}\n' * 20000
+        deadline = time.monotonic() + 5
+        while requests and time.monotonic() < deadline:
+            try:
+                requests = requests[greedy.send(requests) :]
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+            except OSError:
+                break  # dropped already
+        for _ in range(300):
+            if not server._clients:
+                break
+            await asyncio.sleep(0.01)
+        assert not server._clients, "the client that does not read is still served"
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await _qmp_line(reader)
+        writer.write(b'{"execute": "query-migrate"}\n')
+        assert (await _qmp_line(reader))["return"]["status"] == "setup"
+        writer.close()
+        greedy.close()
+    finally:
+        await server.close()
+        running.session.cancel()
+        with pytest.raises(Cancelled):
+            await running.result()
+
+
+def test_a_status_client_that_does_not_read_does_not_delay_exit(
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
+) -> None:
+    """Item 6 at the CLI: SIGTERM exits at once although a client never reads."""
+    path = short_dir / "status"
+    daemon = Daemon(
+        tmp_path,
+        "--status-socket",
+        str(path),
+        "--device",
+        f"idstr={IDSTR},data={tmp_path / 'a.bin'}",
+    )
+    daemons.append(daemon)
+    greedy = socket.socket(socket.AF_UNIX)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    greedy.connect(str(path))
+    greedy.setblocking(False)
+    requests = b'{"execute": "query-migrate"}\n' * 20000
+    deadline = time.monotonic() + 2
+    while requests and time.monotonic() < deadline:
+        try:
+            requests = requests[greedy.send(requests) :]
+        except BlockingIOError:
+            time.sleep(0.01)
+    try:
+        started = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        code, _, err = daemon.finish(timeout=10)
+        assert code == 143, err
+        assert time.monotonic() - started < 2
+    finally:
+        greedy.close()
+    assert not path.exists()
+
+
+async def test_whitespace_costs_nothing_and_deep_nesting_is_a_qmp_error(
+    tmp_path: Path, short_dir: Path
+) -> None:
+    """Item 7: spaces are never buffered; "[" * 30000 is answered, not a RecursionError."""
+    path = short_dir / "status"
+    running = await start(settings(tmp_path, A, channels=1))
+    server = StatusServer(running.session, path)
+    await server.start()
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await _qmp_line(reader)
+        cpu = time.process_time()
+        spaces = b" " * (1 << 20)
+        for _ in range(8):
+            writer.write(spaces)
+            await writer.drain()
+        writer.write(b'{"execute": "query-migrate", "id": 1}\n')
+        reply = await _qmp_line(reader)
+        assert reply["id"] == 1 and reply["return"]["status"] == "setup"
+        assert time.process_time() - cpu < 1.0, "8 MiB of spaces took a second of CPU"
+        writer.close()
+
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await _qmp_line(reader)
+        writer.write(b"[" * 30000 + b"\n")
+        reply = await _qmp_line(reader)
+        assert reply["error"]["class"] == "GenericError" and "deeper" in reply["error"]["desc"]
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and hung up
+        writer.close()
+
+        reader, writer = await asyncio.open_unix_connection(str(path))
+        await _qmp_line(reader)
+        writer.write(b'{"execute": "query-migrate", "arguments": {"x": "' + b"a" * (70 << 10))
+        reply = await _qmp_line(reader)
+        assert "longer than" in reply["error"]["desc"]
+        writer.close()
+    finally:
+        await server.close()
+        running.session.cancel()
+        with pytest.raises(Cancelled):
+            await running.result()
+
+
+# -- item 4: one file, two roles; only our own socket is unlinked ---------------------------
+
+
+@pytest.mark.parametrize(
+    "case", ["listen-is-data", "status-is-data", "status-is-config", "hard-link"]
+)
+def test_two_roles_for_one_file_are_a_usage_error(
+    tmp_path: Path, short_dir: Path, case: str
+) -> None:
+    data = short_dir / "mig"
+    options = ["--listen", "tcp:127.0.0.1:0", "--device", f"idstr=a,data={data}"]
+    if case == "listen-is-data":
+        options[1] = f"unix:{data}"
+    elif case == "status-is-data":
+        options += ["--status-socket", str(data)]
+    elif case == "status-is-config":
+        options += ["--status-socket", f"{data}.config"]
+    else:
+        other = short_dir / "other"
+        other.write_bytes(b"old")
+        os.link(other, short_dir / "other.config")
+        options[3] = f"idstr=a,data={other}"
+    result = run(["receive", *options, "--accept-timeout", "1"], timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "same file" in result.stderr and TRACEBACK not in result.stderr
+    assert not data.exists() or case == "hard-link"
+
+
+def test_only_our_own_sockets_are_unlinked_at_exit(
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon]
+) -> None:
+    listen = short_dir / "mig"
+    status = short_dir / "status"
+    daemon = Daemon(
+        tmp_path,
+        "--listen",
+        f"unix:{listen}",
+        "--status-socket",
+        str(status),
+        "--device",
+        f"idstr={IDSTR},data={tmp_path / 'a.bin'}",
+    )
+    daemons.append(daemon)
+    theirs = []
+    for path in (listen, status):  # another daemon took the paths over
+        path.unlink()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(path))
+        sock.listen()
+        theirs.append(sock)
+    try:
+        daemon.proc.send_signal(signal.SIGTERM)
+        code, _, err = daemon.finish(timeout=10)
+        assert code == 143, err
+        assert listen.exists() and status.exists(), "another daemon's socket was removed"
+    finally:
+        for sock in theirs:
+            sock.close()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import os
 import re
+import stat
 import uuid as uuid_module
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +126,37 @@ class DeviceSpec:
         return cls(key, Path(data), Path(config))
 
 
+def check_distinct_files(named: Sequence[tuple[str, Path]]) -> None:
+    """Raise :class:`UsageError` if two of the named paths are one file: the same path
+    once symbolic links are resolved, or the same inode (a hard link). ``named`` pairs
+    an option's name with its path."""
+    seen: dict[tuple[object, ...], str] = {}
+    for name, path in named:
+        keys: list[tuple[object, ...]] = [("path", os.path.realpath(path))]
+        try:
+            info = os.stat(path)
+        except OSError:
+            pass
+        else:
+            keys.append(("inode", info.st_dev, info.st_ino))
+        for key in keys:
+            if key in seen:
+                raise UsageError(
+                    f"{seen[key]} and {name} are the same file; each needs a path of its own"
+                )
+        for key in keys:
+            seen[key] = name
+
+
+def _shareable(path: Path) -> bool:
+    """A character device or FIFO (``/dev/null``) may be the output of several devices."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 #: The CLI's default --max-queued-bytes. Bounded by default: a daemon's memory
 #: should not depend on the order a source happens to send in, and a bounded
 #: queue keeps buffers recycled and the completion lag short when the disk is
@@ -174,15 +208,7 @@ class ReceiveSettings:
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")
-        # Character devices and FIFOs (/dev/null) may be shared; files may not.
-        paths = [
-            p.resolve()
-            for d in self.devices
-            for p in (d.data_path, d.config_path)
-            if p.is_file() or not p.exists()
-        ]
-        if len(set(paths)) != len(paths):
-            raise UsageError("two outputs share one path")
+        check_distinct_files(self.named_paths())
         if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(
                 f"--max-packet-size {self.max_packet_size} is below {VFIO_HEADER.size}, "
@@ -200,6 +226,20 @@ class ReceiveSettings:
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
                 f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
             )
+
+    def named_paths(self) -> list[tuple[str, Path]]:
+        """Every path the session writes or listens on, with the option that names it;
+        no two may be one file (character devices and FIFOs may be shared by outputs)."""
+        named: list[tuple[str, Path]] = []
+        if self.listen.kind == "unix":
+            named.append((f"--listen {self.listen}", Path(self.listen.path)))
+        for device in self.devices:
+            for what, path in (("data", device.data_path), ("config", device.config_path)):
+                if not _shareable(path):
+                    named.append((f"--device {device.key} {what}={path}", path))
+        if self.spill_dir is not None:
+            named.append((f"--spill-dir {self.spill_dir}", self.spill_dir))
+        return named
 
     @property
     def max_payload_size(self) -> int:
