@@ -28,10 +28,11 @@ import pytest
 import qemu_source as qs
 import structlog
 from cli_helpers import TRACEBACK, Daemon, run, wait_for
-from helpers import IDSTR, connect, random_bytes, settings, start
+from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start
 
 from vfio_multifd import (
     Cancelled,
+    DeviceIOError,
     DeviceKey,
     HandshakeError,
     ProtocolError,
@@ -786,3 +787,113 @@ def test_only_our_own_sockets_are_unlinked_at_exit(
     finally:
         for sock in theirs:
             sock.close()
+
+
+# -- item 9: the commit is all-or-nothing, also when cancelled ------------------------------
+
+B = DeviceKey(IDSTR_B, 0)
+
+
+def two_device_streams() -> tuple[list[bytes], bytes, bytes]:
+    data_a, data_b = random_bytes(9000, 5), random_bytes(7000, 6)
+    streams = qs.build_streams(
+        [(IDSTR, 0, data_a, b"ca"), (IDSTR_B, 0, data_b, b"cb")], 1, chunk_size=4096
+    )
+    return streams, data_a, data_b
+
+
+def old_files(config: Any) -> list[Path]:
+    paths = [p for d in config.devices for p in (d.data_path, d.config_path)]
+    for n, path in enumerate(paths):
+        path.write_bytes(f"old {n}".encode())
+    return paths
+
+
+async def test_a_rename_that_fails_part_way_puts_every_old_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from vfio_multifd import output
+
+    config = settings(tmp_path, A, B, channels=1)
+    paths = old_files(config)
+    real_commit = output.Output.commit
+
+    def commit(self: output.Output) -> None:
+        if self.path == config.devices[1].data_path:  # device b's data: a bind mount, say
+            raise self._error("cannot rename into place", OSError(errno.EBUSY, "busy"))
+        real_commit(self)
+
+    monkeypatch.setattr(output.Output, "commit", commit)
+    running = await start(config)
+    streams, _, _ = two_device_streams()
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    with pytest.raises(DeviceIOError) as caught:
+        await running.result()
+    assert "EBUSY" in str(caught.value) and "as it was" in str(caught.value)
+    assert [p.read_bytes() for p in paths] == [f"old {n}".encode() for n in range(4)]
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)  # no .part, no .old
+
+
+async def test_a_cancel_while_committing_waits_for_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vfio_multifd import output
+
+    config = settings(tmp_path, A, B, channels=1)
+    paths = old_files(config)
+    real_commit = output.Output.commit
+    in_commit = threading.Event()
+    release = threading.Event()
+
+    def commit(self: output.Output) -> None:
+        if self.path == config.devices[1].data_path:  # device a is in place already
+            in_commit.set()
+            release.wait(10)
+        real_commit(self)
+
+    monkeypatch.setattr(output.Output, "commit", commit)
+    running = await start(config)
+    streams, data_a, data_b = two_device_streams()
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    assert await asyncio.to_thread(in_commit.wait, 10)
+    running.task.cancel()
+    await asyncio.sleep(0.3)  # the abort would run now, if nothing held it back
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await running.task
+    assert paths[0].read_bytes() == data_a and paths[2].read_bytes() == data_b
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+    assert running.session.status.value == "completed"
+
+
+# -- item 11: a FIFO output with no reader honours --accept-timeout ---------------------------
+
+
+def test_a_fifo_without_reader_honours_the_accept_timeout(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    result = run(
+        [
+            "receive",
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--accept-timeout",
+            "1",
+            "--log-format",
+            "json",
+            "--device",
+            f"idstr=a,data={fifo},config={tmp_path / 'a.config'}",
+        ],
+        timeout=15,
+    )
+    elapsed = time.monotonic() - started
+    assert result.returncode == 1, result.stderr
+    assert 1 <= elapsed < 5
+    last = result.stderr.splitlines()[-1]
+    assert f"no reader opened {fifo} within 1 s (--accept-timeout)" in last
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(e["event"] == "fifo_waiting_for_reader" for e in events)
+    assert sorted(os.listdir(tmp_path)) == ["pipe"]

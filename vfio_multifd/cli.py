@@ -2,8 +2,13 @@
 
 The only place that picks the event loop (uvloop) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
-``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (130 for
-SIGINT, 143 for SIGTERM).
+``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (129
+SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
+
+Signals (``receive``): every signal whose default action would end the
+process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
+same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
+nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli_options`);
@@ -41,6 +46,24 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 log = structlog.get_logger("vfio_multifd.cli")
+
+#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
+STOPPING_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGTERM",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGXCPU",
+        "SIGPWR",
+    )
+    if hasattr(signal, name)
+)
+#: Signals that report: SIGUSR1 logs a status_report line.
+REPORTING_SIGNALS = (signal.SIGUSR1,)
 
 T = TypeVar("T")
 
@@ -104,11 +127,13 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
     # from walking it again and again while packets stream through.
     gc.freeze()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPPING_SIGNALS:
         name = signal.Signals(signum).name
         loop.add_signal_handler(
             signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
         )
+    for signum in REPORTING_SIGNALS:
+        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
     run = asyncio.create_task(session.run(), name="session")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -142,7 +167,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
         if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
             loop.remove_signal_handler(signum)
 
 
