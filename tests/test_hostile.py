@@ -897,3 +897,45 @@ def test_a_fifo_without_reader_honours_the_accept_timeout(tmp_path: Path) -> Non
     events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert any(e["event"] == "fifo_waiting_for_reader" for e in events)
     assert sorted(os.listdir(tmp_path)) == ["pipe"]
+
+
+# -- item 10: what "within a second" covers ----------------------------------------------------
+
+
+async def test_a_cancel_during_slow_fsyncs_cleans_up_within_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three devices' writers stuck in fsync: the abort waits once, not once per device."""
+    from vfio_multifd import output
+
+    keys = [DeviceKey(f"dev{n}", 0) for n in range(3)]
+    config = settings(tmp_path, *keys, channels=1)
+    real_finish = output.Output.finish
+    release = threading.Event()
+    stuck = threading.Semaphore(0)
+
+    def finish(self: output.Output) -> None:
+        if self.what == "data file":
+            stuck.release()
+            release.wait(10)  # as an fsync of gigabytes would
+        real_finish(self)
+
+    monkeypatch.setattr(output.Output, "finish", finish)
+    running = await start(config)
+    streams = qs.build_streams(
+        [(key.idstr, 0, random_bytes(5000, n), b"c") for n, key in enumerate(keys)], 1
+    )
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    for _ in range(3):
+        assert await asyncio.to_thread(stuck.acquire, True, 10)
+    cancelled = time.monotonic()
+    running.session.cancel("cancelled by test")
+    with pytest.raises(Cancelled):
+        await running.result()
+    elapsed = time.monotonic() - cancelled
+    try:
+        assert elapsed < 1.0, f"the abort took {elapsed:.2f} s"
+        assert not [name for name in os.listdir(tmp_path) if name.endswith(".part")]
+    finally:
+        release.set()
+        await asyncio.sleep(0.2)  # let the writer threads end before the loop closes

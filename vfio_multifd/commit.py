@@ -124,14 +124,15 @@ class OutputSet:
         is abandoned, not awaited.
         """
         loop = asyncio.get_running_loop()
+        discarding: dict[asyncio.Future[None], DeviceLoader] = {}
         for loader in self.loaders:
             loader.stop()
-            discarding = loop.run_in_executor(loader.executor, loader.discard)
-            try:
-                await asyncio.wait_for(asyncio.shield(discarding), ABANDON_WRITER_AFTER)
-            except TimeoutError:
-                self.abandoned_writers = True
-                log.warning("writer_abandoned", device=str(loader.device.key))
+            discarding[loop.run_in_executor(loader.executor, loader.discard)] = loader
+        # All at once: however many devices, the wait is at most ABANDON_WRITER_AFTER.
+        _, stuck = await asyncio.wait(discarding, timeout=ABANDON_WRITER_AFTER)
+        for future in stuck:
+            self.abandoned_writers = True
+            log.warning("writer_abandoned", device=str(discarding[future].device.key))
 
     def close(self) -> None:
         """Stop the writer threads; unless committing, no temporary file stays (never raises)."""
