@@ -94,6 +94,31 @@ class Daemon:
             self.proc.stdout.close()
 
 
+def one_device_daemon(
+    tmp_path: Path,
+    daemons: list[Daemon],
+    channels: int,
+    *options: str,
+    preexec_fn: Callable[[], None] | None = None,
+) -> tuple[Daemon, Path]:
+    """A daemon receiving IDSTR into ``tmp_path/out/a.bin`` (returned), registered in
+    ``daemons`` to be killed after the test."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    data = out / "a.bin"
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        str(channels),
+        *options,
+        "--device",
+        f"idstr={IDSTR},data={data}",
+        preexec_fn=preexec_fn,
+    )
+    daemons.append(daemon)
+    return daemon, data
+
+
 def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TOOL, *args],
@@ -101,6 +126,27 @@ def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProce
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+    )
+
+
+def send_to(
+    address: str, channels: int, device: str, *extra: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``vfio-multifd send`` of one device over ``channels`` channels, JSON logs."""
+    return run(
+        [
+            "send",
+            "--connect",
+            address,
+            "--channels",
+            str(channels),
+            "--device",
+            device,
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        timeout=timeout,
     )
 
 

@@ -22,10 +22,12 @@ from cli_helpers import (
     TRACEBACK,
     Daemon,
     digests,
+    one_device_daemon,
     part_files,
     partial_stream,
     receive_usage_error,
     run,
+    send_to,
     wait_for,
 )
 from helpers import IDSTR, IDSTR_B, random_bytes
@@ -272,12 +274,7 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
 def test_sigusr1_logs_a_status_line_and_the_migration_goes_on(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={out / 'a.bin'}"
-    )
-    daemons.append(daemon)
+    daemon, _ = one_device_daemon(tmp_path, daemons, 1)
     daemon.proc.send_signal(signal.SIGUSR1)
     wait_for(
         lambda: any(e["event"] == "status_report" for e in daemon.events()),
@@ -286,8 +283,7 @@ def test_sigusr1_logs_a_status_line_and_the_migration_goes_on(
     [report] = [e for e in daemon.events() if e["event"] == "status_report"]
     assert report["status"] == "setup" and report["why"] == "SIGUSR1"
     assert daemon.proc.poll() is None
-    sent = run(["send", "--connect", daemon.address, "--channels", "1", "--device",
-                f"idstr={IDSTR},size=100000", "--log-format", "json"])
+    sent = send_to(daemon.address, 1, f"idstr={IDSTR},size=100000")
     assert sent.returncode == 0, sent.stderr
     code, _, stderr = daemon.finish()
     assert code == 0, stderr

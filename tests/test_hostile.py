@@ -7,6 +7,7 @@ run under both event loops; the CLI tests run the daemon as a subprocess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -20,14 +21,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_source as qs
 import structlog
-from cli_helpers import TRACEBACK, Daemon, run, wait_for
+from cli_helpers import TRACEBACK, Daemon, one_device_daemon, run, send_to, wait_for
 from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start
 
 from vfio_multifd import (
@@ -41,6 +42,7 @@ from vfio_multifd import (
     logconfig,
 )
 from vfio_multifd.channel import ChannelProtocol, ChannelState
+from vfio_multifd.output import Output
 from vfio_multifd.status_client import query
 from vfio_multifd.status_server import StatusServer
 from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
@@ -172,19 +174,7 @@ def test_a_data_path_that_is_not_utf8_is_received_and_summarized(
     path = tmp_path / "dev\udcff.bin"  # the byte 0xff, as os.fsdecode gives it
     daemon = Daemon(tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={path}")
     daemons.append(daemon)
-    sent = run(
-        [
-            "send",
-            "--connect",
-            daemon.address,
-            "--channels",
-            "1",
-            "--device",
-            f"idstr={IDSTR},size=10000,seed=3",
-            "--log-format",
-            "json",
-        ]
-    )
+    sent = send_to(daemon.address, 1, f"idstr={IDSTR},size=10000,seed=3")
     assert sent.returncode == 0, sent.stderr
     code, out, err = daemon.finish()
     assert code == 0, err
@@ -307,34 +297,16 @@ def test_a_flood_larger_than_the_descriptor_limit_does_not_keep_the_channels_out
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """Issue item 2: 128 descriptors, 300 silent connections held, then the source."""
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path,
-        "--channels",
-        "2",
-        "--device",
-        f"idstr={IDSTR},data={out / 'a.bin'}",
-        preexec_fn=limit_descriptors(128),
-    )
-    daemons.append(daemon)
+    daemon, data_path = one_device_daemon(tmp_path, daemons, 2, preexec_fn=limit_descriptors(128))
     flood = Flood(daemon.address, 300)
     try:
         started = time.monotonic()
-        sent = run(
-            [
-                "send",
-                "--connect",
-                daemon.address,
-                "--channels",
-                "2",
-                "--device",
-                f"idstr={IDSTR},size=8M,seed=4",
-                "--log-format",
-                "json",
-                "--connect-timeout",
-                "20",
-            ],
+        sent = send_to(
+            daemon.address,
+            2,
+            f"idstr={IDSTR},size=8M,seed=4",
+            "--connect-timeout",
+            "20",
             timeout=40,
         )
         code, _, err = daemon.finish(timeout=30)
@@ -347,28 +319,23 @@ def test_a_flood_larger_than_the_descriptor_limit_does_not_keep_the_channels_out
     assert elapsed < 8, f"the real channels took {elapsed:.1f} s (the handshake timeout is 10 s)"
     shed = [e for e in refusal_lines(daemon) if e["reason"] == "handshake-shed"]
     assert shed, "strangers were shed to make room"
-    assert (out / "a.bin").stat().st_size == 8 << 20
+    assert data_path.stat().st_size == 8 << 20
 
 
 def test_a_flood_after_the_channels_connected_does_not_fail_the_spill(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """Issue item 1: channels in, then a flood held open, then chunks in reverse (a spill)."""
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
+    daemon, data_path = one_device_daemon(
         tmp_path,
-        "--channels",
-        "2",
+        daemons,
+        2,
         "--max-packet-size",
         "1048588",
         "--max-queued-bytes",
         "3M",
-        "--device",
-        f"idstr={IDSTR},data={out / 'a.bin'}",
         preexec_fn=limit_descriptors(128),
     )
-    daemons.append(daemon)
     data = random_bytes(12 << 20, 9)
     streams = qs.build_streams([(IDSTR, 0, data, b"cfg")], channels=2, order="reverse")
     socks = [connect(daemon.address) for _ in streams]
@@ -401,7 +368,7 @@ def test_a_flood_after_the_channels_connected_does_not_fail_the_spill(
     assert code == 0, err
     spilled = int(re.search(r"spilled (\d+) bytes", summary).group(1))  # type: ignore[union-attr]
     assert spilled > 0
-    assert (out / "a.bin").read_bytes() == data
+    assert data_path.read_bytes() == data
 
 
 def vm_rss(pid: int) -> int:
@@ -415,19 +382,8 @@ def test_refused_connections_are_counted_not_kept_and_their_lines_rate_limited(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon]
 ) -> None:
     """Issue item 3: thousands of bad handshakes cost no memory and few log lines."""
-    out = tmp_path / "out"
-    out.mkdir()
     status = short_dir / "status"
-    daemon = Daemon(
-        tmp_path,
-        "--channels",
-        "1",
-        "--status-socket",
-        str(status),
-        "--device",
-        f"idstr={IDSTR},data={out / 'a.bin'}",
-    )
-    daemons.append(daemon)
+    daemon, _ = one_device_daemon(tmp_path, daemons, 1, "--status-socket", str(status))
     count = 6000
     # Warm up (first connections allocate the loop's and the allocator's structures).
     subprocess.run(
@@ -454,19 +410,7 @@ def test_refused_connections_are_counted_not_kept_and_their_lines_rate_limited(
         f"refused {count} in {elapsed:.1f} s; RSS grew {grown} bytes, {grown / count:.0f} per refusal"
     )
     assert grown < 4 << 20, f"RSS grew {grown} bytes for {count} refusals"
-    sent = run(
-        [
-            "send",
-            "--connect",
-            daemon.address,
-            "--channels",
-            "1",
-            "--device",
-            f"idstr={IDSTR},size=64K",
-            "--log-format",
-            "json",
-        ]
-    )
+    sent = send_to(daemon.address, 1, f"idstr={IDSTR},size=64K")
     assert sent.returncode == 0, sent.stderr
     code, _, err = daemon.finish()
     assert code == 0, err
@@ -482,24 +426,20 @@ def good_streams(channels: int) -> tuple[list[bytes], bytes]:
     return qs.build_streams([(IDSTR, 0, data, b"c")], channels=channels, chunk_size=4096), data
 
 
-def silent_connections(address: str, n: int) -> list[socket.socket]:
-    return [connect(address) for _ in range(n)]
-
-
-async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path: Path) -> None:
-    config = settings(tmp_path, A, channels=2, max_pending_connections=4)
-    running = await start(config)
+async def strangers_shed(running: Any, n: int, shed: int) -> list[socket.socket]:
+    """Open ``n`` silent connections; return once ``shed`` of them were shed."""
     registry = running.session.registry
-    strangers = await asyncio.to_thread(silent_connections, running.address, 20)
+    strangers = await asyncio.to_thread(lambda: [connect(running.address) for _ in range(n)])
+    for _ in range(200):
+        if registry.shed_count >= shed and all(p.transport for p in registry.pending):
+            break
+        await asyncio.sleep(0.01)
+    return strangers
+
+
+async def migrate_past(running: Any, strangers: list[socket.socket], tmp_path: Path) -> None:
+    """The real channels get in although the strangers are still connected."""
     try:
-        for _ in range(200):
-            if registry.refused_count >= 16:
-                break
-            await asyncio.sleep(0.01)
-        assert len(registry.pending) <= 4
-        assert registry.refused_count == registry.shed_count == 16
-        assert all(e.reason is Reason.HANDSHAKE_SHED for _, e in registry.refused)
-        # The oldest went first: the last four strangers are still waiting.
         streams, data = good_streams(2)
         await asyncio.to_thread(qs.send_streams, running.address, streams)
         await running.result(timeout=10)
@@ -507,6 +447,18 @@ async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path
         for sock in strangers:
             sock.close()
     assert (tmp_path / "dev0.bin").read_bytes() == data
+
+
+async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path: Path) -> None:
+    running = await start(settings(tmp_path, A, channels=2, max_pending_connections=4))
+    registry = running.session.registry
+    strangers = await strangers_shed(running, 20, 16)
+    assert registry.refused_count == registry.shed_count == 16
+    assert all(e.reason is Reason.HANDSHAKE_SHED for _, e in registry.refused)
+    # The oldest went first: the last four strangers are the ones still waiting.
+    waiting = {p.peer for p in registry.pending}
+    assert waiting == {"{}:{}".format(*s.getsockname()) for s in strangers[-4:]}
+    await migrate_past(running, strangers, tmp_path)
 
 
 async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resumes(
@@ -515,24 +467,11 @@ async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resume
     from vfio_multifd import listener
 
     monkeypatch.setattr(listener, "descriptor_room", lambda reserve: 5)
-    config = settings(tmp_path, A, channels=2)
-    running = await start(config)
-    registry = running.session.registry
-    strangers = await asyncio.to_thread(silent_connections, running.address, 30)
-    try:
-        for _ in range(200):
-            if registry.shed_count >= 25:
-                break
-            await asyncio.sleep(0.01)
-        assert registry.open <= 5
-        streams, data = good_streams(2)
-        await asyncio.to_thread(qs.send_streams, running.address, streams)
-        await running.result(timeout=10)
-    finally:
-        for sock in strangers:
-            sock.close()
-    assert registry.shed_count >= 25
-    assert (tmp_path / "dev0.bin").read_bytes() == data
+    running = await start(settings(tmp_path, A, channels=2))
+    strangers = await strangers_shed(running, 30, 25)
+    assert running.session.registry.open <= 5
+    await migrate_past(running, strangers, tmp_path)
+    assert running.session.registry.shed_count >= 25
 
 
 async def test_accept_out_of_descriptors_backs_off_and_recovers(
@@ -572,6 +511,40 @@ async def _qmp_line(reader: asyncio.StreamReader) -> dict[str, Any]:
     return reply
 
 
+@contextlib.asynccontextmanager
+async def serving_status(tmp_path: Path, path: Path) -> AsyncIterator[StatusServer]:
+    """A session waiting for its channels, and its status socket at ``path``."""
+    running = await start(settings(tmp_path, A, channels=1))
+    server = StatusServer(running.session, path)
+    try:
+        await server.start()
+        yield server
+    finally:
+        await server.close()
+        running.session.cancel()
+        with pytest.raises(Cancelled):
+            await running.result()
+
+
+def pipeline_unread(path: Path, seconds: float) -> socket.socket:
+    """A status client that sends 20,000 query-migrate requests (for at most
+    ``seconds``) and never reads an answer; returned open."""
+    greedy = socket.socket(socket.AF_UNIX)
+    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    greedy.connect(str(path))
+    greedy.setblocking(False)
+    requests = b'{"execute": "query-migrate"}\n' * 20000
+    deadline = time.monotonic() + seconds
+    while requests and time.monotonic() < deadline:
+        try:
+            requests = requests[greedy.send(requests) :]
+        except BlockingIOError:
+            time.sleep(0.01)
+        except OSError:
+            break  # dropped already
+    return greedy
+
+
 async def test_the_status_socket_is_never_reachable_with_wider_permissions(
     tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -586,25 +559,18 @@ async def test_the_status_socket_is_never_reachable_with_wider_permissions(
         real_chmod(target, mode, *args, **kwargs)
 
     monkeypatch.setattr(os, "chmod", chmod)
-    running = await start(settings(tmp_path, A, channels=1))
-    server = StatusServer(running.session, path)
     old_umask = os.umask(0)
     try:
-        await server.start()
+        async with serving_status(tmp_path, path):
+            os.umask(old_umask)
+            assert seen == [], f"the socket was at its path with mode {seen} before it was private"
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert os.listdir(short_dir) == ["status"]  # the private directory is gone
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            assert "QMP" in await _qmp_line(reader)
+            writer.close()
     finally:
         os.umask(old_umask)
-    try:
-        assert seen == [], f"the socket was at its path with mode {seen} before it was private"
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-        assert os.listdir(short_dir) == ["status"]  # the private directory is gone
-        reader, writer = await asyncio.open_unix_connection(str(path))
-        assert "QMP" in await _qmp_line(reader)
-        writer.close()
-    finally:
-        await server.close()
-        running.session.cancel()
-        with pytest.raises(Cancelled):
-            await running.result()
     assert not path.exists()
 
 
@@ -616,23 +582,8 @@ async def test_a_status_client_that_does_not_read_is_dropped(
 
     monkeypatch.setattr(status_server, "CLIENT_WRITE_TIMEOUT", 0.3)
     path = short_dir / "status"
-    running = await start(settings(tmp_path, A, channels=1))
-    server = StatusServer(running.session, path)
-    await server.start()
-    try:
-        greedy = socket.socket(socket.AF_UNIX)
-        greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        greedy.connect(str(path))
-        greedy.setblocking(False)
-        requests = b'{"execute": "query-migrate"}\n' * 20000
-        deadline = time.monotonic() + 5
-        while requests and time.monotonic() < deadline:
-            try:
-                requests = requests[greedy.send(requests) :]
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-            except OSError:
-                break  # dropped already
+    async with serving_status(tmp_path, path) as server:
+        greedy = await asyncio.to_thread(pipeline_unread, path, 5)
         for _ in range(300):
             if not server._clients:
                 break
@@ -644,11 +595,6 @@ async def test_a_status_client_that_does_not_read_is_dropped(
         assert (await _qmp_line(reader))["return"]["status"] == "setup"
         writer.close()
         greedy.close()
-    finally:
-        await server.close()
-        running.session.cancel()
-        with pytest.raises(Cancelled):
-            await running.result()
 
 
 def test_a_status_client_that_does_not_read_does_not_delay_exit(
@@ -664,17 +610,7 @@ def test_a_status_client_that_does_not_read_does_not_delay_exit(
         f"idstr={IDSTR},data={tmp_path / 'a.bin'}",
     )
     daemons.append(daemon)
-    greedy = socket.socket(socket.AF_UNIX)
-    greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    greedy.connect(str(path))
-    greedy.setblocking(False)
-    requests = b'{"execute": "query-migrate"}\n' * 20000
-    deadline = time.monotonic() + 2
-    while requests and time.monotonic() < deadline:
-        try:
-            requests = requests[greedy.send(requests) :]
-        except BlockingIOError:
-            time.sleep(0.01)
+    greedy = pipeline_unread(path, 2)
     try:
         started = time.monotonic()
         daemon.proc.send_signal(signal.SIGTERM)
@@ -691,10 +627,7 @@ async def test_whitespace_costs_nothing_and_deep_nesting_is_a_qmp_error(
 ) -> None:
     """Item 7: spaces are never buffered; "[" * 30000 is answered, not a RecursionError."""
     path = short_dir / "status"
-    running = await start(settings(tmp_path, A, channels=1))
-    server = StatusServer(running.session, path)
-    await server.start()
-    try:
+    async with serving_status(tmp_path, path):
         reader, writer = await asyncio.open_unix_connection(str(path))
         await _qmp_line(reader)
         cpu = time.process_time()
@@ -722,11 +655,6 @@ async def test_whitespace_costs_nothing_and_deep_nesting_is_a_qmp_error(
         reply = await _qmp_line(reader)
         assert "longer than" in reply["error"]["desc"]
         writer.close()
-    finally:
-        await server.close()
-        running.session.cancel()
-        with pytest.raises(Cancelled):
-            await running.result()
 
 
 # -- item 4: one file, two roles; only our own socket is unlinked ---------------------------
@@ -809,23 +737,32 @@ def old_files(config: Any) -> list[Path]:
     return paths
 
 
+def before_commit_of_b(
+    monkeypatch: pytest.MonkeyPatch, config: Any, hook: Callable[[Output], None]
+) -> None:
+    """Run ``hook`` on the commit thread just before device b's data file is renamed."""
+    real_commit = Output.commit
+
+    def commit(self: Output) -> None:
+        if self.path == config.devices[1].data_path:
+            hook(self)
+        real_commit(self)
+
+    monkeypatch.setattr(Output, "commit", commit)
+
+
 async def test_a_rename_that_fails_part_way_puts_every_old_file_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import errno
 
-    from vfio_multifd import output
-
     config = settings(tmp_path, A, B, channels=1)
     paths = old_files(config)
-    real_commit = output.Output.commit
 
-    def commit(self: output.Output) -> None:
-        if self.path == config.devices[1].data_path:  # device b's data: a bind mount, say
-            raise self._error("cannot rename into place", OSError(errno.EBUSY, "busy"))
-        real_commit(self)
+    def busy(self: Output) -> None:  # device b's data: a bind mount, say
+        raise self._error("cannot rename into place", OSError(errno.EBUSY, "busy"))
 
-    monkeypatch.setattr(output.Output, "commit", commit)
+    before_commit_of_b(monkeypatch, config, busy)
     running = await start(config)
     streams, _, _ = two_device_streams()
     await asyncio.to_thread(qs.send_streams, running.address, streams)
@@ -839,21 +776,16 @@ async def test_a_rename_that_fails_part_way_puts_every_old_file_back(
 async def test_a_cancel_while_committing_waits_for_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vfio_multifd import output
-
     config = settings(tmp_path, A, B, channels=1)
     paths = old_files(config)
-    real_commit = output.Output.commit
     in_commit = threading.Event()
     release = threading.Event()
 
-    def commit(self: output.Output) -> None:
-        if self.path == config.devices[1].data_path:  # device a is in place already
-            in_commit.set()
-            release.wait(10)
-        real_commit(self)
+    def hold(self: Output) -> None:  # device a is in place already
+        in_commit.set()
+        release.wait(10)
 
-    monkeypatch.setattr(output.Output, "commit", commit)
+    before_commit_of_b(monkeypatch, config, hold)
     running = await start(config)
     streams, data_a, data_b = two_device_streams()
     await asyncio.to_thread(qs.send_streams, running.address, streams)
