@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import qemu_source as qs
@@ -29,6 +29,7 @@ class Daemon:
         *args: str,
         env: dict[str, str] | None = None,
         ready_timeout: float = 20.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.stderr_path = workdir / "daemon.stderr"
         read_end, write_end = os.pipe()
@@ -51,6 +52,7 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 pass_fds=(write_end,),
                 env=env,
+                preexec_fn=preexec_fn,
                 text=True,
             )
         os.close(write_end)
@@ -92,6 +94,31 @@ class Daemon:
             self.proc.stdout.close()
 
 
+def one_device_daemon(
+    tmp_path: Path,
+    daemons: list[Daemon],
+    channels: int,
+    *options: str,
+    preexec_fn: Callable[[], None] | None = None,
+) -> tuple[Daemon, Path]:
+    """A daemon receiving IDSTR into ``tmp_path/out/a.bin`` (returned), registered in
+    ``daemons`` to be killed after the test."""
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    data = out / "a.bin"
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        str(channels),
+        *options,
+        "--device",
+        f"idstr={IDSTR},data={data}",
+        preexec_fn=preexec_fn,
+    )
+    daemons.append(daemon)
+    return daemon, data
+
+
 def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TOOL, *args],
@@ -99,6 +126,27 @@ def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProce
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+    )
+
+
+def send_to(
+    address: str, channels: int, device: str, *extra: str, timeout: float = 60.0
+) -> subprocess.CompletedProcess[str]:
+    """``vfio-multifd send`` of one device over ``channels`` channels, JSON logs."""
+    return run(
+        [
+            "send",
+            "--connect",
+            address,
+            "--channels",
+            str(channels),
+            "--device",
+            device,
+            "--log-format",
+            "json",
+            *extra,
+        ],
+        timeout=timeout,
     )
 
 

@@ -22,10 +22,12 @@ from cli_helpers import (
     TRACEBACK,
     Daemon,
     digests,
+    one_device_daemon,
     part_files,
     partial_stream,
     receive_usage_error,
     run,
+    send_to,
     wait_for,
 )
 from helpers import IDSTR, IDSTR_B, random_bytes
@@ -211,7 +213,16 @@ def test_send_inject_duplicate_fails_the_daemon_with_one_line(
 
 
 @pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+    ("signum", "code"),
+    [
+        (signal.SIGTERM, 143),
+        (signal.SIGINT, 130),
+        (signal.SIGHUP, 129),
+        (signal.SIGQUIT, 131),
+        (signal.SIGUSR2, 140),
+        (signal.SIGALRM, 142),
+    ],
+    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR2", "SIGALRM"],
 )
 def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], signum: int, code: int
@@ -255,5 +266,24 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
     assert summary == ""
     assert not data_path.exists()
     assert os.listdir(out) == ["keep.txt"]  # temporary files removed, others untouched
+    assert not os.path.exists(status_socket)
     states = [e["new"] for e in daemon.events() if e["event"] == "state_change"]
     assert states == ["active", "cancelling", "cancelled"]
+
+
+def test_sigusr1_logs_a_status_line_and_the_migration_goes_on(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon, _ = one_device_daemon(tmp_path, daemons, 1)
+    daemon.proc.send_signal(signal.SIGUSR1)
+    wait_for(
+        lambda: any(e["event"] == "status_report" for e in daemon.events()),
+        what="a status_report line",
+    )
+    [report] = [e for e in daemon.events() if e["event"] == "status_report"]
+    assert report["status"] == "setup" and report["why"] == "SIGUSR1"
+    assert daemon.proc.poll() is None
+    sent = send_to(daemon.address, 1, f"idstr={IDSTR},size=100000")
+    assert sent.returncode == 0, sent.stderr
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr

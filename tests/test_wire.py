@@ -87,6 +87,24 @@ def drain(decoder: ChannelDecoder) -> list[ChannelHandshake | DevicePacket]:
     return events
 
 
+def error_of(decoder: ChannelDecoder) -> list[object]:
+    """Every event left, then the error that stopped the decoder (it must have one),
+    as ``next_event`` gives them: the error last, raised, and raised again after."""
+    out: list[object] = []
+    while True:
+        try:
+            event = decoder.next_event()
+        except ProtocolError as error:
+            out.append(error)
+            break
+        assert event is not None, "the decoder was expected to have stopped on an error"
+        out.append(event)
+    with pytest.raises(ProtocolError) as again:
+        decoder.next_event()
+    assert again.value is out[-1]
+    return out
+
+
 def summary(events: list[ChannelHandshake | DevicePacket]) -> list[tuple[object, ...]]:
     """Events as plain tuples (DevicePacket holds a bytearray and a memoryview)."""
     out: list[tuple[object, ...]] = []
@@ -508,10 +526,11 @@ def test_eof_at_a_packet_boundary_is_clean() -> None:
 def test_eof_inside_the_handshake(received: int) -> None:
     decoder = ChannelDecoder()
     decoder.receive_data(qs.handshake(0)[:received])
-    with pytest.raises(HandshakeError) as info:
-        decoder.eof()
-    assert info.value.reason is Reason.HANDSHAKE_CLOSED
-    assert f"{received} of 64" in str(info.value)
+    decoder.eof()  # never raises: next_event does
+    [error] = error_of(decoder)
+    assert isinstance(error, HandshakeError)
+    assert error.reason is Reason.HANDSHAKE_CLOSED
+    assert f"{received} of 64" in str(error)
     assert decoder.state is DecoderState.ERROR
 
 
@@ -519,12 +538,12 @@ def test_eof_inside_the_handshake(received: int) -> None:
 def test_eof_inside_a_header_before_the_device_is_known(received: int) -> None:
     decoder = after_handshake()
     decoder.receive_data(WORKED_EXAMPLE[:received])
-    with pytest.raises(ProtocolError) as info:
-        decoder.eof()
-    assert not isinstance(info.value, HandshakeError)
-    assert info.value.reason is Reason.PACKET_TRUNCATED
-    assert info.value.device is None
-    assert f"{received} of 288" in str(info.value)
+    decoder.eof()
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError) and not isinstance(error, HandshakeError)
+    assert error.reason is Reason.PACKET_TRUNCATED
+    assert error.device is None
+    assert f"{received} of 288" in str(error)
     assert decoder.state is DecoderState.ERROR
 
 
@@ -532,11 +551,12 @@ def test_eof_inside_a_header_before_the_device_is_known(received: int) -> None:
 def test_eof_inside_a_header_names_the_device(received: int) -> None:
     decoder = after_handshake()
     decoder.receive_data(WORKED_EXAMPLE[:received])
-    with pytest.raises(ProtocolError) as info:
-        decoder.eof()
-    assert info.value.reason is Reason.PACKET_TRUNCATED
-    assert info.value.device == IDSTR
-    assert IDSTR in str(info.value)
+    decoder.eof()
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError)
+    assert error.reason is Reason.PACKET_TRUNCATED
+    assert error.device == IDSTR
+    assert IDSTR in str(error)
     assert decoder.state is DecoderState.ERROR
 
 
@@ -545,9 +565,9 @@ def test_eof_inside_a_payload_names_device_and_idx(received: int) -> None:
     decoder = after_handshake()
     decoder.receive_data(WORKED_EXAMPLE[:received])
     assert decoder.state is DecoderState.PAYLOAD
-    with pytest.raises(ProtocolError) as info:
-        decoder.eof()
-    error = info.value
+    decoder.eof()
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError)
     assert error.reason is Reason.PACKET_TRUNCATED
     assert (error.device, error.idx) == (IDSTR, 5)
     assert IDSTR in str(error)
@@ -558,10 +578,11 @@ def test_eof_inside_a_payload_names_device_and_idx(received: int) -> None:
 
 def test_eof_after_an_error_does_not_raise_again() -> None:
     decoder = ChannelDecoder()
-    with pytest.raises(HandshakeError):
-        decoder.receive_data(b"\0\0\0\0")
+    decoder.receive_data(b"\0\0\0\0")
     decoder.eof()
     assert decoder.state is DecoderState.ERROR
+    [error] = error_of(decoder)  # the first error, not a second one from eof
+    assert isinstance(error, HandshakeError) and error.reason is Reason.HANDSHAKE_MAGIC
 
 
 # --- handshake errors, each as soon as its bytes are there ------------------------------
@@ -590,12 +611,13 @@ def test_handshake_error_raised_as_soon_as_the_field_is_complete(
     decoder = ChannelDecoder()
     decoder.receive_data(data[: at - 1])
     assert decoder.state is DecoderState.HANDSHAKE
-    with pytest.raises(HandshakeError) as info:
-        decoder.receive_data(data[at - 1 : at])
-    assert info.value.reason is reason
-    assert text in str(info.value)
-    assert decoder.state is DecoderState.ERROR
     assert decoder.next_event() is None
+    decoder.receive_data(data[at - 1 : at])  # feeding never raises
+    assert decoder.state is DecoderState.ERROR
+    [error] = error_of(decoder)
+    assert isinstance(error, HandshakeError)
+    assert error.reason is reason
+    assert text in str(error)
     with pytest.raises(RuntimeError, match="error"):
         decoder.get_buffer()
 
@@ -603,11 +625,11 @@ def test_handshake_error_raised_as_soon_as_the_field_is_complete(
 @pytest.mark.parametrize(("data", "at", "reason", "text"), HANDSHAKE_ERRORS)
 def test_handshake_error_when_fed_whole(data: bytes, at: int, reason: Reason, text: str) -> None:
     decoder = ChannelDecoder()
-    with pytest.raises(HandshakeError) as info:
-        decoder.receive_data(data + WORKED_EXAMPLE)
-    assert info.value.reason is reason
+    decoder.receive_data(data + WORKED_EXAMPLE)
     assert at <= decoder.bytes_received <= 64  # nothing past the handshake was consumed
-    assert decoder.next_event() is None
+    [error] = error_of(decoder)
+    assert isinstance(error, HandshakeError)
+    assert error.reason is reason
 
 
 def test_handshake_unused_bytes_are_not_checked() -> None:
@@ -640,6 +662,14 @@ PACKET_ERRORS = [
     pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x02"), 12, Reason.PACKET_RAM, None, None, "RAM", id="ram-zlib-packet"),
     pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x01"), 12, Reason.PACKET_RAM, None, None, "SYNC", id="sync-packet"),
     pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x41"), 12, Reason.PACKET_SYNC, None, None, "SYNC", id="sync-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x42"), 12, Reason.PACKET_COMPRESSION, None, None, "zlib", id="zlib-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x44"), 12, Reason.PACKET_COMPRESSION, None, None, "zstd", id="zstd-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x48"), 12, Reason.PACKET_COMPRESSION, None, None, "qpl", id="qpl-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x50"), 12, Reason.PACKET_COMPRESSION, None, None, "uadk", id="uadk-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x60"), 12, Reason.PACKET_COMPRESSION, None, None, "qatzip", id="qatzip-on-device-state"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\x7e"), 12, Reason.PACKET_COMPRESSION, None, None, "0x7e", id="all-compression-bits"),
+    pytest.param(_patched(OFF_FLAGS, b"\0\0\0\xc0"), 12, Reason.PACKET_FLAGS, None, None, "0x80", id="unknown-flag-bit"),
+    pytest.param(_patched(OFF_FLAGS, b"\x80\0\0\x40"), 12, Reason.PACKET_FLAGS, None, None, "0x80000000", id="unknown-high-flag-bit"),
     pytest.param(
         _patched(OFF_IDSTR, b"x" * 256), OFF_INSTANCE, Reason.PACKET_IDSTR, None, None, "NUL", id="idstr-not-terminated",
     ),
@@ -679,9 +709,9 @@ def _check_packet_error(
     decoder = after_handshake(allocate)
     decoder.receive_data(data[: at - 1])
     assert decoder.state is DecoderState.HEADER
-    with pytest.raises(ProtocolError) as info:
-        decoder.receive_data(data[at - 1 : at])
-    error = info.value
+    decoder.receive_data(data[at - 1 : at])
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError)
     assert not isinstance(error, HandshakeError)
     assert error.reason is reason
     assert error.device == device
@@ -693,7 +723,6 @@ def _check_packet_error(
         assert f"idx {idx}" in str(error) or f"{idx:#x}" in str(error)
     assert allocate.calls == [], "no payload buffer may be allocated for a bad packet"
     assert decoder.state is DecoderState.ERROR
-    assert decoder.next_event() is None
     assert decoder.packets == 0
 
 
@@ -721,33 +750,49 @@ def test_packet_error_raised_by_the_end_of_the_prefix(
 def test_packet_error_when_fed_whole_allocates_nothing(data: bytes, reason: Reason) -> None:
     allocate = RecordingAllocator()
     decoder = after_handshake(allocate)
-    with pytest.raises(ProtocolError) as info:
-        decoder.receive_data(data + WORKED_EXAMPLE)
-    assert info.value.reason is reason
+    decoder.receive_data(data + WORKED_EXAMPLE)
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError) and error.reason is reason
     assert allocate.calls == []
     assert decoder.bytes_received <= 64 + PACKET_PREFIX_SIZE
     assert decoder.state is DecoderState.ERROR
 
 
 def test_packet_error_after_good_packets_keeps_them() -> None:
+    """h11's rule: the error comes from next_event, after every event before it."""
     decoder = after_handshake()
-    with pytest.raises(ProtocolError) as info:
-        decoder.receive_data(WORKED_EXAMPLE + _with_size(0))
-    assert info.value.reason is Reason.PACKET_SIZE
-    events = summary(drain(decoder))
-    assert events == [("packet", KEY, 5, False, bytes.fromhex("deadbeef"))]
-    assert decoder.packets == 1
+    decoder.receive_data(WORKED_EXAMPLE * 2 + _with_size(0))
+    *events, error = error_of(decoder)
+    assert summary(events) == [("packet", KEY, 5, False, bytes.fromhex("deadbeef"))] * 2  # type: ignore[arg-type]
+    assert isinstance(error, ProtocolError) and error.reason is Reason.PACKET_SIZE
+    assert decoder.packets == 2
+
+
+def test_handshake_then_a_bad_packet_in_one_read_gives_the_handshake_first() -> None:
+    """Through get_buffer/buffer_updated, as a protocol reads: one call, two units."""
+    decoder = ChannelDecoder()
+    stream = qs.handshake(1) + _with_size(0)
+    pos = 0
+    while decoder.state is not DecoderState.ERROR:
+        target = decoder.get_buffer()
+        n = min(len(target), len(stream) - pos)
+        target[:n] = stream[pos : pos + n]
+        pos += n
+        decoder.buffer_updated(n)
+    handshake, error = error_of(decoder)
+    assert handshake == ChannelHandshake(1)
+    assert isinstance(error, ProtocolError) and error.reason is Reason.PACKET_SIZE
 
 
 def test_error_names_device_with_instance_id() -> None:
     data = bytearray(_with_size(0))
     data[OFF_INSTANCE : OFF_INSTANCE + 4] = struct.pack(">I", 7)
     decoder = after_handshake()
-    with pytest.raises(ProtocolError) as info:
-        decoder.receive_data(data)
-    assert info.value.device == str(DeviceKey(IDSTR, 7))
-    assert IDSTR in str(info.value)
-    assert "7" in info.value.device
+    decoder.receive_data(data)
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError) and error.device == str(DeviceKey(IDSTR, 7))
+    assert IDSTR in str(error)
+    assert "7" in error.device
 
 
 def test_next_packet_size_equal_to_the_maximum_is_accepted() -> None:
@@ -763,10 +808,10 @@ def test_next_packet_size_equal_to_the_maximum_is_accepted() -> None:
 def test_next_packet_size_one_over_a_custom_maximum_is_refused_unallocated() -> None:
     allocate = RecordingAllocator()
     decoder = after_handshake(allocate, max_packet_size=100)
-    with pytest.raises(ProtocolError) as info:
-        decoder.receive_data(encode_device_packet(KEY, 0, bytes(89)))
-    assert info.value.reason is Reason.PACKET_SIZE
-    assert "101" in str(info.value) and "100" in str(info.value)
+    decoder.receive_data(encode_device_packet(KEY, 0, bytes(89)))
+    [error] = error_of(decoder)
+    assert isinstance(error, ProtocolError) and error.reason is Reason.PACKET_SIZE
+    assert "101" in str(error) and "100" in str(error)
     assert allocate.calls == []
 
 

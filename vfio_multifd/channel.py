@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
@@ -95,6 +96,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._waiter: asyncio.Future[None] | None = None
         self._reading = True
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._closing = False  # closed before the transport was made: abort it at once
+        #: Called once the connection is gone (its socket closed): the listener counts descriptors.
+        self.on_lost: Callable[[ChannelProtocol], None] | None = None
         self.log = log
 
     # -- asyncio callbacks ------------------------------------------------------
@@ -105,6 +109,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
         self.log = log.bind(peer=self.peer)
+        if self._closing or self.state is not ChannelState.HANDSHAKE:  # shed or closed already
+            self.transport.abort()
+            return
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(self.handshake_timeout, self._handshake_timed_out)
 
@@ -112,15 +119,23 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+        self._take_events()
+
+    def _take_events(self) -> bool:
+        """Act on every event decoded so far, then on the error that stopped the
+        decoder, if any (after the events before it). False once the channel is done."""
         try:
-            self.decoder.buffer_updated(nbytes)
-            self._take_events()
+            self._take_decoded()
         except HandshakeError as error:
             self._refuse(error)
+            return False
         except ProtocolError as error:
             self.fail(error)
+            return False
+        return True
 
-    def _take_events(self) -> None:
+    def _take_decoded(self) -> None:
         while (event := self.decoder.next_event()) is not None:
             if isinstance(event, ChannelHandshake):
                 self._on_handshake(event)
@@ -152,13 +167,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 transport.pause_reading()
 
     def eof_received(self) -> bool:
-        try:
-            self.decoder.eof()
-        except HandshakeError as error:
-            self._refuse(error)
-        except ProtocolError as error:
-            self.fail(error)
-        else:
+        self.decoder.eof()
+        if self._take_events():
             self.end_of_stream = True
             self._wake()
         return False  # close our side too
@@ -183,6 +193,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 )
             self.fail(error)
         self._wake()
+        if self.on_lost is not None:
+            self.on_lost(self)
 
     # -- handshake --------------------------------------------------------------
 
@@ -209,6 +221,10 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
             self._handshake_timer = None
+
+    def refuse(self, error: HandshakeError) -> None:
+        """Refuse this connection if it is still handshaking (the listener sheds it)."""
+        self._refuse(error)
 
     def _refuse(self, error: HandshakeError) -> None:
         """Refuse this one connection; the migration goes on waiting for its channels."""
@@ -237,8 +253,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             waiter.set_result(None)
 
     async def next_item(self) -> DevicePacket | PacketHeader | None:
-        """The next complete packet or header awaiting its buffer; ``None`` at a clean end."""
-        while not self.pending:
+        """The next complete packet or header awaiting its buffer; ``None`` at a clean
+        end, and at once when the channel failed (what it still holds is not delivered)."""
+        while not self.pending or self.state is not ChannelState.ACTIVE:
             if self.end_of_stream or self.state is not ChannelState.ACTIVE:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
@@ -255,13 +272,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._awaiting_buffer = False
         if self.state is not ChannelState.ACTIVE:
             return
-        try:
-            self.decoder.provide_buffer(buffer)
-            self._take_events()
-        except ProtocolError as error:
-            self.fail(error)
+        self.decoder.provide_buffer(buffer)
+        self._take_events()
 
     def close(self) -> None:
+        self._closing = True
         if self.transport is not None:
             self.transport.abort()
 

@@ -2,8 +2,13 @@
 
 The only place that picks the event loop (uvloop) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
-``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (130 for
-SIGINT, 143 for SIGTERM).
+``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (129
+SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
+
+Signals (``receive``): every signal whose default action would end the
+process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
+same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
+nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli_options`);
@@ -42,6 +47,24 @@ EXIT_USAGE = 2
 
 log = structlog.get_logger("vfio_multifd.cli")
 
+#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
+STOPPING_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in (
+        "SIGHUP",
+        "SIGINT",
+        "SIGQUIT",
+        "SIGTERM",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGXCPU",
+        "SIGPWR",
+    )
+    if hasattr(signal, name)
+)
+#: Signals that report: SIGUSR1 logs a status_report line.
+REPORTING_SIGNALS = (signal.SIGUSR1,)
+
 T = TypeVar("T")
 
 
@@ -68,6 +91,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         max_spill_bytes=args.max_spill_bytes,
         accept_timeout=args.accept_timeout,
         handshake_timeout=args.handshake_timeout,
+        max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
         digest=args.digest,
         fsync=not args.no_fsync,
@@ -103,11 +127,13 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
     # from walking it again and again while packets stream through.
     gc.freeze()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOPPING_SIGNALS:
         name = signal.Signals(signum).name
         loop.add_signal_handler(
             signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
         )
+    for signum in REPORTING_SIGNALS:
+        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
     run = asyncio.create_task(session.run(), name="session")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -141,7 +167,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
         if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
             loop.remove_signal_handler(signum)
 
 
@@ -166,13 +192,19 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+def printable(text: object) -> str:
+    """``str(text)`` that any UTF-8 stream can print: a path's bytes that are not
+    UTF-8 (surrogate escapes) are shown as ``\\xNN``, as device names are."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def print_receive_summary(result: SessionResult, out: TextIO) -> None:
     for d in result.devices:
         print(
             f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
             f"config {d.config_bytes} bytes, {d.seconds:.3f} s "
             f"({d.bytes / 1e6 / d.seconds if d.seconds > 0 else 0.0:.1f} MB/s), "
-            f"{d.digest} -> {d.data_path}",
+            f"{d.digest} -> {printable(d.data_path)}",
             file=out,
         )
     print(

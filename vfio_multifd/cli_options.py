@@ -20,12 +20,14 @@ from typing import Any, NoReturn, TypeVar
 
 from . import logconfig
 from .config import (
+    DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
     Address,
     DeviceSpec,
     Digest,
     QueueFullPolicy,
     check_channels,
+    is_number,
     parse_size,
     parse_uuid,
 )
@@ -82,6 +84,28 @@ def _channels(text: str) -> int:
     except ValueError:
         raise UsageError(f"not a whole number: {text!r}") from None
     return check_channels(channels)
+
+
+@_option_type
+def _ready_fd(text: str) -> int:
+    """A descriptor the daemon inherited, not 0-2: once closed, the next socket would
+    take its number, and a channel on 1 would get the summary meant for stdout."""
+    if not is_number(text) or int(text) > 0x7FFFFFFF:
+        raise UsageError(f"not a file descriptor number: {text!r}")
+    fd = int(text)
+    if fd <= 2:
+        raise UsageError(
+            f"{fd} is standard {('input', 'output', 'error')[fd]}; pass a descriptor of its own"
+        )
+    return fd
+
+
+@_option_type
+def _count(text: str) -> int:
+    """A whole number, 1 or more."""
+    if not is_number(text) or int(text) < 1:
+        raise UsageError(f"must be a whole number of 1 or more, not {text!r}")
+    return int(text)
 
 
 @_option_type
@@ -243,7 +267,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
     )
     rx.add_argument(
         "--ready-fd",
-        type=int,
+        type=_ready_fd,
         default=None,
         metavar="N",
         help="once listening, write a newline to file descriptor N and close it "
@@ -301,6 +325,14 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         default=10.0,
         metavar="SECONDS",
         help="refuse a connection that sends no handshake within this time (default 10)",
+    )
+    rx.add_argument(
+        "--max-pending-connections",
+        type=_count,
+        default=DEFAULT_MAX_PENDING_CONNECTIONS,
+        metavar="N",
+        help="connections without a complete handshake held at once; a new one drops the "
+        f"oldest (default {DEFAULT_MAX_PENDING_CONNECTIONS}; a real migration has at most 256)",
     )
     rx.add_argument(
         "--progress-timeout",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import enum
+import os
 import re
+import stat
 import uuid as uuid_module
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +15,13 @@ from .errors import UsageError
 from .reassembly import CHUNK_OVERHEAD, capacity_of
 from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE | re.ASCII)
+_DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
+
+
+def is_number(text: str) -> bool:
+    """``text`` is a whole number in ASCII digits (what ``int`` takes, and no more)."""
+    return _DIGITS.fullmatch(text) is not None
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
@@ -55,7 +64,7 @@ class Address:
             return cls("unix", path=rest)
         if kind == "tcp" and sep:
             host, sep, port = rest.rpartition(":")
-            if sep and port.isdigit() and int(port) < 65536:
+            if sep and is_number(port) and int(port) < 65536:
                 host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
                 return cls("tcp", host=host or "127.0.0.1", port=int(port))
         raise UsageError(f"not an address: {text!r} (expected tcp:HOST:PORT or unix:PATH)")
@@ -93,7 +102,7 @@ def parse_device_key(fields: dict[str, str], text: str) -> DeviceKey:
     except ValueError as error:
         raise UsageError(f"device {text!r}: {error}") from None
     instance = fields.get("instance", "0")
-    if not instance.isdigit() or int(instance) > 0xFFFFFFFF:
+    if not is_number(instance) or int(instance) > 0xFFFFFFFF:
         raise UsageError(f"device {text!r}: instance must be 0..4294967295, not {instance!r}")
     return DeviceKey(idstr, int(instance))
 
@@ -117,6 +126,37 @@ class DeviceSpec:
         return cls(key, Path(data), Path(config))
 
 
+def check_distinct_files(named: Sequence[tuple[str, Path]]) -> None:
+    """Raise :class:`UsageError` if two of the named paths are one file: the same path
+    once symbolic links are resolved, or the same inode (a hard link). ``named`` pairs
+    an option's name with its path."""
+    seen: dict[tuple[object, ...], str] = {}
+    for name, path in named:
+        keys: list[tuple[object, ...]] = [("path", os.path.realpath(path))]
+        try:
+            info = os.stat(path)
+        except OSError:
+            pass
+        else:
+            keys.append(("inode", info.st_dev, info.st_ino))
+        for key in keys:
+            if key in seen:
+                raise UsageError(
+                    f"{seen[key]} and {name} are the same file; each needs a path of its own"
+                )
+        for key in keys:
+            seen[key] = name
+
+
+def _shareable(path: Path) -> bool:
+    """A character device or FIFO (``/dev/null``) may be the output of several devices."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
+
+
 #: The CLI's default --max-queued-bytes. Bounded by default: a daemon's memory
 #: should not depend on the order a source happens to send in, and a bounded
 #: queue keeps buffers recycled and the completion lag short when the disk is
@@ -134,6 +174,11 @@ class Digest(enum.StrEnum):
     SHA256 = "sha256"
 
 
+#: Connections without a complete handshake held at once; a real migration has at
+#: most 256 channels, each handshaking for a round trip.
+DEFAULT_MAX_PENDING_CONNECTIONS = 512
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiveSettings:
     devices: tuple[DeviceSpec, ...]
@@ -147,6 +192,7 @@ class ReceiveSettings:
     max_spill_bytes: int | None = None  # None: no cap
     accept_timeout: float | None = None
     handshake_timeout: float = 10.0
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
     progress_timeout: float | None = 150.0  # KubeVirt's default
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
@@ -155,18 +201,14 @@ class ReceiveSettings:
         if not self.devices:
             raise UsageError("at least one --device is required")
         check_channels(self.channels)
+        if self.max_pending_connections < 1:
+            raise UsageError(
+                f"--max-pending-connections must be 1 or more, not {self.max_pending_connections}"
+            )
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")
-        # Character devices and FIFOs (/dev/null) may be shared; files may not.
-        paths = [
-            p.resolve()
-            for d in self.devices
-            for p in (d.data_path, d.config_path)
-            if p.is_file() or not p.exists()
-        ]
-        if len(set(paths)) != len(paths):
-            raise UsageError("two outputs share one path")
+        check_distinct_files(self.named_paths())
         if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(
                 f"--max-packet-size {self.max_packet_size} is below {VFIO_HEADER.size}, "
@@ -184,6 +226,20 @@ class ReceiveSettings:
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
                 f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
             )
+
+    def named_paths(self) -> list[tuple[str, Path]]:
+        """Every path the session writes or listens on, with the option that names it;
+        no two may be one file (character devices and FIFOs may be shared by outputs)."""
+        named: list[tuple[str, Path]] = []
+        if self.listen.kind == "unix":
+            named.append((f"--listen {self.listen}", Path(self.listen.path)))
+        for device in self.devices:
+            for what, path in (("data", device.data_path), ("config", device.config_path)):
+                if not _shareable(path):
+                    named.append((f"--device {device.key} {what}={path}", path))
+        if self.spill_dir is not None:
+            named.append((f"--spill-dir {self.spill_dir}", self.spill_dir))
+        return named
 
     @property
     def max_payload_size(self) -> int:

@@ -29,11 +29,14 @@ class Reason(enum.StrEnum):
     HANDSHAKE_MAIN_CHANNEL = "handshake-main-channel"
     HANDSHAKE_CLOSED = "handshake-closed"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
+    HANDSHAKE_SHED = "handshake-shed"  # dropped to make room for newer connections
     # packet
     PACKET_MAGIC = "packet-magic"
     PACKET_VERSION = "packet-version"
     PACKET_RAM = "packet-ram"
     PACKET_SYNC = "packet-sync"
+    PACKET_COMPRESSION = "packet-compression"
+    PACKET_FLAGS = "packet-flags"
     PACKET_IDSTR = "packet-idstr"
     PACKET_SIZE = "packet-size"
     PACKET_TRUNCATED = "packet-truncated"

@@ -76,7 +76,8 @@ class DeviceLoader:
         while True:
             async with self.condition:
                 if not device.ready:
-                    self.log.debug("load_starved", next_idx=device.next_idx)
+                    if self._debug:
+                        self.log.debug("load_starved", next_idx=device.next_idx)
                     await self.condition.wait_for(lambda: device.ready)
                 chunks = self.reassembly.take(device, BATCH_BYTES)
             if chunks[0].config:
@@ -174,9 +175,11 @@ class DeviceLoader:
             self.data.finish()
             self.config.finish()
 
-        self.log.debug("load_config_start", idx=chunk.idx)
+        if self._debug:
+            self.log.debug("load_config_start", idx=chunk.idx)
         await loop.run_in_executor(self.executor, load)
-        self.log.debug("load_config_end", idx=chunk.idx, size=chunk.size)
+        if self._debug:
+            self.log.debug("load_config_end", idx=chunk.idx, size=chunk.size)
 
     @property
     def outputs(self) -> tuple[Output, Output]:

@@ -49,10 +49,15 @@ def resolve_format(log_format: str, stream: TextIO) -> str:
     return log_format
 
 
+#: The level :func:`configure` set, while its configuration is structlog's.
+_configured: tuple[int, object] | None = None  # (level, wrapper class)
+
+
 def configure(
     *, log_format: str = "auto", level: str = "info", stream: TextIO | None = None
 ) -> str:
     """Configure structlog once, at start-up; returns the format chosen (json or console)."""
+    global _configured
     out: TextIO = stream if stream is not None else _Stderr()  # type: ignore[assignment]
     log_format = resolve_format(log_format, out)
     shared: list[structlog.typing.Processor] = [
@@ -66,17 +71,37 @@ def configure(
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    number = getattr(logging, level.upper())
+    wrapper = structlog.make_filtering_bound_logger(number)
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
+        wrapper_class=wrapper,
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
+    _configured = (number, wrapper)
     return log_format
 
 
 def debug_enabled(logger: object) -> bool:
     """Would ``logger.debug`` print? Asked once, so that per-packet debug lines cost
-    one test when off. Unconfigured structlog (a library user's) counts as off."""
-    enabled = getattr(logger, "is_enabled_for", None)  # filtering loggers have it
-    return bool(enabled(logging.DEBUG)) if enabled is not None else False
+    one test when off.
+
+    Unconfigured structlog (a library user who did not configure it) counts as
+    off: its default logger prints everything, and a line per packet is not a
+    default anyone wants. Configured by :func:`configure`: its level, also on
+    structlog before 25.1, whose loggers lack ``is_enabled_for``. Configured by
+    someone else: the logger's own ``is_enabled_for`` (structlog >= 25.1) or
+    ``isEnabledFor`` (stdlib-style loggers), else off.
+    """
+    if not structlog.is_configured():
+        return False
+    if _configured is not None and structlog.get_config()["wrapper_class"] is _configured[1]:
+        return _configured[0] <= logging.DEBUG
+    for name in ("is_enabled_for", "isEnabledFor"):
+        try:
+            enabled = getattr(logger, name)
+        except AttributeError:
+            continue
+        return bool(enabled(logging.DEBUG))
+    return False

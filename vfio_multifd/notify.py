@@ -61,6 +61,8 @@ def check_ready_fd(fd: int) -> None:
         os.fstat(fd)
     except OSError as error:
         raise UsageError(f"--ready-fd {fd}: {error.strerror}") from None
+    except OverflowError:  # a library caller's number (the command line checks its own)
+        raise UsageError(f"--ready-fd {fd}: not a file descriptor number") from None
 
 
 def notify_ready_fd(fd: int) -> None:
@@ -90,16 +92,30 @@ async def report_progress(session: Session, interval: float, *, notify: bool = F
         last_bytes, last_time = received, now
         if session.status is not SessionStatus.ACTIVE:
             continue
-        devices = session.reassembly.devices.values()
-        written = sum(device.bytes_written for device in devices)
-        session.log.info(
-            "migration_progress",
-            bytes=received,
-            bytes_written=written,
-            mb_per_s=round(rate, 1),
-            queued_bytes=session.reassembly.queued_bytes,
-            next_idx={str(device.key): device.next_idx for device in devices},
-            channels=len(session.registry.channels),
-        )
+        session.log.info("migration_progress", mb_per_s=round(rate, 1), **_figures(session))
         if notify:  # until a message is lost: then systemd is not listening
             notify = sd_notify(f"STATUS=active: {received / 1e6:.0f} MB received, {rate:.1f} MB/s")
+
+
+def _figures(session: Session) -> dict[str, object]:
+    """What a progress or status line says about the migration."""
+    devices = session.reassembly.devices.values()
+    return {
+        "bytes": session.bytes_received,
+        "bytes_written": sum(device.bytes_written for device in devices),
+        "queued_bytes": session.reassembly.queued_bytes,
+        "next_idx": {str(device.key): device.next_idx for device in devices},
+        "channels": len(session.registry.channels),
+    }
+
+
+def log_status(session: Session, why: str) -> None:
+    """A ``status_report`` line, whatever the state (SIGUSR1 asks for one)."""
+    session.log.info(
+        "status_report",
+        why=why,
+        status=session.status.value,
+        **_figures(session),
+        pending_connections=len(session.registry.pending),
+        refused_connections=session.registry.refused_count,
+    )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno as errno_module
 import os
+import secrets
 import stat
 import tempfile
 import threading
@@ -42,6 +43,8 @@ Buffer = bytes | bytearray | memoryview
 
 #: Reserve at most this far ahead of what a data file holds.
 MAX_RESERVE_AHEAD = 64 << 20
+#: link() errors that mean "no hard links here": keep the old file aside by renaming it.
+_NO_LINKS = {errno_module.EPERM, errno_module.EXDEV, errno_module.EMLINK, errno_module.EOPNOTSUPP}
 _RESERVE_GIVE_UP = {
     errno_module.EOPNOTSUPP,
     errno_module.EINVAL,
@@ -80,10 +83,13 @@ class Output:
         self.fsync = fsync
         self.fd: int | None = None
         self.temp_path: Path | None = None  # None: written in place (device or FIFO)
+        self.backup_path: Path | None = None  # the old final file, kept aside while committing
+        self._committed_from: Path | None = None  # the temp path this output was renamed from
         self.bytes_written = 0
         self.allocated = 0  # bytes reserved ahead with posix_fallocate
         self.reserving = False  # for regular files, where the filesystem supports it
         self.stop = threading.Event()  # set when the migration ends: stop waiting for a FIFO
+        self.waiting_for_reader = False  # a FIFO nobody has opened for reading yet
 
     def open(self) -> None:
         try:
@@ -91,6 +97,8 @@ class Output:
                 mode = os.stat(self.path).st_mode
             except FileNotFoundError:
                 mode = None
+            if (mode is None or stat.S_ISREG(mode)) and os.path.islink(self.path):
+                raise _symlink_error(self.path)
             if mode is not None and stat.S_ISFIFO(mode):
                 self.fd = self._open_fifo()
                 return
@@ -116,9 +124,11 @@ class Output:
             except OSError as error:
                 if error.errno != errno_module.ENXIO:  # ENXIO: no reader yet
                     raise
+                self.waiting_for_reader = True
                 if self.stop.wait(0.05):
                     raise OSError(errno_module.ENXIO, "no reader opened the FIFO") from None
                 continue
+            self.waiting_for_reader = False
             os.set_blocking(fd, True)
             return fd
 
@@ -182,11 +192,37 @@ class Output:
             return
         except OSError as error:
             raise self._error("cannot rename into place", error) from error
+        if stat.S_ISLNK(mode):  # appeared since open(): never replace a link
+            raise self._error("cannot rename into place", _symlink_error(self.path))
         if stat.S_ISDIR(mode):
             raise self._error(
                 "cannot rename into place",
                 IsADirectoryError(errno_module.EISDIR, "a directory is in the way"),
             )
+
+    def keep_old(self) -> None:
+        """Before :meth:`commit`: keep the file at the final path aside (a hard link,
+        or a rename where links are not possible), so that it can be put back."""
+        if self.temp_path is None or not os.path.lexists(self.path):
+            return
+        for _ in range(100):
+            backup = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.old")
+            try:
+                try:
+                    os.link(self.path, backup, follow_symlinks=False)
+                except OSError as error:
+                    if error.errno == errno_module.EEXIST:
+                        continue
+                    if error.errno not in _NO_LINKS:
+                        raise
+                    os.rename(self.path, backup)  # no atomic replacement, but restorable
+            except OSError as error:
+                raise self._error("cannot keep the old file aside at", error) from error
+            self.backup_path = backup
+            return
+        raise self._error(
+            "cannot keep the old file aside at", OSError(errno_module.EEXIST, "names taken")
+        )
 
     def commit(self) -> None:
         """Put the finished file at its final path (call after :meth:`finish`)."""
@@ -194,9 +230,37 @@ class Output:
             return
         try:
             os.replace(self.temp_path, self.path)
-            self.temp_path = None
+            self._committed_from, self.temp_path = self.temp_path, None
         except OSError as error:
             raise self._error("cannot rename into place", error) from error
+
+    def restore_old(self) -> bool:
+        """Undo :meth:`keep_old` and :meth:`commit`: this run's file back to its
+        temporary path (to be discarded), the old file back at the final path.
+        Returns whether anything was undone; on a failure ``backup_path`` stays set."""
+        undone = False
+        if self._committed_from is not None:
+            with contextlib.suppress(OSError):
+                os.rename(self.path, self._committed_from)
+                self.temp_path, self._committed_from = self._committed_from, None
+                undone = True
+        if self.backup_path is not None:
+            with contextlib.suppress(OSError):
+                if os.path.lexists(self.path) and os.path.samefile(self.backup_path, self.path):
+                    os.unlink(self.backup_path)  # rename() of two links to one file does nothing
+                else:
+                    os.replace(self.backup_path, self.path)
+                self.backup_path = None
+                undone = True
+        return undone
+
+    def drop_old(self) -> None:
+        """Every output is in place: the old file kept aside is no longer needed."""
+        backup, self.backup_path = self.backup_path, None
+        self._committed_from = None
+        if backup is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(backup)
 
     def sync_directory(self) -> None:
         """Make the rename durable."""
@@ -228,6 +292,19 @@ class Output:
             device=self.device,
             errno=error.errno,
         )
+
+
+def _symlink_error(path: Path) -> OSError:
+    """A symbolic link at a file output's final path is refused, not followed or replaced:
+    the output is renamed into place, which would replace the link itself."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    return OSError(
+        errno_module.ELOOP,
+        f"a symbolic link (to {target}) is in the way; give the path of the file itself",
+    )
 
 
 def device_outputs(spec: DeviceSpec, *, fsync: bool) -> tuple[Output, Output]:

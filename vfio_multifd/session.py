@@ -12,6 +12,7 @@ raises it. Outputs become final only when every device is complete
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
@@ -55,7 +56,11 @@ class Session:
             reserve=capacity_of(settings.max_payload_size) + CHUNK_OVERHEAD if spills else 0,
             chunk_overhead=CHUNK_OVERHEAD if bound is not None else 0,
         )
-        self.registry = ChannelRegistry(channels=settings.channels, uuid=settings.uuid)
+        self.registry = ChannelRegistry(
+            channels=settings.channels,
+            uuid=settings.uuid,
+            max_pending=settings.max_pending_connections,
+        )
         self.spiller = Spiller(spill_directory(settings), max_bytes=settings.max_spill_bytes)
         self.admission = Admission(
             self.reassembly,
@@ -108,7 +113,8 @@ class Session:
         try:
             return await self._run(self._first_error)
         except asyncio.CancelledError:
-            self._set_status(SessionStatus.CANCELLED)
+            if self.status is not SessionStatus.COMPLETED:  # cancelled once committed: too late
+                self._set_status(SessionStatus.CANCELLED)
             raise
         except MultifdError as error:
             self.error = error
@@ -118,14 +124,14 @@ class Session:
 
     async def _run(self, first_error: asyncio.Future[MultifdError]) -> SessionResult:
         try:
-            await self.outputs.open(first_error)
+            await self.outputs.open(first_error, timeout=self.settings.accept_timeout)
             settings = self.settings
             if settings.max_queued_bytes is not None and not self.admission.policy.fail_when_full:
                 self.spiller.check_directory()
             await self._receive(first_error)
             # Every device is complete: from here on the outcome is success, and
             # the channels we now hang up on (QEMU keeps them open) are no error.
-            await asyncio.get_running_loop().run_in_executor(None, self.outputs.commit)
+            await self._commit()
             self._set_status(SessionStatus.COMPLETED)
             return self._result()
         except BaseException:
@@ -136,6 +142,25 @@ class Session:
             self.outputs.close()
             self.spiller.close()
             self.registry.remove_socket()
+
+    async def _commit(self) -> None:
+        """Rename every output into place on a worker thread, all or none.
+
+        Cancelling this (the task running :meth:`run`) waits for the commit to
+        end first: the abort that follows must not remove the very files the
+        thread is renaming. The cancellation is then raised all the same; the
+        outputs are either all in place (status ``completed``) or all as before.
+        """
+        commit = asyncio.get_running_loop().run_in_executor(None, self.outputs.commit)
+        try:
+            await asyncio.shield(commit)
+        except asyncio.CancelledError:
+            while not commit.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([commit])
+            if not commit.cancelled() and commit.exception() is None:
+                self._set_status(SessionStatus.COMPLETED)
+            raise
 
     async def _receive(self, first_error: asyncio.Future[MultifdError]) -> None:
         """Listen, and load every device; returns once all are complete, or raises the first error."""
@@ -245,7 +270,10 @@ class Session:
     # -- what channels ask of the session (channel.ChannelOwner) --------------------
 
     def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        if self._group is None:
+        # Once the migration is ending (failed, cancelled, or every device complete)
+        # no reader may start: the task group is shutting down or gone.
+        ending = self._first_error is not None and self._first_error.done()
+        if self._group is None or ending or self._pending_error is not None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
         if self.started is None:

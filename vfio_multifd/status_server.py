@@ -13,6 +13,9 @@ import codecs
 import contextlib
 import json
 import os
+import re
+import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,9 @@ import structlog
 
 from . import __version__
 from .channel import ChannelState
+from .config import check_distinct_files
 from .errors import UsageError
+from .listener import remove_own_socket
 from .reassembly import ChunkState, DeviceBuffer
 from .results import SessionStatus
 from .session import Session
@@ -31,8 +36,17 @@ log = structlog.get_logger("vfio_multifd.status")
 
 JSON = dict[str, Any]
 
-#: A request larger than this (without a complete JSON object in it) is dropped.
+#: A request larger than this (without a complete JSON object in it) is answered
+#: with an error and the client dropped, whatever the bytes are (spaces too).
 MAX_REQUEST_BYTES = 64 << 10
+#: Arrays and objects nested deeper than this are an error (QMP commands use 3 or 4).
+MAX_DEPTH = 32
+#: Clients connected at once; one more is hung up on.
+MAX_CLIENTS = 16
+#: Answers a client has not read: past this many bytes, or not drained within
+#: this many seconds, the client is dropped.
+MAX_CLIENT_BUFFER = 256 << 10
+CLIENT_WRITE_TIMEOUT = 5.0
 
 COMMANDS = ("qmp_capabilities", "query-commands", "query-migrate", "migrate_cancel")
 
@@ -65,7 +79,7 @@ def query_migrate(session: Session, now: float) -> JSON:
             "paused-time": round(session.admission.paused_seconds * 1000),
             "devices": [_device_info(device) for device in reassembly.devices.values()],
             "channels": _channels_info(session),
-            "refused-connections": len(session.registry.refused),
+            "refused-connections": session.registry.refused_count,
         }
     )
     return info
@@ -130,20 +144,39 @@ class StatusServer:
     Like QEMU's monitor it greets each client with ``{"QMP": ...}`` and answers
     one JSON object per command, each on its own line, echoing the request's
     ``id``. ``qmp_capabilities`` is accepted but not required.
+
+    Whoever can connect can cancel: the socket is created mode 0600 in a
+    private directory and only then linked at its path, so it is never
+    reachable with wider permissions. No client can hold the daemon: at most
+    :data:`MAX_CLIENTS` at once, each request at most :data:`MAX_REQUEST_BYTES`
+    (whatever the bytes are) and :data:`MAX_DEPTH` levels deep, answers
+    that a client does not read within :data:`CLIENT_WRITE_TIMEOUT` seconds
+    (or past :data:`MAX_CLIENT_BUFFER` bytes) drop it, and closing never waits
+    for a client.
     """
 
     def __init__(self, session: Session, path: str | os.PathLike[str]) -> None:
         self.session = session
         self.path = Path(path)
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._inode: tuple[int, int] | None = None  # of the socket we made, to unlink only it
         self.log = log.bind(status_socket=str(self.path))
 
     async def start(self) -> None:
+        check_distinct_files(
+            [*self.session.settings.named_paths(), (f"--status-socket {self.path}", self.path)]
+        )
         await claim_unix_path(str(self.path), f"--status-socket {self.path}")
         try:
-            self._server = await asyncio.start_unix_server(self._serve, str(self.path))
-            os.chmod(self.path, 0o600)  # anyone who can connect can cancel
+            sock = self._bind_private()
+            try:
+                self._server = await asyncio.start_unix_server(
+                    self._serve, sock=sock, limit=MAX_REQUEST_BYTES
+                )
+            except BaseException:
+                sock.close()
+                raise
         except OSError as error:
             await self.close()
             raise UsageError(
@@ -151,17 +184,50 @@ class StatusServer:
             ) from error
         self.log.info("status_socket_listening")
 
+    def _bind_private(self) -> socket.socket:
+        """A listening socket at ``self.path`` that was never reachable but by us.
+
+        Bound in a fresh directory of mode 0700 beside the path, made 0600 there,
+        then hard-linked at the path (which fails rather than replace a file that
+        appeared meanwhile). No umask is touched: it is the whole process's.
+        """
+        private = tempfile.mkdtemp(dir=self.path.parent, prefix=".vfio-multifd-status.")
+        temporary = os.path.join(private, "s")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(temporary)
+            os.chmod(temporary, 0o600)
+            sock.listen(16)
+            os.link(temporary, self.path)
+            info = os.stat(self.path)
+            self._inode = (info.st_dev, info.st_ino)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            with contextlib.suppress(OSError):
+                os.rmdir(private)
+        return sock
+
     async def close(self) -> None:
+        """Stop listening, unlink the socket (if it is still ours), drop every client.
+
+        Returns at once: a client that does not read cannot keep the daemon alive.
+        """
         server, self._server = self._server, None
         if server is not None:
             server.close()
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        clients = list(self._clients)
-        for task in clients:
+        inode, self._inode = self._inode, None
+        if inode is not None:
+            remove_own_socket(str(self.path), inode)
+        clients = list(self._clients.items())
+        for task, writer in clients:
+            writer.transport.abort()
             task.cancel()
         if clients:
-            await asyncio.gather(*clients, return_exceptions=True)
+            await asyncio.gather(*(task for task, _ in clients), return_exceptions=True)
 
     async def __aenter__(self) -> StatusServer:
         await self.start()
@@ -171,18 +237,22 @@ class StatusServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= MAX_CLIENTS or self._server is None:
+            self.log.warning("status_client_refused", clients=len(self._clients))
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
-        self._clients.add(task)
+        self._clients[task] = writer
         try:
             await self._converse(reader, writer)
         except (ConnectionError, OSError, asyncio.CancelledError):
             pass  # the client went away, or we are closing
+        except _SlowClient:
+            self.log.warning("status_client_dropped", why="does not read its answers")
         finally:
-            self._clients.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self._clients.pop(task, None)
+            writer.transport.abort()  # never wait for a client to read what is left
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _send(writer, greeting())
@@ -190,20 +260,35 @@ class StatusServer:
         text_decoder = codecs.getincrementaldecoder("utf-8")("replace")
         pending = ""
         while data := await reader.read(4096):
-            pending += text_decoder.decode(data)
-            while pending.strip():
-                text = pending.lstrip()
-                try:
-                    request, end = decoder.raw_decode(text)
-                except ValueError as error:
-                    # Incomplete until the line ends; a complete bad line gets an error.
-                    if "\n" not in text and len(text) < MAX_REQUEST_BYTES:
-                        break
-                    pending = text.partition("\n")[2]
-                    await _send(writer, _error("GenericError", f"JSON parse error, {error}"))
-                    continue
-                pending = text[end:]
-                await _send(writer, self.execute(request))
+            pending = (pending + text_decoder.decode(data)).lstrip()
+            while pending:
+                reply, pending, done = self._next_request(decoder, pending)
+                if reply is not None:
+                    await _send(writer, reply)
+                if done:
+                    return
+                if reply is None:
+                    break  # incomplete: read more
+
+    def _next_request(
+        self, decoder: json.JSONDecoder, pending: str
+    ) -> tuple[JSON | None, str, bool]:
+        """The answer to the first request in ``pending`` (None: incomplete), what is
+        left after it, and whether to hang up."""
+        if _too_deep(pending):
+            return _error("GenericError", f"JSON nested deeper than {MAX_DEPTH}"), "", True
+        try:
+            request, end = decoder.raw_decode(pending)
+        except ValueError as error:
+            # Incomplete until the line ends; a complete bad line gets an error.
+            if "\n" not in pending:
+                if len(pending.encode()) >= MAX_REQUEST_BYTES:
+                    too_long = f"request longer than {MAX_REQUEST_BYTES} bytes"
+                    return _error("GenericError", too_long), "", True
+                return None, pending, False
+            rest = pending.partition("\n")[2].lstrip()
+            return _error("GenericError", f"JSON parse error, {error}"), rest, False
+        return self.execute(request), pending[end:].lstrip(), False
 
     def execute(self, request: object) -> JSON:
         """Answer one QMP command."""
@@ -245,6 +330,34 @@ def _error(kind: str, desc: str) -> JSON:
     return {"error": {"class": kind, "desc": desc}}
 
 
+class _SlowClient(Exception):
+    """A client that does not read its answers."""
+
+
 async def _send(writer: asyncio.StreamWriter, message: JSON) -> None:
     writer.write(json.dumps(message).encode() + b"\r\n")
-    await writer.drain()
+    if writer.transport.get_write_buffer_size() > MAX_CLIENT_BUFFER:
+        raise _SlowClient
+    try:
+        await asyncio.wait_for(writer.drain(), CLIENT_WRITE_TIMEOUT)
+    except TimeoutError:
+        raise _SlowClient from None
+
+
+_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _too_deep(text: str) -> bool:
+    """Does ``text`` nest arrays and objects deeper than :data:`MAX_DEPTH` (strings
+    skipped)? Checked before parsing: json's parser recurses, and a few thousand
+    ``[`` would raise RecursionError."""
+    depth = 0
+    for match in _BRACKETS.finditer(text):
+        token = match.group()
+        if token in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return True
+        elif token in "]}":
+            depth -= 1
+    return False

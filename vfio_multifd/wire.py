@@ -1,7 +1,11 @@
 """QEMU's multifd device-state wire format: constants, headers, an incremental decoder.
 
 Pure: no sockets, no files, no event loop. Bytes go in, events come out, and
-"need more data" is the absence of an event, never an exception. The decoder
+"need more data" is the absence of an event, never an exception. Feeding
+never raises a protocol error: like h11, the decoder keeps the error and
+:meth:`ChannelDecoder.next_event` raises it once every event completed before
+it has been taken, so a handshake or packet that arrived in the same read as
+bad bytes is never stranded. The decoder
 is built for a zero-copy receive path: :meth:`ChannelDecoder.get_buffer`
 returns the very memory the next bytes belong in (for a payload, the buffer
 the chunk will live in until it is written), so a socket can ``recv_into`` it.
@@ -43,7 +47,14 @@ DEFAULT_MAX_PACKET_SIZE = 4 << 20
 
 class PacketFlag(enum.IntFlag):
     SYNC = 0x01
+    COMPRESSION = 0x3E  # MULTIFD_FLAG_COMPRESSION_MASK: the method, a 5-bit field
     DEVICE_STATE = 0x40
+
+
+#: QEMU's compression methods by their value in the COMPRESSION bits (none implemented here).
+COMPRESSION_METHODS = {0x02: "zlib", 0x04: "zstd", 0x08: "qpl", 0x10: "uadk", 0x20: "qatzip"}
+#: The packet flags this destination implements.
+KNOWN_PACKET_FLAGS = int(PacketFlag.SYNC | PacketFlag.COMPRESSION | PacketFlag.DEVICE_STATE)
 
 
 class VfioFlag(enum.IntFlag):
@@ -253,7 +264,9 @@ class ChannelDecoder:
     Zero-copy use (a ``BufferedProtocol``): write into :meth:`get_buffer`, then
     call :meth:`buffer_updated`. Copying use (tests, simple readers):
     :meth:`receive_data`. Either way, then drain :meth:`next_event` until it
-    returns ``None``, and call :meth:`eof` when the peer closes.
+    returns ``None``, and call :meth:`eof` (then drain again) when the peer closes.
+    Bad input stops the decoder (``state`` ERROR, :attr:`error` set) but is
+    raised only by :meth:`next_event`, after every event completed before it.
 
     Payload buffers come from ``allocate(size)``; with ``allocate=ASK`` the
     decoder instead emits a :class:`PacketHeader` and reads nothing more until
@@ -286,6 +299,8 @@ class ChannelDecoder:
         #: Bytes consumed so far, and complete packets decoded.
         self.bytes_received = 0
         self.packets = 0
+        #: Why the decoder stopped (state ERROR); raised by :meth:`next_event`.
+        self.error: ProtocolError | None = None
 
     # -- feeding ----------------------------------------------------------------
 
@@ -313,14 +328,18 @@ class ChannelDecoder:
                 self._check_prefix()
             else:
                 self._check_handshake()
-        except ProtocolError:
-            self.state = DecoderState.ERROR
-            raise
+        except ProtocolError as error:
+            self._stop(error)
+
+    def _stop(self, error: ProtocolError) -> None:
+        """Bad input: decode nothing more; :meth:`next_event` raises ``error`` in its turn."""
+        self.state = DecoderState.ERROR
+        self.error = error
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Copy ``data`` in; events become available from :meth:`next_event`."""
         view = memoryview(data).cast("B")
-        while view:
+        while view and self.state is not DecoderState.ERROR:  # the rest is never read
             if self.state is DecoderState.AWAITING_BUFFER:
                 raise RuntimeError("provide_buffer() first: the decoder is awaiting a buffer")
             target = self.get_buffer()
@@ -330,25 +349,35 @@ class ChannelDecoder:
             self.buffer_updated(n)
 
     def next_event(self) -> Event | None:
-        """The next complete handshake or packet, or ``None`` when more data is needed."""
-        return self._events.popleft() if self._events else None
+        """The next complete handshake or packet, or ``None`` when more data is needed.
+
+        Once they are all taken, raises the :class:`ProtocolError` (a
+        :class:`HandshakeError` for the handshake) that stopped the decoder,
+        and again on every later call.
+        """
+        if self._events:
+            return self._events.popleft()
+        if self.error is not None:
+            raise self.error.with_traceback(None)
+        return None
 
     def eof(self) -> None:
-        """The peer closed the stream. Clean only at a packet boundary."""
-        if self.state is DecoderState.ERROR:
+        """The peer closed the stream. Clean only at a packet boundary; otherwise
+        :meth:`next_event` raises why."""
+        if self.state in (DecoderState.ERROR, DecoderState.CLOSED):
             return
         if self.state is DecoderState.HANDSHAKE:
-            self.state = DecoderState.ERROR
-            raise HandshakeError(
-                Reason.HANDSHAKE_CLOSED,
-                f"connection closed inside the handshake after {self._filled} of "
-                f"{HANDSHAKE.size} bytes",
+            self._stop(
+                HandshakeError(
+                    Reason.HANDSHAKE_CLOSED,
+                    f"connection closed inside the handshake after {self._filled} of "
+                    f"{HANDSHAKE.size} bytes",
+                )
             )
-        if self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or self._filled:
-            error = self.truncated_error()
-            self.state = DecoderState.ERROR
-            raise error
-        self.state = DecoderState.CLOSED
+        elif self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or self._filled:
+            self._stop(self.truncated_error())
+        else:
+            self.state = DecoderState.CLOSED
 
     @property
     def inside_unit(self) -> bool:
@@ -501,6 +530,20 @@ class ChannelDecoder:
                 raise ProtocolError(
                     Reason.PACKET_SYNC,
                     f"SYNC bit set on a device-state packet (flags {flags:#x})",
+                )
+            if flags & PacketFlag.COMPRESSION:
+                method = COMPRESSION_METHODS.get(flags & PacketFlag.COMPRESSION, "unknown")
+                raise ProtocolError(
+                    Reason.PACKET_COMPRESSION,
+                    f"{method} compression bits set on a device-state packet (flags {flags:#x}); "
+                    "this destination implements no compression (QEMU sends device state "
+                    "uncompressed)",
+                )
+            if flags & ~KNOWN_PACKET_FLAGS:
+                raise ProtocolError(
+                    Reason.PACKET_FLAGS,
+                    f"unknown packet flag bits {flags & ~KNOWN_PACKET_FLAGS:#x} (flags {flags:#x}); "
+                    f"this destination implements only DEVICE_STATE {PacketFlag.DEVICE_STATE:#x}",
                 )
             self._checked = 12
 
