@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
+import importlib.metadata
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import logconfig
+from . import __version__, logconfig
 from .config import (
     DEFAULT_MAX_QUEUED_BYTES,
     Address,
@@ -135,6 +137,11 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
         prog="vfio-multifd",
         description="QEMU-format multifd device-state migration: destination and source.",
     )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of vfio-multifd, Python, uvloop and structlog, and exit",
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser, help="what to do"
     )
@@ -142,6 +149,28 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
     _add_send(sub, send)
     _add_status(sub, status)
     return parser
+
+
+def version_text() -> str:
+    """``vfio-multifd 0.1.0 (Python 3.11.2, uvloop 0.21.0, structlog 25.1.0)``."""
+    parts = [f"Python {platform.python_version()}"]
+    for package in ("uvloop", "structlog"):
+        try:
+            parts.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return f"vfio-multifd {__version__} ({', '.join(parts)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _migration_parent() -> _Parser:
