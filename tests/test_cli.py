@@ -167,6 +167,65 @@ def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path) -> N
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "device", "expected"),
+    [
+        (
+            "receive",
+            "idstr=a,data={out}/a.bin,instnace=0",
+            "unknown field 'instnace' in 'instnace=0' (fields: config, data, idstr, instance); "
+            "did you mean instance=?",
+        ),
+        (
+            "receive",
+            "idstr=a,data={out}/a,b.bin",
+            "'b.bin' is not a field (fields are KEY=VALUE: config, data, idstr, instance; "
+            "a comma inside a value is written twice, as in data=a,,b.bin)",
+        ),
+        (
+            "send",
+            "idstr=a,size=1M,sede=1",
+            "unknown field 'sede' in 'sede=1' (fields: idstr, instance, seed, size, source); "
+            "did you mean seed=?",
+        ),
+    ],
+)
+def test_every_device_field_is_checked_wherever_it_is(
+    tmp_path: Path, command: str, device: str, expected: str
+) -> None:
+    """A misspelled field after data= used to become part of the file name (exit 0)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    device = device.format(out=out)
+    target = ["--connect", "tcp:127.0.0.1:9"] if command == "send" else []
+    result = run([command, *target, "--device", device], timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"vfio-multifd: error: argument --device: device {device!r}: {expected}\n"
+    assert os.listdir(out) == []
+
+
+def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon]) -> None:
+    out = tmp_path / "out,dir"
+    out.mkdir()
+    data = random_bytes(100_000, 4)
+    (tmp_path / "state,0.bin").write_bytes(data)
+    escaped = str(out).replace(",", ",,")
+    daemon = Daemon(
+        tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={escaped}/a,,b.bin"
+    )
+    daemons.append(daemon)
+    source = str(tmp_path / "state,,0.bin")
+    sent = run(
+        ["send", "--connect", daemon.address, "--channels", "1", "--device",
+         f"idstr={IDSTR},source={source}"]
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["a,b.bin", "a,b.bin.config"]
+    assert (out / "a,b.bin").read_bytes() == data
+
+
 # -- a migration that fails --------------------------------------------------------
 
 

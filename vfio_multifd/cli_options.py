@@ -256,7 +256,8 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         action="append",
         required=True,
         metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
-        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config",
+        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config; "
+        "a comma inside a value is written twice (data=a,,b.bin)",
     )
     _add_receive_limits(rx)
     rx.add_argument(
@@ -368,7 +369,8 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         action="append",
         required=True,
         metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
-        help="a device to send (repeatable)",
+        help="a device to send (repeatable): data read from FILE, or BYTES generated from "
+        "seed S; a comma inside a value is written twice (source=a,,b.bin)",
     )
     tx.add_argument(
         "--chunk-size",
