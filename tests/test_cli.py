@@ -266,6 +266,27 @@ def test_send_inject_duplicate_fails_the_daemon_with_one_line(
     assert os.listdir(out) == []
 
 
+def test_a_missing_config_packet_says_what_is_known_missing(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Was "missing idx the config state packet (after idx 2)"."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(tmp_path, "--channels", "2", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
+    daemons.append(daemon)
+    for sock in partial_stream(daemon.address, channels=2, chunks=3, chunk_size=65536):
+        sock.shutdown(socket.SHUT_WR)  # a clean end of stream at a packet boundary
+        sock.close()
+    code, summary, stderr = daemon.finish()
+    assert (code, summary) == (1, ""), stderr
+    assert stderr.splitlines()[-1] == (
+        f"vfio-multifd: error: all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
+        "the config state packet never came, nor anything after idx 2 "
+        "(the highest received; every chunk up to it came)"
+    )
+    assert os.listdir(out) == []
+
+
 # -- signals -----------------------------------------------------------------------
 
 

@@ -309,7 +309,11 @@ async def test_all_channels_closed_names_the_missing_indices(tmp_path: Path) -> 
     with pytest.raises(SessionError) as caught:
         await running.result()
     assert caught.value.reason is Reason.INCOMPLETE
-    assert "missing idx 1-2 and the config state packet (after idx 3)" in str(caught.value)
+    assert str(caught.value) == (
+        f"all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: missing 2 chunks "
+        "(idx 1-2: about 8192 bytes at 4096 bytes a chunk), and the "
+        "config state packet never came, nor anything after idx 3 (the highest received)"
+    )
     assert final_files(tmp_path) == []
 
 
