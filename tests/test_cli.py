@@ -28,7 +28,7 @@ from cli_helpers import (
     run,
     wait_for,
 )
-from helpers import IDSTR, IDSTR_B, random_bytes
+from helpers import IDSTR, IDSTR_B, connect, random_bytes
 
 from vfio_multifd.status_client import query
 
@@ -285,6 +285,37 @@ def test_a_missing_config_packet_says_what_is_known_missing(
         "(the highest received; every chunk up to it came)"
     )
     assert os.listdir(out) == []
+
+
+def test_the_final_error_adds_the_refusals_that_explain_it(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A source started with --channels 3 against a daemon expecting 2: the reason was
+    only in the JSON channel_refused lines."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(tmp_path, "--channels", "2", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
+    daemons.append(daemon)
+    strays = [connect(daemon.address) for _ in range(2)]
+    for sock in strays:
+        sock.sendall(qs.handshake(2))
+    refused = lambda: [e for e in daemon.events() if e["event"] == "channel_refused"]  # noqa: E731
+    wait_for(lambda: len(refused()) == 2, what="both refusals")
+    for sock in partial_stream(daemon.address, channels=2, chunks=1, chunk_size=4096):
+        sock.shutdown(socket.SHUT_WR)
+        sock.close()
+    code, _, stderr = daemon.finish()
+    for sock in strays:
+        sock.close()
+    assert code == 1, stderr
+    assert stderr.splitlines()[-1] == (
+        f"vfio-multifd: error: all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
+        "the config state packet never came, nor anything after idx 0 "
+        "(the highest received; every chunk up to it came); "
+        "2 connections refused: handshake channel id 2 is not below the 2 expected channels"
+    )
+    failed = [e for e in daemon.events() if e["event"] == "migration_failed"]
+    assert failed[0]["error"] == stderr.splitlines()[-1].removeprefix("vfio-multifd: error: ")
 
 
 # -- signals -----------------------------------------------------------------------

@@ -8,6 +8,7 @@ idx, and leaves nothing at the final paths (an earlier file stays untouched).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import socket
@@ -40,6 +41,7 @@ from vfio_multifd import (
     Reason,
     SessionError,
 )
+from vfio_multifd.session import refusals_text
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
@@ -520,3 +522,26 @@ async def test_a_directory_at_a_final_path_fails_before_anything_is_renamed(tmp_
     assert "a directory is in the way" in str(caught.value)
     assert config.devices[0].data_path.read_bytes() == b"old 0"
     assert final_files(tmp_path) == ["dev0.bin", "dev1.bin"]
+
+
+def test_refusals_text_lists_each_message_once_with_its_count() -> None:
+    def refused(reason: Reason, message: str) -> tuple[str, HandshakeError]:
+        return ("127.0.0.1:1", HandshakeError(reason, message))
+
+    uuid = refused(Reason.HANDSHAKE_UUID, "handshake uuid 01 differs from the expected 00")
+    main = refused(Reason.HANDSHAKE_MAIN_CHANNEL, "a QEMU main migration channel (QEVM) connected")
+    assert refusals_text([]) == ""
+    assert refusals_text([uuid]) == "1 connection refused: " + uuid[1].message
+    assert refusals_text([uuid, main, uuid]) == (
+        "3 connections refused: handshake uuid 01 differs from the expected 00 (2 times); "
+        "a QEMU main migration channel (QEVM) connected"
+    )
+    many = [refused(Reason.HANDSHAKE_MAGIC, f"handshake magic {n}") for n in range(5)]
+    assert refusals_text(many) == (
+        "5 connections refused: handshake magic 0; handshake magic 1; handshake magic 2; "
+        "and 2 other reasons"
+    )
+    # A bounded deque of the last refusals (as issue 15 may keep) reads the same.
+    assert refusals_text(collections.deque([uuid, uuid], maxlen=8)) == (
+        "2 connections refused: " + uuid[1].message
+    )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -111,6 +111,10 @@ class Session:
             self._set_status(SessionStatus.CANCELLED)
             raise
         except MultifdError as error:
+            if error.reason in EXPLAINED_BY_REFUSALS:
+                refusals = refusals_text(self.registry.refused)
+                if refusals:
+                    error.message += f"; {refusals}"
             self.error = error
             cancelled = isinstance(error, Cancelled)
             self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
@@ -295,6 +299,34 @@ class Session:
         )
         self.log.info("migration_completed", **result.log_fields())
         return result
+
+
+#: Failures that refused connections may explain: a channel that was refused
+#: is a channel that never came, so its data is missing, or time ran out, or
+#: the operator gave up waiting.
+EXPLAINED_BY_REFUSALS = frozenset(
+    {Reason.INCOMPLETE, Reason.ACCEPT_TIMEOUT, Reason.PROGRESS_TIMEOUT, Reason.CANCELLED}
+)
+#: Distinct refusal messages the final error lists.
+REFUSALS_SHOWN = 3
+
+
+def refusals_text(refused: Iterable[tuple[str, HandshakeError]]) -> str:
+    """``2 connections refused: handshake channel id 2 is not below the 2 expected
+    channels``: the refusals, each distinct message once, for the final error."""
+    counts: dict[str, int] = {}
+    for _peer, error in refused:
+        counts[str(error)] = counts.get(str(error), 0) + 1
+    total = sum(counts.values())
+    if not total:
+        return ""
+    shown = [
+        message if len(counts) == 1 or count == 1 else f"{message} ({count} times)"
+        for message, count in list(counts.items())[:REFUSALS_SHOWN]
+    ]
+    if len(counts) > REFUSALS_SHOWN:
+        shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
+    return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"
 
 
 async def _raise_when_set(first_error: asyncio.Future[MultifdError]) -> None:
