@@ -8,9 +8,11 @@ a subprocess. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -353,7 +355,16 @@ def test_cli_status_table_json_and_cancel(
         table = run(["status", "--socket", str(path)], timeout=20)
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
-        assert lines[0].startswith("status: active   total-time: ")
+        assert re.fullmatch(
+            r"status: active   total-time: \d+ ms   transferred: \d+ bytes   "
+            r"mbps: [\d.]+ \(megabits/s\)",
+            lines[0],
+        ), lines[0]
+        assert re.fullmatch(
+            r"queued: \d+ bytes \(peak \d+ bytes\), spilled: 0 bytes, paused: \d+ ms, "
+            r"refused connections: 0",
+            lines[1],
+        ), lines[1]
         device_row = next(line for line in lines if line.startswith(IDSTR))
         assert device_row.split() == [IDSTR, str(3 * 65536), "3", "-", "0", "no"]
         header = next(n for n, line in enumerate(lines) if line.startswith("channel "))
@@ -379,7 +390,38 @@ def test_cli_status_table_json_and_cancel(
     assert not path.exists()
     gone = run(["status", "--socket", str(path)], timeout=20)
     assert gone.returncode == 1
-    assert gone.stderr.startswith(f"vfio-multifd: error: {path}: ")
+    assert gone.stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")
+
+
+@pytest.mark.parametrize("case", ["missing", "regular file", "stale socket", "silent listener"])
+def test_status_where_nothing_answers_says_which_socket_and_whether_it_exists(
+    short_dir: Path, case: str
+) -> None:
+    """It said only "timed out", after 5 s."""
+    path = short_dir / "status.sock"
+    expected = {
+        "missing": f"status socket {path} does not exist: no daemon listens there (receive "
+        "--status-socket creates it, and removes it when the migration ends)",
+        "regular file": f"{path} is a regular file, not a socket: give the path of receive "
+        "--status-socket (or of QEMU's QMP socket)",
+        "stale socket": f"status socket {path} exists, but nothing listens on it: the daemon "
+        "that made it is gone (its exit code is the final word)",
+        "silent listener": f"status socket {path} accepted the connection but sent no answer "
+        "within 0.2 s (--timeout): is a vfio-multifd daemon or QEMU's QMP monitor behind it?",
+    }[case]
+    with contextlib.ExitStack() as stack:
+        if case == "regular file":
+            path.write_text("")
+        elif case != "missing":
+            server = stack.enter_context(socket.socket(socket.AF_UNIX))
+            server.bind(str(path))
+            if case == "silent listener":
+                server.listen()  # never accepts, never greets
+            else:
+                server.close()  # the path stays, nobody listens
+        result = run(["status", "--socket", str(path), "--timeout", "0.2"], timeout=20)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == f"vfio-multifd: error: {expected}\n"
 
 
 def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path) -> None:

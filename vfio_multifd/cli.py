@@ -222,8 +222,8 @@ def print_send_summary(result: SendResult, out: TextIO) -> None:
 def _status_command(args: argparse.Namespace) -> int:
     try:
         reply = status_client.query(args.socket, timeout=args.timeout)
-    except (OSError, ValueError) as error:
-        print(f"vfio-multifd: error: {args.socket}: {error}", file=sys.stderr)
+    except status_client.StatusError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     if "error" in reply:
         print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)
