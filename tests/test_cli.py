@@ -8,6 +8,7 @@ bounded.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,31 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
     assert TRACEBACK not in stderr + sent.stderr
     # One summary line at the end, in the log too.
     assert [e["event"] for e in daemon.events()].count("migration_completed") == 1
+
+
+def test_the_summary_says_why_it_spilled(tmp_path: Path, daemons: list[Daemon]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path,
+        "--channels", "1", "--max-packet-size", "65548", "--max-queued-bytes", "200K",
+        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
+    )  # fmt: skip
+    daemons.append(daemon)
+    sent = run(
+        ["send", "--connect", daemon.address, "--channels", "1", "--chunk-size", "64K",
+         "--order", "reverse", "--device", f"idstr={IDSTR},size=1M"]
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, summary, stderr = daemon.finish()
+    assert code == 0, stderr
+    last = summary.splitlines()[-1]
+    assert re.fullmatch(
+        r"received 1048576 bytes in [\d.]+ s \([\d.]+ MB/s\); peak queued \d+ bytes, "
+        r"spilled [1-9]\d* bytes \(chunks that came early went to disk and were read back in "
+        r"their turn, to keep queued memory under --max-queued-bytes 204800\), paused [\d.]+ s",
+        last,
+    ), last
 
 
 # -- usage errors ------------------------------------------------------------------

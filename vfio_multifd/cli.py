@@ -84,7 +84,8 @@ def _receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    print_receive_summary(run_loop(_receive(settings, options)), sys.stdout)
+    result = run_loop(_receive(settings, options))
+    print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
 
@@ -166,7 +167,10 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-def print_receive_summary(result: SessionResult, out: TextIO) -> None:
+def print_receive_summary(
+    result: SessionResult, out: TextIO, *, max_queued_bytes: int | None = None
+) -> None:
+    """One line per device, one for the migration (MB/s: 10^6 bytes a second)."""
     for d in result.devices:
         print(
             f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
@@ -175,10 +179,16 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
             f"{d.digest} -> {d.data_path}",
             file=out,
         )
+    spilled = f"spilled {result.spilled_bytes} bytes"
+    if result.spilled_bytes:
+        spilled += (
+            " (chunks that came early went to disk and were read back in their turn, "
+            f"to keep queued memory under --max-queued-bytes {max_queued_bytes})"
+        )
     print(
         f"received {result.data_bytes} bytes in {result.seconds:.3f} s "
         f"({result.mb_per_s:.1f} MB/s); peak queued {result.peak_queued_bytes} bytes, "
-        f"spilled {result.spilled_bytes} bytes, paused {result.paused_seconds:.3f} s",
+        f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
 
