@@ -344,6 +344,76 @@ def test_the_final_error_adds_the_refusals_that_explain_it(
     assert failed[0]["error"] == stderr.splitlines()[-1].removeprefix("vfio-multifd: error: ")
 
 
+# -- a migration needs all its channels ----------------------------------------------
+
+
+def channel_streams(data: bytes, channels: int) -> list[bytes]:
+    return qs.build_streams([(IDSTR, 0, data, b"cfg")], channels, "round-robin", chunk_size=65536)
+
+
+def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """As QEMU's destination, which loads only once every multifd channel exists."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = random_bytes(5 * 65536 + 3, 8)
+    daemon = Daemon(tmp_path, "--channels", "3", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
+    daemons.append(daemon)
+    qs.send_streams(daemon.address, channel_streams(data, 2))  # channels 0 and 1 bring it all
+    waiting = lambda: [e for e in daemon.events() if e["event"] == "waiting_for_channels"]  # noqa: E731
+    wait_for(lambda: bool(waiting()), what="the daemon to wait for channel 2")
+    assert waiting()[0]["missing"] == [2] and waiting()[0]["connected"] == 2
+    assert not (out / "a.bin").exists()  # nothing in place yet
+    with connect(daemon.address) as late:  # a channel with nothing to send
+        late.sendall(qs.handshake(2))
+        late.shutdown(socket.SHUT_WR)
+        code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert (out / "a.bin").read_bytes() == data
+
+
+def test_accept_timeout_fails_with_fewer_channels_even_if_the_data_came(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """It completed with exit 0 when 2 of 4 channels brought everything."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path, "--channels", "4", "--accept-timeout", "2",
+        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
+    )  # fmt: skip
+    daemons.append(daemon)
+    qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
+    code, summary, stderr = daemon.finish()
+    assert (code, summary) == (1, ""), stderr
+    assert stderr.splitlines()[-1] == (
+        "vfio-multifd: error: only 2 of 4 channels connected within 2 s (missing channel ids 2, 3)"
+    )
+    assert os.listdir(out) == []
+
+
+def test_without_accept_timeout_the_progress_timeout_names_the_missing_channels(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path, "--channels", "3", "--progress-timeout", "1",
+        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
+    )  # fmt: skip
+    daemons.append(daemon)
+    qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
+    code, _, stderr = daemon.finish()
+    assert code == 1, stderr
+    assert re.fullmatch(
+        r"vfio-multifd: error: no progress for 1 s \(\d+ bytes received; "
+        r"waiting for channel ids 2 to connect\)",
+        stderr.splitlines()[-1],
+    ), stderr.splitlines()[-1]
+    assert os.listdir(out) == []
+
+
 # -- signals -----------------------------------------------------------------------
 
 

@@ -291,7 +291,8 @@ async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> Non
     with connect(running.address) as silent:
         silent.sendall(qs.handshake(0)[:10])
         silent.settimeout(5)
-        assert await asyncio.to_thread(silent.recv, 10) == b""  # the daemon hung up on it
+        with pytest.raises(ConnectionResetError):  # refused: a reset, never a clean close
+            await asyncio.to_thread(silent.recv, 10)
     [(_, error)] = running.session.registry.refused
     assert error.reason is Reason.HANDSHAKE_TIMEOUT and "10 of 64 bytes" in str(error)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
@@ -545,3 +546,49 @@ def test_refusals_text_lists_each_message_once_with_its_count() -> None:
     assert refusals_text(collections.deque([uuid, uuid], maxlen=8)) == (
         "2 connections refused: " + uuid[1].message
     )
+
+
+def send_and_wait_for_the_close(address: str, streams: list[bytes], data_path: Path) -> list[str]:
+    """Send each stream on its channel, half-close, and report how each channel ended:
+    ``"closed"`` (with the data file then in place or not) or ``"reset"``."""
+    socks = [connect(address) for _ in streams]
+    for sock, stream in zip(socks, streams, strict=True):
+        sock.settimeout(20)
+        with contextlib.suppress(OSError):  # a failing daemon may reset while we send
+            sock.sendall(stream)
+            sock.shutdown(socket.SHUT_WR)
+    ends = []
+    for sock in socks:
+        with sock:
+            try:
+                assert sock.recv(1) == b"", "the destination answers nothing"
+                ends.append(f"closed, data file {'in place' if data_path.exists() else 'absent'}")
+            except ConnectionResetError:
+                ends.append("reset")
+    return ends
+
+
+async def test_a_source_sees_a_clean_close_only_once_the_outputs_are_in_place(
+    tmp_path: Path,
+) -> None:
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    ends = await asyncio.to_thread(
+        send_and_wait_for_the_close, running.address, all_good_streams(), config.devices[0].data_path
+    )
+    await running.result()
+    assert ends == ["closed, data file in place"] * 2
+
+
+async def test_a_failed_migration_resets_every_channel(tmp_path: Path) -> None:
+    """Over TCP a source can tell: a reset, not the clean close of a completed migration."""
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    streams = all_good_streams()
+    streams[1] += good(0)  # a second chunk 0, once the whole stream has been sent
+    ends = await asyncio.to_thread(
+        send_and_wait_for_the_close, running.address, streams, config.devices[0].data_path
+    )
+    with pytest.raises(ProtocolError):
+        await running.result()
+    assert ends == ["reset", "reset"]

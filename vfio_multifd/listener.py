@@ -92,13 +92,14 @@ class ChannelRegistry:
         """Bytes of the accepted channels, handshakes included (refused strays are not traffic)."""
         return sum(channel.decoder.bytes_received for channel in self.channels.values())
 
-    def close(self) -> None:
-        """Stop listening and hang up on every connection."""
+    def close(self, *, completed: bool = False) -> None:
+        """Stop listening and hang up on every connection: cleanly only if the
+        migration ``completed``, otherwise with a reset."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
         for channel in list(self.connections):
-            channel.close()
+            channel.close(completed=completed)
 
     def remove_socket(self) -> None:
         """Unlink the unix socket we listened on (never another daemon's)."""

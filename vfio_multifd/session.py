@@ -80,6 +80,7 @@ class Session:
         ]
         self.outputs = OutputSet(self.loaders)
         self.listening = asyncio.Event()
+        self._all_connected = asyncio.Event()  # every expected channel was accepted
         self.error: MultifdError | None = None
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
@@ -130,6 +131,8 @@ class Session:
             # Every device is complete: from here on the outcome is success, and
             # the channels we now hang up on (QEMU keeps them open) are no error.
             await asyncio.get_running_loop().run_in_executor(None, self.outputs.commit)
+            # Only now, with every output in place, does a source see a clean close.
+            self.registry.close(completed=True)
             self._set_status(SessionStatus.COMPLETED)
             return self._result()
         except BaseException:
@@ -161,15 +164,37 @@ class Session:
                     for loader in self.loaders
                 ]
                 await asyncio.gather(*loads)
+                await self._every_channel_connected()
                 self.outputs.committing = True
                 self._group = None
-                self.registry.close()
                 for task in self._background:
                     task.cancel()
         except BaseExceptionGroup as group_error:
             raise self._decide(group_error) from None
         finally:
             self._group = None
+
+    async def _every_channel_connected(self) -> None:
+        """Every device is complete; wait for the channels that never connected.
+
+        As QEMU's destination, which starts loading only once every multifd channel
+        exists, a migration needs all its ``--channels``: fewer means the two ends
+        disagree. ``--accept-timeout`` (or ``--progress-timeout``) bounds the wait.
+        """
+        missing = self._missing_channels()
+        if not missing:
+            return
+        self.log.warning(
+            "waiting_for_channels",
+            connected=len(self.registry.channels),
+            channels=self.settings.channels,
+            missing=missing,
+            why="every device is complete, but a migration needs all its channels",
+        )
+        await self._all_connected.wait()
+
+    def _missing_channels(self) -> list[int]:
+        return sorted(set(range(self.settings.channels)) - set(self.registry.channels))
 
     def _decide(self, group_error: BaseExceptionGroup[BaseException]) -> MultifdError:
         """The error the migration ends with: the first reported, else a loader's own."""
@@ -252,6 +277,8 @@ class Session:
         if self._group is None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
+        if len(self.registry.channels) == self.settings.channels:
+            self._all_connected.set()
         if self.started is None:
             self.started = time.monotonic()
             self._set_status(SessionStatus.ACTIVE)
@@ -284,10 +311,15 @@ class Session:
             received=self.registry.bytes_received,
             written=self.reassembly.bytes_written,
             active=self.status is SessionStatus.ACTIVE,
-            waiting_for=tuple(
-                f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()
-            ),
+            waiting_for=self._waiting_for(),
         )
+
+    def _waiting_for(self) -> tuple[str, ...]:
+        waiting = [f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()]
+        missing = self._missing_channels()
+        if missing:
+            waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
+        return tuple(waiting)
 
     def _result(self) -> SessionResult:
         result = summarize(
