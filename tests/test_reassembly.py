@@ -326,6 +326,17 @@ def test_missing_chunks_of_unknown_size() -> None:
     assert device.missing() == "missing 3 of 3 chunks (idx 0-2)"
 
 
+def test_missing_one_chunk_of_several_and_one_of_one() -> None:
+    assert device_with(1, config_at=2).missing() == (
+        "missing 1 of 2 chunks (idx 0: about 4 bytes at 4 bytes a chunk)"
+    )
+    assert device_with(config_at=1).missing() == "missing 1 of 1 chunk (idx 0)"
+    assert device_with(1).missing() == (
+        "missing 1 chunk (idx 0: about 4 bytes at 4 bytes a chunk), and the config state "
+        "packet never came, nor anything after idx 1 (the highest received)"
+    )
+
+
 def test_missing_lists_the_first_ranges_and_counts_the_rest() -> None:
     device = device_with(*range(0, 40, 2))
     assert device.missing() == (
@@ -648,7 +659,8 @@ class Model:
                 size = -(-self.written // self.written_chunks)
             about = "" if size is None else f": about {len(absent) * size} bytes at {size} bytes a chunk"
             of = "" if self.config_idx is None else f" of {self.config_idx}"
-            plural = "s" if len(absent) != 1 else ""
+            total = len(absent) if self.config_idx is None else self.config_idx
+            plural = "s" if total != 1 else ""
             text = f"missing {len(absent)}{of} chunk{plural} (idx {shown}{about})"
         if self.config_idx is not None:
             return text

@@ -3,7 +3,9 @@
 The only place that picks the event loop (uvloop) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
 ``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (130 for
-SIGINT, 143 for SIGTERM).
+SIGINT, 143 for SIGTERM). For ``send``, 0 means the daemon closed every
+channel cleanly (which it does only once its outputs are in place) and 1 that
+a connection failed or was reset; for ``status``, 1 that nothing answered.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli_options`);
@@ -29,11 +31,11 @@ from typing import Any, TextIO, TypeVar
 import structlog
 
 from . import cli_options, logconfig, notify, status_client, status_server
-from .config import ReceiveSettings
+from .config import Address, ReceiveSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
 from .send_progress import send_progress
-from .sender import SendResult, send
+from .sender import SendResult, Stopped, send
 from .session import Session
 
 EXIT_OK = 0
@@ -198,30 +200,47 @@ def print_receive_summary(
 
 def _send_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    with send_progress(args.device, args.progress_interval) as progress:
-        result = send(
-            args.connect,
-            args.device,
-            channels=args.channels,
-            uuid=args.uuid,
-            chunk_size=args.chunk_size,
-            order=args.order,
-            seed=args.seed,
-            digest=args.digest,
-            connect_timeout=args.connect_timeout,
-            inject=args.inject,
-            progress=progress,
-        )
-    print_send_summary(result, sys.stdout)
+    previous = signal.signal(signal.SIGTERM, _stop_sending)
+    try:
+        with send_progress(args.device, args.progress_interval) as progress:
+            result = send(
+                args.connect,
+                args.device,
+                channels=args.channels,
+                uuid=args.uuid,
+                chunk_size=args.chunk_size,
+                order=args.order,
+                seed=args.seed,
+                digest=args.digest,
+                connect_timeout=args.connect_timeout,
+                inject=args.inject,
+                progress=progress,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_send_summary(result, sys.stdout, args.connect)
     return EXIT_OK
 
 
-def print_send_summary(result: SendResult, out: TextIO) -> None:
+def _stop_sending(signum: int, frame: object) -> None:
+    """SIGTERM stops the sender as SIGINT does, and its message says what was sent."""
+    raise Stopped(signum)
+
+
+def print_send_summary(result: SendResult, out: TextIO, address: Address) -> None:
+    """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
+    what the daemon's clean close of every channel means over this transport."""
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
+    verdict = (
+        "the daemon closed every channel cleanly: it completed the migration"
+        if address.kind == "tcp"
+        else "the daemon closed every channel (over a unix socket that does not prove it "
+        "completed: its exit code says)"
+    )
     print(
         f"sent {sum(d[1] for d in result.devices)} bytes in {result.seconds:.3f} s "
-        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels",
+        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels; {verdict}",
         file=out,
     )
 

@@ -346,6 +346,10 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
     tx = sub.add_parser(
         "send",
         help="send device state like a QEMU source",
+        description="Send device state like a QEMU source, then wait for the daemon's verdict: "
+        "it closes every channel cleanly once its outputs are in place, and resets them if the "
+        "migration failed. Exit 0: every channel closed cleanly (over TCP, the migration "
+        "completed); 1: a connection failed or was reset; 2: usage error; 130/143: SIGINT/SIGTERM.",
         parents=[
             _migration_parent(),
             _reporting_parent(
@@ -398,7 +402,8 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         type=_positive_seconds,
         default=30.0,
         metavar="SECONDS",
-        help="keep retrying to connect for this long (default 30)",
+        help="while nothing listens at --connect, retry each channel's connection for this "
+        "long (default 30); a connect_retrying log line says until when",
     )
 
 

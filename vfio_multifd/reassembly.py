@@ -206,7 +206,8 @@ class DeviceBuffer:
             size = self._chunk_size_seen()
             about = "" if size is None else f": about {count * size} bytes at {size} bytes a chunk"
             of = "" if last is None else f" of {last}"
-            text = f"missing {count}{of} chunk{'s' if count != 1 else ''} (idx {shown}{about})"
+            plural = "s" if (count if last is None else last) != 1 else ""
+            text = f"missing {count}{of} chunk{plural} (idx {shown}{about})"
         if last is not None:
             return text
         if self.max_idx < 0:

@@ -335,9 +335,15 @@ class Session:
 
 #: Failures that refused connections may explain: a channel that was refused
 #: is a channel that never came, so its data is missing, or time ran out, or
-#: the operator gave up waiting.
+#: the operator gave up waiting, or the source gave up and reset the others.
 EXPLAINED_BY_REFUSALS = frozenset(
-    {Reason.INCOMPLETE, Reason.ACCEPT_TIMEOUT, Reason.PROGRESS_TIMEOUT, Reason.CANCELLED}
+    {
+        Reason.INCOMPLETE,
+        Reason.ACCEPT_TIMEOUT,
+        Reason.PROGRESS_TIMEOUT,
+        Reason.CANCELLED,
+        Reason.PACKET_TRUNCATED,
+    }
 )
 #: Distinct refusal messages the final error lists.
 REFUSALS_SHOWN = 3
