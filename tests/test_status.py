@@ -326,6 +326,29 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
     assert query_migrate(session, now=500.0)["total-time"] == 1000
 
 
+def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
+    """address, paused-time, peak-queued-bytes, refused-connections, instance-id... were not."""
+    from vfio_multifd import Session, SessionError
+    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.errors import Reason
+    from vfio_multifd.results import SessionStatus
+
+    session = Session(settings(tmp_path, A, channels=1))
+    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
+    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
+    session.registry.channels[0] = channel
+    session.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
+    session.status, session.error = SessionStatus.FAILED, SessionError(Reason.INTERNAL, "x")
+    session.started = 100.0
+    info = query_migrate(session, now=101.0)
+    fields = set(info) | set(info["devices"][0]) | set(info["channels"][0])
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    status_section = readme[readme.index("## Status socket") : readme.index("## Sending")]
+    undocumented = sorted(f for f in fields if f"`{f}`" not in status_section)
+    assert not undocumented, undocumented
+    assert "`mbps` is **megabits** per second" in status_section
+
+
 # -- the CLI: status command and cancel over the socket -----------------------------
 
 
