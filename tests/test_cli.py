@@ -20,12 +20,14 @@ import pytest
 import qemu_source as qs
 import xxhash
 from cli_helpers import (
+    SENDER_RESET,
     TRACEBACK,
     Daemon,
     digests,
     part_files,
     partial_stream,
     receive_usage_error,
+    receiver,
     run,
     wait_for,
 )
@@ -85,14 +87,10 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
 
 
 def test_the_summary_says_why_it_spilled(tmp_path: Path, daemons: list[Daemon]) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path,
-        "--channels", "1", "--max-packet-size", "65548", "--max-queued-bytes", "200K",
-        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
+    daemon, _ = receiver(
+        tmp_path, daemons, "--channels", "1", "--max-packet-size", "65548",
+        "--max-queued-bytes", "200K",
     )  # fmt: skip
-    daemons.append(daemon)
     sent = run(
         ["send", "--connect", daemon.address, "--channels", "1", "--chunk-size", "64K",
          "--order", "reverse", "--device", f"idstr={IDSTR},size=1M"]
@@ -296,10 +294,7 @@ def test_a_missing_config_packet_says_what_is_known_missing(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """Was "missing idx the config state packet (after idx 2)"."""
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(tmp_path, "--channels", "2", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
-    daemons.append(daemon)
+    daemon, out = receiver(tmp_path, daemons, "--channels", "2")
     for sock in partial_stream(daemon.address, channels=2, chunks=3, chunk_size=65536):
         sock.shutdown(socket.SHUT_WR)  # a clean end of stream at a packet boundary
         sock.close()
@@ -318,10 +313,7 @@ def test_the_final_error_adds_the_refusals_that_explain_it(
 ) -> None:
     """A source started with --channels 3 against a daemon expecting 2: the reason was
     only in the JSON channel_refused lines."""
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(tmp_path, "--channels", "2", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
-    daemons.append(daemon)
+    daemon, _ = receiver(tmp_path, daemons, "--channels", "2")
     strays = [connect(daemon.address) for _ in range(2)]
     for sock in strays:
         sock.sendall(qs.handshake(2))
@@ -355,11 +347,8 @@ def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """As QEMU's destination, which loads only once every multifd channel exists."""
-    out = tmp_path / "out"
-    out.mkdir()
     data = random_bytes(5 * 65536 + 3, 8)
-    daemon = Daemon(tmp_path, "--channels", "3", "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
-    daemons.append(daemon)
+    daemon, out = receiver(tmp_path, daemons, "--channels", "3")
     qs.send_streams(daemon.address, channel_streams(data, 2))  # channels 0 and 1 bring it all
     waiting = lambda: [e for e in daemon.events() if e["event"] == "waiting_for_channels"]  # noqa: E731
     wait_for(lambda: bool(waiting()), what="the daemon to wait for channel 2")
@@ -373,44 +362,38 @@ def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
     assert (out / "a.bin").read_bytes() == data
 
 
-def test_accept_timeout_fails_with_fewer_channels_even_if_the_data_came(
-    tmp_path: Path, daemons: list[Daemon]
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (
+            ["--accept-timeout", "2"],
+            r"only 2 of 4 channels connected within 2 s \(missing channel ids 2, 3\)",
+        ),
+        (
+            ["--progress-timeout", "1"],
+            r"no progress for 1 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
+        ),
+    ],
+    ids=["accept-timeout", "progress-timeout"],
+)
+@pytest.mark.parametrize("source", ["qemu_source", "vfio-multifd send"])
+def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
+    tmp_path: Path, daemons: list[Daemon], limit: list[str], expected: str, source: str
 ) -> None:
-    """It completed with exit 0 when 2 of 4 channels brought everything."""
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path, "--channels", "4", "--accept-timeout", "2",
-        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
-    )  # fmt: skip
-    daemons.append(daemon)
-    qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
+    """With --accept-timeout 5 it completed, exit 0, when 2 of 4 channels brought everything."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "4", *limit)
+    if source == "qemu_source":
+        qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
+    else:
+        sent = run(["send", "--connect", daemon.address, "--channels", "2",
+                    "--device", f"idstr={IDSTR},size=1M"])  # fmt: skip
+        # The daemon reset the channels: the sender knows it failed.
+        assert sent.returncode == 1, sent.stderr
+        assert re.fullmatch(SENDER_RESET.format(address=re.escape(daemon.address)),
+                            sent.stderr.splitlines()[-1])  # fmt: skip
     code, summary, stderr = daemon.finish()
     assert (code, summary) == (1, ""), stderr
-    assert stderr.splitlines()[-1] == (
-        "vfio-multifd: error: only 2 of 4 channels connected within 2 s (missing channel ids 2, 3)"
-    )
-    assert os.listdir(out) == []
-
-
-def test_without_accept_timeout_the_progress_timeout_names_the_missing_channels(
-    tmp_path: Path, daemons: list[Daemon]
-) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path, "--channels", "3", "--progress-timeout", "1",
-        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
-    )  # fmt: skip
-    daemons.append(daemon)
-    qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
-    code, _, stderr = daemon.finish()
-    assert code == 1, stderr
-    assert re.fullmatch(
-        r"vfio-multifd: error: no progress for 1 s \(\d+ bytes received; "
-        r"waiting for channel ids 2 to connect\)",
-        stderr.splitlines()[-1],
-    ), stderr.splitlines()[-1]
+    assert re.fullmatch(f"vfio-multifd: error: {expected}", stderr.splitlines()[-1]), stderr
     assert os.listdir(out) == []
 
 

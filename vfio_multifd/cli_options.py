@@ -182,7 +182,8 @@ def _migration_parent() -> _Parser:
         type=_channels,
         default=2,
         metavar="N",
-        help="multifd channels, one connection each: 1..256 (default 2, as QEMU)",
+        help="multifd channels, one connection each: 1..256 (default 2, as QEMU); "
+        "a migration needs all of them",
     )
     group.add_argument(
         "--uuid",
@@ -323,7 +324,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         type=_seconds_or_off,
         default=None,
         metavar="SECONDS",
-        help="fail unless every channel connects within this time (default, and 0: wait)",
+        help="fail unless every channel connects within this time, even if fewer channels "
+        "brought all the data (default, and 0: wait)",
     )
     rx.add_argument(
         "--handshake-timeout",
