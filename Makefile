@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo bench clean
 
+# Installs, then says how to run the command (other targets install silently).
 install: $(STAMP)
+	@echo
+	@echo "vfio-multifd is installed in $(BIN)/ (a virtualenv). To type it as vfio-multifd:"
+	@echo "    source $(BIN)/activate    # in this shell; 'deactivate' undoes it"
+	@echo "or  export PATH=\"$(CURDIR)/$(BIN):\$$PATH\""
+	@echo "or run it by its path, $(BIN)/vfio-multifd; or install it for your user"
+	@echo "with pipx install . (then it is in ~/.local/bin). Then try: vfio-multifd --version"
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,17 +21,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-lint: install
+lint: $(STAMP)
 	$(BIN)/ruff check vfio_multifd tests examples benchmarks
 	$(BIN)/mypy vfio_multifd benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q
 
-demo: install
+demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-bench: install
+bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/memory.py
 

@@ -59,8 +59,9 @@ def main() -> int:
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="vfio-multifd-demo-"))
+    kept = "kept, as --keep asks" if args.keep else "deleted at the end unless --keep"
     print(f"demo: {len(DEVICES)} devices x {args.size}, {args.channels} channels, "
-          f"{args.order} order, outputs in {workdir}")
+          f"{args.order} order, outputs in {workdir} ({kept})")
     receive = [*tool(), "receive", "--listen", "tcp:127.0.0.1:0", "--channels",
                str(args.channels), "--log-format", "json", "--accept-timeout", "60"]
     send = [*tool(), "send", "--channels", str(args.channels), "--order", args.order,
@@ -82,6 +83,10 @@ def main() -> int:
     if sender.returncode:
         print(sender.stderr[-3000:])
     print("--- daemon summary ---\n" + daemon_out)
+    if re.search(r"spilled [1-9]", daemon_out) and args.order != "round-robin":
+        print(f"demo: it spilled because chunks sent in {args.order} order come early: they wait "
+              "in memory, and past the daemon's default bound (--max-queued-bytes 64M) the ones "
+              "needed last go to disk until their turn.\n")
     if daemon.returncode:
         print(daemon_err[-3000:])
     sent, received = digests(sender.stdout), digests(daemon_out)

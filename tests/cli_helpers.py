@@ -18,6 +18,12 @@ from helpers import IDSTR, connect, random_bytes
 
 TOOL = [sys.executable, "-m", "vfio_multifd"]
 TRACEBACK = "Traceback (most recent call last)"
+#: The sender's last line when the daemon reset a channel (``address``: re.escape'd).
+SENDER_RESET = (
+    r"vfio-multifd: error: channel \d+: {address}: the daemon reset the connection "
+    r"(while this channel was sending|after this channel sent all its \d+ bytes): it refused "
+    r"this channel or the migration failed \(the daemon's error says which\)"
+)
 
 
 class Daemon:
@@ -197,3 +203,13 @@ def receive_usage_error(tmp_path: Path, *options: str) -> str:
     assert result.returncode == 2, result.stderr
     assert TRACEBACK not in result.stderr
     return result.stderr.splitlines()[-1]
+
+
+def receiver(tmp_path: Path, daemons: list[Daemon], *args: str) -> tuple[Daemon, Path]:
+    """A daemon (with ``args``) receiving one device, IDSTR, into ``tmp_path/out/a.bin``;
+    returns it (registered in ``daemons``, the fixture that kills it) and ``out``."""
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(tmp_path, *args, "--device", f"idstr={IDSTR},data={out / 'a.bin'}")
+    daemons.append(daemon)
+    return daemon, out

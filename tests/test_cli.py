@@ -8,6 +8,7 @@ bounded.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import qemu_source as qs
 import xxhash
 from cli_helpers import (
+    SENDER_RESET,
     TRACEBACK,
     Daemon,
     digests,
@@ -26,11 +28,12 @@ from cli_helpers import (
     part_files,
     partial_stream,
     receive_usage_error,
+    receiver,
     run,
     send_to,
     wait_for,
 )
-from helpers import IDSTR, IDSTR_B, random_bytes
+from helpers import IDSTR, IDSTR_B, connect, random_bytes
 
 from vfio_multifd.status_client import query
 
@@ -83,6 +86,27 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
     assert TRACEBACK not in stderr + sent.stderr
     # One summary line at the end, in the log too.
     assert [e["event"] for e in daemon.events()].count("migration_completed") == 1
+
+
+def test_the_summary_says_why_it_spilled(tmp_path: Path, daemons: list[Daemon]) -> None:
+    daemon, _ = receiver(
+        tmp_path, daemons, "--channels", "1", "--max-packet-size", "65548",
+        "--max-queued-bytes", "200K",
+    )  # fmt: skip
+    sent = run(
+        ["send", "--connect", daemon.address, "--channels", "1", "--chunk-size", "64K",
+         "--order", "reverse", "--device", f"idstr={IDSTR},size=1M"]
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, summary, stderr = daemon.finish()
+    assert code == 0, stderr
+    last = summary.splitlines()[-1]
+    assert re.fullmatch(
+        r"received 1048576 bytes in [\d.]+ s \([\d.]+ MB/s\); peak queued \d+ bytes, "
+        r"spilled [1-9]\d* bytes \(chunks that came early went to disk and were read back in "
+        r"their turn, to keep queued memory under --max-queued-bytes 204800\), paused [\d.]+ s",
+        last,
+    ), last
 
 
 # -- usage errors ------------------------------------------------------------------
@@ -169,6 +193,65 @@ def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path) -> N
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("command", "device", "expected"),
+    [
+        (
+            "receive",
+            "idstr=a,data={out}/a.bin,instnace=0",
+            "unknown field 'instnace' in 'instnace=0' (fields: config, data, idstr, instance); "
+            "did you mean instance=?",
+        ),
+        (
+            "receive",
+            "idstr=a,data={out}/a,b.bin",
+            "'b.bin' is not a field (fields are KEY=VALUE: config, data, idstr, instance; "
+            "a comma inside a value is written twice, as in data=a,,b.bin)",
+        ),
+        (
+            "send",
+            "idstr=a,size=1M,sede=1",
+            "unknown field 'sede' in 'sede=1' (fields: idstr, instance, seed, size, source); "
+            "did you mean seed=?",
+        ),
+    ],
+)
+def test_every_device_field_is_checked_wherever_it_is(
+    tmp_path: Path, command: str, device: str, expected: str
+) -> None:
+    """A misspelled field after data= used to become part of the file name (exit 0)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    device = device.format(out=out)
+    target = ["--connect", "tcp:127.0.0.1:9"] if command == "send" else []
+    result = run([command, *target, "--device", device], timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"vfio-multifd: error: argument --device: device {device!r}: {expected}\n"
+    assert os.listdir(out) == []
+
+
+def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon]) -> None:
+    out = tmp_path / "out,dir"
+    out.mkdir()
+    data = random_bytes(100_000, 4)
+    (tmp_path / "state,0.bin").write_bytes(data)
+    escaped = str(out).replace(",", ",,")
+    daemon = Daemon(
+        tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={escaped}/a,,b.bin"
+    )
+    daemons.append(daemon)
+    source = str(tmp_path / "state,,0.bin")
+    sent = run(
+        ["send", "--connect", daemon.address, "--channels", "1", "--device",
+         f"idstr={IDSTR},source={source}"]
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert sorted(os.listdir(out)) == ["a,b.bin", "a,b.bin.config"]
+    assert (out / "a,b.bin").read_bytes() == data
+
+
 # -- a migration that fails --------------------------------------------------------
 
 
@@ -203,9 +286,116 @@ def test_send_inject_duplicate_fails_the_daemon_with_one_line(
     failed = [e for e in daemon.events() if e["event"] == "migration_failed"]
     assert failed and failed[0]["reason"] == "vfio-already-filled"
     assert TRACEBACK not in stderr
-    # The sender may or may not see the reset, but it never dies with a traceback.
-    assert sent.returncode in (0, 1)
+    # The daemon resets its channels: the sender knows the migration failed.
+    assert sent.returncode == 1, sent.stderr
     assert TRACEBACK not in sent.stderr
+    assert os.listdir(out) == []
+
+
+def test_a_missing_config_packet_says_what_is_known_missing(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Was "missing idx the config state packet (after idx 2)"."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "2")
+    for sock in partial_stream(daemon.address, channels=2, chunks=3, chunk_size=65536):
+        sock.shutdown(socket.SHUT_WR)  # a clean end of stream at a packet boundary
+        sock.close()
+    code, summary, stderr = daemon.finish()
+    assert (code, summary) == (1, ""), stderr
+    assert stderr.splitlines()[-1] == (
+        f"vfio-multifd: error: all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
+        "the config state packet never came, nor anything after idx 2 "
+        "(the highest received; every chunk up to it came)"
+    )
+    assert os.listdir(out) == []
+
+
+def test_the_final_error_adds_the_refusals_that_explain_it(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """A source started with --channels 3 against a daemon expecting 2: the reason was
+    only in the JSON channel_refused lines."""
+    daemon, _ = receiver(tmp_path, daemons, "--channels", "2")
+    strays = [connect(daemon.address) for _ in range(2)]
+    for sock in strays:
+        sock.sendall(qs.handshake(2))
+    refused = lambda: [e for e in daemon.events() if e["event"] == "channel_refused"]  # noqa: E731
+    wait_for(lambda: len(refused()) == 2, what="both refusals")
+    for sock in partial_stream(daemon.address, channels=2, chunks=1, chunk_size=4096):
+        sock.shutdown(socket.SHUT_WR)
+        sock.close()
+    code, _, stderr = daemon.finish()
+    for sock in strays:
+        sock.close()
+    assert code == 1, stderr
+    assert stderr.splitlines()[-1] == (
+        f"vfio-multifd: error: all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
+        "the config state packet never came, nor anything after idx 0 "
+        "(the highest received; every chunk up to it came); "
+        "2 connections refused: handshake channel id 2 is not below the 2 expected channels"
+    )
+    failed = [e for e in daemon.events() if e["event"] == "migration_failed"]
+    assert failed[0]["error"] == stderr.splitlines()[-1].removeprefix("vfio-multifd: error: ")
+
+
+# -- a migration needs all its channels ----------------------------------------------
+
+
+def channel_streams(data: bytes, channels: int) -> list[bytes]:
+    return qs.build_streams([(IDSTR, 0, data, b"cfg")], channels, "round-robin", chunk_size=65536)
+
+
+def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """As QEMU's destination, which loads only once every multifd channel exists."""
+    data = random_bytes(5 * 65536 + 3, 8)
+    daemon, out = receiver(tmp_path, daemons, "--channels", "3")
+    qs.send_streams(daemon.address, channel_streams(data, 2))  # channels 0 and 1 bring it all
+    waiting = lambda: [e for e in daemon.events() if e["event"] == "waiting_for_channels"]  # noqa: E731
+    wait_for(lambda: bool(waiting()), what="the daemon to wait for channel 2")
+    assert waiting()[0]["missing"] == [2] and waiting()[0]["connected"] == 2
+    assert not (out / "a.bin").exists()  # nothing in place yet
+    with connect(daemon.address) as late:  # a channel with nothing to send
+        late.sendall(qs.handshake(2))
+        late.shutdown(socket.SHUT_WR)
+        code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert (out / "a.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (
+            ["--accept-timeout", "4"],
+            r"only 2 of 4 channels connected within 4 s \(missing channel ids 2, 3\)",
+        ),
+        (
+            ["--progress-timeout", "2"],
+            r"no progress for 2 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
+        ),
+    ],
+    ids=["accept-timeout", "progress-timeout"],
+)
+@pytest.mark.parametrize("source", ["qemu_source", "vfio-multifd send"])
+def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
+    tmp_path: Path, daemons: list[Daemon], limit: list[str], expected: str, source: str
+) -> None:
+    """With --accept-timeout 5 it completed, exit 0, when 2 of 4 channels brought everything."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "4", *limit)
+    if source == "qemu_source":
+        qs.send_streams(daemon.address, channel_streams(random_bytes(4 * 65536, 9), 2))
+    else:
+        sent = run(["send", "--connect", daemon.address, "--channels", "2",
+                    "--device", f"idstr={IDSTR},size=1M"])  # fmt: skip
+        # The daemon reset the channels: the sender knows it failed.
+        assert sent.returncode == 1, sent.stderr
+        assert re.fullmatch(SENDER_RESET.format(address=re.escape(daemon.address)),
+                            sent.stderr.splitlines()[-1])  # fmt: skip
+    code, summary, stderr = daemon.finish()
+    assert (code, summary) == (1, ""), stderr
+    assert re.fullmatch(f"vfio-multifd: error: {expected}", stderr.splitlines()[-1]), stderr
     assert os.listdir(out) == []
 
 

@@ -8,6 +8,7 @@ idx, and leaves nothing at the final paths (an earlier file stays untouched).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import socket
@@ -40,6 +41,7 @@ from vfio_multifd import (
     Reason,
     SessionError,
 )
+from vfio_multifd.session import refusals_text
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
@@ -289,7 +291,8 @@ async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> Non
     with connect(running.address) as silent:
         silent.sendall(qs.handshake(0)[:10])
         silent.settimeout(5)
-        assert await asyncio.to_thread(silent.recv, 10) == b""  # the daemon hung up on it
+        with pytest.raises(ConnectionResetError):  # refused: a reset, never a clean close
+            await asyncio.to_thread(silent.recv, 10)
     [(_, error)] = running.session.registry.refused
     assert error.reason is Reason.HANDSHAKE_TIMEOUT and "10 of 64 bytes" in str(error)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
@@ -309,7 +312,11 @@ async def test_all_channels_closed_names_the_missing_indices(tmp_path: Path) -> 
     with pytest.raises(SessionError) as caught:
         await running.result()
     assert caught.value.reason is Reason.INCOMPLETE
-    assert "missing idx 1-2 and the config state packet (after idx 3)" in str(caught.value)
+    assert str(caught.value) == (
+        f"all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: missing 2 chunks "
+        "(idx 1-2: about 8192 bytes at 4096 bytes a chunk), and the "
+        "config state packet never came, nor anything after idx 3 (the highest received)"
+    )
     assert final_files(tmp_path) == []
 
 
@@ -516,3 +523,72 @@ async def test_a_directory_at_a_final_path_fails_before_anything_is_renamed(tmp_
     assert "a directory is in the way" in str(caught.value)
     assert config.devices[0].data_path.read_bytes() == b"old 0"
     assert final_files(tmp_path) == ["dev0.bin", "dev1.bin"]
+
+
+def test_refusals_text_lists_each_message_once_with_its_count() -> None:
+    def refused(reason: Reason, message: str) -> tuple[str, HandshakeError]:
+        return ("127.0.0.1:1", HandshakeError(reason, message))
+
+    uuid = refused(Reason.HANDSHAKE_UUID, "handshake uuid 01 differs from the expected 00")
+    main = refused(Reason.HANDSHAKE_MAIN_CHANNEL, "a QEMU main migration channel (QEVM) connected")
+    assert refusals_text([]) == ""
+    assert refusals_text([uuid]) == "1 connection refused: " + uuid[1].message
+    assert refusals_text([uuid, main, uuid]) == (
+        "3 connections refused: handshake uuid 01 differs from the expected 00 (2 times); "
+        "a QEMU main migration channel (QEVM) connected"
+    )
+    many = [refused(Reason.HANDSHAKE_MAGIC, f"handshake magic {n}") for n in range(5)]
+    assert refusals_text(many) == (
+        "5 connections refused: handshake magic 0; handshake magic 1; handshake magic 2; "
+        "and 2 other reasons"
+    )
+    # A bounded deque of the last refusals (as issue 15 may keep) reads the same.
+    assert refusals_text(collections.deque([uuid, uuid], maxlen=8)) == (
+        "2 connections refused: " + uuid[1].message
+    )
+
+
+def send_and_wait_for_the_close(address: str, streams: list[bytes], data_path: Path) -> list[str]:
+    """Send each stream on its channel, half-close, and report how each channel ended:
+    ``"closed"`` (with the data file then in place or not) or ``"reset"``."""
+    socks = [connect(address) for _ in streams]
+    for sock, stream in zip(socks, streams, strict=True):
+        sock.settimeout(20)
+        with contextlib.suppress(OSError):  # a failing daemon may reset while we send
+            sock.sendall(stream)
+            sock.shutdown(socket.SHUT_WR)
+    ends = []
+    for sock in socks:
+        with sock:
+            try:
+                assert sock.recv(1) == b"", "the destination answers nothing"
+                ends.append(f"closed, data file {'in place' if data_path.exists() else 'absent'}")
+            except ConnectionResetError:
+                ends.append("reset")
+    return ends
+
+
+async def test_a_source_sees_a_clean_close_only_once_the_outputs_are_in_place(
+    tmp_path: Path,
+) -> None:
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    ends = await asyncio.to_thread(
+        send_and_wait_for_the_close, running.address, all_good_streams(), config.devices[0].data_path
+    )
+    await running.result()
+    assert ends == ["closed, data file in place"] * 2
+
+
+async def test_a_failed_migration_resets_every_channel(tmp_path: Path) -> None:
+    """Over TCP a source can tell: a reset, not the clean close of a completed migration."""
+    config = settings(tmp_path, A, channels=2)
+    running = await start(config)
+    streams = all_good_streams()
+    streams[1] += good(0)  # a second chunk 0, once the whole stream has been sent
+    ends = await asyncio.to_thread(
+        send_and_wait_for_the_close, running.address, streams, config.devices[0].data_path
+    )
+    with pytest.raises(ProtocolError):
+        await running.result()
+    assert ends == ["reset", "reset"]

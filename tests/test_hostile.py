@@ -63,6 +63,9 @@ class FakeTransport:
     def abort(self) -> None:
         self.aborted = True
 
+    def is_closing(self) -> bool:
+        return self.aborted
+
     def pause_reading(self) -> None:
         pass
 

@@ -288,23 +288,62 @@ def test_huge_idx_through_the_reassembly_buffer() -> None:
 
 def test_missing_ranges_and_the_config_state() -> None:
     device = device_with(3, 4, 6)
-    assert device.missing() == "0-2, 5 and the config state packet (after idx 6)"
+    assert device.missing() == (
+        "missing 4 chunks (idx 0-2, 5: about 16 bytes at 4 bytes a chunk), and the config "
+        "state packet never came, nor anything after idx 6 (the highest received)"
+    )
 
 
 def test_missing_with_nothing_received() -> None:
-    assert DeviceBuffer(KEY).missing() == "the config state packet"
+    assert DeviceBuffer(KEY).missing() == "nothing came: no chunk and no config state packet"
 
 
 def test_missing_only_the_config_state() -> None:
+    """Issue 16: was "missing idx the config state packet (after idx 2)"."""
     device = device_with(0, 1, 2)
     device.take_ready(1 << 20)
-    assert device.missing() == "the config state packet (after idx 2)"
+    assert device.missing() == (
+        "the config state packet never came, nor anything after idx 2 "
+        "(the highest received; every chunk up to it came)"
+    )
 
 
 def test_missing_after_the_config_came() -> None:
     device = device_with(0, 2, 5, config_at=7)
     device.take_ready(1 << 20)
-    assert device.missing() == "1, 3-4, 6"
+    assert device.missing() == "missing 4 of 7 chunks (idx 1, 3-4, 6: about 16 bytes at 4 bytes a chunk)"
+
+
+def test_missing_bytes_at_the_size_written_when_none_is_held() -> None:
+    device = device_with(0, 1, config_at=4)
+    device.take_ready(1 << 20)
+    device.bytes_written, device.chunks_written = 2 * 1000, 2  # as ReassemblyBuffer.release
+    assert device.missing() == "missing 2 of 4 chunks (idx 2-3: about 2000 bytes at 1000 bytes a chunk)"
+
+
+def test_missing_chunks_of_unknown_size() -> None:
+    device = device_with(config_at=3)
+    assert device.missing() == "missing 3 of 3 chunks (idx 0-2)"
+
+
+def test_missing_one_chunk_of_several_and_one_of_one() -> None:
+    assert device_with(1, config_at=2).missing() == (
+        "missing 1 of 2 chunks (idx 0: about 4 bytes at 4 bytes a chunk)"
+    )
+    assert device_with(config_at=1).missing() == "missing 1 of 1 chunk (idx 0)"
+    assert device_with(1).missing() == (
+        "missing 1 chunk (idx 0: about 4 bytes at 4 bytes a chunk), and the config state "
+        "packet never came, nor anything after idx 1 (the highest received)"
+    )
+
+
+def test_missing_lists_the_first_ranges_and_counts_the_rest() -> None:
+    device = device_with(*range(0, 40, 2))
+    assert device.missing() == (
+        "missing 19 chunks (idx 1, 3, 5, 7, 9, 11, 13, 15 and 11 more ranges: about 76 bytes "
+        "at 4 bytes a chunk), and the config state packet never came, nor anything after "
+        "idx 38 (the highest received)"
+    )
 
 
 def test_missing_of_a_complete_device_is_empty() -> None:
@@ -319,7 +358,11 @@ def test_missing_with_a_huge_gap_is_fast() -> None:
     """The message walks the chunks held, not the indices absent (a hang would time out)."""
     device = DeviceBuffer(KEY)
     device.insert(chunk(2**32 - 2))
-    assert device.missing() == "0-4294967293 and the config state packet (after idx 4294967294)"
+    assert device.missing() == (
+        "missing 4294967294 chunks (idx 0-4294967293: about 17179869176 bytes at 4 bytes a "
+        "chunk), and the config state packet never came, nor anything after idx 4294967294 "
+        "(the highest received)"
+    )
 
 
 # --- ReassemblyBuffer: routing and accounting ------------------------------------------
@@ -572,6 +615,7 @@ class Model:
         self.config_idx: int | None = None
         self.next_idx = 0
         self.written = 0
+        self.written_chunks = 0
         self.complete = False
 
     def outcome(self, idx: int, config: bool) -> Reason | None:
@@ -591,7 +635,8 @@ class Model:
         return {idx for idx in self.received if idx >= self.next_idx}
 
     def missing(self) -> str:
-        end = max(self.received, default=-1) if self.config_idx is None else self.config_idx
+        highest = max(self.received, default=-1)
+        end = highest if self.config_idx is None else self.config_idx
         absent = [i for i in range(self.next_idx, end + 1) if i not in self.received]
         spans: list[list[int]] = []
         for idx in absent:
@@ -599,13 +644,31 @@ class Model:
                 spans[-1][1] = idx
             else:
                 spans.append([idx, idx])
-        text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
-        if self.config_idx is None:
-            tail = "the config state packet"
-            if self.received:
-                tail += f" (after idx {max(self.received)})"
-            return f"{text} and {tail}" if text else tail
-        return text
+        text = ""
+        if absent:
+            shown = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans[:8])
+            if len(spans) > 8:
+                shown += f" and {len(spans) - 8} more ranges"
+            held = [
+                size
+                for idx, size in self.received.items()
+                if idx >= self.next_idx and idx != self.config_idx
+            ]
+            size = max(held) if held else None
+            if size is None and self.written_chunks:
+                size = -(-self.written // self.written_chunks)
+            about = "" if size is None else f": about {len(absent) * size} bytes at {size} bytes a chunk"
+            of = "" if self.config_idx is None else f" of {self.config_idx}"
+            total = len(absent) if self.config_idx is None else self.config_idx
+            plural = "s" if total != 1 else ""
+            text = f"missing {len(absent)}{of} chunk{plural} (idx {shown}{about})"
+        if self.config_idx is not None:
+            return text
+        if highest < 0:
+            return "nothing came: no chunk and no config state packet"
+        tail = f"the config state packet never came, nor anything after idx {highest} (the highest received"
+        tail += ")" if absent else "; every chunk up to it came)"
+        return f"{text}, and {tail}" if text else tail
 
 
 class ReassemblyMachine(RuleBasedStateMachine):
@@ -680,6 +743,7 @@ class ReassemblyMachine(RuleBasedStateMachine):
                 model.complete = True
             else:
                 model.written += c.size
+                model.written_chunks += 1
 
     @invariant()
     def matches_the_model(self) -> None:

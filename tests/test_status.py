@@ -8,9 +8,11 @@ a subprocess. Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
+import re
 import select
 import signal
 import socket
@@ -324,6 +326,29 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
     assert query_migrate(session, now=500.0)["total-time"] == 1000
 
 
+def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
+    """address, paused-time, peak-queued-bytes, refused-connections, instance-id... were not."""
+    from vfio_multifd import Session, SessionError
+    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.errors import Reason
+    from vfio_multifd.results import SessionStatus
+
+    session = Session(settings(tmp_path, A, channels=1))
+    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
+    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
+    session.registry.channels[0] = channel
+    session.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
+    session.status, session.error = SessionStatus.FAILED, SessionError(Reason.INTERNAL, "x")
+    session.started = 100.0
+    info = query_migrate(session, now=101.0)
+    fields = set(info) | set(info["devices"][0]) | set(info["channels"][0])
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    status_section = readme[readme.index("## Status socket") : readme.index("## Sending")]
+    undocumented = sorted(f for f in fields if f"`{f}`" not in status_section)
+    assert not undocumented, undocumented
+    assert "`mbps` is **megabits** per second" in status_section
+
+
 # -- the CLI: status command and cancel over the socket -----------------------------
 
 
@@ -353,7 +378,16 @@ def test_cli_status_table_json_and_cancel(
         table = run(["status", "--socket", str(path)], timeout=20)
         assert table.returncode == 0, table.stderr
         lines = table.stdout.splitlines()
-        assert lines[0].startswith("status: active   total-time: ")
+        assert re.fullmatch(
+            r"status: active   total-time: \d+ ms   transferred: \d+ bytes   "
+            r"mbps: [\d.]+ \(megabits/s\)",
+            lines[0],
+        ), lines[0]
+        assert re.fullmatch(
+            r"queued: \d+ bytes \(peak \d+ bytes\), spilled: 0 bytes, paused: \d+ ms, "
+            r"refused connections: 0",
+            lines[1],
+        ), lines[1]
         device_row = next(line for line in lines if line.startswith(IDSTR))
         assert device_row.split() == [IDSTR, str(3 * 65536), "3", "-", "0", "no"]
         header = next(n for n, line in enumerate(lines) if line.startswith("channel "))
@@ -379,7 +413,38 @@ def test_cli_status_table_json_and_cancel(
     assert not path.exists()
     gone = run(["status", "--socket", str(path)], timeout=20)
     assert gone.returncode == 1
-    assert gone.stderr.startswith(f"vfio-multifd: error: {path}: ")
+    assert gone.stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")
+
+
+@pytest.mark.parametrize("case", ["missing", "regular file", "stale socket", "silent listener"])
+def test_status_where_nothing_answers_says_which_socket_and_whether_it_exists(
+    short_dir: Path, case: str
+) -> None:
+    """It said only "timed out", after 5 s."""
+    path = short_dir / "status.sock"
+    expected = {
+        "missing": f"status socket {path} does not exist: no daemon listens there (receive "
+        "--status-socket creates it, and removes it when the migration ends)",
+        "regular file": f"{path} is a regular file, not a socket: give the path of receive "
+        "--status-socket (or of QEMU's QMP socket)",
+        "stale socket": f"status socket {path} exists, but nothing listens on it: the daemon "
+        "that made it is gone (its exit code is the final word)",
+        "silent listener": f"status socket {path} accepted the connection but sent no answer "
+        "within 0.2 s (--timeout): is a vfio-multifd daemon or QEMU's QMP monitor behind it?",
+    }[case]
+    with contextlib.ExitStack() as stack:
+        if case == "regular file":
+            path.write_text("")
+        elif case != "missing":
+            server = stack.enter_context(socket.socket(socket.AF_UNIX))
+            server.bind(str(path))
+            if case == "silent listener":
+                server.listen()  # never accepts, never greets
+            else:
+                server.close()  # the path stays, nobody listens
+        result = run(["status", "--socket", str(path), "--timeout", "0.2"], timeout=20)
+    assert (result.returncode, result.stdout) == (1, ""), result.stderr
+    assert result.stderr == f"vfio-multifd: error: {expected}\n"
 
 
 def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path) -> None:

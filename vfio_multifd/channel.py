@@ -19,7 +19,10 @@ channel sees only :class:`ChannelOwner`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import socket
+import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
@@ -171,7 +174,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if self._take_events():
             self.end_of_stream = True
             self._wake()
-        return False  # close our side too
+        # Keep our side open: the session closes every channel when the migration
+        # ends, cleanly only if it completed (see close), so the source learns the outcome.
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_handshake_timer()
@@ -234,7 +239,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.REFUSED
         self.owner.refused(self, error)
         if self.transport is not None:
-            self.transport.abort()
+            _reset(self.transport)
 
     def fail(self, error: MultifdError) -> None:
         if self.state is not ChannelState.ACTIVE:
@@ -242,7 +247,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.FAILED
         self.owner.fail(error.with_context(channel=self.channel_id))
         if self.transport is not None:
-            self.transport.abort()
+            _reset(self.transport)
         self._wake()
 
     # -- the reader's side --------------------------------------------------------
@@ -275,10 +280,27 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.decoder.provide_buffer(buffer)
         self._take_events()
 
-    def close(self) -> None:
+    def close(self, *, completed: bool = False) -> None:
+        """Hang up: with a clean close only once the migration ``completed``, otherwise
+        with a reset, so that a source knows whether the destination took its state."""
         self._closing = True
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is None:
+            return
+        if completed:
+            self.transport.close()
+        else:
+            _reset(self.transport)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with a reset (TCP RST) rather than a clean end of stream: the only answer
+    a channel carries back. (A unix socket resets only with bytes left unread.)"""
+    if not transport.is_closing():
+        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop's, once closed
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def read_channel(protocol: ChannelProtocol, owner: ChannelOwner) -> None:

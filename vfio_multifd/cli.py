@@ -4,6 +4,9 @@ The only place that picks the event loop (uvloop) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
 ``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (129
 SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
+For ``send``, 0 means the daemon closed every channel cleanly (which it does
+only once its outputs are in place) and 1 that a connection failed or was
+reset; for ``status``, 1 that nothing answered.
 
 Signals (``receive``): every signal whose default action would end the
 process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
@@ -34,11 +37,11 @@ from typing import Any, TextIO, TypeVar
 import structlog
 
 from . import cli_options, logconfig, notify, status_client, status_server
-from .config import ReceiveSettings
+from .config import Address, ReceiveSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
 from .send_progress import send_progress
-from .sender import SendResult, send
+from .sender import SendResult, Stopped, send
 from .session import Session
 
 EXIT_OK = 0
@@ -108,7 +111,8 @@ def _receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    print_receive_summary(run_loop(_receive(settings, options)), sys.stdout)
+    result = run_loop(_receive(settings, options))
+    print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
 
@@ -198,7 +202,10 @@ def printable(text: object) -> str:
     return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def print_receive_summary(result: SessionResult, out: TextIO) -> None:
+def print_receive_summary(
+    result: SessionResult, out: TextIO, *, max_queued_bytes: int | None = None
+) -> None:
+    """One line per device, one for the migration (MB/s: 10^6 bytes a second)."""
     for d in result.devices:
         print(
             f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
@@ -207,10 +214,16 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
             f"{d.digest} -> {printable(d.data_path)}",
             file=out,
         )
+    spilled = f"spilled {result.spilled_bytes} bytes"
+    if result.spilled_bytes:
+        spilled += (
+            " (chunks that came early went to disk and were read back in their turn, "
+            f"to keep queued memory under --max-queued-bytes {max_queued_bytes})"
+        )
     print(
         f"received {result.data_bytes} bytes in {result.seconds:.3f} s "
         f"({result.mb_per_s:.1f} MB/s); peak queued {result.peak_queued_bytes} bytes, "
-        f"spilled {result.spilled_bytes} bytes, paused {result.paused_seconds:.3f} s",
+        f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
 
@@ -220,30 +233,47 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
 
 def _send_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
-    with send_progress(args.device, args.progress_interval) as progress:
-        result = send(
-            args.connect,
-            args.device,
-            channels=args.channels,
-            uuid=args.uuid,
-            chunk_size=args.chunk_size,
-            order=args.order,
-            seed=args.seed,
-            digest=args.digest,
-            connect_timeout=args.connect_timeout,
-            inject=args.inject,
-            progress=progress,
-        )
-    print_send_summary(result, sys.stdout)
+    previous = signal.signal(signal.SIGTERM, _stop_sending)
+    try:
+        with send_progress(args.device, args.progress_interval) as progress:
+            result = send(
+                args.connect,
+                args.device,
+                channels=args.channels,
+                uuid=args.uuid,
+                chunk_size=args.chunk_size,
+                order=args.order,
+                seed=args.seed,
+                digest=args.digest,
+                connect_timeout=args.connect_timeout,
+                inject=args.inject,
+                progress=progress,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_send_summary(result, sys.stdout, args.connect)
     return EXIT_OK
 
 
-def print_send_summary(result: SendResult, out: TextIO) -> None:
+def _stop_sending(signum: int, frame: object) -> None:
+    """SIGTERM stops the sender as SIGINT does, and its message says what was sent."""
+    raise Stopped(signum)
+
+
+def print_send_summary(result: SendResult, out: TextIO, address: Address) -> None:
+    """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
+    what the daemon's clean close of every channel means over this transport."""
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
+    verdict = (
+        "the daemon closed every channel cleanly: it completed the migration"
+        if address.kind == "tcp"
+        else "the daemon closed every channel (over a unix socket that does not prove it "
+        "completed: its exit code says)"
+    )
     print(
         f"sent {sum(d[1] for d in result.devices)} bytes in {result.seconds:.3f} s "
-        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels",
+        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels; {verdict}",
         file=out,
     )
 
@@ -254,8 +284,8 @@ def print_send_summary(result: SendResult, out: TextIO) -> None:
 def _status_command(args: argparse.Namespace) -> int:
     try:
         reply = status_client.query(args.socket, timeout=args.timeout)
-    except (OSError, ValueError) as error:
-        print(f"vfio-multifd: error: {args.socket}: {error}", file=sys.stderr)
+    except status_client.StatusError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED
     if "error" in reply:
         print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)

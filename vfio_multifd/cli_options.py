@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
+import importlib.metadata
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import logconfig
+from . import __version__, logconfig
 from .config import (
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
@@ -159,6 +161,11 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
         prog="vfio-multifd",
         description="QEMU-format multifd device-state migration: destination and source.",
     )
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the versions of vfio-multifd, Python, uvloop and structlog, and exit",
+    )
     sub = parser.add_subparsers(
         dest="command", required=True, parser_class=_Parser, help="what to do"
     )
@@ -166,6 +173,28 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
     _add_send(sub, send)
     _add_status(sub, status)
     return parser
+
+
+def version_text() -> str:
+    """``vfio-multifd 0.1.0 (Python 3.11.2, uvloop 0.21.0, structlog 25.1.0)``."""
+    parts = [f"Python {platform.python_version()}"]
+    for package in ("uvloop", "structlog"):
+        try:
+            parts.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{package} missing")
+    return f"vfio-multifd {__version__} ({', '.join(parts)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the versions are looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(version_text())
+        parser.exit()
 
 
 def _migration_parent() -> _Parser:
@@ -177,7 +206,8 @@ def _migration_parent() -> _Parser:
         type=_channels,
         default=2,
         metavar="N",
-        help="multifd channels, one connection each: 1..256 (default 2, as QEMU)",
+        help="multifd channels, one connection each: 1..256 (default 2, as QEMU); "
+        "a migration needs all of them",
     )
     group.add_argument(
         "--uuid",
@@ -251,7 +281,8 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         action="append",
         required=True,
         metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
-        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config",
+        help="a device to receive (repeatable); instance defaults to 0, config to PATH.config; "
+        "a comma inside a value is written twice (data=a,,b.bin)",
     )
     _add_receive_limits(rx)
     rx.add_argument(
@@ -317,7 +348,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         type=_seconds_or_off,
         default=None,
         metavar="SECONDS",
-        help="fail unless every channel connects within this time (default, and 0: wait)",
+        help="fail unless every channel connects within this time, even if fewer channels "
+        "brought all the data (default, and 0: wait)",
     )
     rx.add_argument(
         "--handshake-timeout",
@@ -348,6 +380,10 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
     tx = sub.add_parser(
         "send",
         help="send device state like a QEMU source",
+        description="Send device state like a QEMU source, then wait for the daemon's verdict: "
+        "it closes every channel cleanly once its outputs are in place, and resets them if the "
+        "migration failed. Exit 0: every channel closed cleanly (over TCP, the migration "
+        "completed); 1: a connection failed or was reset; 2: usage error; 130/143: SIGINT/SIGTERM.",
         parents=[
             _migration_parent(),
             _reporting_parent(
@@ -371,7 +407,8 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         action="append",
         required=True,
         metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
-        help="a device to send (repeatable)",
+        help="a device to send (repeatable): data read from FILE, or BYTES generated from "
+        "seed S; a comma inside a value is written twice (source=a,,b.bin)",
     )
     tx.add_argument(
         "--chunk-size",
@@ -399,7 +436,8 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         type=_positive_seconds,
         default=30.0,
         metavar="SECONDS",
-        help="keep retrying to connect for this long (default 30)",
+        help="while nothing listens at --connect, retry each channel's connection for this "
+        "long (default 30); a connect_retrying log line says until when",
     )
 
 

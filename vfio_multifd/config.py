@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import enum
 import os
 import re
@@ -77,20 +78,49 @@ class Address:
 
 
 def parse_fields(text: str, *, what: str, allowed: set[str]) -> dict[str, str]:
-    """``"idstr=a,instance=1"`` -> dict. An idstr may itself contain commas only
-    if it is the last field, so a ``key=value`` list is split on ``,key=``."""
+    """``"idstr=a,instance=1"`` -> dict. Every comma ends a field and every field is
+    checked, wherever it is; a comma inside a value is written twice, as in QEMU's
+    own options: ``data=/tmp/a,,b.bin`` is the path ``/tmp/a,b.bin``."""
     fields: dict[str, str] = {}
-    keys = "|".join(sorted(allowed))
-    for part in re.split(rf",(?=(?:{keys})=)", text):
+    for part in split_fields(text):
         key, sep, value = part.partition("=")
         if not sep or key not in allowed:
-            raise UsageError(
-                f"{what} {text!r}: unknown field {part!r} (fields: {', '.join(sorted(allowed))})"
-            )
+            raise UsageError(f"{what} {text!r}: {_unknown_field(part, key, sep, allowed)}")
         if key in fields:
             raise UsageError(f"{what} {text!r}: field {key!r} given twice")
         fields[key] = value
     return fields
+
+
+def split_fields(text: str) -> list[str]:
+    """Split on single commas; ``,,`` is a comma inside a field."""
+    parts: list[str] = []
+    current: list[str] = []
+    n = 0
+    while n < len(text):
+        if text[n] != ",":
+            current.append(text[n])
+        elif text.startswith(",,", n):
+            current.append(",")
+            n += 1
+        else:
+            parts.append("".join(current))
+            current = []
+        n += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _unknown_field(part: str, key: str, sep: str, allowed: set[str]) -> str:
+    known = ", ".join(sorted(allowed))
+    if not sep:
+        return (
+            f"{part!r} is not a field (fields are KEY=VALUE: {known}; "
+            "a comma inside a value is written twice, as in data=a,,b.bin)"
+        )
+    guess = difflib.get_close_matches(key, sorted(allowed), n=1)
+    hint = f"; did you mean {guess[0]}=?" if guess else ""
+    return f"unknown field {key!r} in {part!r} (fields: {known}){hint}"
 
 
 def parse_device_key(fields: dict[str, str], text: str) -> DeviceKey:

@@ -6,6 +6,8 @@
 * :class:`DeviceIOError` - writing a device's data or config file failed.
 * :class:`SessionError` - the migration as a whole could not finish
   (incomplete streams, timeouts, cancellation, memory policy).
+* :class:`SendError` - the sender's side: it could not connect, or the daemon
+  reset a channel (it refused the channel, or the migration failed there).
 
 Every error carries the channel, device and idx it concerns (where known)
 and a stable ``reason`` code, so tests and scripts need not parse messages.
@@ -63,6 +65,10 @@ class Reason(enum.StrEnum):
     INTERNAL = "internal"  # a bug: reported cleanly all the same
     # usage
     USAGE = "usage"
+    # the sender (vfio-multifd send)
+    CONNECT_FAILED = "connect-failed"
+    CHANNEL_RESET = "channel-reset"
+    SEND_FAILED = "send-failed"
 
 
 class MultifdError(Exception):
@@ -144,6 +150,10 @@ def os_error_text(error: OSError) -> str:
         return reason
     code = errno_module.errorcode.get(error.errno, str(error.errno))
     return f"{reason} ({code}, errno {error.errno})"
+
+
+class SendError(MultifdError):
+    """The sender could not connect, or a channel ended without the daemon's clean close."""
 
 
 class SessionError(MultifdError):

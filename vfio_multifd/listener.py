@@ -367,13 +367,14 @@ class ChannelRegistry:
         """Bytes of the accepted channels, handshakes included (refused strays are not traffic)."""
         return sum(channel.decoder.bytes_received for channel in self.channels.values())
 
-    def close(self) -> None:
-        """Stop listening and hang up on every connection."""
+    def close(self, *, completed: bool = False) -> None:
+        """Stop listening and hang up on every connection: cleanly only if the
+        migration ``completed``, otherwise with a reset."""
         self._close_sockets()
         for task in list(self._starting):
             task.cancel()
         for channel in list(self.connections):
-            channel.close()
+            channel.close(completed=completed)
         self.log_suppressed()
 
     def _close_sockets(self) -> None:

@@ -187,23 +187,56 @@ class DeviceBuffer:
         return taken
 
     def missing(self) -> str:
-        """The indices still missing, as ranges: ``"3-5, 9 and the config state"``."""
-        end = self.max_idx if self.last_idx is None else self.last_idx
-        text = ", ".join(
-            _span(first, last) for first, last in _gaps(self.next_idx, end, self.chunks)
+        """What never came, for an error message: how many chunks, about how many bytes
+        (at the chunk size seen), which idx, and whether the config state packet came.
+
+        ``""`` once everything up to the config packet is here. O(chunks held), never
+        O(the size of a gap): a source that sends idx 4294967294 alone must not make
+        this message slow.
+        """
+        last = self.last_idx
+        end = self.max_idx if last is None else last
+        gaps = list(_gaps(self.next_idx, end, self.chunks))
+        count = sum(stop - first + 1 for first, stop in gaps)
+        text = ""
+        if gaps:
+            shown = ", ".join(_span(first, stop) for first, stop in gaps[:MISSING_RANGES_SHOWN])
+            if len(gaps) > MISSING_RANGES_SHOWN:
+                shown += f" and {len(gaps) - MISSING_RANGES_SHOWN} more ranges"
+            size = self._chunk_size_seen()
+            about = "" if size is None else f": about {count * size} bytes at {size} bytes a chunk"
+            of = "" if last is None else f" of {last}"
+            plural = "s" if (count if last is None else last) != 1 else ""
+            text = f"missing {count}{of} chunk{plural} (idx {shown}{about})"
+        if last is not None:
+            return text
+        if self.max_idx < 0:
+            return "nothing came: no chunk and no config state packet"
+        tail = (
+            f"the config state packet never came, nor anything after idx {self.max_idx} "
+            "(the highest received"
         )
-        if self.last_idx is None:
-            after = f" (after idx {self.max_idx})" if self.max_idx >= 0 else ""
-            tail = f"the config state packet{after}"
-            return f"{text} and {tail}" if text else tail
-        return text
+        tail += ")" if gaps else "; every chunk up to it came)"
+        return f"{text}, and {tail}" if text else tail
+
+    def _chunk_size_seen(self) -> int | None:
+        """The largest data chunk held, else the average written; None if none came."""
+        held = [chunk.size for chunk in self.chunks.values() if not chunk.config]
+        if held:
+            return max(held)
+        if self.chunks_written:
+            return -(-self.bytes_written // self.chunks_written)
+        return None
+
+
+#: Ranges of missing idx an error message lists before it says how many more.
+MISSING_RANGES_SHOWN = 8
 
 
 def _gaps(start: int, end: int, present: dict[int, Chunk]) -> Iterator[tuple[int, int]]:
     """The runs ``(first, last)`` of indices in ``start..end`` that are absent.
 
-    Time grows with the chunks held, never with the size of a gap: a source
-    that sends idx 4294967294 alone must not make this message slow.
+    Time grows with the chunks held, never with the size of a gap.
     """
     idx = start
     for held in sorted(i for i in present if i >= start):
@@ -421,7 +454,7 @@ class ReassemblyBuffer:
         stuck = [d for d in self.incomplete_devices() if not d.fully_received]
         if not stuck:
             return None
-        detail = "; ".join(f"device {d.key}: missing idx {d.missing()}" for d in stuck)
+        detail = "; ".join(f"device {d.key}: {d.missing()}" for d in stuck)
         return SessionError(
             Reason.INCOMPLETE, f"{why} with {len(stuck)} device(s) incomplete: {detail}"
         )

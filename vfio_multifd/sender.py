@@ -16,14 +16,19 @@ producing it costs no CPU.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import random
+import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import structlog
 
 from .config import (
     Address,
@@ -34,7 +39,7 @@ from .config import (
     parse_size,
 )
 from .digest import format_digest, new_hasher
-from .errors import UsageError
+from .errors import Cancelled, Reason, SendError, UsageError, os_error_text
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
 
 ORDERS = ("round-robin", "reverse", "random")
@@ -217,6 +222,8 @@ def _corrupt(
     return bytes(raw), data
 
 
+log = structlog.get_logger("vfio_multifd.sender")
+
 UNKNOWN_DEVICE = DeviceKey("0000:99:00.0/unknown", 0)
 
 
@@ -265,27 +272,64 @@ class SendResult:
         return sum(d[1] for d in self.devices) / 1e6 / self.seconds if self.seconds else 0.0
 
 
-def connect(address: Address, timeout: float) -> socket.socket:
-    """Connect, retrying while the daemon is not listening yet."""
+def connect(address: Address, timeout: float, *, channel: int | None = None) -> socket.socket:
+    """Connect, retrying while nothing listens at ``address`` yet (for ``timeout`` seconds;
+    a log line says so, and until when). Raises :class:`SendError` naming the address."""
     deadline = time.monotonic() + timeout
+    retrying = False
     while True:
         try:
-            if address.kind == "unix":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.connect(address.path)
-                except BaseException:
-                    sock.close()
-                    raise
-                return sock
-            sock = socket.create_connection((address.host, address.port), timeout=timeout)
-            sock.settimeout(None)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except (ConnectionRefusedError, FileNotFoundError):
-            if time.monotonic() > deadline:
-                raise
+            return _connect_once(address, timeout)
+        except (ConnectionRefusedError, FileNotFoundError) as error:
+            left = deadline - time.monotonic()
+            if left < 0:
+                raise SendError(
+                    Reason.CONNECT_FAILED,
+                    f"cannot connect to {address} within {timeout:g} s (--connect-timeout): "
+                    f"{_why(error)}",
+                    channel=channel,
+                ) from None
+            if not retrying:
+                retrying = True
+                until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=left)
+                log.warning(
+                    "connect_retrying",
+                    channel=channel,
+                    address=str(address),
+                    error=_why(error),
+                    until=until.strftime("%Y-%m-%dT%H:%M:%SZ"),  # as the log's timestamps
+                    connect_timeout=timeout,
+                )
             time.sleep(0.05)
+        except OSError as error:
+            raise SendError(
+                Reason.CONNECT_FAILED,
+                f"cannot connect to {address}: {_why(error)}",
+                channel=channel,
+            ) from None
+
+
+def _connect_once(address: Address, timeout: float) -> socket.socket:
+    if address.kind == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(address.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    sock = socket.create_connection((address.host, address.port), timeout=timeout)
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _why(error: OSError) -> str:
+    if isinstance(error, socket.gaierror):  # a host name that does not resolve
+        return str(error.strerror)
+    if isinstance(error, TimeoutError) and not error.errno:
+        return "timed out"
+    return os_error_text(error)
 
 
 def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
@@ -301,40 +345,131 @@ def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
 ChannelStream = Callable[[socket.socket], int]
 
 
-def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: float) -> list[int]:
-    """Connect every channel, then run each stream on its own thread; bytes sent per channel."""
-    socks = [connect(address, timeout) for _ in streams]
+def run_channels(
+    address: Address,
+    streams: Sequence[ChannelStream],
+    timeout: float,
+    *,
+    stop: threading.Event | None = None,
+) -> list[int]:
+    """Connect every channel, run each stream on its own thread, then wait for the
+    daemon's verdict; returns the bytes each channel sent.
+
+    The daemon answers nothing on a channel: it closes every channel cleanly once
+    the migration completed (its outputs in place) and resets them when it failed
+    or refused one. A reset, or any other error, raises :class:`SendError` naming
+    the channel and the address, and resets every other channel at once (so that
+    the daemon fails too, rather than wait for them). ``stop`` is set then: a
+    stream that checks it between packets stops early.
+    """
+    stop = stop or threading.Event()
+    socks: list[socket.socket] = []
+    try:
+        for n in range(len(streams)):
+            socks.append(connect(address, timeout, channel=n))
+    except BaseException:
+        for sock in socks:
+            _reset(sock)
+            sock.close()
+        raise
     sent = [0] * len(streams)
     errors: list[BaseException] = []
+    finished: list[int] = []  # channels that sent their whole stream
+    lock = threading.Lock()
+
+    def abort() -> None:
+        stop.set()
+        for sock in socks:
+            _reset(sock)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)  # wakes a thread waiting for the verdict
 
     def worker(n: int) -> None:
         sock = socks[n]
         try:
-            sent[n] = streams[n](sock)
+            try:
+                sent[n] = streams[n](sock)
+            except OSError as error:
+                if not stop.is_set():
+                    raise _channel_error(n, address, error, sent=None) from None
+                return
+            if stop.is_set():
+                return
             sock.shutdown(socket.SHUT_WR)
-            # Wait for the daemon to close, so "sent" means "received by the daemon".
-            sock.settimeout(timeout)
-            _drain_until_closed(sock)
+            with lock:
+                finished.append(n)
+                if len(finished) == len(streams):
+                    log.info(
+                        "waiting_for_daemon",
+                        address=str(address),
+                        bytes=sum(sent),
+                        why="everything is sent; the daemon closes every channel once its "
+                        "outputs are in place, or resets them if the migration failed",
+                    )
+            try:
+                while sock.recv(4096):  # the destination answers nothing: a byte is ignored
+                    pass
+            except OSError as error:
+                if not stop.is_set():
+                    raise _channel_error(n, address, error, sent=sent[n]) from None
         except BaseException as error:  # reported by the caller
-            errors.append(error)
+            with lock:
+                errors.append(error)
+            abort()
         finally:
             sock.close()
 
-    threads = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(len(streams))]
+    threads = [
+        threading.Thread(target=worker, args=(n,), name=f"send-channel-{n}", daemon=True)
+        for n in range(len(streams))
+    ]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # SIGINT, SIGTERM: the daemon sees the channels reset
+        abort()
+        deadline = time.monotonic() + 1.0  # a thread stuck in sendmsg is left to exit
+        for thread in threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        raise
     if errors:
         raise errors[0]
     return sent
 
 
-def _drain_until_closed(sock: socket.socket) -> None:
-    """The destination answers nothing; its close (or a reset) is the end."""
+def _reset(sock: socket.socket) -> None:
+    """Make the socket's close a reset (TCP RST), not a clean end of stream."""
     with contextlib.suppress(OSError):
-        while sock.recv(4096):
-            pass
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def _channel_error(channel: int, address: Address, error: OSError, *, sent: int | None) -> SendError:
+    """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
+    when = (
+        "while this channel was sending"
+        if sent is None
+        else f"after this channel sent all its {sent} bytes"
+    )
+    if isinstance(error, ConnectionResetError | BrokenPipeError):
+        return SendError(
+            Reason.CHANNEL_RESET,
+            f"{address}: the daemon reset the connection {when}: it refused this channel or "
+            "the migration failed (the daemon's error says which)",
+            channel=channel,
+        )
+    return SendError(
+        Reason.SEND_FAILED, f"{address}: {_why(error)} {when}", channel=channel
+    )
+
+
+class Stopped(KeyboardInterrupt):
+    """A signal that stops the sender (SIGTERM; SIGINT is a plain KeyboardInterrupt)."""
+
+    def __init__(self, signal_number: int) -> None:
+        super().__init__(signal_number)
+        self.signal_number = signal_number
 
 
 def send(
@@ -351,15 +486,23 @@ def send(
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SendResult:
-    """Send ``devices`` over ``channels`` connections to ``address``.
+    """Send ``devices`` over ``channels`` connections to ``address``, and wait for the
+    daemon's verdict (see :func:`run_channels`).
 
     ``progress(device_index, nbytes)`` is called after each data chunk is sent,
-    from the channel's own thread (so it must be thread-safe).
+    from the channel's own thread (so it must be thread-safe). Raises
+    :class:`SendError` when a channel fails, and :class:`Cancelled` saying what
+    was sent when stopped by SIGINT (or a :class:`Stopped` signal).
     """
     check_channels(channels)
     if chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
     states = [DeviceState(device, chunk_size) for device in devices]
+    # What each channel sent so far, each written by its own channel's thread only.
+    data_sent = [0] * channels
+    packets_sent = [0] * channels
+    per_channel: list[list[Packet]] = []
+    stop = threading.Event()
     try:
         digests = [state.digest(digest) for state in states]
         per_channel = plan(states, channels, order, seed)
@@ -374,6 +517,8 @@ def send(
                 handshake = ChannelHandshake(channel_id, uuid)
                 total = send_all(sock, [_handshake_bytes(handshake, fault, channels)])
                 for n, (d, idx) in enumerate(per_channel[channel_id]):
+                    if stop.is_set():  # another channel failed
+                        break
                     key, data, config = _packet(states, d, idx, inject)
                     prefix = encode_packet_prefix(key, idx, len(data), config)
                     if n == 0 and fault is not None:
@@ -381,15 +526,30 @@ def send(
                             return total + send_all(sock, [prefix[: len(prefix) // 2]])
                         prefix, data = _corrupt(fault, prefix, data)
                     total += send_all(sock, [prefix, data])
-                    if progress is not None and d >= 0 and idx < states[d].chunks:
-                        progress(d, len(data))
+                    packets_sent[channel_id] += 1
+                    if d >= 0 and idx < states[d].chunks:
+                        data_sent[channel_id] += len(data)
+                        if progress is not None:
+                            progress(d, len(data))
                 return total
 
             return run
 
         started = time.monotonic()
-        sent = run_channels(address, [stream(n) for n in range(channels)], connect_timeout)
+        sent = run_channels(
+            address, [stream(n) for n in range(channels)], connect_timeout, stop=stop
+        )
         seconds = time.monotonic() - started
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signal_number", signal.SIGINT)
+        what = _what_was_sent(
+            address,
+            data=(sum(data_sent), sum(state.device.size for state in states)),
+            packets=(sum(packets_sent), sum(len(packets) for packets in per_channel)),
+        )
+        raise Cancelled(
+            f"stopped by {signal.Signals(signum).name} {what}", signal_number=signum
+        ) from None
     finally:
         for state in states:
             state.close()
@@ -401,4 +561,19 @@ def send(
         seconds=seconds,
         bytes_sent=sum(sent),
         channel_bytes=sent,
+    )
+
+
+def _what_was_sent(address: Address, *, data: tuple[int, int], packets: tuple[int, int]) -> str:
+    """For the message of a sender stopped by a signal: ``(done, total)`` data bytes, packets."""
+    if packets[1] == 0 or packets[0] == 0:
+        return f"before any packet was sent to {address}"
+    so_far = (
+        f"{data[0]} of {data[1]} data bytes ({packets[0]} of {packets[1]} packets) to {address}"
+    )
+    if packets[0] < packets[1]:
+        return f"after sending {so_far}: the migration is incomplete (its channels are reset)"
+    return (
+        f"after sending all {so_far}, before the daemon closed the channels: it had not "
+        "completed the migration yet"
     )

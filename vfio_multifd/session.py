@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -85,6 +85,7 @@ class Session:
         ]
         self.outputs = OutputSet(self.loaders)
         self.listening = asyncio.Event()
+        self._all_connected = asyncio.Event()  # every expected channel was accepted
         self.error: MultifdError | None = None
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
@@ -117,6 +118,10 @@ class Session:
                 self._set_status(SessionStatus.CANCELLED)
             raise
         except MultifdError as error:
+            if error.reason in EXPLAINED_BY_REFUSALS:
+                refusals = refusals_text(self.registry.refused)
+                if refusals:
+                    error.message += f"; {refusals}"
             self.error = error
             cancelled = isinstance(error, Cancelled)
             self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
@@ -132,6 +137,8 @@ class Session:
             # Every device is complete: from here on the outcome is success, and
             # the channels we now hang up on (QEMU keeps them open) are no error.
             await self._commit()
+            # Only now, with every output in place, does a source see a clean close.
+            self.registry.close(completed=True)
             self._set_status(SessionStatus.COMPLETED)
             return self._result()
         except BaseException:
@@ -182,15 +189,37 @@ class Session:
                     for loader in self.loaders
                 ]
                 await asyncio.gather(*loads)
+                await self._every_channel_connected()
                 self.outputs.committing = True
                 self._group = None
-                self.registry.close()
                 for task in self._background:
                     task.cancel()
         except BaseExceptionGroup as group_error:
             raise self._decide(group_error) from None
         finally:
             self._group = None
+
+    async def _every_channel_connected(self) -> None:
+        """Every device is complete; wait for the channels that never connected.
+
+        As QEMU's destination, which starts loading only once every multifd channel
+        exists, a migration needs all its ``--channels``: fewer means the two ends
+        disagree. ``--accept-timeout`` (or ``--progress-timeout``) bounds the wait.
+        """
+        missing = self._missing_channels()
+        if not missing:
+            return
+        self.log.warning(
+            "waiting_for_channels",
+            connected=len(self.registry.channels),
+            channels=self.settings.channels,
+            missing=missing,
+            why="every device is complete, but a migration needs all its channels",
+        )
+        await self._all_connected.wait()
+
+    def _missing_channels(self) -> list[int]:
+        return sorted(set(range(self.settings.channels)) - set(self.registry.channels))
 
     def _decide(self, group_error: BaseExceptionGroup[BaseException]) -> MultifdError:
         """The error the migration ends with: the first reported, else a loader's own."""
@@ -276,6 +305,8 @@ class Session:
         if self._group is None or ending or self._pending_error is not None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
+        if len(self.registry.channels) == self.settings.channels:
+            self._all_connected.set()
         if self.started is None:
             self.started = time.monotonic()
             self._set_status(SessionStatus.ACTIVE)
@@ -308,10 +339,15 @@ class Session:
             received=self.registry.bytes_received,
             written=self.reassembly.bytes_written,
             active=self.status is SessionStatus.ACTIVE,
-            waiting_for=tuple(
-                f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()
-            ),
+            waiting_for=self._waiting_for(),
         )
+
+    def _waiting_for(self) -> tuple[str, ...]:
+        waiting = [f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()]
+        missing = self._missing_channels()
+        if missing:
+            waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
+        return tuple(waiting)
 
     def _result(self) -> SessionResult:
         result = summarize(
@@ -323,6 +359,40 @@ class Session:
         )
         self.log.info("migration_completed", **result.log_fields())
         return result
+
+
+#: Failures that refused connections may explain: a channel that was refused
+#: is a channel that never came, so its data is missing, or time ran out, or
+#: the operator gave up waiting, or the source gave up and reset the others.
+EXPLAINED_BY_REFUSALS = frozenset(
+    {
+        Reason.INCOMPLETE,
+        Reason.ACCEPT_TIMEOUT,
+        Reason.PROGRESS_TIMEOUT,
+        Reason.CANCELLED,
+        Reason.PACKET_TRUNCATED,
+    }
+)
+#: Distinct refusal messages the final error lists.
+REFUSALS_SHOWN = 3
+
+
+def refusals_text(refused: Iterable[tuple[str, HandshakeError]]) -> str:
+    """``2 connections refused: handshake channel id 2 is not below the 2 expected
+    channels``: the refusals, each distinct message once, for the final error."""
+    counts: dict[str, int] = {}
+    for _peer, error in refused:
+        counts[str(error)] = counts.get(str(error), 0) + 1
+    total = sum(counts.values())
+    if not total:
+        return ""
+    shown = [
+        message if len(counts) == 1 or count == 1 else f"{message} ({count} times)"
+        for message, count in list(counts.items())[:REFUSALS_SHOWN]
+    ]
+    if len(counts) > REFUSALS_SHOWN:
+        shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
+    return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"
 
 
 async def _raise_when_set(first_error: asyncio.Future[MultifdError]) -> None:

@@ -8,31 +8,93 @@ few aligned tables for a person.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 from typing import Any
+
+from .errors import os_error_text
 
 JSON = dict[str, Any]
 
 
+class StatusError(OSError):
+    """No answer from a status socket; the message names the socket and says why."""
+
+
 def query(path: str, command: str = "query-migrate", timeout: float = 5.0) -> JSON:
-    """Run one command on a status socket (ours or QEMU's QMP) and return its reply."""
+    """Run one command on a status socket (ours or QEMU's QMP) and return its reply.
+
+    Raises :class:`StatusError` saying which socket, whether it exists and what it did.
+    """
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(path)
-        stream = sock.makefile("rwb")
-        _read_reply(stream)  # the greeting
-        for execute in ("qmp_capabilities", command):
-            stream.write(json.dumps({"execute": execute}).encode() + b"\n")
-            stream.flush()
-            reply = _read_reply(stream)
+        try:
+            sock.connect(path)
+        except OSError as error:
+            raise StatusError(_cannot_connect(path, error, timeout)) from None
+        try:
+            stream = sock.makefile("rwb")
+            _read_reply(stream)  # the greeting
+            for execute in ("qmp_capabilities", command):
+                stream.write(json.dumps({"execute": execute}).encode() + b"\n")
+                stream.flush()
+                reply = _read_reply(stream)
+        except TimeoutError:
+            raise StatusError(
+                f"status socket {path} accepted the connection but sent no answer within "
+                f"{timeout:g} s (--timeout): is a vfio-multifd daemon or QEMU's QMP monitor "
+                "behind it?"
+            ) from None
+        except ValueError as error:
+            raise StatusError(
+                f"status socket {path} answered with something that is not QMP JSON: {error}"
+            ) from None
+        except OSError as error:
+            raise StatusError(f"status socket {path}: {os_error_text(error)}") from None
         return reply
+
+
+def _cannot_connect(path: str, error: OSError, timeout: float) -> str:
+    """Why nothing answers at ``path``: whether it exists, and what it is."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return (
+            f"status socket {path} does not exist: no daemon listens there (receive "
+            "--status-socket creates it, and removes it when the migration ends)"
+        )
+    except OSError as stat_error:
+        return f"status socket {path}: {os_error_text(stat_error)}"
+    if not stat.S_ISSOCK(mode):
+        kind = "directory" if stat.S_ISDIR(mode) else "regular file" if stat.S_ISREG(mode) else "file"
+        return (
+            f"{path} is a {kind}, not a socket: give the path of receive --status-socket "
+            "(or of QEMU's QMP socket)"
+        )
+    if isinstance(error, ConnectionRefusedError):
+        return (
+            f"status socket {path} exists, but nothing listens on it: the daemon that made "
+            "it is gone (its exit code is the final word)"
+        )
+    if isinstance(error, TimeoutError):
+        return (
+            f"status socket {path} exists, but did not accept the connection within "
+            f"{timeout:g} s (--timeout)"
+        )
+    if isinstance(error, PermissionError):
+        return (
+            f"status socket {path} exists, but connecting is not allowed: "
+            f"{os_error_text(error)}; it is private to the user who started the daemon"
+        )
+    return f"status socket {path} exists, but connecting failed: {os_error_text(error)}"
 
 
 def _read_reply(stream: Any) -> JSON:
     while True:
         line = stream.readline()
         if not line:
-            raise ConnectionError("the status socket closed the connection")
+            raise ConnectionError("it closed the connection before answering")
         message = json.loads(line)
         if isinstance(message, dict) and "event" not in message:
             return message  # QEMU may interleave asynchronous events
@@ -45,14 +107,15 @@ def format_table(info: JSON) -> str:
     mbps = info.get("mbps", ram.get("mbps", 0))
     lines = [
         f"status: {info.get('status', '?')}   total-time: {info.get('total-time', 0)} ms   "
-        f"transferred: {transferred} bytes   mbps: {mbps}"
+        f"transferred: {transferred} bytes   mbps: {mbps} (megabits/s)"
     ]
     if "error-desc" in info:
         lines.append(f"error: {info['error-desc']}")
     if "queued-bytes" in info:
         lines.append(
-            f"queued: {info['queued-bytes']} bytes (peak {info.get('peak-queued-bytes', 0)}), "
-            f"spilled: {info.get('spilled-bytes', 0)} bytes, "
+            f"queued: {info['queued-bytes']} bytes (peak {info.get('peak-queued-bytes', 0)} "
+            f"bytes), spilled: {info.get('spilled-bytes', 0)} bytes, "
+            f"paused: {info.get('paused-time', 0)} ms, "
             f"refused connections: {info.get('refused-connections', 0)}"
         )
     devices = info.get("devices") or []

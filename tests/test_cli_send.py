@@ -1,0 +1,159 @@
+"""``vfio-multifd send`` as a user runs it: what its exit code means, and errors
+that name the address and the channel."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, receiver, run, wait_for
+from helpers import IDSTR
+
+
+def events(text: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_exit_0_means_the_daemon_completed_the_migration(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon, out = receiver(tmp_path, daemons, "--channels", "2")
+    sent = run(["send", "--connect", daemon.address, "--device", f"idstr={IDSTR},size=3M"])
+    assert sent.returncode == 0, sent.stderr
+    # The sender returned only once the daemon closed every channel, which it does
+    # with its outputs in place.
+    assert sorted(os.listdir(out)) == ["a.bin", "a.bin.config"]
+    assert re.fullmatch(
+        r"sent 3145728 bytes in [\d.]+ s \([\d.]+ MB/s\) over 2 channels; "
+        r"the daemon closed every channel cleanly: it completed the migration",
+        sent.stdout.splitlines()[-1],
+    ), sent.stdout
+    assert daemon.finish()[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "inject", "daemon_error"),
+    [
+        (f"idstr={IDSTR},size=2M", "duplicate", "state buffer 0 already filled"),
+        (f"idstr={IDSTR},size=2M", "missing", "missing 1 of 2 chunks (idx 0"),
+        (f"idstr={IDSTR},size=2M", "bad-config", "starts with 0x0000000000000000"),
+        ("idstr=0000:00:09.0/vfio,size=2M", None, "unknown device"),
+    ],
+    ids=["duplicate", "missing", "bad-config", "wrong idstr"],
+)
+def test_a_migration_the_daemon_rejects_is_exit_1_for_the_sender(
+    tmp_path: Path, daemons: list[Daemon], device: str, inject: str | None, daemon_error: str
+) -> None:
+    """It exited 0: the daemon's verdict never reached it."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "2")
+    faults = ["--inject", inject] if inject else []
+    sent = run(["send", "--connect", daemon.address, "--device", device, *faults])
+    code, _, stderr = daemon.finish()
+    assert code == 1 and daemon_error in stderr.splitlines()[-1], stderr
+    assert sent.returncode == 1, sent.stderr
+    assert re.fullmatch(SENDER_RESET.format(address=re.escape(daemon.address)), sent.stderr.splitlines()[-1])
+    assert sent.stdout == "" and TRACEBACK not in sent.stderr
+    assert os.listdir(out) == []
+
+
+def test_connecting_says_it_retries_and_until_when_then_names_address_and_channel() -> None:
+    address = f"tcp:127.0.0.1:{closed_port()}"
+    sent = run(
+        ["send", "--connect", address, "--connect-timeout", "0.5", "--log-format", "json",
+         "--device", "idstr=a,size=1M"],
+        timeout=30,
+    )  # fmt: skip
+    assert sent.returncode == 1
+    assert sent.stderr.splitlines()[-1] == (
+        f"vfio-multifd: error: channel 0: cannot connect to {address} within 0.5 s "
+        "(--connect-timeout): Connection refused (ECONNREFUSED, errno 111)"
+    )
+    [retrying] = [e for e in events(sent.stderr) if e["event"] == "connect_retrying"]
+    assert retrying["channel"] == 0 and retrying["address"] == address
+    assert retrying["error"] == "Connection refused (ECONNREFUSED, errno 111)"
+    assert retrying["connect_timeout"] == 0.5
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", str(retrying["until"]))
+    assert sent.stdout == ""
+
+
+def sender(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    log = tmp_path / "send.stderr"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            [*TOOL, "send", "--log-format", "json", "--progress-interval", "0.1", *args],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    return proc, log
+
+
+def logged(log: Path, event: str) -> list[dict[str, object]]:
+    text = log.read_text()
+    return [e for e in events(text[: text.rfind("\n") + 1]) if e["event"] == event]
+
+
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"]
+)
+def test_a_signal_mid_transfer_says_what_was_sent(tmp_path: Path, signum: int, code: int) -> None:
+    """It exited 130 with no message. The listener here never reads: the sender blocks."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        address = f"tcp:127.0.0.1:{listener.getsockname()[1]}"
+        proc, log = sender(tmp_path, "--connect", address, "--channels", "1",
+                           "--device", "idstr=a,size=64M")  # fmt: skip
+        try:
+            wait_for(
+                lambda: any(int(str(e["bytes"])) > 0 for e in logged(log, "send_progress")),
+                what="the first chunks to be sent",
+            )
+            proc.send_signal(signum)
+            out, _ = proc.communicate(timeout=20)
+        finally:
+            proc.kill()
+    assert (proc.returncode, out) == (code, ""), log.read_text()
+    last = log.read_text().splitlines()[-1]
+    name = signal.Signals(signum).name
+    assert re.fullmatch(
+        rf"vfio-multifd: stopped by {name} after sending [1-9]\d* of 67108864 data bytes "
+        rf"\([1-9]\d* of 65 packets\) to {re.escape(address)}: the migration is incomplete "
+        r"\(its channels are reset\)",
+        last,
+    ), last
+
+
+def test_sigint_while_waiting_for_the_daemon_says_everything_was_sent(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    daemon = Daemon(tmp_path, "--channels", "3", "--device", f"idstr={IDSTR},data={tmp_path / 'a.bin'}")
+    daemons.append(daemon)
+    proc, log = sender(tmp_path, "--connect", daemon.address, "--channels", "2",
+                       "--device", f"idstr={IDSTR},size=1M")  # fmt: skip
+    try:
+        wait_for(lambda: bool(logged(log, "waiting_for_daemon")), what="everything sent")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (130, ""), log.read_text()
+    assert log.read_text().splitlines()[-1] == (
+        f"vfio-multifd: stopped by SIGINT after sending all 1048576 of 1048576 data bytes "
+        f"(2 of 2 packets) to {daemon.address}, before the daemon closed the channels: it had "
+        "not completed the migration yet"
+    )
