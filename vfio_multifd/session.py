@@ -185,7 +185,7 @@ class Session:
                 )
                 self._spawn(watch(watchdog, self._sample, self.fail), "watchdog")
                 loads = [
-                    group.create_task(loader.run(), name=f"loader {loader.device.key}")
+                    group.create_task(self._load(loader), name=f"loader {loader.device.key}")
                     for loader in self.loaders
                 ]
                 await asyncio.gather(*loads)
@@ -249,6 +249,18 @@ class Session:
             devices=[str(spec.key) for spec in self.settings.devices],
         )
         self.listening.set()
+
+    async def _load(self, loader: DeviceLoader) -> None:
+        """Run a loader; its own error is reported first, so that the migration is
+        known to be ending (no channel joins) before the task group aborts."""
+        try:
+            await loader.run()
+        except MultifdError as error:
+            self.fail(error)
+            raise
+        except Exception as error:  # a bug: reported cleanly all the same
+            self.fail(SessionError(Reason.INTERNAL, f"internal error: {error!r}"))
+            raise
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
         assert self._group is not None
