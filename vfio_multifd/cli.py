@@ -28,8 +28,8 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, notify, status_client, status_server
-from .config import ReceiveSettings
+from . import cli_options, logconfig, notify, status_client, status_server, tls
+from .config import ReceiveSettings, TlsSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
 from .send_progress import send_progress
@@ -71,6 +71,28 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         progress_timeout=args.progress_timeout,
         digest=args.digest,
         fsync=not args.no_fsync,
+        tls=receive_tls(args),
+    )
+
+
+def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
+    """``--tls-creds``, ``--tls-verify-peer``, ``--tls-authz``: TLS settings, or None."""
+    if args.tls_creds is None:
+        given = [
+            name
+            for name, value in (
+                ("--tls-verify-peer", args.tls_verify_peer),
+                ("--tls-authz", args.tls_authz),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{' and '.join(given)} need --tls-creds DIR")
+        return None
+    return TlsSettings(
+        creds_dir=args.tls_creds,
+        verify_peer=args.tls_verify_peer != "no",
+        authz=tuple(args.tls_authz or ()),
     )
 
 
@@ -181,6 +203,9 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
         f"spilled {result.spilled_bytes} bytes, paused {result.paused_seconds:.3f} s",
         file=out,
     )
+    tls = result.tls_summary()
+    if tls is not None:
+        print(tls, file=out)
 
 
 # -- send ---------------------------------------------------------------------------
@@ -188,6 +213,13 @@ def print_receive_summary(result: SessionResult, out: TextIO) -> None:
 
 def _send_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if args.tls_creds is None and args.tls_hostname is not None:
+        raise UsageError("--tls-hostname needs --tls-creds DIR")
+    tls_client = (
+        None
+        if args.tls_creds is None
+        else tls.load_client(args.tls_creds, args.connect, args.tls_hostname)
+    )
     with send_progress(args.device, args.progress_interval) as progress:
         result = send(
             args.connect,
@@ -201,6 +233,7 @@ def _send_command(args: argparse.Namespace) -> int:
             connect_timeout=args.connect_timeout,
             inject=args.inject,
             progress=progress,
+            tls=tls_client,
         )
     print_send_summary(result, sys.stdout)
     return EXIT_OK

@@ -29,6 +29,7 @@ class Reason(enum.StrEnum):
     HANDSHAKE_MAIN_CHANNEL = "handshake-main-channel"
     HANDSHAKE_CLOSED = "handshake-closed"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
+    TLS = "tls"  # the TLS handshake failed, or the client's certificate is not allowed
     # packet
     PACKET_MAGIC = "packet-magic"
     PACKET_VERSION = "packet-version"

@@ -35,13 +35,21 @@ class ChannelRegistry:
         self._server: asyncio.Server | None = None
         self._unix_path: str | None = None  # ours to unlink at the end
 
-    async def listen(self, address: Address, factory: Callable[[], ChannelProtocol]) -> Address:
-        """Start accepting connections at ``address``; returns where (port 0 resolved)."""
+    async def listen(
+        self,
+        address: Address,
+        factory: Callable[[], ChannelProtocol],
+        wrap: Callable[[ChannelProtocol], asyncio.BaseProtocol] | None = None,
+    ) -> Address:
+        """Start accepting connections at ``address``; returns where (port 0 resolved).
 
-        def protocol() -> ChannelProtocol:
+        ``wrap`` puts a layer between the socket and each channel (TLS: the
+        channel's transport is then the layer's, see tls.py)."""
+
+        def protocol() -> asyncio.BaseProtocol:
             channel = factory()
             self.connections.add(channel)
-            return channel
+            return channel if wrap is None else wrap(channel)
 
         loop = asyncio.get_running_loop()
         try:

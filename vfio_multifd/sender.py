@@ -19,11 +19,13 @@ import contextlib
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import (
     Address,
@@ -36,6 +38,9 @@ from .config import (
 from .digest import format_digest, new_hasher
 from .errors import UsageError
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
+
+if TYPE_CHECKING:
+    from .tls import TlsClient
 
 ORDERS = ("round-robin", "reverse", "random")
 
@@ -289,8 +294,13 @@ def connect(address: Address, timeout: float) -> socket.socket:
 
 
 def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
-    """``sendmsg`` until every byte of ``buffers`` is out."""
+    """``sendmsg`` until every byte of ``buffers`` is out (over TLS, which has no
+    ``sendmsg``: each buffer in turn, cut into records by OpenSSL)."""
     total = sum(len(b) for b in buffers)
+    if isinstance(sock, ssl.SSLSocket):
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return total
     sent = sock.sendmsg(buffers)
     if sent < total:  # rare on a blocking socket: finish the rest plainly
         rest = b"".join(bytes(b) for b in buffers)[sent:]
@@ -301,9 +311,23 @@ def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
 ChannelStream = Callable[[socket.socket], int]
 
 
-def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: float) -> list[int]:
-    """Connect every channel, then run each stream on its own thread; bytes sent per channel."""
-    socks = [connect(address, timeout) for _ in streams]
+def run_channels(
+    address: Address,
+    streams: Sequence[ChannelStream],
+    timeout: float,
+    tls: TlsClient | None = None,
+) -> list[int]:
+    """Connect every channel (with ``tls``: and do its TLS handshake), then run each
+    stream on its own thread; bytes sent per channel."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in streams:
+            sock = connect(address, timeout)
+            socks.append(sock if tls is None else tls.wrap(sock))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
     sent = [0] * len(streams)
     errors: list[BaseException] = []
 
@@ -311,9 +335,9 @@ def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: fl
         sock = socks[n]
         try:
             sent[n] = streams[n](sock)
-            sock.shutdown(socket.SHUT_WR)
-            # Wait for the daemon to close, so "sent" means "received by the daemon".
             sock.settimeout(timeout)
+            sock = _end_stream(sock)
+            # Wait for the daemon to close, so "sent" means "received by the daemon".
             _drain_until_closed(sock)
         except BaseException as error:  # reported by the caller
             errors.append(error)
@@ -328,6 +352,18 @@ def run_channels(address: Address, streams: Sequence[ChannelStream], timeout: fl
     if errors:
         raise errors[0]
     return sent
+
+
+def _end_stream(sock: socket.socket) -> socket.socket:
+    """The clean end of a channel: a FIN, or over TLS a ``close_notify`` first (and the
+    daemon's in return, once it has read everything); returns the plain socket."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            return sock.unwrap()
+        except OSError:  # the daemon hung up first: it had every device complete
+            return sock
+    sock.shutdown(socket.SHUT_WR)
+    return sock
 
 
 def _drain_until_closed(sock: socket.socket) -> None:
@@ -350,6 +386,7 @@ def send(
     connect_timeout: float = 30.0,
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tls: TlsClient | None = None,
 ) -> SendResult:
     """Send ``devices`` over ``channels`` connections to ``address``.
 
@@ -388,7 +425,7 @@ def send(
             return run
 
         started = time.monotonic()
-        sent = run_channels(address, [stream(n) for n in range(channels)], connect_timeout)
+        sent = run_channels(address, [stream(n) for n in range(channels)], connect_timeout, tls)
         seconds = time.monotonic() - started
     finally:
         for state in states:
