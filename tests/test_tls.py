@@ -11,8 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -544,3 +547,20 @@ def test_receive_and_send_with_tls_from_the_command_line(
     [completed] = [e for e in events if e["event"] == "migration_completed"]
     assert completed["tls"] is True
     assert TOOL  # the daemon and the sender ran as `python -m vfio_multifd`
+
+
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="the example makes its certificates with openssl"
+)
+def test_the_tls_loopback_example_runs() -> None:
+    """examples/tls-loopback.sh: credentials from openssl (another generator than trustme),
+    a plaintext sender refused, a TLS migration whose digests match."""
+    script = Path(__file__).parent.parent / "examples" / "tls-loopback.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "TMPDIR": "/tmp"}
+    done = subprocess.run(
+        ["bash", str(script), "4M"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "a plaintext sender was refused" in done.stdout and '"reason": "tls"' in done.stdout
+    assert "tls: 4 channels; client subject O=Example,CN=source.example.com" in done.stdout
+    assert done.stdout.rstrip().endswith("digests match")

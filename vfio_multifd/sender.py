@@ -360,6 +360,10 @@ def _end_stream(sock: socket.socket) -> socket.socket:
     if isinstance(sock, ssl.SSLSocket):
         try:
             return sock.unwrap()
+        except ssl.SSLError as error:
+            if "ALERT" in (error.reason or ""):  # the receiver refused us and said why
+                raise
+            return sock
         except OSError:  # the daemon hung up first: it had every device complete
             return sock
     sock.shutdown(socket.SHUT_WR)
