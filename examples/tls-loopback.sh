@@ -95,23 +95,23 @@ echo "tls-loopback: a plaintext sender was refused:"
 grep '"channel_refused"' "$work/receive.log" | head -n 1
 
 # -- the real source, over TLS ---------------------------------------------------------------
-send_status=0 receive_status=0
-"${tool[@]}" send --connect "$address" --channels 4 --tls-creds "$client" \
-    --device "idstr=$device,size=$size,seed=1" >"$work/send.out" 2>"$work/send.log" ||
-    send_status=$?
-((send_status)) && kill -TERM "$daemon" 2>/dev/null
-wait "$daemon" || receive_status=$?
-daemon=
-echo "--- sender (exit $send_status) ---"
-cat "$work/send.out"
-echo "--- daemon (exit $receive_status) ---"
-cat "$work/receive.out"
-if ((send_status || receive_status)); then
-    tail -n 5 "$work/send.log" "$work/receive.log" >&2
+if ! "${tool[@]}" send --connect "$address" --channels 4 --tls-creds "$client" \
+    --device "idstr=$device,size=$size,seed=1" >"$work/send.out" 2>"$work/send.log"; then
+    echo "tls-loopback: the sender failed:" >&2
+    tail -n 5 "$work/send.log" >&2
+    exit 1 # (the trap stops the daemon: SIGTERM cancels, no output left behind)
+fi
+if ! wait "$daemon"; then
+    daemon=
+    echo "tls-loopback: the daemon failed:" >&2
+    tail -n 5 "$work/receive.log" >&2
     exit 1
 fi
-digests() { sed -n 's/^device \([^ ]*\): .*\(xxh3-128:[0-9a-f]*\).*/\1 \2/p' "$1"; }
-if [[ -n $(digests "$work/send.out") && $(digests "$work/send.out") == "$(digests "$work/receive.out")" ]]; then
+daemon=
+cat "$work/send.out" "$work/receive.out"
+sent=$(grep -o 'xxh3-128:[0-9a-f]*' "$work/send.out")
+received=$(grep -o 'xxh3-128:[0-9a-f]*' "$work/receive.out")
+if [[ -n $sent && $sent == "$received" ]]; then
     echo "tls-loopback: digests match"
 else
     echo "tls-loopback: digests DIFFER" >&2

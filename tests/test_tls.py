@@ -248,6 +248,7 @@ REFUSALS = {
     "not in authz": "client certificate subject 'O=Example,OU=migration,CN=intruder.example.com'"
     " is not in --tls-authz",
     "revoked (ca-crl.pem)": "client certificate rejected: certificate revoked",
+    "distrusts our certificate": "the client does not trust our certificate (unknown CA)",
 }
 
 
@@ -266,6 +267,12 @@ def stray_context(creds: Creds, case: str) -> ssl.SSLContext | None:
     if case == "not in authz":
         intruder = creds.authority.client_dir(root / "intruder", "intruder.example.com")
         return creds.client_context(intruder)
+    if case == "distrusts our certificate":
+        stranger = Authority("Somebody else")
+        context = ssl.create_default_context(cadata=stranger.ca.cert_pem.bytes().decode())
+        client = creds.client
+        context.load_cert_chain(client / "client-cert.pem", client / "client-key.pem")
+        return context
     assert case == "revoked (ca-crl.pem)"
     revoked = creds.authority.client_dir(root / "revoked", "revoked.example.com")
     write_crl(creds.authority, revoked / "client-cert.pem", creds.server / "ca-crl.pem")
