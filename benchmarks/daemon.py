@@ -243,9 +243,16 @@ class DaemonRun:
 
 
 def run_daemon(
-    workload: Workload, out_dir: Path | None, *options: str, timeout: float = RUN_TIMEOUT
+    workload: Workload,
+    out_dir: Path | None,
+    *options: str,
+    timeout: float = RUN_TIMEOUT,
+    send: Sender = replay_to,
 ) -> DaemonRun:
-    finished = run_receiver(daemon_command(workload, out_dir, *options), workload, timeout)
+    """One daemon run; ``send`` feeds it (the replay by default; a TLS replay with
+    ``--tls-creds`` among ``options``)."""
+    command = daemon_command(workload, out_dir, *options)
+    finished = run_receiver(command, workload, timeout, send)
     run = DaemonRun(
         ok=False,
         error=finished.error,

@@ -2,7 +2,10 @@
 
 It is the sender's ``run_channels`` (connect every channel, one thread each,
 wait for the receiver to close) with a stream that only ``sendmsg``-s the
-workload's batches, so it costs every receiver the same. Each stream notes
+workload's batches, so it costs every receiver the same. With ``tls`` (a
+loaded client credential directory) each socket does its TLS handshake
+first and the same buffers go out with ``sendall`` of the TLS socket (it has
+no ``sendmsg``), ending with ``close_notify``. Each stream notes
 the wall-clock time its first batch went out and its last ``sendmsg``
 returned, which a receiver's own log times can be set against.
 """
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 from vfio_multifd.config import Address
 from vfio_multifd.sender import ChannelStream, run_channels, send_all
+from vfio_multifd.tls import TlsClient
 from workload import Workload
 
 
@@ -25,7 +29,9 @@ class Replay:
     channel_bytes: list[int]
 
 
-def replay(address: Address, workload: Workload, timeout: float) -> Replay:
+def replay(
+    address: Address, workload: Workload, timeout: float, tls: TlsClient | None = None
+) -> Replay:
     """Send ``workload`` to ``address``; returns once the receiver closed every channel."""
     started = [0.0] * workload.channels
     sent = [0.0] * workload.channels
@@ -39,5 +45,6 @@ def replay(address: Address, workload: Workload, timeout: float) -> Replay:
 
         return run
 
-    channel_bytes = run_channels(address, [stream(c) for c in range(workload.channels)], timeout)
+    streams = [stream(c) for c in range(workload.channels)]
+    channel_bytes = run_channels(address, streams, timeout, tls=tls)
     return Replay(min(started), max(sent), channel_bytes)

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py [--quick] [--size 1G] [--reps 3] [--channels 1,2,4,8]
         [--devices 1,4] [--sinks null,file] [--no-fsync] [--json PATH] [--tmpdir DIR]
+        [--no-tls | --tls-only]
 
 For every sink, device count and channel count it runs, alternately and
 ``--reps`` times over, (a) the baseline, ``plain_copy.py`` (one thread per
@@ -20,6 +21,15 @@ report); CPU = user + system of the receiving process, start to exit
 digests differ from the workload's failed and is not counted. The report gives
 medians and ranges, and the ratio daemon/baseline of each a/b pair; nothing
 here asserts a time.
+
+Then the TLS row (``--no-tls`` leaves it out, ``--tls-only`` runs nothing
+else): the daemon with ``--tls-creds`` against the daemon without, 4
+channels to /dev/null, the same pre-built streams, alternated ``--reps``
+times. Credentials are throwaway (``credentials.py``, trustme); the replay
+does a TLS handshake per channel and ``sendall``-s the same buffers on the
+TLS socket. Reported: each one's MB/s and CPU s/GB (the daemon's, and the
+benchmark process's, which is mostly the replay: it pays for encryption), and
+the ratios TLS/plaintext of each pair.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import tempfile
@@ -37,9 +48,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import plain_copy
-from daemon import DaemonRun, run_daemon, run_receiver
+from credentials import loopback_credentials
+from daemon import DaemonRun, Listening, Sender, replay_to, run_daemon, run_receiver
+from replay import Replay, replay
 from report import median_range, progress
-from vfio_multifd.config import parse_size
+from vfio_multifd.config import Address, parse_size
+from vfio_multifd.tls import TlsClient, load_client
 from workload import Workload, build_workload
 
 # Targets of the throughput issue: reported as met or not, never asserted.
@@ -114,10 +128,17 @@ def run_baseline(workload: Workload, sink: str, fsync: bool) -> Run:
     )
 
 
-def run_the_daemon(workload: Workload, out_dir: Path | None, fsync: bool) -> Run:
-    result = run_daemon(workload, out_dir, *([] if fsync else ["--no-fsync"]))
+def run_the_daemon(
+    workload: Workload,
+    out_dir: Path | None,
+    fsync: bool,
+    *options: str,
+    send: Sender = replay_to,
+    kind: str = "daemon",
+) -> Run:
+    result = run_daemon(workload, out_dir, *([] if fsync else ["--no-fsync"]), *options, send=send)
     return Run(
-        "daemon",
+        kind,
         ok=result.ok,
         error=result.error,
         mb_per_s=result.mb_per_s,
@@ -186,6 +207,128 @@ def run_benchmark(
                 results.append(run_config(workload, sink, reps=reps, out_dir=out_dir, fsync=fsync))
                 out_dir.rmdir()
     return results
+
+
+# --- TLS against plaintext ------------------------------------------------------------------
+
+TLS_CHANNELS = 4
+
+
+@dataclass
+class TlsComparison:
+    """The daemon with and without ``--tls-creds``: same streams, /dev/null, a/b pairs."""
+
+    channels: int
+    size: int
+    plain: list[Run] = field(default_factory=list)
+    tls: list[Run] = field(default_factory=list)
+    #: CPU s/GB of this process (the replay's threads) per run, by kind.
+    sender_cpu: dict[str, list[float]] = field(default_factory=lambda: {"plain": [], "tls": []})
+
+    def runs(self, kind: str) -> list[Run]:
+        return self.plain if kind == "plain" else self.tls
+
+    def values(self, kind: str, attr: str) -> list[float]:
+        return [float(getattr(run, attr)) for run in self.runs(kind) if run.ok]
+
+    def ratios(self, attr: str) -> list[float]:
+        """TLS / plaintext of ``attr`` in each pair where both succeeded."""
+        pairs = zip(self.plain, self.tls, strict=False)
+        return [
+            getattr(t, attr) / getattr(p, attr)
+            for p, t in pairs
+            if p.ok and t.ok and getattr(p, attr) > 0
+        ]
+
+
+def _sender_cpu(send: Sender, seconds: list[float]) -> Sender:
+    """``send``, noting the CPU this process spends while it runs (user + system)."""
+
+    def run(receiver: Listening, workload: Workload, timeout: float) -> Replay:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            return send(receiver, workload, timeout)
+        finally:
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            seconds.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+
+    return run
+
+
+def _tls_replay(client: TlsClient) -> Sender:
+    def run(receiver: Listening, workload: Workload, timeout: float) -> Replay:
+        return replay(receiver.address, workload, timeout, client)
+
+    return run
+
+
+def run_tls_comparison(
+    size: int, *, reps: int, work_dir: Path, channels: int = TLS_CHANNELS
+) -> TlsComparison:
+    """``reps`` pairs (plaintext, TLS) of one workload to /dev/null, the order alternating."""
+    workload = build_workload([size], channels=channels)
+    server, client_dir = loopback_credentials(work_dir / "tls-credentials")
+    client = load_client(client_dir, Address("tcp", "127.0.0.1", 0))  # the daemon listens there
+    comparison = TlsComparison(channels, size)
+    gigabytes = workload.size / 1e9
+    for rep in range(reps):
+        for kind in ("plain", "tls") if rep % 2 == 0 else ("tls", "plain"):
+            cpu: list[float] = []
+            if kind == "tls":
+                send = _sender_cpu(_tls_replay(client), cpu)
+                run = run_the_daemon(
+                    workload, None, True, "--tls-creds", str(server), send=send, kind=kind
+                )
+            else:
+                run = run_the_daemon(
+                    workload, None, True, send=_sender_cpu(replay_to, cpu), kind=kind
+                )
+            comparison.runs(kind).append(run)
+            if run.ok and cpu:
+                comparison.sender_cpu[kind].append(cpu[0] / gigabytes)
+            status = (
+                f"{run.mb_per_s:8.1f} MB/s  cpu {run.cpu_per_gb:.3f} s/GB"
+                if run.ok
+                else f"FAILED ({run.error})"
+            )
+            progress(f"tls  dev=1 ch={channels} rep {rep + 1}/{reps} {kind:8} {status}")
+    return comparison
+
+
+def format_tls(comparison: TlsComparison) -> list[str]:
+    """The TLS row: plaintext, TLS and their ratio, medians [ranges]."""
+    rows = [
+        (
+            kind,
+            median_range(comparison.values(kind, "mb_per_s"), ".0f"),
+            median_range(comparison.values(kind, "cpu_per_gb"), ".2f"),
+            median_range(comparison.sender_cpu[kind], ".2f"),
+            f"{sum(run.ok for run in comparison.runs(kind))}/{len(comparison.runs(kind))}",
+        )
+        for kind in ("plain", "tls")
+    ]
+    rows.append(
+        (
+            "tls/plain",
+            median_range(comparison.ratios("mb_per_s"), ".2f"),
+            median_range(comparison.ratios("cpu_per_gb"), ".2f"),
+            "",
+            "",
+        )
+    )
+    header = ("", "daemon MB/s", "daemon CPU s/GB", "sender CPU s/GB", "ok")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    title = (
+        f"TLS against plaintext: {comparison.channels} channels, 1 device, /dev/null, "
+        f"{comparison.size >> 20} MiB per run, same streams; median [range] of "
+        f"{len(comparison.plain)} pair(s)"
+    )
+    return [title, *lines]
 
 
 # --- the report --------------------------------------------------------------------------
@@ -311,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also dump raw results")
     parser.add_argument("--tmpdir", default=None, help="where file sinks go (default $TMPDIR)")
+    tls = parser.add_mutually_exclusive_group()
+    tls.add_argument("--no-tls", action="store_true", help="leave out the TLS row")
+    tls.add_argument(
+        "--tls-only", action="store_true", help="only the TLS row (4 channels, /dev/null)"
+    )
     return parser
 
 
@@ -321,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     reps = args.reps or (1 if quick else 3)
     channels = args.channels or ([1, 4] if quick else [1, 2, 4, 8])
     devices = args.devices or ([1] if quick else [1, 4])
-    sinks = args.sinks or ["null", "file"]
+    sinks = [] if args.tls_only else args.sinks or ["null", "file"]
     base_dir = Path(args.tmpdir or tempfile.gettempdir())
     free = shutil.disk_usage(base_dir).free
     if "file" in sinks and free < 3 * size:
@@ -333,6 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress(
         f"throughput: sinks {sinks}, devices {devices}, channels {channels}, "
         f"{size >> 20} MiB per run, {reps} repetition(s)"
+        + ("" if args.no_tls else f"; TLS row: {TLS_CHANNELS} channels, /dev/null")
     )
     work_dir = Path(tempfile.mkdtemp(prefix="vfio-multifd-bench-", dir=base_dir))
     try:
@@ -345,9 +494,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             work_dir=work_dir,
             fsync=not args.no_fsync,
         )
+        tls = None if args.no_tls else run_tls_comparison(size, reps=reps, work_dir=work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.monotonic() - started
+    if results:
+        print_results(results, size=size, reps=reps, sinks=sinks, fsync=not args.no_fsync)
+    if tls is not None:
+        print_tls(tls)
+    print(f"took {elapsed:.0f} s")
+    if args.json:
+        raw = {
+            "size": size,
+            "reps": reps,
+            "fsync": not args.no_fsync,
+            "seconds": elapsed,
+            "results": [asdict(r) for r in results],
+            "tls": None if tls is None else asdict(tls),
+        }
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    runs = [run for r in results for run in (*r.baseline, *r.daemon)]
+    runs += [] if tls is None else [*tls.plain, *tls.tls]
+    return 1 if any(not run.ok for run in runs) else 0
+
+
+def print_results(
+    results: Sequence[ConfigResult], *, size: int, reps: int, sinks: Sequence[str], fsync: bool
+) -> None:
     print(format_table(results))
     print()
     legend = (
@@ -363,23 +536,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         legend += (
             " File sink: fresh files, the daemon's one per device (temporary, renamed), the "
             "baseline's one for all channels; "
-            + ("neither fsyncs." if args.no_fsync else "both fsync before they report done.")
+            + ("both fsync before they report done." if fsync else "neither fsyncs.")
         )
     print(textwrap.fill(legend, 100))
     for line in assess_targets(results):
         print(line)
-    print(f"took {elapsed:.0f} s")
-    if args.json:
-        raw = {
-            "size": size,
-            "reps": reps,
-            "fsync": not args.no_fsync,
-            "seconds": elapsed,
-            "results": [asdict(r) for r in results],
-        }
-        Path(args.json).write_text(json.dumps(raw, indent=1))
-    failed = any(not run.ok for r in results for run in (*r.baseline, *r.daemon))
-    return 1 if failed else 0
+
+
+def print_tls(comparison: TlsComparison) -> None:
+    print()
+    for line in format_tls(comparison):
+        print(line)
+    legend = (
+        "daemon MB/s and CPU s/GB as above (its own clock; user+sys start to exit per 1e9 data "
+        "bytes); sender CPU s/GB = user+sys of this process while the replay runs (its send "
+        "threads: TLS encryption is theirs) per 1e9 data bytes; tls/plain = the ratio in each "
+        "a/b pair. Both share the machine's cores: a sender that encrypts leaves less CPU to "
+        "the daemon."
+    )
+    print(textwrap.fill(legend, 100))
 
 
 if __name__ == "__main__":

@@ -103,12 +103,27 @@ def test_a_wrong_digest_is_a_failed_run(tmp_path: Path) -> None:
 def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw = tmp_path / "raw.json"
     argv = ["--size", "4M", "--reps", "1", "--channels", "1", "--devices", "1", "--sinks", "null"]
-    code = throughput.main([*argv, "--tmpdir", str(tmp_path), "--json", str(raw)])
+    code = throughput.main([*argv, "--no-tls", "--tmpdir", str(tmp_path), "--json", str(raw)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "daemon MB/s" in out and "took" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+def test_tls_row_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    comparison = throughput.run_tls_comparison(6 << 20, reps=2, work_dir=tmp_path, channels=2)
+    for run in (*comparison.plain, *comparison.tls):
+        assert run.ok, run.error
+        assert run.mb_per_s > 0 and run.cpu_per_gb > 0
+        assert run.daemon is not None and run.daemon.bytes == 6 << 20
+    assert len(comparison.ratios("mb_per_s")) == 2 and len(comparison.sender_cpu["tls"]) == 2
+    lines = throughput.format_tls(comparison)
+    assert lines[0].startswith("TLS against plaintext: 2 channels")
+    assert [line.split()[0] for line in lines[3:]] == ["plain", "tls", "tls/plain"]
+    code = throughput.main(["--tls-only", "--size", "4M", "--reps", "1", "--tmpdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and "TLS against plaintext: 4 channels" in out and "base MB/s" not in out
 
 
 def test_memory_tiny_run(tmp_path: Path) -> None:

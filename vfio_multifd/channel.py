@@ -180,7 +180,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_handshake_timer()
-        if self.state is ChannelState.HANDSHAKE:
+        if self.state is ChannelState.HANDSHAKE and isinstance(exc, HandshakeError):
+            self._refuse(exc)  # the transport says why (tls.py: the TLS handshake failed)
+        elif self.state is ChannelState.HANDSHAKE:
             self._refuse(
                 HandshakeError(
                     Reason.HANDSHAKE_CLOSED,

@@ -36,8 +36,8 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, notify, status_client, status_server
-from .config import Address, ReceiveSettings
+from . import cli_options, logconfig, notify, status_client, status_server, tls
+from .config import Address, ReceiveSettings, TlsSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
 from .send_progress import send_progress
@@ -98,6 +98,28 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         progress_timeout=args.progress_timeout,
         digest=args.digest,
         fsync=not args.no_fsync,
+        tls=receive_tls(args),
+    )
+
+
+def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
+    """``--tls-creds``, ``--tls-verify-peer``, ``--tls-authz``: TLS settings, or None."""
+    if args.tls_creds is None:
+        given = [
+            name
+            for name, value in (
+                ("--tls-verify-peer", args.tls_verify_peer),
+                ("--tls-authz", args.tls_authz),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UsageError(f"{' and '.join(given)} need --tls-creds DIR")
+        return None
+    return TlsSettings(
+        creds_dir=args.tls_creds,
+        verify_peer=args.tls_verify_peer != "no",
+        authz=tuple(args.tls_authz or ()),
     )
 
 
@@ -226,6 +248,9 @@ def print_receive_summary(
         f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
+    tls = result.tls_summary()
+    if tls is not None:
+        print(tls, file=out)
 
 
 # -- send ---------------------------------------------------------------------------
@@ -233,6 +258,13 @@ def print_receive_summary(
 
 def _send_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    if args.tls_creds is None and args.tls_hostname is not None:
+        raise UsageError("--tls-hostname needs --tls-creds DIR")
+    tls_client = (
+        None
+        if args.tls_creds is None
+        else tls.load_client(args.tls_creds, args.connect, args.tls_hostname)
+    )
     previous = signal.signal(signal.SIGTERM, _stop_sending)
     try:
         with send_progress(args.device, args.progress_interval) as progress:
@@ -248,6 +280,7 @@ def _send_command(args: argparse.Namespace) -> int:
                 connect_timeout=args.connect_timeout,
                 inject=args.inject,
                 progress=progress,
+                tls=tls_client,
             )
     finally:
         signal.signal(signal.SIGTERM, previous)

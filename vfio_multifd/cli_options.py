@@ -296,6 +296,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="PATH",
         help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
     )
+    _add_receive_tls(rx)
     rx.add_argument(
         "--ready-fd",
         type=_ready_fd,
@@ -303,6 +304,33 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="N",
         help="once listening, write a newline to file descriptor N and close it "
         "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
+    )
+
+
+def _add_receive_tls(rx: argparse.ArgumentParser) -> None:
+    """QEMU's tls-creds-x509 (endpoint=server), verify-peer and tls-authz."""
+    group = rx.add_argument_group("TLS (as QEMU's tls-creds-x509, verify-peer, tls-authz)")
+    group.add_argument(
+        "--tls-creds",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="TLS on every channel, with QEMU's x509 server credentials in DIR: "
+        "ca-cert.pem, server-cert.pem, server-key.pem (and ca-crl.pem if present)",
+    )
+    group.add_argument(
+        "--tls-verify-peer",
+        choices=("yes", "no"),
+        default=None,
+        help="require a client certificate signed by ca-cert.pem (default yes; no logs a warning)",
+    )
+    group.add_argument(
+        "--tls-authz",
+        action="append",
+        default=None,
+        metavar="DN",
+        help="accept only a client whose certificate subject is DN, as gnutls prints it "
+        "(RDNs in certificate order, e.g. CN=src.example.com,O=Example); repeatable",
     )
 
 
@@ -430,6 +458,21 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         default=None,
         metavar="FAULT",
         help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
+    )
+    tx.add_argument(
+        "--tls-creds",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="TLS on every channel, with QEMU's x509 client credentials in DIR: "
+        "ca-cert.pem, client-cert.pem, client-key.pem",
+    )
+    tx.add_argument(
+        "--tls-hostname",
+        default=None,
+        metavar="NAME",
+        help="the name the receiver's certificate must carry (default: the host of "
+        "--connect; required with unix:)",
     )
     tx.add_argument(
         "--connect-timeout",

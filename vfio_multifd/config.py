@@ -210,6 +210,23 @@ DEFAULT_MAX_PENDING_CONNECTIONS = 512
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """``receive --tls-creds DIR``: a directory laid out as QEMU's ``tls-creds-x509``
+    for a server endpoint, ``verify-peer`` and the ``tls-authz`` subjects allowed."""
+
+    creds_dir: Path
+    verify_peer: bool = True
+    authz: tuple[str, ...] = ()  # certificate subjects allowed (empty: any from the CA)
+
+    def __post_init__(self) -> None:
+        if self.authz and not self.verify_peer:
+            raise UsageError(
+                "--tls-authz needs --tls-verify-peer yes: a client that is not asked for a "
+                "certificate has no subject to check"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class ReceiveSettings:
     devices: tuple[DeviceSpec, ...]
     listen: Address = Address("tcp", "127.0.0.1", 4444)
@@ -226,6 +243,7 @@ class ReceiveSettings:
     progress_timeout: float | None = 150.0  # KubeVirt's default
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
+    tls: TlsSettings | None = None  # None: plaintext channels
 
     def __post_init__(self) -> None:
         if not self.devices:

@@ -32,6 +32,7 @@ class Reason(enum.StrEnum):
     HANDSHAKE_CLOSED = "handshake-closed"
     HANDSHAKE_TIMEOUT = "handshake-timeout"
     HANDSHAKE_SHED = "handshake-shed"  # dropped to make room for newer connections
+    TLS = "tls"  # the TLS handshake failed, or the client's certificate is not allowed
     # packet
     PACKET_MAGIC = "packet-magic"
     PACKET_VERSION = "packet-version"

@@ -128,6 +128,7 @@ class ChannelRegistry:
         self.max_open: int | None = None  # connections the descriptor limit leaves room for
         self.open = 0  # sockets accepted and not yet closed (shed ones included)
         self._factory: Callable[[], ChannelProtocol] | None = None
+        self._wrap: Callable[[ChannelProtocol], asyncio.BaseProtocol] | None = None
         self._sockets: list[socket.socket] = []
         self._reading = False  # the listening sockets are watched
         self._retry: asyncio.TimerHandle | None = None
@@ -137,8 +138,17 @@ class ChannelRegistry:
         self._refusal_log = RateLimit(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_SECOND, time.monotonic)
         self._accept_log = RateLimit(1, REFUSAL_LOG_PER_SECOND, time.monotonic)
 
-    async def listen(self, address: Address, factory: Callable[[], ChannelProtocol]) -> Address:
-        """Start accepting connections at ``address``; returns where (port 0 resolved)."""
+    async def listen(
+        self,
+        address: Address,
+        factory: Callable[[], ChannelProtocol],
+        wrap: Callable[[ChannelProtocol], asyncio.BaseProtocol] | None = None,
+    ) -> Address:
+        """Start accepting connections at ``address``; returns where (port 0 resolved).
+
+        ``wrap`` puts a layer between the socket and each channel (TLS: the
+        channel's transport is then the layer's, see tls.py)."""
+        self._wrap = wrap
         loop = asyncio.get_running_loop()
         self._factory = factory
         try:
@@ -274,7 +284,9 @@ class ChannelRegistry:
     async def _connect(self, sock: socket.socket, protocol: ChannelProtocol) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: protocol, sock)
+            wrap = self._wrap
+            layer = protocol if wrap is None else wrap(protocol)
+            await loop.connect_accepted_socket(lambda: layer, sock)
         except asyncio.CancelledError:
             if protocol.transport is None:
                 sock.close()

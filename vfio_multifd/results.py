@@ -50,6 +50,9 @@ class SessionResult:
     peak_queued_bytes: int
     spilled_bytes: int
     paused_seconds: float
+    #: TLS channels: each channel's client certificate subject (None: not verified);
+    #: None for plaintext channels.
+    tls_subjects: dict[int, str | None] | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -59,9 +62,9 @@ class SessionResult:
     def mb_per_s(self) -> float:
         return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
-    def log_fields(self) -> dict[str, float | int]:
+    def log_fields(self) -> dict[str, object]:
         """The ``migration_completed`` log line's fields (benchmarks parse them)."""
-        return {
+        fields: dict[str, object] = {
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(self.mb_per_s, 1),
             "bytes": self.data_bytes,
@@ -69,6 +72,24 @@ class SessionResult:
             "spilled_bytes": self.spilled_bytes,
             "paused_seconds": round(self.paused_seconds, 3),
         }
+        if self.tls_subjects is not None:
+            fields["tls"] = True
+            fields["tls_subjects"] = {str(k): v for k, v in self.tls_subjects.items()}
+        return fields
+
+    def tls_summary(self) -> str | None:
+        """``tls: 4 channels; client subject CN=src,O=Example (channels 0-3)``; None without TLS."""
+        if self.tls_subjects is None:
+            return None
+        by_subject: dict[str | None, list[int]] = {}
+        for channel, subject in self.tls_subjects.items():
+            by_subject.setdefault(subject, []).append(channel)
+        parts = [
+            f"client subject {subject if subject is not None else '(not verified)'} "
+            f"(channel{'s' if len(channels) > 1 else ''} {', '.join(map(str, channels))})"
+            for subject, channels in by_subject.items()
+        ]
+        return f"tls: {len(self.tls_subjects)} channels; " + "; ".join(parts)
 
 
 def summarize(
@@ -78,6 +99,7 @@ def summarize(
     started: float,
     bytes_received: int,
     paused_seconds: float,
+    tls_subjects: dict[int, str | None] | None = None,
 ) -> SessionResult:
     """The result of a completed migration (``started``: monotonic, the first channel)."""
     devices = tuple(
@@ -100,4 +122,5 @@ def summarize(
         peak_queued_bytes=reassembly.peak_queued_bytes,
         spilled_bytes=reassembly.spilled_bytes,
         paused_seconds=paused_seconds,
+        tls_subjects=tls_subjects,
     )

@@ -21,12 +21,14 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -41,6 +43,9 @@ from .config import (
 from .digest import format_digest, new_hasher
 from .errors import Cancelled, Reason, SendError, UsageError, os_error_text
 from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
+
+if TYPE_CHECKING:
+    from .tls import TlsClient
 
 ORDERS = ("round-robin", "reverse", "random")
 
@@ -333,8 +338,13 @@ def _why(error: OSError) -> str:
 
 
 def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
-    """``sendmsg`` until every byte of ``buffers`` is out."""
+    """``sendmsg`` until every byte of ``buffers`` is out (over TLS, which has no
+    ``sendmsg``: each buffer in turn, cut into records by OpenSSL)."""
     total = sum(len(b) for b in buffers)
+    if isinstance(sock, ssl.SSLSocket):
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return total
     sent = sock.sendmsg(buffers)
     if sent < total:  # rare on a blocking socket: finish the rest plainly
         rest = b"".join(bytes(b) for b in buffers)[sent:]
@@ -351,6 +361,7 @@ def run_channels(
     timeout: float,
     *,
     stop: threading.Event | None = None,
+    tls: TlsClient | None = None,
 ) -> list[int]:
     """Connect every channel, run each stream on its own thread, then wait for the
     daemon's verdict; returns the bytes each channel sent.
@@ -360,13 +371,15 @@ def run_channels(
     or refused one. A reset, or any other error, raises :class:`SendError` naming
     the channel and the address, and resets every other channel at once (so that
     the daemon fails too, rather than wait for them). ``stop`` is set then: a
-    stream that checks it between packets stops early.
+    stream that checks it between packets stops early. With ``tls`` each channel
+    does its TLS handshake first, and ends with ``close_notify``.
     """
     stop = stop or threading.Event()
     socks: list[socket.socket] = []
     try:
         for n in range(len(streams)):
-            socks.append(connect(address, timeout, channel=n))
+            sock = connect(address, timeout, channel=n)
+            socks.append(sock if tls is None else tls.wrap(sock))
     except BaseException:
         for sock in socks:
             _reset(sock)
@@ -395,7 +408,12 @@ def run_channels(
                 return
             if stop.is_set():
                 return
-            sock.shutdown(socket.SHUT_WR)
+            try:
+                sock = _end_stream(sock)
+            except OSError as error:
+                if not stop.is_set():
+                    raise _channel_error(n, address, error, sent=sent[n]) from None
+                return
             with lock:
                 finished.append(n)
                 if len(finished) == len(streams):
@@ -437,6 +455,22 @@ def run_channels(
     if errors:
         raise errors[0]
     return sent
+
+
+def _end_stream(sock: socket.socket) -> socket.socket:
+    """The clean end of a channel: a FIN, or over TLS a ``close_notify`` first (and the
+    daemon's in return, once it has read everything); returns the plain socket."""
+    if isinstance(sock, ssl.SSLSocket):
+        try:
+            return sock.unwrap()
+        except ssl.SSLError as error:
+            if "ALERT" in (error.reason or ""):  # the receiver refused us and said why
+                raise
+            return sock
+        except OSError:  # the daemon hung up first: it had every device complete
+            return sock
+    sock.shutdown(socket.SHUT_WR)
+    return sock
 
 
 def _reset(sock: socket.socket) -> None:
@@ -485,6 +519,7 @@ def send(
     connect_timeout: float = 30.0,
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    tls: TlsClient | None = None,
 ) -> SendResult:
     """Send ``devices`` over ``channels`` connections to ``address``, and wait for the
     daemon's verdict (see :func:`run_channels`).
@@ -537,7 +572,7 @@ def send(
 
         started = time.monotonic()
         sent = run_channels(
-            address, [stream(n) for n in range(channels)], connect_timeout, stop=stop
+            address, [stream(n) for n in range(channels)], connect_timeout, stop=stop, tls=tls
         )
         seconds = time.monotonic() - started
     except KeyboardInterrupt as interrupt:

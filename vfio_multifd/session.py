@@ -31,6 +31,7 @@ from .output import device_outputs
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
+from .tls import TlsServer, load_server, tls_of
 from .watchdog import Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
@@ -61,6 +62,8 @@ class Session:
             uuid=settings.uuid,
             max_pending=settings.max_pending_connections,
         )
+        # Credentials are read and checked now: a bad directory is a usage error (exit 2).
+        self.tls: TlsServer | None = None if settings.tls is None else load_server(settings.tls)
         self.spiller = Spiller(spill_directory(settings), max_bytes=settings.max_spill_bytes)
         self.admission = Admission(
             self.reassembly,
@@ -241,12 +244,16 @@ class Session:
                 handshake_timeout=self.settings.handshake_timeout,
             )
 
-        address = await self.registry.listen(self.settings.listen, new_channel)
+        tls = self.tls
+        address = await self.registry.listen(
+            self.settings.listen, new_channel, None if tls is None else tls.protocol
+        )
         self.log.info(
             "listening",
             address=str(address),
             channels=self.settings.channels,
             devices=[str(spec.key) for spec in self.settings.devices],
+            tls=tls is not None,
         )
         self.listening.set()
 
@@ -361,6 +368,14 @@ class Session:
             waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
         return tuple(waiting)
 
+    def peer_subjects(self) -> dict[int, str | None]:
+        """Each accepted channel's client certificate subject (None: none verified)."""
+        subjects: dict[int, str | None] = {}
+        for channel_id, channel in sorted(self.registry.channels.items()):
+            tls = tls_of(channel.transport)
+            subjects[channel_id] = None if tls is None else tls.get_extra_info("peer_subject")
+        return subjects
+
     def _result(self) -> SessionResult:
         result = summarize(
             self.loaders,
@@ -368,6 +383,7 @@ class Session:
             started=self.started or time.monotonic(),
             bytes_received=self.registry.bytes_received,
             paused_seconds=self.admission.paused_seconds,
+            tls_subjects=None if self.tls is None else self.peer_subjects(),
         )
         self.log.info("migration_completed", **result.log_fields())
         return result

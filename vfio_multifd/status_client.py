@@ -138,8 +138,9 @@ def format_table(info: JSON) -> str:
     channels = info.get("channels") or []
     if channels:
         lines.append("")
+        tls = info.get("tls", False)  # then: each client certificate's subject
         lines += _table(
-            ["channel", "state", "bytes", "packets", "peer"],
+            ["channel", "state", "bytes", "packets", "peer", *(["tls subject"] if tls else [])],
             [
                 [
                     "-" if c.get("id") is None else c["id"],
@@ -147,6 +148,7 @@ def format_table(info: JSON) -> str:
                     c.get("bytes"),
                     c.get("packets"),
                     c.get("peer"),
+                    *([c.get("tls-subject") or "-"] if tls else []),
                 ]
                 for c in channels
             ],

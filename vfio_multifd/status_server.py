@@ -23,13 +23,14 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .channel import ChannelState
+from .channel import ChannelProtocol, ChannelState
 from .config import check_distinct_files
 from .errors import UsageError
 from .listener import remove_own_socket
 from .reassembly import ChunkState, DeviceBuffer
 from .results import SessionStatus
 from .session import Session
+from .tls import tls_of
 from .unix_path import claim_unix_path
 
 log = structlog.get_logger("vfio_multifd.status")
@@ -80,6 +81,7 @@ def query_migrate(session: Session, now: float) -> JSON:
             "devices": [_device_info(device) for device in reassembly.devices.values()],
             "channels": _channels_info(session),
             "refused-connections": session.registry.refused_count,
+            "tls": session.tls is not None,
         }
     )
     return info
@@ -113,29 +115,29 @@ def _device_info(device: DeviceBuffer) -> JSON:
 
 
 def _channels_info(session: Session) -> list[JSON]:
-    channels: list[JSON] = []
-    for channel_id, protocol in sorted(session.registry.channels.items()):
-        channels.append(
-            {
-                "id": channel_id,
-                "state": protocol.state.value,
-                "bytes": protocol.decoder.bytes_received,
-                "packets": protocol.decoder.packets,
-                "peer": protocol.peer,
-            }
+    tls = session.tls is not None
+    registry = session.registry
+    accepted = sorted(registry.channels.items())
+    handshaking = [p for p in registry.connections if p.state is ChannelState.HANDSHAKE]
+    return [_channel_info(p, channel_id, tls) for channel_id, p in accepted] + [
+        _channel_info(p, None, tls) for p in handshaking
+    ]
+
+
+def _channel_info(protocol: ChannelProtocol, channel_id: int | None, tls: bool) -> JSON:
+    info: JSON = {
+        "id": channel_id,
+        "state": protocol.state.value,
+        "bytes": protocol.decoder.bytes_received,
+        "packets": protocol.decoder.packets,
+        "peer": protocol.peer,
+    }
+    if tls:  # the client certificate's subject as --tls-authz compares it (None: not verified)
+        transport = tls_of(protocol.transport)
+        info["tls-subject"] = (
+            None if transport is None else transport.get_extra_info("peer_subject")
         )
-    for protocol in session.registry.connections:
-        if protocol.state is ChannelState.HANDSHAKE:
-            channels.append(
-                {
-                    "id": None,
-                    "state": protocol.state.value,
-                    "bytes": protocol.decoder.bytes_received,
-                    "packets": 0,
-                    "peer": protocol.peer,
-                }
-            )
-    return channels
+    return info
 
 
 class StatusServer:

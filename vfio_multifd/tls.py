@@ -1,0 +1,696 @@
+"""TLS on the migration channels, as QEMU does it: x509 credential directories,
+peer verification, and an allowlist of certificate subjects.
+
+QEMU protects migration channels with a ``tls-creds-x509`` object: a
+directory holding ``ca-cert.pem`` and the endpoint's certificate and key in
+PEM (``server-cert.pem`` / ``server-key.pem`` on the destination, with an
+optional ``ca-crl.pem``; ``client-cert.pem`` / ``client-key.pem`` on the
+source), ``verify-peer`` (on by default: the client must present a
+certificate from the CA) and ``tls-authz`` (an ``authz-simple`` identity: the
+client certificate's distinguished name, compared as a string). This module
+reads the same directories and does the same checks.
+
+* :func:`load_server` / :func:`load_client` read a credential directory once,
+  at startup, and check it as QEMU's "sanity check" does: every required file
+  readable, each a PEM certificate (or key, or CRL), the key the certificate's
+  own, and the certificate valid against ``ca-cert.pem`` now. Anything wrong is
+  a :class:`UsageError` naming the file (exit 2).
+* :class:`TlsServerProtocol` is one incoming channel's TLS session. It sits
+  between the plain socket transport and the channel's own protocol, and is
+  the channel's transport (:class:`TlsTransport`). It runs the record layer on
+  :class:`ssl.MemoryBIO` itself instead of ``loop.start_tls`` or
+  ``create_server(ssl=...)``, because both loops' SSL transports get the end of
+  a stream wrong for this use (measured, asyncio 3.11 and uvloop 0.23): when a
+  source sends its last packets, ``close_notify`` and a FIN back to back (as
+  QEMU's ``gnutls_bye(GNUTLS_SHUT_WR)`` then ``close`` does), asyncio delivers
+  only part of the buffered data and then reports a clean EOF, and uvloop
+  drops the data and the EOF alike; asyncio also reports a FIN without
+  ``close_notify`` as a clean EOF. And with ``ssl=`` on the server, a failed
+  handshake never reaches the protocol. Here every byte that was decrypted
+  is delivered before the end is decided; the end is clean only on
+  ``close_notify``; a failed handshake, for any reason, is a refusal with
+  reason ``tls`` through the channel's own refusal path; and the behaviour is
+  the same under both loops, which only move plain bytes.
+* :func:`subject_dn` formats a certificate's subject the way QEMU's authz
+  check sees it (``gnutls_x509_crt_get_dn``): see its docstring.
+
+The 64-byte channel handshake's timer (``--handshake-timeout``) starts when
+the connection is accepted, so it covers the TLS handshake too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import socket
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import structlog
+
+from .config import Address, TlsSettings
+from .errors import HandshakeError, Reason, UsageError
+
+if TYPE_CHECKING:
+    from .channel import ChannelProtocol
+
+log = structlog.get_logger("vfio_multifd.tls")
+
+# QEMU's file names (crypto/tlscredsx509.h).
+CA_CERT = "ca-cert.pem"
+CA_CRL = "ca-crl.pem"
+SERVER_CERT = "server-cert.pem"
+SERVER_KEY = "server-key.pem"
+CLIENT_CERT = "client-cert.pem"
+CLIENT_KEY = "client-key.pem"
+
+#: Ciphertext read from the socket at a time.
+RECEIVE_SIZE = 256 << 10
+#: Ciphertext held while the channel does not read (it waits for memory): past
+#: this, the socket is not read either and TCP pushes back on the source.
+MAX_PENDING_CIPHERTEXT = 256 << 10
+
+
+# -- distinguished names ----------------------------------------------------------
+
+#: Python's attribute names (OpenSSL's long names) -> the names gnutls prints.
+_GNUTLS_NAMES = {
+    "countryName": "C",
+    "stateOrProvinceName": "ST",
+    "localityName": "L",
+    "streetAddress": "street",
+    "organizationName": "O",
+    "organizationalUnitName": "OU",
+    "commonName": "CN",
+    "title": "title",
+    "description": "description",
+    "serialNumber": "serialNumber",
+    "telephoneNumber": "telephoneNumber",
+    "surname": "surName",
+    "givenName": "givenName",
+    "initials": "initials",
+    "generationQualifier": "generationQualifier",
+    "dnQualifier": "dnQualifier",
+    "pseudonym": "pseudonym",
+    "postalCode": "postalCode",
+    "name": "name",
+    "businessCategory": "businessCategory",
+    "domainComponent": "DC",
+    "userId": "UID",
+    "emailAddress": "EMAIL",
+    "jurisdictionLocalityName": "jurisdictionOfIncorporationLocalityName",
+    "jurisdictionStateOrProvinceName": "jurisdictionOfIncorporationStateOrProvinceName",
+    "jurisdictionCountryName": "jurisdictionOfIncorporationCountryName",
+    "1.2.840.113556.1.4.656": "userPrincipalName",
+    "id-pda-placeOfBirth": "placeOfBirth",
+    "id-pda-gender": "gender",
+    "id-pda-countryOfCitizenship": "countryOfCitizenship",
+    "id-pda-countryOfResidence": "countryOfResidence",
+    "XmppAddr": "XmppAddr",
+}
+_SPECIAL = frozenset(',+"\\<>;')
+
+RDN = tuple[tuple[str, str], ...]
+
+
+def _escape(value: str) -> str:
+    """RFC 4514 escaping, as gnutls does it: a backslash before ``,+"\\<>;``,
+    before a leading ``#`` or space, and before a trailing space."""
+    out = []
+    last = len(value) - 1
+    for n, char in enumerate(value):
+        if char in _SPECIAL or (n == 0 and char in "# ") or (n == last and char == " "):
+            out.append("\\")
+        out.append(char)
+    return "".join(out)
+
+
+def subject_dn(subject: Iterable[RDN]) -> str:
+    """A certificate subject (``getpeercert()["subject"]``) as QEMU's authz compares it.
+
+    QEMU's check (``crypto/tlssession.c``) takes the peer certificate's DN from
+    ``gnutls_x509_crt_get_dn``, which prints it in gnutls's compatibility
+    format: the relative distinguished names **in the order the certificate
+    encodes them** (not reversed as RFC 4514 would), each ``TYPE=value`` with
+    gnutls's attribute names (``C``, ``ST``, ``L``, ``O``, ``OU``, ``CN``,
+    ``DC``, ``UID``, ``EMAIL``, ``street``, ...), values escaped as RFC 4514
+    says, joined by ``,`` without spaces (the parts of a multi-valued RDN by
+    ``+``). So a certificate made by ``certtool`` from QEMU's documented
+    template reads ``CN=host,O=Example Org,L=London,ST=London,C=GB`` and one
+    made by ``openssl req -subj /C=GB/O=Example/CN=host`` reads
+    ``C=GB,O=Example,CN=host``. Known difference: an attribute gnutls has no
+    name for is printed here as ``OID=value`` (gnutls prints ``OID=#hex`` of
+    its DER encoding).
+    """
+    return ",".join(
+        "+".join(f"{_GNUTLS_NAMES.get(name, name)}={_escape(value)}" for name, value in rdn)
+        for rdn in subject
+    )
+
+
+def peer_subject(sslobj: ssl.SSLObject | ssl.SSLSocket) -> str | None:
+    """The verified peer certificate's subject (:func:`subject_dn`), if there is one."""
+    cert = sslobj.getpeercert()
+    if not cert or "subject" not in cert:
+        return None
+    return subject_dn(cast(Iterable[RDN], cert["subject"]))
+
+
+# -- credential directories --------------------------------------------------------
+
+
+def _readable(directory: Path, name: str, *, required: bool = True) -> Path | None:
+    """``directory/name`` if it can be read; None if it is absent and not required."""
+    path = directory / name
+    try:
+        with open(path, "rb") as file:
+            file.read(1)
+    except FileNotFoundError:
+        if not required:
+            return None
+        raise UsageError(
+            f"--tls-creds {directory}: {path} is missing (QEMU's x509 credential layout)"
+        ) from None
+    except OSError as error:
+        raise UsageError(
+            f"--tls-creds {directory}: cannot read {path}: {error.strerror or error}"
+        ) from None
+    return path
+
+
+def _check_pem(path: Path, what: str) -> None:
+    """``path`` holds at least one ``what`` ('certificate' or 'CRL') in PEM."""
+    scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        scratch.load_verify_locations(cafile=path)
+    except ssl.SSLError as error:
+        raise UsageError(f"{path}: not a PEM {what} ({error.reason or error})") from None
+    stats = scratch.cert_store_stats()
+    if not stats["crl" if what == "CRL" else "x509"]:
+        raise UsageError(f"{path}: not a PEM {what}")
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _load_pair(context: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """Certificate and key into ``context``; a key that is not the certificate's is named."""
+    _check_pem(cert, "certificate")
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        raise UsageError(
+            f"{key}: the key is encrypted; give an unencrypted key (QEMU's passwordid "
+            "is not supported)"
+        ) from None
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise UsageError(f"{key}: the key does not match its certificate {cert}") from None
+        raise UsageError(f"{key}: not a PEM private key ({error.reason or error})") from None
+
+
+def _handshake_in_memory(
+    client: ssl.SSLObject, server: ssl.SSLObject, pipes: list[ssl.MemoryBIO]
+) -> None:
+    """Run a handshake between two in-memory endpoints; raises what either raises."""
+    to_server, to_client, client_out, server_out = pipes
+    for _ in range(8):
+        done = 0
+        for endpoint in (client, server):
+            try:
+                endpoint.do_handshake()
+                done += 1
+            except ssl.SSLWantReadError:
+                pass
+        to_server.write(client_out.read())
+        to_client.write(server_out.read())
+        if done == 2:
+            return
+    raise ssl.SSLError("the in-memory handshake did not finish")
+
+
+def _check_against_ca(cert: Path, key: Path, ca: Path, *, server: bool) -> None:
+    """QEMU's sanity check: our own certificate validates against ``ca-cert.pem`` now.
+
+    Decided by an in-memory handshake in which the peer verifies it, as the real
+    peer will (chain, validity period, key usage for its purpose)."""
+    holder = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    verifier = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT if server else ssl.PROTOCOL_TLS_SERVER)
+    for context in (holder, verifier):
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    holder.load_cert_chain(cert, key)
+    if not server:
+        holder.check_hostname = False
+        holder.verify_mode = ssl.CERT_NONE
+        verifier.load_cert_chain(cert, key)  # any certificate will do for the verifier's side
+    verifier.check_hostname = False
+    verifier.verify_mode = ssl.CERT_REQUIRED
+    verifier.load_verify_locations(cafile=ca)
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    to_server, to_client, client_out, server_out = pipes
+    client_context, server_context = (verifier, holder) if server else (holder, verifier)
+    client = client_context.wrap_bio(to_client, client_out, server_side=False)
+    endpoint = server_context.wrap_bio(to_server, server_out, server_side=True)
+    try:
+        _handshake_in_memory(client, endpoint, pipes)
+    except ssl.SSLCertVerificationError as error:
+        raise UsageError(
+            f"{cert}: not valid against {ca}: {error.verify_message or error.reason}"
+        ) from None
+    except ssl.SSLError as error:
+        raise UsageError(f"{cert}: not usable with {ca}: {error.reason or error}") from None
+
+
+def _base_context(protocol: int) -> ssl.SSLContext:
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class TlsServer:
+    """A loaded server credential directory: the context each channel's session comes from."""
+
+    context: ssl.SSLContext
+    verify_peer: bool
+    authz: frozenset[str]
+    creds_dir: Path
+    crl: bool  # ca-crl.pem was loaded
+
+    def protocol(self, channel: ChannelProtocol) -> TlsServerProtocol:
+        """The protocol the listening socket gives a connection: TLS, then ``channel``."""
+        return TlsServerProtocol(self, channel)
+
+    def check_peer(self, sslobj: ssl.SSLObject) -> str | None:
+        """The peer's subject once the handshake verified it; raises :class:`HandshakeError`
+        when ``--tls-authz`` does not list it."""
+        subject = peer_subject(sslobj) if self.verify_peer else None
+        if self.authz and subject not in self.authz:
+            raise HandshakeError(
+                Reason.TLS,
+                f"client certificate subject {subject!r} is not in --tls-authz "
+                "(compared as gnutls prints it: RDNs in certificate order)",
+            )
+        return subject
+
+
+def load_server(settings: TlsSettings) -> TlsServer:
+    """Read and check a server credential directory (QEMU's ``endpoint=server``)."""
+    directory = settings.creds_dir
+    if not directory.is_dir():
+        raise UsageError(f"--tls-creds {directory}: not a directory")
+    ca = _readable(directory, CA_CERT)
+    cert = _readable(directory, SERVER_CERT)
+    key = _readable(directory, SERVER_KEY)
+    crl = _readable(directory, CA_CRL, required=False)
+    assert ca is not None and cert is not None and key is not None
+    _check_pem(ca, "certificate")
+    context = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    context.num_tickets = 0  # no resumption: every channel is verified by a full handshake
+    _load_pair(context, cert, key)
+    _check_against_ca(cert, key, ca, server=True)
+    if settings.verify_peer:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=ca)
+        if crl is not None:
+            _check_pem(crl, "CRL")
+            context.load_verify_locations(cafile=crl)
+            context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+    else:
+        context.verify_mode = ssl.CERT_NONE
+        log.warning(
+            "tls_verify_peer_off",
+            creds=str(directory),
+            message="--tls-verify-peer no: any client that completes TLS may send device "
+            "state; clients are neither asked for nor checked against a certificate",
+        )
+    return TlsServer(
+        context=context,
+        verify_peer=settings.verify_peer,
+        authz=frozenset(settings.authz),
+        creds_dir=directory,
+        crl=crl is not None and settings.verify_peer,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TlsClient:
+    """A loaded client credential directory and the name the server must prove."""
+
+    context: ssl.SSLContext
+    hostname: str
+
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """The TLS handshake on a connected blocking socket (the server verified by name)."""
+        return self.context.wrap_socket(sock, server_hostname=self.hostname)
+
+
+def load_client(creds_dir: Path, address: Address, hostname: str | None = None) -> TlsClient:
+    """Read and check a client credential directory (QEMU's ``endpoint=client``).
+
+    The server's certificate is verified against ``hostname``: by default the host
+    of a ``tcp:`` address; a ``unix:`` address has none, so it must be given (as
+    QEMU's ``tls-hostname`` must be for a unix socket)."""
+    if hostname is None:
+        if address.kind == "unix":
+            raise UsageError(
+                f"--connect {address} with --tls-creds needs --tls-hostname NAME: a unix "
+                "socket has no host name to verify the receiver's certificate against"
+            )
+        hostname = address.host
+    if not creds_dir.is_dir():
+        raise UsageError(f"--tls-creds {creds_dir}: not a directory")
+    ca = _readable(creds_dir, CA_CERT)
+    assert ca is not None
+    _check_pem(ca, "certificate")
+    # As QEMU: the client's own certificate is optional, but not half of it.
+    cert = _readable(creds_dir, CLIENT_CERT, required=False)
+    key = _readable(creds_dir, CLIENT_KEY, required=cert is not None)
+    if key is not None and cert is None:
+        _readable(creds_dir, CLIENT_CERT)  # raises: missing, named
+    context = _base_context(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+    context.load_verify_locations(cafile=ca)
+    if cert is not None and key is not None:
+        _load_pair(context, cert, key)
+        _check_against_ca(cert, key, ca, server=False)
+    else:
+        log.warning(
+            "tls_no_client_certificate",
+            creds=str(creds_dir),
+            message=f"no {CLIENT_CERT}: a receiver that verifies its peers refuses this source",
+        )
+    return TlsClient(context, hostname)
+
+
+# -- one channel's TLS session, server side -------------------------------------------
+
+
+class _State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _describe(error: ssl.SSLError) -> str:
+    """Why a handshake failed, in words, with OpenSSL's reason code."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"client certificate rejected: {error.verify_message or error.reason}"
+    if isinstance(error, ssl.SSLEOFError):
+        return "connection closed during the TLS handshake"
+    reason = error.reason or str(error)
+    words = {
+        "PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate "
+        "(--tls-verify-peer yes requires one)",
+        "WRONG_VERSION_NUMBER": "not a TLS client hello (plaintext?)",
+        "HTTP_REQUEST": "not a TLS client hello (plaintext HTTP)",
+        "UNSUPPORTED_PROTOCOL": "the client offers no TLS version from 1.2 up",
+        "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust our certificate (unknown CA)",
+        "SSLV3_ALERT_BAD_CERTIFICATE": "the client rejected our certificate",
+    }.get(reason)
+    return f"{words} ({reason})" if words else reason
+
+
+class TlsServerProtocol(asyncio.BufferedProtocol):
+    """One channel's TLS session: the plain transport's protocol, the channel's transport.
+
+    Ciphertext from the socket goes into an incoming :class:`ssl.MemoryBIO`; once
+    the handshake is done (and the peer allowed), plaintext is decrypted straight
+    into the buffer the channel asks for (``get_buffer``: for a payload, the
+    chunk's own buffer). What OpenSSL wants sent (handshake, alerts,
+    ``close_notify``) is written to the socket as it appears.
+    """
+
+    def __init__(self, server: TlsServer, app: ChannelProtocol) -> None:
+        self._server = server
+        self._app = app
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = server.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self._receive = memoryview(bytearray(RECEIVE_SIZE))
+        self._transport: asyncio.Transport | None = None
+        self._state = _State.HANDSHAKE
+        self._app_reading = True  # the channel wants plaintext
+        self._socket_reading = True
+        self._busy = False  # inside _advance: a nested call is picked up by its loop
+        self._eof = False  # the socket reached its end (what it brought is still read)
+        self._app_lost = False  # the channel was told the connection is gone
+        self._scheduled = False
+        self.subject: str | None = None
+        self.app_transport = TlsTransport(self)
+
+    # -- the plain transport's side -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        # The channel starts its handshake timer now: it covers the TLS handshake.
+        self._app.connection_made(self.app_transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._receive
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._incoming.write(self._receive[:nbytes])
+        self._advance()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._incoming.write_eof()  # what is buffered is still read; then the end is decided
+        self._advance()
+        return True  # we close the socket once the end is decided
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state is _State.HANDSHAKE:
+            self._state = _State.CLOSED
+            why = f"connection lost during the TLS handshake: {exc or 'closed'}"
+            self._lose(HandshakeError(Reason.TLS, why))
+        else:
+            self._state = _State.CLOSED
+            self._lose(exc)
+
+    # -- the record layer -----------------------------------------------------------
+
+    def _advance(self) -> None:
+        """Handshake, then decrypt into the channel's buffers while it reads."""
+        self._scheduled = False
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            if self._state is _State.HANDSHAKE:
+                self._handshake()
+            if self._state is _State.OPEN and self._app_reading:
+                self._read()
+            self._flush()
+            self._control_socket_reading()
+        finally:
+            self._busy = False
+
+    def _handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        except ssl.SSLError as error:
+            self._flush()  # the alert that tells the client why
+            self._refuse(HandshakeError(Reason.TLS, f"TLS handshake failed: {_describe(error)}"))
+            return
+        try:
+            self.subject = self._server.check_peer(self._ssl)
+        except HandshakeError as error:
+            self._refuse(error)
+            return
+        self._state = _State.OPEN
+        self._app.log.info(
+            "tls_established",
+            version=self._ssl.version(),
+            cipher=(self._ssl.cipher() or ("?",))[0],
+            subject=self.subject,
+        )
+
+    def _read(self) -> None:
+        app = self._app
+        sslobj = self._ssl
+        while self._state is _State.OPEN and self._app_reading:
+            buffer = app.get_buffer(-1)
+            wanted = len(buffer)
+            got = 0
+            end: str | None = None
+            try:
+                while got < wanted:
+                    # With a buffer, read() returns a count (typeshed says bytes).
+                    count = cast(int, sslobj.read(wanted - got, buffer[got:]))  # type: ignore[arg-type]
+                    if count == 0:
+                        end = "close_notify"
+                        break
+                    got += count
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLEOFError:
+                end = "the peer closed the connection without TLS close_notify"
+            except ssl.SSLError as error:
+                end = f"TLS error: {error.reason or error}"
+            if got:
+                app.buffer_updated(got)
+            if end == "close_notify":
+                self._clean_end()
+                return
+            if end is not None:
+                self._abrupt_end(end)
+                return
+            if got < wanted:
+                return  # no more complete records: wait for the socket
+
+    def _clean_end(self) -> None:
+        """The peer's ``close_notify``: the channel decides whether it ended at a packet
+        boundary; then ours, and the socket is closed."""
+        if self._state is not _State.OPEN:
+            return
+        self._app.eof_received()
+        if self._state is not _State.OPEN:  # the channel failed (truncated) and aborted
+            return
+        self._state = _State.CLOSED
+        with contextlib.suppress(ssl.SSLError):  # the peer need not wait for ours
+            self._ssl.unwrap()
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _abrupt_end(self, why: str) -> None:
+        """The stream ended without ``close_notify``, or broke: never a clean end."""
+        self._state = _State.CLOSED
+        self._lose(ConnectionResetError(why))
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _refuse(self, error: HandshakeError) -> None:
+        """The connection failed TLS: the channel refuses it (log, count); we hang up."""
+        self._state = _State.CLOSED
+        self._lose(error)
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _lose(self, exc: Exception | None) -> None:
+        if not self._app_lost:
+            self._app_lost = True
+            self._app.connection_lost(exc)
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self._transport is not None:
+            data = self._outgoing.read()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def _control_socket_reading(self) -> None:
+        """Stop reading the socket while the channel does not read and ciphertext piles up."""
+        transport = self._transport
+        if transport is None or self._eof or self._state is _State.CLOSED or transport.is_closing():
+            return
+        wanted = self._incoming.pending < MAX_PENDING_CIPHERTEXT
+        if wanted != self._socket_reading:
+            self._socket_reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    # -- what the channel does with its transport ------------------------------------
+
+    def pause_app(self) -> None:
+        self._app_reading = False
+
+    def resume_app(self) -> None:
+        if self._app_reading:
+            return
+        self._app_reading = True
+        # Not now: the channel calls this from inside its own callbacks.
+        if not self._busy and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._advance)
+
+    @property
+    def app_reading(self) -> bool:
+        return self._app_reading
+
+    def close(self) -> None:
+        """Hang up cleanly: our ``close_notify`` (if the session is open), then the socket."""
+        if self._state is _State.OPEN:
+            self._state = _State.CLOSED
+            with contextlib.suppress(ssl.SSLError):
+                self._ssl.unwrap()
+            self._flush()
+        self._state = _State.CLOSED
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        self._state = _State.CLOSED
+        if self._transport is not None:
+            self._transport.abort()
+
+    def is_closing(self) -> bool:
+        return (
+            self._state is _State.CLOSED
+            or self._transport is None
+            or (self._transport.is_closing())
+        )
+
+    def extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._ssl
+        if name == "peer_subject":
+            return self.subject
+        if name in ("peercert", "cipher", "tls_version"):
+            if self._state is _State.HANDSHAKE:
+                return default
+            if name == "peercert":
+                return self._ssl.getpeercert()
+            return self._ssl.cipher() if name == "cipher" else self._ssl.version()
+        if self._transport is None:
+            return default
+        return self._transport.get_extra_info(name, default)
+
+
+class TlsTransport(asyncio.Transport):
+    """What a channel sees as its transport under TLS (it only reads)."""
+
+    def __init__(self, session: TlsServerProtocol) -> None:
+        super().__init__()
+        self._session = session
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """Also ``ssl_object``, ``peercert``, ``cipher``, ``tls_version`` and
+        ``peer_subject`` (:func:`subject_dn`, None without a verified certificate)."""
+        return self._session.extra_info(name, default)
+
+    def is_closing(self) -> bool:
+        return self._session.is_closing()
+
+    def close(self) -> None:
+        self._session.close()
+
+    def abort(self) -> None:
+        self._session.abort()
+
+    def pause_reading(self) -> None:
+        self._session.pause_app()
+
+    def resume_reading(self) -> None:
+        self._session.resume_app()
+
+    def is_reading(self) -> bool:
+        return self._session.app_reading
+
+
+def tls_of(transport: asyncio.BaseTransport | None) -> TlsTransport | None:
+    """The channel's TLS transport, or None for a plaintext channel."""
+    return transport if isinstance(transport, TlsTransport) else None
