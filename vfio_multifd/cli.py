@@ -36,7 +36,7 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, notify, status_client, status_server
+from . import cli_options, logconfig, metrics, notify, status_client, status_server
 from .config import Address, ReceiveSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
@@ -108,6 +108,7 @@ def _receive_command(args: argparse.Namespace) -> int:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
         status_socket=args.status_socket,
+        metrics_listen=args.metrics_listen,
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
@@ -121,6 +122,7 @@ class DaemonOptions:
     """What the daemon does around the session: status socket, readiness, progress."""
 
     status_socket: str | None = None
+    metrics_listen: Address | None = None
     ready_fd: int | None = None
     progress_interval: float | None = 5.0
 
@@ -155,6 +157,15 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                     await asyncio.gather(run, return_exceptions=True)
                     raise
                 stack.push_async_callback(server.close)
+            if options.metrics_listen is not None:
+                scraped = metrics.MetricsServer(session, options.metrics_listen)
+                try:
+                    await scraped.start()
+                except BaseException:
+                    run.cancel()
+                    await asyncio.gather(run, return_exceptions=True)
+                    raise
+                stack.push_async_callback(scraped.close)
             _notify_ready(session, options)
             if options.progress_interval is not None:
                 reporter = asyncio.create_task(

@@ -76,6 +76,15 @@ _size = _option_type(parse_size)
 _uuid = _option_type(parse_uuid)
 _address = _option_type(Address.parse)
 _receive_device = _option_type(DeviceSpec.parse)
+
+
+@_option_type
+def _metrics_address(text: str) -> Address:
+    """``tcp:HOST:PORT`` only (port 0 picks a free one)."""
+    address = Address.parse(text)
+    if address.kind != "tcp":
+        raise UsageError(f"not a TCP address: {text!r} (expected tcp:HOST:PORT)")
+    return address
 _send_device = _option_type(SourceDevice.parse)
 
 
@@ -295,6 +304,14 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         default=None,
         metavar="PATH",
         help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
+    )
+    rx.add_argument(
+        "--metrics-listen",
+        type=_metrics_address,
+        default=None,
+        metavar="tcp:HOST:PORT",
+        help="serve GET /metrics (Prometheus text format) on this address "
+        "(port 0 picks a free port: the metrics_listening log line says which)",
     )
     rx.add_argument(
         "--ready-fd",

@@ -12,6 +12,7 @@ raises it. Outputs become final only when every device is complete
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import Coroutine, Iterable
@@ -87,6 +88,8 @@ class Session:
         self.listening = asyncio.Event()
         self._all_connected = asyncio.Event()  # every expected channel was accepted
         self.error: MultifdError | None = None
+        #: Refused connections by reason code, for the metrics (the registry counts them all).
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
@@ -325,6 +328,7 @@ class Session:
         self._spawn(read_channel(channel, self), f"channel {handshake.channel_id}")
 
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+        self.refused_by_reason[error.reason.value] += 1
         self.registry.refuse(channel, error)
 
     def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
