@@ -293,6 +293,8 @@ def print_send_summary(result: SendResult, out: TextIO, address: Address) -> Non
 
 
 def _status_command(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return _watch_status(args)
     try:
         reply = status_client.query(args.socket, timeout=args.timeout)
     except status_client.StatusError as error:
@@ -306,6 +308,26 @@ def _status_command(args: argparse.Namespace) -> int:
     else:
         print(status_client.format_table(reply["return"]))
     return EXIT_OK
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch S``: every S seconds until the migration ends; 0 only if it completed."""
+    clear = sys.stdout.isatty() and not args.json
+
+    def show(info: dict[str, Any], final: bool) -> None:
+        if args.json:
+            print(json.dumps(info), flush=True)  # one line per answer
+            return
+        if clear:
+            print("\x1b[H\x1b[2J", end="")
+        print(status_client.format_table(info), end="\n\n" if not final else "\n", flush=True)
+
+    try:
+        final = status_client.watch(args.socket, args.watch, show, timeout=args.timeout)
+    except status_client.StatusError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
 
 
 # -- entry points -------------------------------------------------------------------

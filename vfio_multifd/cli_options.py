@@ -469,6 +469,14 @@ def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:
     )
     st.add_argument("--json", action="store_true", help="print the reply as JSON")
     st.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="ask again every SECONDS until the migration ends, print the final state, and "
+        "exit 0 if it completed, 1 otherwise",
+    )
+    st.add_argument(
         "--timeout",
         type=_positive_seconds,
         default=5.0,

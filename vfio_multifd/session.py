@@ -15,7 +15,7 @@ import asyncio
 import collections
 import contextlib
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -90,6 +90,8 @@ class Session:
         self.error: MultifdError | None = None
         #: Refused connections by reason code, for the metrics (the registry counts them all).
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
+        #: Called with each new status (the status socket announces it as QMP's MIGRATION event).
+        self.status_listeners: list[Callable[[SessionStatus], None]] = []
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
@@ -308,6 +310,8 @@ class Session:
         if status is not self.status:
             self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
+            for listener in list(self.status_listeners):
+                listener(status)
             if status.final:
                 self.finished = time.monotonic()
 
