@@ -234,7 +234,7 @@ OPTIONS_BEFORE = {
         "--digest", "--inject", "--connect-timeout", "--progress-interval", "--log-format",
         "--log-level",
     },
-    "status": {"--socket", "--json", "--timeout"},
+    "status": {"--socket", "--json", "--timeout", "--watch"},
 }  # fmt: skip
 
 

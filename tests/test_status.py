@@ -60,6 +60,7 @@ class Client:
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
+        self.events: list[Reply] = []
 
     @classmethod
     async def open(cls, path: Path) -> tuple[Client, Reply]:
@@ -68,10 +69,15 @@ class Client:
         return client, await client.read()
 
     async def read(self) -> Reply:
-        line = await asyncio.wait_for(self.reader.readline(), 5)
-        assert line.endswith(b"\r\n"), line
-        reply: Reply = json.loads(line)
-        return reply
+        """The next reply; QMP events (the daemon's MIGRATION, on each status change)
+        are kept in ``events``, as a QMP client sets them aside."""
+        while True:
+            line = await asyncio.wait_for(self.reader.readline(), 5)
+            assert line.endswith(b"\r\n"), line
+            reply: Reply = json.loads(line)
+            if "event" not in reply:
+                return reply
+            self.events.append(reply)
 
     async def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
@@ -255,12 +261,16 @@ async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> Non
                 assert time.monotonic() < deadline, info
                 await asyncio.sleep(0.01)
             client, _ = await Client.open(path)
+            assert await client.execute("qmp_capabilities") == {"return": {}}  # events after it
             assert await client.execute("migrate_cancel", id="c") == {"return": {}, "id": "c"}
             with pytest.raises(Cancelled, match="cancelled by migrate_cancel") as raised:
                 await running.result()
             assert raised.value.signal_number is None
             info = (await client.execute("query-migrate"))["return"]
             await client.close()
+            # QEMU's MIGRATION event for each change, after the answer to migrate_cancel.
+            assert [e["event"] for e in client.events] == ["MIGRATION"] * 2
+            assert [e["data"]["status"] for e in client.events] == ["cancelling", "cancelled"]
         finally:
             for sock in socks:
                 sock.close()

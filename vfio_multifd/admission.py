@@ -208,6 +208,11 @@ class Admission:
             if not self._paused:
                 self.paused_seconds += time.monotonic() - self._pause_started
 
+    def paused_total(self, now: float) -> float:
+        """:attr:`paused_seconds` including a pause still going on (``now``: monotonic)."""
+        ongoing = now - self._pause_started if self._paused else 0.0
+        return self.paused_seconds + ongoing
+
     def memory_changed(self) -> None:
         """Queued memory shrank or became drainable: every waiting channel looks again."""
         waiters, self._memory_waiters = self._memory_waiters, []

@@ -36,7 +36,7 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, notify, status_client, status_server, tls
+from . import cli_options, logconfig, metrics, notify, status_client, status_server, tls
 from .config import Address, ReceiveSettings, TlsSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
@@ -130,6 +130,7 @@ def _receive_command(args: argparse.Namespace) -> int:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
         status_socket=args.status_socket,
+        metrics_listen=args.metrics_listen,
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
@@ -143,6 +144,7 @@ class DaemonOptions:
     """What the daemon does around the session: status socket, readiness, progress."""
 
     status_socket: str | None = None
+    metrics_listen: Address | None = None
     ready_fd: int | None = None
     progress_interval: float | None = 5.0
 
@@ -177,6 +179,15 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                     await asyncio.gather(run, return_exceptions=True)
                     raise
                 stack.push_async_callback(server.close)
+            if options.metrics_listen is not None:
+                scraped = metrics.MetricsServer(session, options.metrics_listen)
+                try:
+                    await scraped.start()
+                except BaseException:
+                    run.cancel()
+                    await asyncio.gather(run, return_exceptions=True)
+                    raise
+                stack.push_async_callback(scraped.close)
             _notify_ready(session, options)
             if options.progress_interval is not None:
                 reporter = asyncio.create_task(
@@ -315,6 +326,8 @@ def print_send_summary(result: SendResult, out: TextIO, address: Address) -> Non
 
 
 def _status_command(args: argparse.Namespace) -> int:
+    if args.watch is not None:
+        return _watch_status(args)
     try:
         reply = status_client.query(args.socket, timeout=args.timeout)
     except status_client.StatusError as error:
@@ -328,6 +341,26 @@ def _status_command(args: argparse.Namespace) -> int:
     else:
         print(status_client.format_table(reply["return"]))
     return EXIT_OK
+
+
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch S``: every S seconds until the migration ends; 0 only if it completed."""
+    clear = sys.stdout.isatty() and not args.json
+
+    def show(info: dict[str, Any], final: bool) -> None:
+        if args.json:
+            print(json.dumps(info), flush=True)  # one line per answer
+            return
+        if clear:
+            print("\x1b[H\x1b[2J", end="")
+        print(status_client.format_table(info), end="\n\n" if not final else "\n", flush=True)
+
+    try:
+        final = status_client.watch(args.socket, args.watch, show, timeout=args.timeout)
+    except status_client.StatusError as error:
+        print(f"vfio-multifd: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if final.get("status") == "completed" else EXIT_FAILED
 
 
 # -- entry points -------------------------------------------------------------------

@@ -76,6 +76,15 @@ _size = _option_type(parse_size)
 _uuid = _option_type(parse_uuid)
 _address = _option_type(Address.parse)
 _receive_device = _option_type(DeviceSpec.parse)
+
+
+@_option_type
+def _metrics_address(text: str) -> Address:
+    """``tcp:HOST:PORT`` only (port 0 picks a free one)."""
+    address = Address.parse(text)
+    if address.kind != "tcp":
+        raise UsageError(f"not a TCP address: {text!r} (expected tcp:HOST:PORT)")
+    return address
 _send_device = _option_type(SourceDevice.parse)
 
 
@@ -298,6 +307,14 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
     )
     _add_receive_tls(rx)
     rx.add_argument(
+        "--metrics-listen",
+        type=_metrics_address,
+        default=None,
+        metavar="tcp:HOST:PORT",
+        help="serve GET /metrics (Prometheus text format) on this address "
+        "(port 0 picks a free port: the metrics_listening log line says which)",
+    )
+    rx.add_argument(
         "--ready-fd",
         type=_ready_fd,
         default=None,
@@ -494,6 +511,14 @@ def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="the daemon's --status-socket (or QEMU's QMP socket)",
     )
     st.add_argument("--json", action="store_true", help="print the reply as JSON")
+    st.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="ask again every SECONDS until the migration ends, print the final state, and "
+        "exit 0 if it completed, 1 otherwise",
+    )
     st.add_argument(
         "--timeout",
         type=_positive_seconds,

@@ -12,9 +12,10 @@ raises it. Outputs become final only when every device is complete
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -90,6 +91,10 @@ class Session:
         self.listening = asyncio.Event()
         self._all_connected = asyncio.Event()  # every expected channel was accepted
         self.error: MultifdError | None = None
+        #: Refused connections by reason code, for the metrics (the registry counts them all).
+        self.refused_by_reason: collections.Counter[str] = collections.Counter()
+        #: Called with each new status (the status socket announces it as QMP's MIGRATION event).
+        self.status_listeners: list[Callable[[SessionStatus], None]] = []
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
@@ -312,6 +317,8 @@ class Session:
         if status is not self.status:
             self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
+            for listener in list(self.status_listeners):
+                listener(status)
             if status.final:
                 self.finished = time.monotonic()
 
@@ -332,6 +339,7 @@ class Session:
         self._spawn(read_channel(channel, self), f"channel {handshake.channel_id}")
 
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+        self.refused_by_reason[error.reason.value] += 1
         self.registry.refuse(channel, error)
 
     def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:

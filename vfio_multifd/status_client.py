@@ -1,21 +1,43 @@
-"""The client side of the status socket: ``vfio-multifd status``.
+"""The client side of the status socket: ``vfio-multifd status``, on ``qemu.qmp``.
 
 :func:`query` runs one command on a status socket (ours, or QEMU's own QMP
-monitor) and :func:`format_table` turns ``query-migrate``'s answer into a
-few aligned tables for a person.
+monitor) with the QEMU project's asyncio QMP library, :func:`watch` asks
+again every few seconds until the migration ends, and :func:`format_table`
+turns ``query-migrate``'s answer into a few aligned tables for a person.
+Where nothing answers, the error says which socket and why.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import logging
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
+
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    QMPClient,
+    StateError,
+)
 
 from .errors import os_error_text
 
 JSON = dict[str, Any]
+#: ``query-migrate`` statuses after which nothing changes any more.
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+# qemu.qmp logs its own failures (through the logging module); this client
+# reports them itself, once, naming the socket: keep them off stderr.
+_qmp_log = logging.getLogger("qemu.qmp")
+_qmp_log.addHandler(logging.NullHandler())
+_qmp_log.propagate = False
 
 
 class StatusError(OSError):
@@ -23,36 +45,129 @@ class StatusError(OSError):
 
 
 def query(path: str, command: str = "query-migrate", timeout: float = 5.0) -> JSON:
-    """Run one command on a status socket (ours or QEMU's QMP) and return its reply.
+    """Run one command on a status socket (ours or QEMU's QMP) and return its reply:
+    ``{"return": ...}`` or ``{"error": {"class": ..., "desc": ...}}``, as sent.
 
     Raises :class:`StatusError` saying which socket, whether it exists and what it did.
     """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+
+    async def once() -> JSON:
+        async with _connected(path, timeout) as client:
+            return await _execute(client, path, command, timeout)
+
+    return asyncio.run(once())
+
+
+def watch(
+    path: str, interval: float, show: Callable[[JSON, bool], None], timeout: float = 5.0
+) -> JSON:
+    """``query-migrate`` every ``interval`` seconds, each answer given to ``show(info,
+    final)``, until the migration ends; returns the final answer.
+
+    One connection for the whole watch. The daemon sends QEMU's ``MIGRATION`` event
+    when its status changes, so the final state is asked for at once, before the
+    daemon exits and takes its socket with it; if that last answer cannot be had,
+    the last one is shown with the event's status.
+    """
+
+    async def run() -> JSON:
+        async with _connected(path, timeout) as client:
+            events = EventListener(("MIGRATION",))
+            seen: list[str] = []  # statuses the MIGRATION events announced
+            with client.listen(events):
+                last: JSON = {}
+                while True:
+                    try:
+                        reply = await _execute(client, path, "query-migrate", timeout)
+                    except StatusError:
+                        seen += [_event_status(message) for message in events.clear()]
+                        final = [status for status in seen if status in FINAL_STATUSES]
+                        if not final or not last:
+                            raise
+                        info = {**last, "status": final[-1]}
+                        show(info, True)
+                        return info
+                    if "error" in reply:
+                        raise StatusError(f"status socket {path}: {reply['error'].get('desc')}")
+                    last = reply["return"]
+                    done = str(last.get("status")) in FINAL_STATUSES
+                    show(last, done)
+                    if done:
+                        return last
+                    with contextlib.suppress(TimeoutError):  # less when the status changes
+                        seen.append(_event_status(await asyncio.wait_for(events.get(), interval)))
+
+    return asyncio.run(run())
+
+
+def _event_status(message: Any) -> str:
+    data = message.get("data") if isinstance(message, dict) or hasattr(message, "get") else None
+    return str(data.get("status")) if isinstance(data, dict) else ""
+
+
+class _connected:
+    """A negotiated :class:`QMPClient` on ``path``: connected with a plain socket first,
+    so that a socket that does not answer is explained as before."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+        self.client = QMPClient("vfio-multifd-status")
+
+    async def __aenter__(self) -> QMPClient:
+        path, timeout = self.path, self.timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            await asyncio.to_thread(sock.connect, path)
         except OSError as error:
+            sock.close()
             raise StatusError(_cannot_connect(path, error, timeout)) from None
+        sock.setblocking(False)
         try:
-            stream = sock.makefile("rwb")
-            _read_reply(stream)  # the greeting
-            for execute in ("qmp_capabilities", command):
-                stream.write(json.dumps({"execute": execute}).encode() + b"\n")
-                stream.flush()
-                reply = _read_reply(stream)
+            await asyncio.wait_for(self.client.connect(sock), timeout)
         except TimeoutError:
+            sock.close()
             raise StatusError(
                 f"status socket {path} accepted the connection but sent no answer within "
                 f"{timeout:g} s (--timeout): is a vfio-multifd daemon or QEMU's QMP monitor "
                 "behind it?"
             ) from None
-        except ValueError as error:
-            raise StatusError(
-                f"status socket {path} answered with something that is not QMP JSON: {error}"
-            ) from None
-        except OSError as error:
-            raise StatusError(f"status socket {path}: {os_error_text(error)}") from None
-        return reply
+        except ConnectError as error:
+            sock.close()
+            raise StatusError(_handshake_failed(path, error.exc)) from None
+        return self.client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # The answer is had: how the connection ended is not news.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.client.disconnect(), self.timeout)
+
+
+async def _execute(client: QMPClient, path: str, command: str, timeout: float) -> JSON:
+    try:
+        value = await asyncio.wait_for(
+            client.execute_msg(client.make_execute_msg(command)), timeout
+        )
+    except ExecuteError as error:
+        return {"error": {"class": error.error_class, "desc": str(error)}}
+    except TimeoutError:
+        raise StatusError(
+            f"status socket {path} sent no answer to {command} within {timeout:g} s (--timeout)"
+        ) from None
+    except (ExecInterruptedError, StateError, EOFError, OSError) as error:
+        raise StatusError(
+            f"status socket {path} closed the connection before answering {command} ({error})"
+        ) from None
+    return {"return": value}
+
+
+def _handshake_failed(path: str, cause: BaseException) -> str:
+    """Why the greeting or the negotiation failed, connected as we were."""
+    if isinstance(cause, EOFError):
+        return f"status socket {path}: it closed the connection before answering"
+    if isinstance(cause, OSError):
+        return f"status socket {path}: {os_error_text(cause)}"
+    return f"status socket {path} answered with something that is not QMP JSON: {cause}"
 
 
 def _cannot_connect(path: str, error: OSError, timeout: float) -> str:
@@ -88,16 +203,6 @@ def _cannot_connect(path: str, error: OSError, timeout: float) -> str:
             f"{os_error_text(error)}; it is private to the user who started the daemon"
         )
     return f"status socket {path} exists, but connecting failed: {os_error_text(error)}"
-
-
-def _read_reply(stream: Any) -> JSON:
-    while True:
-        line = stream.readline()
-        if not line:
-            raise ConnectionError("it closed the connection before answering")
-        message = json.loads(line)
-        if isinstance(message, dict) and "event" not in message:
-            return message  # QEMU may interleave asynchronous events
 
 
 def format_table(info: JSON) -> str:

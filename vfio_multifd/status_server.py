@@ -162,6 +162,9 @@ class StatusServer:
         self.path = Path(path)
         self._server: asyncio.Server | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        #: Clients that sent qmp_capabilities: only they get events (QEMU sends none
+        #: during capabilities negotiation, and a client would take one for the answer).
+        self._negotiated: set[asyncio.StreamWriter] = set()
         self._inode: tuple[int, int] | None = None  # of the socket we made, to unlink only it
         self.log = log.bind(status_socket=str(self.path))
 
@@ -184,7 +187,29 @@ class StatusServer:
             raise UsageError(
                 f"cannot listen on --status-socket {self.path}: {error.strerror or error}"
             ) from error
+        self.session.status_listeners.append(self._announce)
         self.log.info("status_socket_listening")
+
+    def _announce(self, status: SessionStatus) -> None:
+        """QEMU's ``MIGRATION`` event to every client, after the answer being written
+        (a ``migrate_cancel``'s ``{"return": {}}`` comes first, as from QEMU)."""
+        now = time.time()
+        event = {
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
+            "event": "MIGRATION",
+            "data": {"status": status.value},
+        }
+        line = json.dumps(event).encode() + b"\r\n"
+
+        def send() -> None:
+            for writer in list(self._negotiated):
+                if writer.transport.is_closing():
+                    continue
+                writer.write(line)  # never waits: a client that does not read is dropped
+                if writer.transport.get_write_buffer_size() > MAX_CLIENT_BUFFER:
+                    writer.transport.abort()
+
+        asyncio.get_running_loop().call_soon(send)
 
     def _bind_private(self) -> socket.socket:
         """A listening socket at ``self.path`` that was never reachable but by us.
@@ -221,6 +246,8 @@ class StatusServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        with contextlib.suppress(ValueError):
+            self.session.status_listeners.remove(self._announce)
         inode, self._inode = self._inode, None
         if inode is not None:
             remove_own_socket(str(self.path), inode)
@@ -254,6 +281,7 @@ class StatusServer:
             self.log.warning("status_client_dropped", why="does not read its answers")
         finally:
             self._clients.pop(task, None)
+            self._negotiated.discard(writer)
             writer.transport.abort()  # never wait for a client to read what is left
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -264,7 +292,7 @@ class StatusServer:
         while data := await reader.read(4096):
             pending = (pending + text_decoder.decode(data)).lstrip()
             while pending:
-                reply, pending, done = self._next_request(decoder, pending)
+                reply, pending, done = self._next_request(decoder, pending, writer)
                 if reply is not None:
                     await _send(writer, reply)
                 if done:
@@ -273,7 +301,7 @@ class StatusServer:
                     break  # incomplete: read more
 
     def _next_request(
-        self, decoder: json.JSONDecoder, pending: str
+        self, decoder: json.JSONDecoder, pending: str, writer: asyncio.StreamWriter
     ) -> tuple[JSON | None, str, bool]:
         """The answer to the first request in ``pending`` (None: incomplete), what is
         left after it, and whether to hang up."""
@@ -290,7 +318,10 @@ class StatusServer:
                 return None, pending, False
             rest = pending.partition("\n")[2].lstrip()
             return _error("GenericError", f"JSON parse error, {error}"), rest, False
-        return self.execute(request), pending[end:].lstrip(), False
+        reply = self.execute(request)
+        if isinstance(request, dict) and request.get("execute") == "qmp_capabilities":
+            self._negotiated.add(writer)  # events from now on, as QEMU sends them
+        return reply, pending[end:].lstrip(), False
 
     def execute(self, request: object) -> JSON:
         """Answer one QMP command."""

@@ -1,0 +1,272 @@
+"""``receive --metrics-listen``: ``GET /metrics`` in Prometheus' text format.
+
+In-process tests run a real session and its metrics server in one event loop
+(under both loops), the sender on threads, and scrape over 127.0.0.1; the
+exposition is parsed with ``prometheus_client``'s own parser. CLI tests run
+the daemon as a subprocess. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cli_helpers import Daemon, receive_usage_error, send_to, wait_for
+from helpers import IDSTR, IDSTR_B, connect, settings, start
+from prometheus_client.parser import text_string_to_metric_families
+
+from vfio_multifd import Address, DeviceKey
+from vfio_multifd.metrics import CONTENT_TYPE, MetricsServer, render
+from vfio_multifd.sender import SourceDevice, send
+
+A = DeviceKey(IDSTR, 0)
+B = DeviceKey(IDSTR_B, 0)
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def http_get(address: Address, path: str = "/metrics", method: str = "GET") -> bytes:
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(address.host, address.port), 5
+    )
+    try:
+        writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n".encode())
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+def parse(response: bytes) -> Samples:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n"), head
+    assert f"Content-Type: {CONTENT_TYPE}".encode() in head
+    assert f"Content-Length: {len(body)}".encode() in head
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+async def scrape(address: Address) -> Samples:
+    return parse(await http_get(address))
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def total(samples: Samples, name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def status_of(samples: Samples) -> str:
+    current = [
+        dict(labels)["status"]
+        for (name, labels), v in samples.items()
+        if name == "vfio_multifd_migration_status" and v == 1
+    ]
+    assert len(current) == 1, current
+    return current[0]
+
+
+async def test_scrapes_before_during_and_after_a_migration(tmp_path: Path) -> None:
+    sizes = (4 << 20, (2 << 20) + 1000)
+    running = await start(settings(tmp_path, A, B, channels=3))
+    counted = [0]
+    sent_by: dict[int, int] = {}
+    lock = threading.Lock()
+    paused, gate = threading.Event(), threading.Event()
+
+    def progress(device: int, nbytes: int) -> None:
+        # Each channel's thread stops after its fifth chunk, until the gate opens.
+        with lock:
+            counted[0] += nbytes
+            me = threading.get_ident()
+            sent_by[me] = sent_by.get(me, 0) + 1
+            stop = sent_by[me] == 5
+            if stop and len(sent_by) == 3 and all(n >= 5 for n in sent_by.values()):
+                paused.set()
+        if stop:
+            gate.wait(30)
+
+    async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
+        assert server.bound is not None
+        before = await scrape(server.bound)
+        sending = asyncio.create_task(
+            asyncio.to_thread(
+                send,
+                Address.parse(running.address),
+                [SourceDevice(A, size=sizes[0], seed=1), SourceDevice(B, size=sizes[1], seed=2)],
+                channels=3,
+                chunk_size=65536,
+                order="random",
+                progress=progress,
+            )
+        )
+        try:
+            assert await asyncio.to_thread(paused.wait, 20), "the sender never paused"
+            deadline = time.monotonic() + 10
+            while True:  # what the paused sender sent arrives (kernel buffers drain)
+                during = await scrape(server.bound)
+                with lock:
+                    out = counted[0]
+                received = total(during, "vfio_multifd_received_bytes_total")
+                if received >= out and total(during, "vfio_multifd_written_bytes_total"):
+                    break
+                assert time.monotonic() < deadline, during
+                await asyncio.sleep(0.01)
+        finally:
+            gate.set()
+        sent = await asyncio.wait_for(sending, 60)
+        await running.result()
+        after = await scrape(server.bound)  # the server outlives the session
+
+    assert status_of(before) == "setup"
+    assert total(before, "vfio_multifd_received_bytes_total") == 0
+    assert value(before, "vfio_multifd_written_bytes_total", device=str(A)) == 0
+    assert value(before, "vfio_multifd_channels", state="active") == 0
+    assert value(before, "vfio_multifd_queued_bytes") == 0
+
+    assert status_of(during) == "active"
+    assert out == 15 * 65536
+    assert out < total(during, "vfio_multifd_received_bytes_total") < sent.bytes_sent
+    assert value(during, "vfio_multifd_channels", state="active") == 3
+    assert total(during, "vfio_multifd_written_bytes_total") < sum(sizes)
+
+    assert status_of(after) == "completed"
+    for channel, nbytes in enumerate(sent.channel_bytes):
+        assert value(after, "vfio_multifd_received_bytes_total", channel=str(channel)) == nbytes
+    assert total(after, "vfio_multifd_received_bytes_total") == sent.bytes_sent
+    for key, size in zip((A, B), sizes, strict=True):
+        assert value(after, "vfio_multifd_written_bytes_total", device=str(key)) == size
+        chunks = value(after, "vfio_multifd_chunks_written_total", device=str(key))
+        assert chunks == -(-size // 65536)
+    assert value(after, "vfio_multifd_queued_bytes") == 0
+    assert value(after, "vfio_multifd_peak_queued_bytes") > 0
+    assert value(after, "vfio_multifd_spilled_bytes_total") == 0
+    assert value(after, "vfio_multifd_channels", state="closed") == 3
+    assert value(after, "vfio_multifd_paused_seconds_total") >= 0
+    assert total(after, "vfio_multifd_refused_connections_total") == 0
+
+
+async def test_refused_connections_by_reason_and_a_failed_status(tmp_path: Path) -> None:
+    running = await start(settings(tmp_path, A, channels=1, handshake_timeout=5.0))
+    async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
+        assert server.bound is not None
+        for _ in range(2):
+            with connect(running.address) as stray:
+                stray.sendall(bytes(64))  # no magic
+                stray.settimeout(5)
+                with pytest.raises(OSError):  # reset, or closed
+                    if not stray.recv(1):
+                        raise ConnectionResetError
+        samples = await scrape(server.bound)
+        assert value(samples, "vfio_multifd_refused_connections_total", reason="handshake-magic") == 2
+        assert status_of(samples) == "setup"
+        running.session.cancel("cancelled by the test")
+        with pytest.raises(Exception, match="cancelled by the test"):
+            await running.result()
+        assert status_of(await scrape(server.bound)) == "cancelled"
+
+
+async def test_other_paths_and_methods(tmp_path: Path) -> None:
+    running = await start(settings(tmp_path, A, channels=1))
+    async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
+        assert server.bound is not None
+        assert (await http_get(server.bound, "/")).startswith(b"HTTP/1.1 404 ")
+        assert (await http_get(server.bound, method="POST")).startswith(b"HTTP/1.1 405 ")
+        head = await http_get(server.bound, method="HEAD")
+        assert head.startswith(b"HTTP/1.1 200 ") and head.endswith(b"\r\n\r\n")
+        assert (await http_get(server.bound, "/metrics?x=1")).startswith(b"HTTP/1.1 200 ")
+        # A request head that never ends is dropped; the server goes on answering.
+        with socket.create_connection((server.bound.host, server.bound.port), timeout=5) as slow:
+            slow.sendall(b"GET /metrics HTTP/1.1\r\n" + b"X: y\r\n" * 2000)
+            await asyncio.sleep(0.1)
+        assert (await http_get(server.bound)).startswith(b"HTTP/1.1 200 ")
+    running.session.cancel()
+    with pytest.raises(Exception, match="cancelled"):
+        await running.result()
+
+
+async def test_label_values_are_escaped(tmp_path: Path) -> None:
+    odd = DeviceKey('a"b\\c\nd', 0)
+    running = await start(settings(tmp_path, odd, channels=1))
+    families = list(text_string_to_metric_families(render(running.session)))
+    devices = [s.labels["device"] for f in families for s in f.samples if "device" in s.labels]
+    assert devices == [str(odd), str(odd)]
+    running.session.cancel()
+    with pytest.raises(Exception, match="cancelled"):
+        await running.result()
+
+
+# -- the command line ---------------------------------------------------------------
+
+
+def test_port_in_use_is_a_usage_error(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        line = receive_usage_error(
+            tmp_path, "--listen", "tcp:127.0.0.1:0", "--metrics-listen", f"tcp:127.0.0.1:{port}"
+        )
+    assert f"cannot listen on --metrics-listen tcp:127.0.0.1:{port}" in line
+    assert "in use" in line
+    assert not (tmp_path / "a.bin").exists()
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        ("unix:/tmp/m.sock", "not a TCP address"),
+        ("tcp:127.0.0.1:99999", "not an address"),
+        ("8080", "not an address"),
+    ],
+)
+def test_bad_metrics_address_is_a_usage_error(tmp_path: Path, address: str, expected: str) -> None:
+    line = receive_usage_error(tmp_path, "--metrics-listen", address)
+    assert "--metrics-listen" in line and expected in line
+
+
+def test_unbindable_host_is_a_usage_error(tmp_path: Path) -> None:
+    line = receive_usage_error(
+        tmp_path, "--listen", "tcp:127.0.0.1:0", "--metrics-listen", "tcp:192.0.2.1:0"
+    )
+    assert "cannot listen on --metrics-listen tcp:192.0.2.1:0" in line
+
+
+def test_daemon_serves_metrics(tmp_path: Path, daemons: list[Daemon]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    daemon = Daemon(
+        tmp_path,
+        "--channels",
+        "2",
+        "--metrics-listen",
+        "tcp:127.0.0.1:0",
+        "--device",
+        f"idstr={IDSTR},data={out / 'a.bin'}",
+    )
+    daemons.append(daemon)
+    listening = [e for e in daemon.events() if e["event"] == "metrics_listening"]
+    assert len(listening) == 1
+    address = Address.parse(str(listening[0]["address"]))
+    samples = asyncio.run(scrape(address))
+    assert status_of(samples) == "setup"
+    sent = send_to(daemon.address, 2, f"idstr={IDSTR},size=300000,seed=3")
+    assert sent.returncode == 0, sent.stderr
+    code, _, stderr = daemon.finish()
+    assert code == 0, stderr
+    wait_for(lambda: _refused(address), what="the metrics port to close with the daemon")
+
+
+def _refused(address: Address) -> bool:
+    try:
+        socket.create_connection((address.host, address.port), timeout=1).close()
+    except OSError:
+        return True
+    return False
