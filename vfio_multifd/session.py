@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,8 @@ from .output import device_outputs
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
-from .tls import TlsServer, load_server, tls_of
+from .tls import TlsServer, load_server
+from .tls_channel import TlsServerProtocol, tls_of
 from .watchdog import Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
@@ -250,9 +252,8 @@ class Session:
             )
 
         tls = self.tls
-        address = await self.registry.listen(
-            self.settings.listen, new_channel, None if tls is None else tls.protocol
-        )
+        wrap = None if tls is None else functools.partial(TlsServerProtocol, tls)
+        address = await self.registry.listen(self.settings.listen, new_channel, wrap)
         self.log.info(
             "listening",
             address=str(address),

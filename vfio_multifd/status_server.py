@@ -30,7 +30,7 @@ from .listener import remove_own_socket
 from .reassembly import ChunkState, DeviceBuffer
 from .results import SessionStatus
 from .session import Session
-from .tls import tls_of
+from .tls_channel import tls_of
 from .unix_path import claim_unix_path
 
 log = structlog.get_logger("vfio_multifd.status")
