@@ -21,7 +21,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from vfio_multifd import DeviceKey, MultifdError, ProtocolError
-from vfio_multifd.wire import ChannelDecoder, ChannelHandshake, DevicePacket
+from vfio_multifd.decoder import ChannelDecoder
+from vfio_multifd.wire import ChannelHandshake, DevicePacket
 
 VALID = qs.handshake(0) + b"".join(
     qs.device_packet(IDSTR, 0, idx, bytes([idx]) * (idx * 7)) for idx in range(4)

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
-PURE = ("wire", "reassembly")
+PURE = ("wire", "decoder", "reassembly", "memory")
 #: Modules a pure module may import from inside the package.
-PURE_CLOSURE = {"wire", "reassembly", "errors"}
+PURE_CLOSURE = {"wire", "decoder", "reassembly", "memory", "errors"}
 #: Never in sys.modules after importing only the pure modules.
 IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
 #: Never imported by the pure modules' source.

@@ -16,16 +16,15 @@ from collections.abc import Callable
 import pytest
 import qemu_source as qs
 
+from vfio_multifd.decoder import ChannelDecoder, DecoderState
 from vfio_multifd.errors import HandshakeError, ProtocolError, Reason
 from vfio_multifd.wire import (
     DEFAULT_MAX_PACKET_SIZE,
     HANDSHAKE,
     INVALID_IDX,
     PACKET_PREFIX_SIZE,
-    ChannelDecoder,
     ChannelHandshake,
     ConfigTag,
-    DecoderState,
     DeviceKey,
     DevicePacket,
     check_config_blob,

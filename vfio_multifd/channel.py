@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
+from .decoder import ASK, ChannelDecoder
 from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
-from .wire import ASK, ChannelDecoder, ChannelHandshake, DevicePacket, PacketHeader
+from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
