@@ -19,6 +19,17 @@ from helpers import IDSTR, connect, random_bytes
 TOOL = [sys.executable, "-m", "vfio_multifd"]
 TRACEBACK = "Traceback (most recent call last)"
 
+#: ``--event-loop`` of every ``receive`` and ``send`` these helpers start; the
+#: ``cli_loop`` fixture (conftest.py) runs a test once with each.
+EVENT_LOOP = "uvloop"
+
+
+def with_event_loop(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--event-loop EVENT_LOOP`` after a ``receive`` or ``send``."""
+    if args and args[0] in ("receive", "send"):
+        return [args[0], "--event-loop", EVENT_LOOP, *args[1:]]
+    return list(args)
+
 
 class Daemon:
     """``vfio-multifd receive`` in a subprocess, listening and ready."""
@@ -37,6 +48,8 @@ class Daemon:
                 [
                     *TOOL,
                     "receive",
+                    "--event-loop",
+                    EVENT_LOOP,
                     "--listen",
                     "tcp:127.0.0.1:0",
                     "--ready-fd",
@@ -94,7 +107,7 @@ class Daemon:
 
 def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*TOOL, *args],
+        [*TOOL, *with_event_loop(args)],
         capture_output=True,
         text=True,
         timeout=timeout,

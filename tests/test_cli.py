@@ -19,6 +19,7 @@ import pytest
 import qemu_source as qs
 import xxhash
 from cli_helpers import (
+    TOOL,
     TRACEBACK,
     Daemon,
     digests,
@@ -156,7 +157,7 @@ def test_usage_error_exits_2_with_one_line(args: list[str]) -> None:
     assert result.stdout == ""
 
 
-def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path) -> None:
+def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path, cli_loop: str) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -257,3 +258,49 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
     assert os.listdir(out) == ["keep.txt"]  # temporary files removed, others untouched
     states = [e["new"] for e in daemon.events() if e["event"] == "state_change"]
     assert states == ["active", "cancelling", "cancelled"]
+
+
+# -- --event-loop --------------------------------------------------------------------
+
+
+def test_event_loop_asyncio_runs_without_uvloop(tmp_path: Path) -> None:
+    """With a uvloop that cannot be imported, ``--event-loop asyncio`` still runs the
+    daemon (here to its accept timeout), and ``uvloop`` is a one-line usage error."""
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    (poison / "uvloop.py").write_text('raise ImportError("not installed here")\n')
+    env = {**os.environ, "PYTHONPATH": str(poison)}
+    base = [
+        *TOOL,
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--device",
+        f"idstr=a,data={tmp_path / 'a.bin'}",
+        "--accept-timeout",
+        "0.1",
+        "--log-format",
+        "json",
+    ]
+    results = {
+        loop: subprocess.run(
+            [*base, "--event-loop", loop],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for loop in ("asyncio", "uvloop")
+    }
+    ran = results["asyncio"]
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.splitlines()[-1].startswith(
+        "vfio-multifd: error: only 0 of 2 channels connected within 0.1 s"
+    )
+    refused = results["uvloop"]
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "vfio-multifd: error: --event-loop uvloop: cannot import uvloop (not installed here); "
+        "--event-loop asyncio needs nothing"
+    ]

@@ -33,6 +33,7 @@ from cli_helpers import (
     receive_usage_error,
     run,
     wait_for,
+    with_event_loop,
 )
 from helpers import IDSTR, IDSTR_B, final_files, settings, start
 
@@ -382,7 +383,7 @@ def test_cli_status_table_json_and_cancel(
     assert gone.stderr.startswith(f"vfio-multifd: error: {path}: ")
 
 
-def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path) -> None:
+def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path, cli_loop: str) -> None:
     last_line = receive_usage_error(
         tmp_path,
         "--listen",
@@ -405,15 +406,19 @@ def test_ready_fd_gets_one_newline_then_eof_and_the_port_accepts(
     proc = subprocess.Popen(
         [
             *TOOL,
-            "receive",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--device",
-            f"idstr=a,data={tmp_path / 'a.bin'}",
-            "--ready-fd",
-            str(write_end),
-            "--log-format",
-            "json",
+            *with_event_loop(
+                [
+                    "receive",
+                    "--listen",
+                    "tcp:127.0.0.1:0",
+                    "--device",
+                    f"idstr=a,data={tmp_path / 'a.bin'}",
+                    "--ready-fd",
+                    str(write_end),
+                    "--log-format",
+                    "json",
+                ]
+            ),
         ],
         stderr=stderr,
         stdout=subprocess.DEVNULL,
@@ -553,7 +558,7 @@ def test_log_level_filters(restore_logging: None) -> None:
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["loud"]
 
 
-def test_cli_log_formats(tmp_path: Path) -> None:
+def test_cli_log_formats(tmp_path: Path, cli_loop: str) -> None:
     """Not a terminal: JSON by default; ``--log-format console`` overrides it."""
     base = ["receive", "--listen", "tcp:127.0.0.1:0", "--device", f"idstr=a,data={tmp_path / 'a'}"]
     for extra, is_json in (([], True), (["--log-format", "console"], False)):
