@@ -27,7 +27,7 @@ from .listener import ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
-from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
+from .reassembly import CHUNK_OVERHEAD, DeviceBuffer, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .watchdog import Sample, Watchdog, watch
@@ -245,7 +245,10 @@ class Session:
     # -- what channels ask of the session (channel.ChannelOwner) --------------------
 
     def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        if self._group is None:
+        # Once an error is reported the task group shuts down: a reader spawned now
+        # would never run (or create_task would raise out of the protocol callback).
+        failed = self._first_error is not None and self._first_error.done()
+        if self._group is None or failed:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
         if self.started is None:
@@ -280,9 +283,7 @@ class Session:
             received=self.registry.bytes_received,
             written=self.reassembly.bytes_written,
             active=self.status is SessionStatus.ACTIVE,
-            waiting_for=tuple(
-                f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()
-            ),
+            waiting_for=tuple(_waiting_for(d) for d in self.reassembly.incomplete_devices()),
         )
 
     def _result(self) -> SessionResult:
@@ -295,6 +296,15 @@ class Session:
         )
         self.log.info("migration_completed", **result.log_fields())
         return result
+
+
+def _waiting_for(device: DeviceBuffer) -> str:
+    """What an incomplete device waits for: its next chunk, or (with that chunk or every
+    chunk already here) its own writes, such as to a FIFO nobody reads."""
+    last = device.last_idx
+    if device.next_idx in device.chunks or (last is not None and device.next_idx > last):
+        return f"device {device.key} to write what it received"
+    return f"device {device.key} idx {device.next_idx}"
 
 
 async def _raise_when_set(first_error: asyncio.Future[MultifdError]) -> None:
