@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -214,7 +213,7 @@ def test_send_inject_duplicate_fails_the_daemon_with_one_line(
 @pytest.mark.parametrize(
     ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
 )
-def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
+def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], signum: int, code: int
 ) -> None:
     out = tmp_path / "out"
@@ -241,16 +240,17 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
             what="the first chunks to be written",
         )
         assert len(part_files(out)) == 2  # data and config, both temporary
-        signalled = time.monotonic()
+        socks[1].sendall(qs.device_packet(IDSTR, 0, 3, bytes(65536))[:1000])  # mid-packet
         daemon.proc.send_signal(signum)
-        daemon.proc.wait(timeout=5)
-        elapsed = time.monotonic() - signalled
+        # It stops while the source still holds every connection open, one of them
+        # mid-packet: it waits for nobody. (How fast is not asserted: a loaded machine
+        # may take its time; the bound here only keeps a hang from lasting.)
+        daemon.proc.wait(timeout=30)
     finally:
         for sock in socks:
             sock.close()
     exit_code, summary, stderr = daemon.finish()
     assert exit_code == code, stderr
-    assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
     assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal.Signals(signum).name}"
     assert TRACEBACK not in stderr
     assert summary == ""
@@ -258,6 +258,7 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
     assert os.listdir(out) == ["keep.txt"]  # temporary files removed, others untouched
     states = [e["new"] for e in daemon.events() if e["event"] == "state_change"]
     assert states == ["active", "cancelling", "cancelled"]
+    assert not [e for e in daemon.events() if e["event"] == "writer_abandoned"]
 
 
 # -- --event-loop --------------------------------------------------------------------

@@ -141,16 +141,21 @@ async def test_status_fields_move_during_a_transfer_then_completed(
         )
         try:
             assert await asyncio.to_thread(paused.wait, 20), "the sender never paused"
+            with lock:
+                out = counted[0]
+            # Everything the paused sender has sent: 3 handshakes and 5 whole packets
+            # per channel (their headers too), every packet decoded.
+            arrived = 3 * 64 + 15 * (288 + 65536)
             deadline = time.monotonic() + 10
             while True:
-                # Everything the paused sender has sent arrives (kernel buffers drain).
                 during = await query_migrate_over(path)
-                with lock:
-                    out = counted[0]
-                if during["transferred"] >= out and any(
-                    d["bytes-written"] for d in during["devices"]
+                if (
+                    during["transferred"] == arrived
+                    and [c["packets"] for c in during["channels"]] == [5, 5, 5]
+                    and any(d["bytes-written"] for d in during["devices"])
                 ):
                     break
+                assert during["transferred"] <= arrived, during
                 assert time.monotonic() < deadline, during
                 await asyncio.sleep(0.01)
         finally:
