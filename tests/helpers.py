@@ -140,8 +140,11 @@ class FakeTransport:
             self.protocol.buffer_updated(n)
         return done
 
-    def eof(self) -> None:
-        """The peer shut down its side; the protocol asks to close ours too."""
-        assert self.reading and not self.aborted
+    def eof(self) -> bool:
+        """The peer shut down its side (the protocol asks to close ours too); as a
+        socket would, it is read only while reading. Returns whether it was."""
+        if not self.reading or self.aborted:
+            return False
         if not self.protocol.eof_received():
             self.abort()
+        return True

@@ -20,20 +20,52 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import shutil
 import socket
 import struct
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import qemu_source as qs
-from helpers import IDSTR, IDSTR_B, assert_outputs, connect, final_files, settings, start
-from hypothesis import HealthCheck, assume, given
+import uvloop
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    FakeTransport,
+    assert_outputs,
+    connect,
+    final_files,
+    settings,
+    start,
+)
+from hypothesis import HealthCheck, assume, event, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+)
 
-from vfio_multifd import DeviceKey, HandshakeError, MultifdError, ProtocolError, Reason
+from vfio_multifd import (
+    Address,
+    DeviceKey,
+    DeviceSpec,
+    HandshakeError,
+    MultifdError,
+    ProtocolError,
+    Reason,
+    ReceiveSettings,
+    Session,
+    SessionStatus,
+)
+from vfio_multifd.channel import ChannelProtocol
 from vfio_multifd.wire import (
     ASK,
     ChannelDecoder,
@@ -75,6 +107,10 @@ class Packet:
     @property
     def key(self) -> DeviceKey:
         return DeviceKey(self.idstr, self.instance)
+
+    def __repr__(self) -> str:  # short, for hypothesis's reports
+        config = ", config" if self.config else ""
+        return f"Packet({self.idstr!r}, {self.instance}, idx {self.idx}, {len(self.data)} bytes{config})"
 
     def fields(self) -> dict[str, bytes]:
         """Its bytes on the wire, field by field, in order."""
@@ -267,7 +303,9 @@ def test_a_valid_stream_one_byte_at_a_time_and_copied_in() -> None:
     st.integers(0, 255),
     st.lists(st.integers(min_value=0), max_size=8),
 )
-def test_any_valid_stream_split_anywhere(packets: list[Packet], channel: int, cuts: list[int]) -> None:
+def test_any_valid_stream_split_anywhere(
+    packets: list[Packet], channel: int, cuts: list[int]
+) -> None:
     stream, _ = encode(channel, packets)
     assert decode(stream, cuts) == (events_of(channel, packets), None)
 
@@ -289,14 +327,18 @@ class FieldClass:
     outcome: Reason | Callable[..., list[Event]]
 
 
-def _same(prefix: list[Event], rest: list[Event], value: bytes, packet: Packet | None) -> list[Event]:
+def _same(
+    prefix: list[Event], rest: list[Event], value: bytes, packet: Packet | None
+) -> list[Event]:
     return prefix + rest
 
 
 def _with_packet(change: Callable[[Packet, bytes], Packet]) -> Callable[..., list[Event]]:
     """The events with the mutated packet's own two events rebuilt from its new field."""
 
-    def outcome(prefix: list[Event], rest: list[Event], value: bytes, packet: Packet | None) -> list[Event]:
+    def outcome(
+        prefix: list[Event], rest: list[Event], value: bytes, packet: Packet | None
+    ) -> list[Event]:
         assert packet is not None
         return prefix + events_of(0, [change(packet, value)])[1:] + rest[2:]
 
@@ -359,8 +401,12 @@ DECODER_CLASSES: dict[str, FieldClass] = {
     "handshake unused bytes": FieldClass(
         "handshake", "unused", lambda _: st.binary(min_size=39, max_size=39), _same
     ),
-    "packet magic": FieldClass("packet", "magic", lambda _: _u32_other_than(MAGIC), Reason.PACKET_MAGIC),
-    "packet version": FieldClass("packet", "version", lambda _: _u32_other_than(1), Reason.PACKET_VERSION),
+    "packet magic": FieldClass(
+        "packet", "magic", lambda _: _u32_other_than(MAGIC), Reason.PACKET_MAGIC
+    ),
+    "packet version": FieldClass(
+        "packet", "version", lambda _: _u32_other_than(1), Reason.PACKET_VERSION
+    ),
     "flags without DEVICE_STATE (RAM, SYNC)": FieldClass(
         "packet", "flags", lambda _: U32.map(lambda v: u32(v & ~0x40)), Reason.PACKET_RAM
     ),
@@ -381,7 +427,9 @@ DECODER_CLASSES: dict[str, FieldClass] = {
         lambda _: U32.map(u32),
         _with_packet(lambda p, v: replace(p, instance=int.from_bytes(v, "big"))),
     ),
-    "next_packet_size zero": FieldClass("packet", "size", lambda _: st.just(u32(0)), Reason.PACKET_SIZE),
+    "next_packet_size zero": FieldClass(
+        "packet", "size", lambda _: st.just(u32(0)), Reason.PACKET_SIZE
+    ),
     "next_packet_size over the maximum": FieldClass(
         "packet",
         "size",
@@ -433,7 +481,9 @@ def test_one_field_mutated_gives_its_exact_outcome(name: str, data: st.DataObjec
     events, error = decode(stream, cuts)
     expected = events_of(0, packets)
     # The events before the mutated unit, and from it on (its own first).
-    prefix, rest = (expected[: 2 * unit + 1], expected[2 * unit + 1 :]) if unit >= 0 else ([], expected)
+    prefix, rest = (
+        (expected[: 2 * unit + 1], expected[2 * unit + 1 :]) if unit >= 0 else ([], expected)
+    )
     if isinstance(kind.outcome, Reason):
         assert error is not None and error.reason is kind.outcome, error
         assert isinstance(error, HandshakeError) == (kind.unit == "handshake")
@@ -507,7 +557,9 @@ B = DeviceKey(IDSTR_B, 0)
 SESSION_MAX_PACKET = 8192
 
 
-def session_world(rng: random.Random) -> tuple[list[list[Packet]], dict[DeviceKey, tuple[bytes, bytes]]]:
+def session_world(
+    rng: random.Random,
+) -> tuple[list[list[Packet]], dict[DeviceKey, tuple[bytes, bytes]]]:
     """Devices A and B, 2-5 chunks each, dealt at random to two channels."""
     per_device = {}
     packets = []
@@ -757,7 +809,425 @@ def test_every_row_of_protocol_section_4_has_a_class() -> None:
         Reason.HANDSHAKE_CLOSED,
         Reason.HANDSHAKE_TIMEOUT,
         Reason.PACKET_TRUNCATED,
-        Reason.VFIO_SECOND_CONFIG,  # order-dependent: the state machine below
+        Reason.VFIO_SECOND_CONFIG,  # in either order of arrival: the state machine below
     }
     assert wire <= decoder | session, wire - decoder - session
     assert Reason.UNKNOWN_DEVICE in session
+
+
+# -- a stateful test: a session's channels and devices against a model ----------------
+#
+# A real Session (admission, memory policy, spill file, loaders, writer threads,
+# commit), fed through ChannelProtocol (the seam the daemon's sockets use) with
+# fake transports rather than sockets: the machine, not the kernel, decides
+# which bytes reach which channel and when, a paused channel is fed nothing (as
+# a socket would), and hypothesis can shrink a failing interleaving to a few
+# steps. The loopback path itself is covered by the session-level tests above.
+
+T = TypeVar("T")
+MACHINE_MAX_PACKET = 4096 + 12
+MACHINE_IDSTRS = (IDSTR, IDSTR_B, "0000:af:00.1/vfio")
+
+
+@dataclass
+class ChannelFeed:
+    """One channel as the source sends it: its bytes, how many went in, where packets start."""
+
+    protocol: ChannelProtocol
+    transport: FakeTransport
+    stream: bytes
+    starts: list[int]  # offsets of its packets
+    packets: list[Packet]  # the packets planned for it (not one slipped in)
+    fed: int = 0
+    closed: bool = False
+
+    def sent(self) -> list[tuple[Packet, int]]:
+        """Its planned packets, each with the offset where it ends (before anything
+        is slipped in: there is at most one fault, and this is asked before it)."""
+        ends = [*self.starts[1:], len(self.stream)] if self.starts else []
+        return list(zip(self.packets, ends, strict=True))
+
+
+@st.composite
+def machine_worlds(
+    draw: st.DrawFn,
+) -> tuple[int, list[list[Packet]], list[tuple[DeviceKey, bytes, bytes]]]:
+    """Channels, the packets each sends in order, and each device's data and config."""
+    channels = draw(st.integers(1, 3), label="channels")
+    keys = draw(
+        st.lists(st.sampled_from(MACHINE_IDSTRS), min_size=1, max_size=3, unique=True),
+        label="devices",
+    )
+    rng = random.Random(draw(st.integers(0, 1 << 32), label="data seed"))
+    packets, files = [], []
+    for idstr in keys:
+        sizes = draw(st.lists(st.integers(0, 4096), max_size=5), label=f"chunks of {idstr}")
+        chunks = [high_bytes(rng, size) for size in sizes]
+        blob = qs.config_blob(high_bytes(rng, draw(st.integers(0, 16))))
+        packets += [Packet(idstr, 0, idx, chunk) for idx, chunk in enumerate(chunks)]
+        packets.append(Packet(idstr, 0, len(chunks), blob, config=True))
+        files.append((DeviceKey(idstr), b"".join(chunks), blob))
+    order = draw(st.permutations(packets), label="order")
+    where = draw(
+        st.lists(st.integers(0, channels - 1), min_size=len(order), max_size=len(order)),
+        label="channel of each packet",
+    )
+    per_channel: list[list[Packet]] = [[] for _ in range(channels)]
+    for packet, channel in zip(order, where, strict=True):
+        per_channel[channel].append(packet)
+    return channels, per_channel, files
+
+
+class SessionMachine(RuleBasedStateMachine):
+    #: Which event loop runs the session (the subclasses below: both).
+    loop_name = "asyncio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = (
+            uvloop.new_event_loop() if self.loop_name == "uvloop" else asyncio.new_event_loop()
+        )
+        self.loop_errors: list[dict[str, object]] = []
+        self.loop.set_exception_handler(lambda _, context: self.loop_errors.append(context))
+        self.directory = Path(tempfile.mkdtemp(prefix="vfio-machine-"))
+        self.task: asyncio.Task[object] | None = None
+        self.feeds: list[ChannelFeed] = []
+        self.fault: Reason | None = None  # the one fault put in, by the reason it must give
+        self.strays = 0
+        self.ready = False  # set up completely (else teardown only cleans up)
+        self.faults_allowed = False
+
+    # -- setting up -----------------------------------------------------------------
+
+    @initialize(
+        world=machine_worlds(),
+        bound=st.sampled_from(["none", "smallest", "roomy"]),
+        faults=st.booleans(),
+    )
+    def start(
+        self,
+        world: tuple[int, list[list[Packet]], list[tuple[DeviceKey, bytes, bytes]]],
+        bound: str,
+        faults: bool,
+    ) -> None:
+        """``faults``: whether this case may put a fault in (else it must complete)."""
+        channels, per_channel, self.files = world
+        self.faults_allowed = faults
+        devices = tuple(
+            DeviceSpec(key, self.directory / f"{n}.bin", self.directory / f"{n}.cfg")
+            for n, (key, _, _) in enumerate(self.files)
+        )
+        base = ReceiveSettings(
+            devices=devices,
+            listen=Address("tcp", "127.0.0.1", 0),
+            channels=channels,
+            max_packet_size=MACHINE_MAX_PACKET,
+            max_queued_bytes=None,
+            handshake_timeout=600.0,
+            progress_timeout=None,
+            fsync=False,
+        )
+        smallest = base.smallest_bound
+        limit = {"none": None, "smallest": smallest, "roomy": smallest + 5 * 4096}[bound]
+        self.settings = replace(base, max_queued_bytes=limit)
+        self.session = Session(self.settings)
+        self.task = self.loop.create_task(self.session.run())
+        self.loop.run_until_complete(asyncio.wait_for(self.session.listening.wait(), 10))
+        self.packets = [p for packets in per_channel for p in packets]
+        for channel, packets in enumerate(per_channel):
+            stream, starts = encode(channel, packets)
+            protocol, transport = self._in_loop(self._connect)
+            self.feeds.append(ChannelFeed(protocol, transport, stream, starts, packets))
+        self.ready = True
+
+    def _connect(self, peer: str = "source") -> tuple[ChannelProtocol, FakeTransport]:
+        """A connection, as the listener's factory makes one."""
+        protocol = ChannelProtocol(
+            self.session,
+            max_packet_size=self.settings.max_packet_size,
+            handshake_timeout=self.settings.handshake_timeout,
+        )
+        self.session.registry.connections.add(protocol)
+        transport = FakeTransport(protocol, peer)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        return protocol, transport
+
+    def _in_loop(self, call: Callable[[], T]) -> T:
+        """Run ``call`` on the loop, as transports call protocols: from a callback."""
+
+        async def inside() -> T:
+            return call()
+
+        return self.loop.run_until_complete(inside())
+
+    def _step(self, seconds: float = 0.0) -> None:
+        """Let the loop run: readers, loaders, and what writer and spill threads finished."""
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+        self.loop.run_until_complete(asyncio.sleep(0))
+
+    def _open(self, feed: ChannelFeed) -> bool:
+        transport = feed.transport
+        return not feed.closed and transport.reading and not transport.aborted
+
+    @property
+    def running(self) -> bool:
+        session = self.session
+        return (
+            self.task is not None
+            and not self.task.done()
+            and session.error is None
+            and session.status in (SessionStatus.SETUP, SessionStatus.ACTIVE)
+            and not session.outputs.committing
+            and (session._first_error is None or not session._first_error.done())
+        )
+
+    # -- what the source does ----------------------------------------------------------
+
+    @rule(channel=st.integers(0, 2), size=st.integers(1, 6000))
+    def send_bytes(self, channel: int, size: int) -> None:
+        """Up to ``size`` more bytes of a channel, as many as it reads now."""
+        feed = self.feeds[channel % len(self.feeds)]
+        if self._open(feed) and feed.fed < len(feed.stream):
+            transport = feed.transport
+            chunk = feed.stream[feed.fed : feed.fed + size]
+            feed.fed += self._in_loop(lambda: transport.feed(chunk))
+        self._step()
+
+    @rule(channel=st.integers(0, 2))
+    def send_to_a_packet_boundary(self, channel: int) -> None:
+        feed = self.feeds[channel % len(self.feeds)]
+        ends = [s for s in [*feed.starts, len(feed.stream)] if s > feed.fed]
+        if self._open(feed) and ends:
+            transport = feed.transport
+            chunk = feed.stream[feed.fed : ends[0]]
+            feed.fed += self._in_loop(lambda: transport.feed(chunk))
+        self._step()
+
+    @rule(milliseconds=st.sampled_from([0, 1, 5, 30]))
+    def time_passes(self, milliseconds: int) -> None:
+        """Writes finish, spills land, a memory grace (25 ms) may run out."""
+        self._step(milliseconds / 1000)
+
+    # Each kind of bad packet is a rule of its own (so each is tried as often), and
+    # every value is drawn up front: whether a rule can act depends on how far the
+    # session got, which depends on threads, while hypothesis needs the same draws
+    # each time it replays a case. (So: no preconditions either.)
+
+    @rule(channel=st.integers(0, 2))
+    def slip_in_an_unknown_device(self, channel: int) -> None:
+        bad = qs.device_packet("0000:99:00.0/vfio", 0, 0, b"\x90")
+        self._slip_in(channel, bad, Reason.UNKNOWN_DEVICE)
+
+    @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16))
+    def slip_in_a_duplicate(self, channel: int, which: int) -> None:
+        """A copy of a packet the daemon has whole already: the copy comes second."""
+        if self.fault is not None:
+            return
+        sent = [p for f in self.feeds for p, end in f.sent() if end <= f.fed]
+        devices = self.session.reassembly.devices
+        queued = [p for p in sent if p.idx in devices[p.key].chunks]
+        if which % 2 and queued:  # half the time, of one not written yet
+            sent = queued
+        if sent:
+            bad = encode(0, [sent[which % len(sent)]])[0][64:]
+            self._slip_in(channel, bad, Reason.VFIO_ALREADY_FILLED)
+
+    @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16), past=st.integers(1, 3))
+    def slip_in_a_chunk_past_the_config(self, channel: int, which: int, past: int) -> None:
+        key, last = self._device(which)
+        bad = qs.device_packet(key.idstr, 0, last + past, b"\x91")
+        self._slip_in(channel, bad, Reason.VFIO_AFTER_CONFIG)
+
+    @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16), past=st.integers(1, 3))
+    def slip_in_a_second_config(self, channel: int, which: int, past: int) -> None:
+        key, last = self._device(which)
+        bad = qs.device_packet(key.idstr, 0, last + past, qs.config_blob(b"\x92"), config=True)
+        self._slip_in(channel, bad, Reason.VFIO_SECOND_CONFIG)
+
+    @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16))
+    def slip_in_a_bad_magic(self, channel: int, which: int) -> None:
+        key, _ = self._device(which)
+        bad = u32(0x12345678) + qs.device_packet(key.idstr, 0, 0, b"")[4:]
+        self._slip_in(channel, bad, Reason.PACKET_MAGIC)
+
+    def _device(self, which: int) -> tuple[DeviceKey, int]:
+        """A device, and the idx of its config packet."""
+        key, _, _ = self.files[which % len(self.files)]
+        return key, next(p.idx for p in self.packets if p.key == key and p.config)
+
+    def _slip_in(self, channel: int, bad: bytes, reason: Reason) -> None:
+        """Put ``bad`` at the channel's next packet boundary, ahead of a packet the
+        migration needs (so it cannot complete first): the one fault of this case."""
+        feed = self.feeds[channel % len(self.feeds)]
+        boundaries = [s for s in feed.starts if s >= feed.fed]
+        if not self.faults_allowed or self.fault is not None:
+            return
+        if feed.closed or not boundaries or not self.running:
+            return
+        at = boundaries[0]
+        following = feed.starts.index(at)
+        feed.stream = feed.stream[:at] + bad + feed.stream[at:]
+        feed.starts = [s if s < at else s + len(bad) for s in feed.starts]
+        feed.starts.insert(following, at)
+        self.fault = reason
+        event(f"slipped in: {reason.value}")
+
+    @rule(channel=st.integers(0, 2))
+    def close_early(self, channel: int) -> None:
+        """The source closes a channel before its last packet: mid-packet or between two."""
+        feed = self.feeds[channel % len(self.feeds)]
+        if not self.faults_allowed or self.fault is not None or not self.running:
+            return
+        if not self._open(feed) or feed.fed < 64 or feed.fed == len(feed.stream):
+            return  # inside the handshake it would only be refused, and never joined
+        transport = feed.transport
+        if not self._in_loop(transport.eof):  # paused or hung up on meanwhile
+            return
+        feed.closed = True
+        at_boundary = feed.fed in feed.starts
+        self.fault = Reason.INCOMPLETE if at_boundary else Reason.PACKET_TRUNCATED
+        self._step()
+
+    @rule(kind=st.sampled_from(["magic", "version", "uuid", "channel id", "duplicate id", "QEVM"]))
+    def stray_connection(self, kind: str) -> None:
+        """Another connection with a bad handshake: refused, and the migration goes on."""
+        if not self.running:
+            return
+        accepted = sorted(self.session.registry.channels)
+        channel = accepted[0] if kind == "duplicate id" and accepted else 0
+        if kind == "duplicate id" and not accepted:
+            return
+        handshake = bytearray(qs.handshake(channel))
+        reason = {
+            "magic": Reason.HANDSHAKE_MAGIC,
+            "version": Reason.HANDSHAKE_VERSION,
+            "uuid": Reason.HANDSHAKE_UUID,
+            "channel id": Reason.HANDSHAKE_CHANNEL_ID,
+            "duplicate id": Reason.HANDSHAKE_DUPLICATE_CHANNEL,
+            "QEVM": Reason.HANDSHAKE_MAIN_CHANNEL,
+        }[kind]
+        if kind == "magic":
+            handshake[0] ^= 0x80
+        elif kind == "version":
+            handshake[7] = 2
+        elif kind == "uuid":
+            handshake[8] = 1
+        elif kind == "channel id":
+            handshake[24] = self.settings.channels
+        elif kind == "QEVM":
+            handshake[0:4] = b"QEVM"
+        self.strays += 1
+        peer = f"stray {self.strays}"
+        _, transport = self._in_loop(lambda: self._connect(peer))
+        self._in_loop(lambda: transport.feed(bytes(handshake)))
+        assert transport.aborted, "refused connections are hung up on"
+        [error] = [e for p, e in self.session.registry.refused if p == peer]
+        if error.reason is Reason.HANDSHAKE_CLOSED:
+            # The session ended (a fault put in earlier) while this connected: hung up on.
+            assert not self.running
+        else:
+            assert error.reason is reason, error
+        self._step()
+
+    # -- what must hold at every step ----------------------------------------------------
+
+    @invariant()
+    def memory_stays_under_the_bound(self) -> None:
+        if self.task is None:
+            return
+        reassembly = self.session.reassembly
+        assert reassembly.queued_bytes >= 0
+        if reassembly.max_queued_bytes is not None:
+            assert reassembly.queued_bytes <= reassembly.max_queued_bytes
+
+    @invariant()
+    def nothing_fails_without_a_fault(self) -> None:
+        if self.task is None:
+            return
+        assert self.loop_errors == []
+        if self.fault is None:
+            assert self.session.error is None, self.session.error
+            assert self.session.status is not SessionStatus.FAILED
+        # Only the stray connections are refused (a channel that never sent its
+        # handshake is hung up on when the migration ends: handshake-closed).
+        strays = [p for p, e in self.session.registry.refused if p.startswith("stray")]
+        assert len(strays) == self.strays
+
+    # -- the end: everything still to send is sent, then the outcome is the model's -------
+
+    def teardown(self) -> None:
+        try:
+            if self.ready:
+                self._finish()
+        finally:
+            self._close()
+
+    def _finish(self) -> None:
+        assert self.task is not None
+        deadline = time.monotonic() + 20
+        while not self.task.done():
+            for feed in self.feeds:
+                if self._open(feed):
+                    transport = feed.transport
+                    if feed.fed < len(feed.stream):
+                        rest = feed.stream[feed.fed :]
+                        feed.fed += self._in_loop(lambda: transport.feed(rest))  # noqa: B023
+                    elif self._in_loop(transport.eof):
+                        feed.closed = True
+            self._step(0.001)
+            assert time.monotonic() < deadline, (
+                f"no end: {[(f.fed, len(f.stream), f.closed) for f in self.feeds]}, "
+                f"status {self.session.status}"
+            )
+        assert self.loop_errors == []
+        error = self.task.exception()
+        # What the cases covered (pytest --hypothesis-show-statistics).
+        event(f"outcome: {error.reason.value if isinstance(error, MultifdError) else 'completed'}")
+        reassembly = self.session.reassembly
+        event(f"memory bound: {'none' if reassembly.max_queued_bytes is None else 'set'}")
+        if reassembly.spilled_bytes:
+            event("spilled")
+        if self.session.admission.paused_seconds:
+            event("a channel waited for memory")
+        if self.fault is None:
+            assert error is None, error
+            for spec, (_, data, blob) in zip(self.settings.devices, self.files, strict=True):
+                assert spec.data_path.read_bytes() == data
+                assert spec.config_path.read_bytes() == blob
+            assert self.session.reassembly.queued_bytes == 0
+        else:
+            assert isinstance(error, MultifdError) and error.reason is self.fault, error
+            assert sorted(p.name for p in self.directory.iterdir()) == [], "nothing left behind"
+
+    def _close(self) -> None:
+        loop = self.loop
+        try:
+            if self.task is not None and not self.task.done():
+                self.task.cancel()
+                with contextlib.suppress(BaseException):
+                    loop.run_until_complete(self.task)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class SessionMachineAsyncio(SessionMachine):
+    loop_name = "asyncio"
+
+
+class SessionMachineUvloop(SessionMachine):
+    loop_name = "uvloop"
+
+
+MACHINE_SETTINGS = hsettings(
+    max_examples=80,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestSessionMachineAsyncio = SessionMachineAsyncio.TestCase
+TestSessionMachineAsyncio.settings = MACHINE_SETTINGS
+TestSessionMachineUvloop = SessionMachineUvloop.TestCase
+TestSessionMachineUvloop.settings = MACHINE_SETTINGS

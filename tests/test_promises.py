@@ -190,7 +190,9 @@ async def test_outputs_are_fsynced_before_any_rename_and_directories_after(
     for final in finals:
         # The temporary file renamed to ``final`` was fsynced, before any rename.
         source = next(src for what, src, target in spy.calls if target == final)
-        synced = [n for n, (what, path, _) in enumerate(spy.calls) if (what, path) == ("fsync", source)]
+        synced = [
+            n for n, (what, path, _) in enumerate(spy.calls) if (what, path) == ("fsync", source)
+        ]
         assert synced and max(synced) < first_rename, (final, spy.calls)
     last_rename = max(replaces.values())
     for directory in dirs:
@@ -704,4 +706,3 @@ def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None
             assert len(channel0) > 1, "a packet the device needs follows it"
     finally:
         states[0].close()
-

@@ -36,9 +36,7 @@ def test_progress_timeout_fires_after_the_timeout_without_a_change() -> None:
     assert dog.check(sample(100, 50), 1010.0) is None  # exactly the timeout: not yet
     error = dog.check(sample(100, 50), 1010.001)
     assert error is not None and error.reason is Reason.PROGRESS_TIMEOUT
-    assert str(error) == (
-        f"no progress for 10 s (100 bytes received; waiting for {WAITING[0]})"
-    )
+    assert str(error) == (f"no progress for 10 s (100 bytes received; waiting for {WAITING[0]})")
 
 
 def test_progress_timeout_zero_never_fires() -> None:
