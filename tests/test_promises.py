@@ -280,6 +280,7 @@ def test_fifo_outputs_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> None:
     assert sorted(os.listdir(tmp_path)) == ["config.fifo", "daemon.stderr", "data.fifo"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ending", ["SIGTERM", "progress-timeout"])
 def test_a_stalled_fifo_reader_is_abandoned_and_the_process_exits(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], ending: str
