@@ -1034,13 +1034,13 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16), past=st.integers(1, 3))
     def slip_in_a_chunk_past_the_config(self, channel: int, which: int, past: int) -> None:
-        key, last = self._device(which)
+        key, last = self._device(which, config_came=bool(which % 2))
         bad = qs.device_packet(key.idstr, 0, last + past, b"\x91")
         self._slip_in(channel, bad, Reason.VFIO_AFTER_CONFIG)
 
     @rule(channel=st.integers(0, 2), which=st.integers(0, 1 << 16), past=st.integers(1, 3))
     def slip_in_a_second_config(self, channel: int, which: int, past: int) -> None:
-        key, last = self._device(which)
+        key, last = self._device(which, config_came=bool(which % 2))
         bad = qs.device_packet(key.idstr, 0, last + past, qs.config_blob(b"\x92"), config=True)
         self._slip_in(channel, bad, Reason.VFIO_SECOND_CONFIG)
 
@@ -1050,9 +1050,14 @@ class SessionMachine(RuleBasedStateMachine):
         bad = u32(0x12345678) + qs.device_packet(key.idstr, 0, 0, b"")[4:]
         self._slip_in(channel, bad, Reason.PACKET_MAGIC)
 
-    def _device(self, which: int) -> tuple[DeviceKey, int]:
-        """A device, and the idx of its config packet."""
-        key, _, _ = self.files[which % len(self.files)]
+    def _device(self, which: int, *, config_came: bool = False) -> tuple[DeviceKey, int]:
+        """A device (if ``config_came``, one whose config packet came, where there is
+        one: the other order of arrival), and the idx of its config packet."""
+        keys = [key for key, _, _ in self.files]
+        if config_came:
+            devices = self.session.reassembly.devices
+            keys = [key for key in keys if devices[key].last_idx is not None] or keys
+        key = keys[which % len(keys)]
         return key, next(p.idx for p in self.packets if p.key == key and p.config)
 
     def _slip_in(self, channel: int, bad: bytes, reason: Reason) -> None:

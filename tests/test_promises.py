@@ -53,7 +53,7 @@ def last_line(text: str) -> str:
 
 def receive_exits_2(*options: str) -> str:
     """``receive`` with exactly ``options`` (all valid but one path): exit 2, one line."""
-    result = run(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json", *options])
+    result = run(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json", *options], 20)
     assert result.returncode == 2, result.stderr
     assert TRACEBACK not in result.stderr
     assert result.stdout == ""
