@@ -79,6 +79,10 @@ class Daemon:
         self.address = next(
             str(event["address"]) for event in self.events() if event["event"] == "listening"
         )
+        maps = Path(f"/proc/{self.proc.pid}/maps")
+        if maps.exists():  # the loop asked for is the loop it runs: uvloop loaded or not
+            uvloop_loaded = "/uvloop/" in maps.read_text()
+            assert uvloop_loaded == (EVENT_LOOP == "uvloop"), f"--event-loop {EVENT_LOOP}"
 
     def events(self) -> list[dict[str, object]]:
         """The JSON log lines so far."""

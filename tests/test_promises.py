@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import re
 import signal
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -681,8 +683,11 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
                 await running.result()
             error = caught.value
             assert error.reason is reason, str(error)
-            if reason is Reason.INCOMPLETE:
-                assert str(error).endswith(f"device {IDSTR}: missing idx 0")
+            if reason is Reason.INCOMPLETE:  # README's line, after "vfio-multifd: error: "
+                assert str(error) == (
+                    f"all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
+                    "missing idx 0"
+                )
             elif fault in ("after-config", "second-config"):
                 # Either packet may come second: the channel that brought it is named.
                 assert error.channel in (0, 1), str(error)
@@ -707,3 +712,71 @@ def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None
             assert len(channel0) > 1, "a packet the device needs follows it"
     finally:
         states[0].close()
+
+
+# -- smaller promises: where spills go; `vfio-multifd status` against QEMU's own QMP --------
+
+
+def test_spills_go_beside_the_first_data_file_unless_spill_dir(tmp_path: Path) -> None:
+    from vfio_multifd import DeviceSpec, ReceiveSettings
+    from vfio_multifd.spill import spill_directory
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    devices = (
+        DeviceSpec(A, first / "a.bin", first / "a.cfg"),
+        DeviceSpec(B, second / "b.bin", second / "b.cfg"),
+    )
+    assert spill_directory(ReceiveSettings(devices=devices)) == first
+    chosen = ReceiveSettings(devices=devices, spill_dir=second)
+    assert spill_directory(chosen) == second
+    # /dev/null's directory is no place for a file: the temporary directory instead.
+    null = (DeviceSpec(A, Path("/dev/null"), Path("/dev/null")),)
+    assert spill_directory(ReceiveSettings(devices=null)) == Path(tempfile.gettempdir())
+
+
+def test_status_command_against_a_qemu_style_qmp_socket(short_dir: Path) -> None:
+    """QEMU's monitor wants qmp_capabilities first, may interleave events, and puts
+    the transferred bytes under "ram"."""
+    path = short_dir / "qmp.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    listener.settimeout(20)
+    asked: list[str] = []
+
+    def qemu() -> None:
+        connection, _ = listener.accept()
+        with connection, connection.makefile("rwb") as stream:
+            stream.write(b'{"QMP": {"version": {"qemu": {"major": 10}}, "capabilities": []}}\r\n')
+            stream.flush()
+            ready = False
+            for line in stream:
+                command = json.loads(line)["execute"]
+                asked.append(command)
+                if command == "qmp_capabilities":
+                    ready = True
+                    stream.write(b'{"return": {}}\r\n')
+                elif not ready:
+                    stream.write(b'{"error": {"class": "CommandNotFound", "desc": "first"}}\r\n')
+                else:
+                    stream.write(b'{"event": "MIGRATION", "data": {"status": "active"}}\r\n')
+                    info = {
+                        "status": "active",
+                        "total-time": 1234,
+                        "ram": {"transferred": 5000, "mbps": 12.5},
+                    }
+                    stream.write(json.dumps({"return": info}).encode() + b"\r\n")
+                stream.flush()
+
+    server = threading.Thread(target=qemu, daemon=True)
+    server.start()
+    try:
+        result = run(["status", "--socket", str(path)], timeout=20)
+    finally:
+        server.join(20)
+        listener.close()
+    assert result.returncode == 0, result.stderr
+    assert asked == ["qmp_capabilities", "query-migrate"]
+    assert result.stdout.splitlines()[0] == (
+        "status: active   total-time: 1234 ms   transferred: 5000 bytes   mbps: 12.5"
+    )

@@ -628,6 +628,7 @@ def test_progress_lines_and_trace_events(tmp_path: Path, daemons: list[Daemon]) 
     ]
     levels = {e["event"]: e["level"] for e in events}
     assert levels["buffer_incoming"] == levels["load_starved"] == "debug"
+    assert levels["load_start"] == levels["load_end"] == "debug"
     for name in ("listening", "channel_accepted", "load_thread_start", "state_change"):
         assert levels[name] == "info", name
     accepted = [e for e in events if e["event"] == "channel_accepted"]
