@@ -115,32 +115,35 @@ class Packet:
     def fields(self) -> dict[str, bytes]:
         """Its bytes on the wire, field by field, in order."""
         raw = qs.device_packet(self.idstr, self.instance, self.idx, self.data, self.config)
-        return {
-            "magic": raw[0:4],
-            "version": raw[4:8],
-            "flags": raw[8:12],
-            "idstr": raw[12:268],
-            "instance": raw[268:272],
-            "size": raw[272:276],
-            "vfio_version": raw[276:280],
-            "idx": raw[280:284],
-            "vfio_flags": raw[284:288],
-            "data": raw[288:],
-        }
+        return split(raw, PACKET_LAYOUT)
 
 
-HANDSHAKE_FIELDS = ("magic", "version", "uuid", "id", "unused")
+# Each field's name and where it ends (PROTOCOL.md 2.1, 2.3, 2.4); the last runs to the end.
+HANDSHAKE_LAYOUT = (("magic", 4), ("version", 8), ("uuid", 24), ("id", 25), ("unused", 64))
+PACKET_LAYOUT = (
+    ("magic", 4),
+    ("version", 8),
+    ("flags", 12),
+    ("idstr", 268),
+    ("instance", 272),
+    ("size", 276),
+    ("vfio_version", 280),
+    ("idx", 284),
+    ("vfio_flags", 288),
+    ("data", None),
+)
+
+
+def split(raw: bytes, layout: tuple[tuple[str, int | None], ...]) -> dict[str, bytes]:
+    fields, start = {}, 0
+    for name, end in layout:
+        fields[name] = raw[start:end]
+        start = end or len(raw)
+    return fields
 
 
 def handshake_fields(channel_id: int, uuid: bytes = bytes(16)) -> dict[str, bytes]:
-    raw = qs.handshake(channel_id, uuid)
-    return {
-        "magic": raw[0:4],
-        "version": raw[4:8],
-        "uuid": raw[8:24],
-        "id": raw[24:25],
-        "unused": raw[25:64],
-    }
+    return split(qs.handshake(channel_id, uuid), HANDSHAKE_LAYOUT)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -24,7 +25,16 @@ from pathlib import Path
 import pytest
 import qemu_source as qs
 from cli_helpers import TRACEBACK, Daemon, partial_stream, run, wait_for
-from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, settings, start
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    assert_outputs,
+    connect,
+    final_files,
+    random_bytes,
+    settings,
+    start,
+)
 
 from vfio_multifd import (
     Address,
@@ -309,10 +319,7 @@ def test_a_stalled_fifo_reader_is_abandoned_and_the_process_exits(
     data = random_bytes(2 * MiB, 5)
     stream = qs.build_streams([(IDSTR, 0, data, b"x")], 1, chunk_size=256 * 1024)[0]
     try:
-        with socket.create_connection(
-            tuple(daemon.address.removeprefix("tcp:").rsplit(":", 1)),  # type: ignore[arg-type]
-            timeout=10,
-        ) as sock:
+        with connect(daemon.address) as sock:
             sock.sendall(stream)  # all of it fits under the default bound
             # Everything arrived and nothing could be written: the writer is stuck.
             wait_for(
@@ -536,6 +543,13 @@ def test_status_lines_under_systemd(
 # -- digests and uuids end to end -------------------------------------------------------
 
 
+def send_to(daemon: Daemon, *options: str) -> subprocess.CompletedProcess[str]:
+    """``vfio-multifd send`` to ``daemon`` in 64 KiB chunks, which must succeed."""
+    sent = run(["send", "--connect", daemon.address, "--chunk-size", "64K", *options])
+    assert sent.returncode == 0, sent.stderr
+    return sent
+
+
 def test_digest_sha256_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> None:
     data = random_bytes(5 * 65536 + 3, 10)
     source = tmp_path / "src.bin"
@@ -544,22 +558,15 @@ def test_digest_sha256_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> None
         tmp_path, "--digest", "sha256", "--device", f"idstr={IDSTR},data={tmp_path / 'a.bin'}"
     )
     daemons.append(daemon)
-    sent = run(
-        [
-            "send",
-            "--connect",
-            daemon.address,
-            "--digest",
-            "sha256",
-            "--chunk-size",
-            "64K",
-            "--order",
-            "reverse",
-            "--device",
-            f"idstr={IDSTR},source={source}",
-        ]
+    sent = send_to(
+        daemon,
+        "--digest",
+        "sha256",
+        "--order",
+        "reverse",
+        "--device",
+        f"idstr={IDSTR},source={source}",
     )
-    assert sent.returncode == 0, sent.stderr
     code, summary, stderr = daemon.finish()
     assert code == 0, stderr
     assert (tmp_path / "a.bin").read_bytes() == data
@@ -575,10 +582,7 @@ def test_a_non_zero_uuid_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> No
     )
     daemons.append(daemon)
     # A channel of another VM (the all-zero uuid) is refused; the migration goes on.
-    with socket.create_connection(
-        tuple(daemon.address.removeprefix("tcp:").rsplit(":", 1)),  # type: ignore[arg-type]
-        timeout=10,
-    ) as stray:
+    with connect(daemon.address) as stray:
         stray.sendall(qs.handshake(0))
         stray.settimeout(10)
         with contextlib.suppress(ConnectionResetError):
@@ -587,20 +591,7 @@ def test_a_non_zero_uuid_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> No
     [refusal] = events_named(daemon, "channel_refused")
     assert refusal["reason"] == "handshake-uuid"
     assert str(refusal["error"]).endswith(f"differs from the expected {uuid.replace('-', '')}")
-    sent = run(
-        [
-            "send",
-            "--connect",
-            daemon.address,
-            "--uuid",
-            uuid,
-            "--chunk-size",
-            "64K",
-            "--device",
-            f"idstr={IDSTR},size=300K,seed=3",
-        ]
-    )
-    assert sent.returncode == 0, sent.stderr
+    send_to(daemon, "--uuid", uuid, "--device", f"idstr={IDSTR},size=300K,seed=3")
     code, _, stderr = daemon.finish()
     assert code == 0, stderr
     from vfio_multifd.sender import DeviceState
