@@ -25,6 +25,17 @@ SENDER_RESET = (
     r"this channel or the migration failed \(the daemon's error says which\)"
 )
 
+#: ``--event-loop`` of every ``receive`` and ``send`` these helpers start; the
+#: ``cli_loop`` fixture (conftest.py) runs a test once with each.
+EVENT_LOOP = "uvloop"
+
+
+def with_event_loop(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--event-loop EVENT_LOOP`` after a ``receive`` or ``send``."""
+    if args and args[0] in ("receive", "send"):
+        return [args[0], "--event-loop", EVENT_LOOP, *args[1:]]
+    return list(args)
+
 
 class Daemon:
     """``vfio-multifd receive`` in a subprocess, listening and ready."""
@@ -44,6 +55,8 @@ class Daemon:
                 [
                     *TOOL,
                     "receive",
+                    "--event-loop",
+                    EVENT_LOOP,
                     "--listen",
                     "tcp:127.0.0.1:0",
                     "--ready-fd",
@@ -74,6 +87,10 @@ class Daemon:
         self.address = next(
             str(event["address"]) for event in self.events() if event["event"] == "listening"
         )
+        maps = Path(f"/proc/{self.proc.pid}/maps")
+        if maps.exists():  # the loop asked for is the loop it runs: uvloop loaded or not
+            uvloop_loaded = "/uvloop/" in maps.read_text()
+            assert uvloop_loaded == (EVENT_LOOP == "uvloop"), f"--event-loop {EVENT_LOOP}"
 
     def events(self) -> list[dict[str, object]]:
         """The JSON log lines so far."""
@@ -127,7 +144,7 @@ def one_device_daemon(
 
 def run(args: Sequence[str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*TOOL, *args],
+        [*TOOL, *with_event_loop(args)],
         capture_output=True,
         text=True,
         timeout=timeout,

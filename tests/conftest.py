@@ -17,6 +17,7 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # test_benchmark_smoke
 
+import cli_helpers
 from cli_helpers import Daemon
 
 _loop_errors: list[dict[str, Any]] = []
@@ -53,9 +54,20 @@ def no_unhandled_loop_errors() -> Iterator[None]:
     assert not errors, f"the event loop's exception handler was called: {errors}"
 
 
+@pytest.fixture(params=["uvloop", "asyncio"])
+def cli_loop(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run a test once per ``--event-loop``: every ``receive`` and ``send`` the
+    helpers in cli_helpers start (``Daemon``, ``run``) gets it."""
+    cli_helpers.EVENT_LOOP = request.param
+    try:
+        yield request.param
+    finally:
+        cli_helpers.EVENT_LOOP = "uvloop"
+
+
 @pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Daemons started by a test; killed afterwards if still running."""
+def daemons(cli_loop: str) -> Iterator[list[Daemon]]:
+    """Daemons started by a test (under each event loop); killed afterwards if still running."""
     started: list[Daemon] = []
     yield started
     for daemon in started:

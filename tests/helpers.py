@@ -88,3 +88,66 @@ def connect(address: str) -> socket.socket:
     """A plain TCP connection to a session's ``tcp:HOST:PORT`` (10 s timeout), for hand-made streams."""
     host, _, port = address.removeprefix("tcp:").rpartition(":")
     return socket.create_connection((host.strip("[]"), int(port)), timeout=10)
+
+
+class FakeTransport:
+    """What a ``ChannelProtocol`` needs of a transport, for tests that feed it by hand:
+    it records pause/resume, and an abort closes the connection as a real one does."""
+
+    def __init__(self, protocol: asyncio.BufferedProtocol, peer: str = "fake") -> None:
+        self.protocol = protocol
+        self.peer = peer
+        self.reading = True
+        self.aborted = False
+        self.lost = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        assert self.reading, "paused twice"
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        assert not self.reading, "resumed while reading"
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def abort(self) -> None:
+        if not self.aborted:
+            self.aborted = True
+            asyncio.get_running_loop().call_soon(self.connection_lost)
+
+    def close(self) -> None:
+        self.abort()
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def connection_lost(self) -> None:
+        if not self.lost:
+            self.lost = True
+            self.protocol.connection_lost(None)
+
+    def feed(self, data: bytes) -> int:
+        """Give the protocol as much of ``data`` as it reads now (as a socket would:
+        nothing while paused or closed). Returns how many bytes it took."""
+        done = 0
+        while done < len(data) and self.reading and not self.aborted:
+            buffer = self.protocol.get_buffer(len(data) - done)
+            n = min(len(buffer), len(data) - done)
+            buffer[:n] = data[done : done + n]
+            done += n
+            self.protocol.buffer_updated(n)
+        return done
+
+    def eof(self) -> bool:
+        """The peer shut down its side (the protocol asks to close ours too); as a
+        socket would, it is read only while reading. Returns whether it was."""
+        if not self.reading or self.aborted:
+            return False
+        if not self.protocol.eof_received():
+            self.abort()
+        return True

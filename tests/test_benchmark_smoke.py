@@ -21,6 +21,8 @@ from vfio_multifd.config import Digest
 from vfio_multifd.digest import digest_of
 from workload import Workload, build_workload, idstr_of
 
+pytestmark = pytest.mark.slow
+
 HEADER = struct.Struct(">III256sII")  # magic, version, flags, idstr, instance_id, size
 VFIO = struct.Struct(">III")  # version, idx, flags
 

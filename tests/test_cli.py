@@ -13,7 +13,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import qemu_source as qs
 import xxhash
 from cli_helpers import (
     SENDER_RESET,
+    TOOL,
     TRACEBACK,
     Daemon,
     digests,
@@ -182,7 +182,7 @@ def test_usage_error_exits_2_with_one_line(args: list[str]) -> None:
     assert result.stdout == ""
 
 
-def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path) -> None:
+def test_listen_failure_is_a_usage_error_and_leaves_no_file(tmp_path: Path, cli_loop: str) -> None:
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -414,7 +414,7 @@ def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
     ],
     ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR2", "SIGALRM"],
 )
-def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
+def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], signum: int, code: int
 ) -> None:
     out = tmp_path / "out"
@@ -441,16 +441,17 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
             what="the first chunks to be written",
         )
         assert len(part_files(out)) == 2  # data and config, both temporary
-        signalled = time.monotonic()
+        socks[1].sendall(qs.device_packet(IDSTR, 0, 3, bytes(65536))[:1000])  # mid-packet
         daemon.proc.send_signal(signum)
-        daemon.proc.wait(timeout=5)
-        elapsed = time.monotonic() - signalled
+        # It stops while the source still holds every connection open, one of them
+        # mid-packet: it waits for nobody. (How fast is not asserted: a loaded machine
+        # may take its time; the bound here only keeps a hang from lasting.)
+        daemon.proc.wait(timeout=30)
     finally:
         for sock in socks:
             sock.close()
     exit_code, summary, stderr = daemon.finish()
     assert exit_code == code, stderr
-    assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
     assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal.Signals(signum).name}"
     assert TRACEBACK not in stderr
     assert summary == ""
@@ -459,6 +460,7 @@ def test_signal_mid_transfer_exits_fast_and_leaves_no_file(
     assert not os.path.exists(status_socket)
     states = [e["new"] for e in daemon.events() if e["event"] == "state_change"]
     assert states == ["active", "cancelling", "cancelled"]
+    assert not [e for e in daemon.events() if e["event"] == "writer_abandoned"]
 
 
 def test_sigusr1_logs_a_status_line_and_the_migration_goes_on(
@@ -477,3 +479,50 @@ def test_sigusr1_logs_a_status_line_and_the_migration_goes_on(
     assert sent.returncode == 0, sent.stderr
     code, _, stderr = daemon.finish()
     assert code == 0, stderr
+
+
+
+# -- --event-loop --------------------------------------------------------------------
+
+
+def test_event_loop_asyncio_runs_without_uvloop(tmp_path: Path) -> None:
+    """With a uvloop that cannot be imported, ``--event-loop asyncio`` still runs the
+    daemon (here to its accept timeout), and ``uvloop`` is a one-line usage error."""
+    poison = tmp_path / "poison"
+    poison.mkdir()
+    (poison / "uvloop.py").write_text('raise ImportError("not installed here")\n')
+    env = {**os.environ, "PYTHONPATH": str(poison)}
+    base = [
+        *TOOL,
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--device",
+        f"idstr=a,data={tmp_path / 'a.bin'}",
+        "--accept-timeout",
+        "0.1",
+        "--log-format",
+        "json",
+    ]
+    results = {
+        loop: subprocess.run(
+            [*base, "--event-loop", loop],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        for loop in ("asyncio", "uvloop")
+    }
+    ran = results["asyncio"]
+    assert ran.returncode == 1, ran.stderr
+    assert ran.stderr.splitlines()[-1].startswith(
+        "vfio-multifd: error: only 0 of 2 channels connected within 0.1 s"
+    )
+    refused = results["uvloop"]
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "vfio-multifd: error: --event-loop uvloop: cannot import uvloop (not installed here); "
+        "--event-loop asyncio needs nothing"
+    ]

@@ -294,3 +294,37 @@ def test_sizes_that_could_never_complete_are_usage_errors(
     code = main(["receive", *options, "--device", f"idstr=a,data={tmp_path / 'a.bin'}"])
     assert code == 2
     assert expected in capsys.readouterr().err
+
+
+# -- --event-loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["receive", "send"])
+def test_event_loop_defaults_to_uvloop_and_takes_asyncio(tmp_path: Path, command: str) -> None:
+    from vfio_multifd.cli_options import EventLoop
+
+    assert parse(command, tmp_path).event_loop is EventLoop.UVLOOP
+    assert parse(command, tmp_path, "--event-loop", "asyncio").event_loop is EventLoop.ASYNCIO
+
+
+def test_event_loop_other_than_the_two_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    line = usage_error(capsys, [*base_args("receive", tmp_path), "--event-loop", "tokio"])
+    assert line.startswith("vfio-multifd: error: argument --event-loop: invalid choice: 'tokio'")
+
+
+@pytest.mark.parametrize("name", ["uvloop", "asyncio"])
+def test_run_loop_runs_the_loop_it_is_given(name: str) -> None:
+    import asyncio
+
+    import uvloop
+
+    from vfio_multifd.cli import run_loop
+    from vfio_multifd.cli_options import EventLoop
+
+    async def which() -> type:
+        return type(asyncio.get_running_loop())
+
+    loop_type = run_loop(which(), EventLoop(name))
+    assert issubclass(loop_type, uvloop.Loop) == (name == "uvloop")

@@ -16,10 +16,19 @@ from pathlib import Path
 import pytest
 import qemu_source as qs
 import xxhash
-from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, settings, start
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    assert_outputs,
+    connect,
+    final_files,
+    random_bytes,
+    settings,
+    start,
+)
 
 from vfio_multifd import Address, DeviceKey
-from vfio_multifd.sender import SourceDevice, send
+from vfio_multifd.sender import DeviceState, SourceDevice, send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -135,20 +144,29 @@ async def test_own_sender_over_unix_socket(tmp_path: Path, order: str) -> None:
         tmp_path, A, B, channels=3, listen=Address("unix", path=str(tmp_path / "mig.sock"))
     )
     running = await start(config)
+    devices = [
+        SourceDevice(A, source=source_a, size=source_a.stat().st_size),
+        SourceDevice(B, size=200000, seed=5),
+    ]
     sent = await asyncio.to_thread(
         send,
         config.listen,
-        [
-            SourceDevice(A, source=source_a, size=source_a.stat().st_size),
-            SourceDevice(B, size=200000, seed=5),
-        ],
+        devices,
         channels=3,
         chunk_size=65536,
         order=order,
         seed=9,
     )
     result = await running.result()
-    assert config.devices[0].data_path.read_bytes() == source_a.read_bytes()
+    # Bytes, read back: device B's generated data too, not only its digest.
+    expected = []
+    for device in devices:
+        state = DeviceState(device, 65536)
+        data = b"".join(bytes(state.chunk(idx)) for idx in range(state.chunks))
+        expected.append((data, bytes(state.config_blob)))
+        state.close()
+    assert expected[0][0] == source_a.read_bytes()
+    assert_outputs(config, expected)
     assert [d.digest for d in result.devices] == [d[3] for d in sent.devices]
     assert [d.bytes for d in result.devices] == [source_a.stat().st_size, 200000]
     assert not (tmp_path / "mig.sock").exists(), "the unix socket is removed at the end"
@@ -203,14 +221,27 @@ async def test_short_writes_are_retried(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 async def test_existing_file_replaced_only_on_success(tmp_path: Path) -> None:
+    """Mid-transfer - every data chunk written, the config packet held back - the old
+    file is still at the final path, untouched; the new one replaces it at the end."""
     config = settings(tmp_path, A, channels=1)
     config.devices[0].data_path.write_bytes(b"old contents")
-    data = random_bytes(5000, 1)
+    chunks = qs.device_chunks(random_bytes(50000, 1), 8192)
+    blob = qs.config_blob(b"n")
     running = await start(config)
-    # Mid-transfer the old file is still there, untouched.
-    assert config.devices[0].data_path.read_bytes() == b"old contents"
-    await asyncio.to_thread(
-        qs.send_streams, running.address, qs.build_streams([(IDSTR, 0, data, b"n")], 1)
-    )
-    await running.result()
-    assert_outputs(config, [(data, qs.config_blob(b"n"))])
+    device = running.session.reassembly.devices[A]
+    with connect(running.address) as sock:
+        sock.sendall(qs.handshake(0))
+        for idx, chunk in enumerate(chunks):
+            sock.sendall(qs.device_packet(IDSTR, 0, idx, chunk))
+        for _ in range(1000):
+            if device.bytes_written == 50000:
+                break
+            await asyncio.sleep(0.01)
+        assert device.bytes_written == 50000 and not device.complete
+        assert config.devices[0].data_path.read_bytes() == b"old contents"
+        assert len([n for n in final_files(tmp_path) if n.endswith(".part")]) == 2
+        sock.sendall(qs.device_packet(IDSTR, 0, len(chunks), blob, config=True))
+        sock.shutdown(socket.SHUT_WR)
+        await running.result()
+    assert_outputs(config, [(b"".join(chunks), blob)])
+    assert final_files(tmp_path) == ["dev0.bin", "dev0.bin.config"]

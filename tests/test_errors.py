@@ -592,3 +592,35 @@ async def test_a_failed_migration_resets_every_channel(tmp_path: Path) -> None:
     with pytest.raises(ProtocolError):
         await running.result()
     assert ends == ["reset", "reset"]
+
+async def test_a_handshake_completed_while_the_migration_ends_is_refused(tmp_path: Path) -> None:
+    """The session failed and its task group is shutting down when a connection's
+    handshake completes: that connection is refused. (It was accepted and given a
+    reader nobody awaited, or raised RuntimeError("TaskGroup ... is shutting down")
+    out of the protocol callback, depending on how far the shutdown had got.)"""
+    from helpers import FakeTransport
+
+    from vfio_multifd.channel import ChannelProtocol, ChannelState
+
+    running = await start(settings(tmp_path, A, channels=2))
+    session = running.session
+
+    def connect_fake(channel_id: int) -> tuple[ChannelProtocol, FakeTransport]:
+        protocol = ChannelProtocol(session, max_packet_size=1 << 16, handshake_timeout=10.0)
+        transport = FakeTransport(protocol)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        transport.feed(qs.handshake(channel_id))
+        return protocol, transport
+
+    try:
+        first, _ = connect_fake(0)
+        assert first.state is ChannelState.ACTIVE
+        session.cancel("ending")
+        for waited in range(3):  # at once, then as the task group shuts down
+            late, transport = connect_fake(1)
+            assert late.state is ChannelState.REFUSED and transport.aborted, waited
+            assert session.registry.refused[-1][1].reason is Reason.HANDSHAKE_CLOSED
+            await asyncio.sleep(0)
+    finally:
+        with pytest.raises(Cancelled):
+            await running.result()

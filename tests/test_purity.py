@@ -25,7 +25,7 @@ IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
 FORBIDDEN_IMPORTS = {
     "os", "asyncio", "socket", "selectors", "ssl", "subprocess", "io",
     "pathlib", "shutil", "tempfile", "mmap", "threading", "signal",
-    "uvloop", "structlog",
+    "uvloop", "structlog", "importlib",
 }
 
 _REPORT = f"""
@@ -75,9 +75,19 @@ def test_importing_pure_modules_through_the_package_imports_no_io_modules() -> N
     assert loaded == {name: False for name in IO_MODULES}
 
 
+#: Calls that import a module by name at run time, whatever the name.
+DYNAMIC_IMPORTS = {"__import__", "importlib.import_module"}
+
+
 def _imports(module: str) -> tuple[set[str], set[str]]:
     """Top-level absolute imports and intra-package relative imports of a module."""
-    tree = ast.parse((PACKAGE_DIR / f"{module}.py").read_text(), filename=f"{module}.py")
+    return _imports_of((PACKAGE_DIR / f"{module}.py").read_text(), f"{module}.py")
+
+
+def _imports_of(source: str, filename: str = "<test>") -> tuple[set[str], set[str]]:
+    """What ``source`` imports: absolute (with ``DYNAMIC_IMPORTS`` for a call that
+    imports by name) and relative (intra-package)."""
+    tree = ast.parse(source, filename=filename)
     absolute: set[str] = set()
     relative: set[str] = set()
     for node in ast.walk(tree):
@@ -94,8 +104,13 @@ def _imports(module: str) -> tuple[set[str], set[str]]:
                 relative.add(node.module.split(".")[0])
             else:  # from . import x
                 relative.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__":
-            absolute.add("__import__")
+        elif isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name == "__import__":
+                absolute.add("__import__")
+            elif name == "import_module":  # importlib.import_module, or imported bare
+                absolute.add("importlib.import_module")
     return absolute, relative
 
 
@@ -116,7 +131,21 @@ def test_source_imports_nothing_that_does_io(module: str) -> None:
     absolute, _ = _imports(module)
     assert absolute, f"{module}.py parsed to no imports at all"
     assert not absolute & FORBIDDEN_IMPORTS, f"{module}.py imports {absolute & FORBIDDEN_IMPORTS}"
-    assert "__import__" not in absolute
+    assert not absolute & DYNAMIC_IMPORTS, f"{module}.py imports by name at run time"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import importlib\ndef f():\n    return importlib.import_module('socket')\n",
+        "from importlib import import_module\nsock = import_module('socket')\n",
+        "import importlib as il\nil.import_module('os')\n",
+        "def f():\n    return __import__('os')\n",
+    ],
+)
+def test_imports_by_name_are_caught(source: str) -> None:
+    absolute, _ = _imports_of(source)
+    assert absolute & DYNAMIC_IMPORTS
 
 
 def test_pure_modules_import_only_pure_siblings() -> None:

@@ -23,7 +23,10 @@ MiB = 1 << 20
 #: Above bound + idle: thread stacks, the spill read-back of one chunk, allocator slack.
 SLACK = 12 * MiB
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+pytestmark = [
+    pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc"),
+    pytest.mark.slow,
+]
 
 
 def resident(pid: int, field: str) -> int:

@@ -35,6 +35,7 @@ from cli_helpers import (
     receive_usage_error,
     run,
     wait_for,
+    with_event_loop,
 )
 from helpers import IDSTR, IDSTR_B, final_files, settings, start
 
@@ -148,16 +149,21 @@ async def test_status_fields_move_during_a_transfer_then_completed(
         )
         try:
             assert await asyncio.to_thread(paused.wait, 20), "the sender never paused"
+            with lock:
+                out = counted[0]
+            # Everything the paused sender has sent: 3 handshakes and 5 whole packets
+            # per channel (their headers too), every packet decoded.
+            arrived = 3 * 64 + 15 * (288 + 65536)
             deadline = time.monotonic() + 10
             while True:
-                # Everything the paused sender has sent arrives (kernel buffers drain).
                 during = await query_migrate_over(path)
-                with lock:
-                    out = counted[0]
-                if during["transferred"] >= out and any(
-                    d["bytes-written"] for d in during["devices"]
+                if (
+                    during["transferred"] == arrived
+                    and [c["packets"] for c in during["channels"]] == [5, 5, 5]
+                    and any(d["bytes-written"] for d in during["devices"])
                 ):
                     break
+                assert during["transferred"] <= arrived, during
                 assert time.monotonic() < deadline, during
                 await asyncio.sleep(0.01)
         finally:
@@ -457,7 +463,7 @@ def test_status_where_nothing_answers_says_which_socket_and_whether_it_exists(
     assert result.stderr == f"vfio-multifd: error: {expected}\n"
 
 
-def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path) -> None:
+def test_status_socket_that_cannot_be_made_is_a_usage_error(tmp_path: Path, cli_loop: str) -> None:
     last_line = receive_usage_error(
         tmp_path,
         "--listen",
@@ -480,15 +486,19 @@ def test_ready_fd_gets_one_newline_then_eof_and_the_port_accepts(
     proc = subprocess.Popen(
         [
             *TOOL,
-            "receive",
-            "--listen",
-            "tcp:127.0.0.1:0",
-            "--device",
-            f"idstr=a,data={tmp_path / 'a.bin'}",
-            "--ready-fd",
-            str(write_end),
-            "--log-format",
-            "json",
+            *with_event_loop(
+                [
+                    "receive",
+                    "--listen",
+                    "tcp:127.0.0.1:0",
+                    "--device",
+                    f"idstr=a,data={tmp_path / 'a.bin'}",
+                    "--ready-fd",
+                    str(write_end),
+                    "--log-format",
+                    "json",
+                ]
+            ),
         ],
         stderr=stderr,
         stdout=subprocess.DEVNULL,
@@ -628,7 +638,7 @@ def test_log_level_filters(restore_logging: None) -> None:
     assert [json.loads(line)["event"] for line in stream.getvalue().splitlines()] == ["loud"]
 
 
-def test_cli_log_formats(tmp_path: Path) -> None:
+def test_cli_log_formats(tmp_path: Path, cli_loop: str) -> None:
     """Not a terminal: JSON by default; ``--log-format console`` overrides it."""
     base = ["receive", "--listen", "tcp:127.0.0.1:0", "--device", f"idstr=a,data={tmp_path / 'a'}"]
     for extra, is_json in (([], True), (["--log-format", "console"], False)):
@@ -693,6 +703,7 @@ def test_progress_lines_and_trace_events(tmp_path: Path, daemons: list[Daemon]) 
     ]
     levels = {e["event"]: e["level"] for e in events}
     assert levels["buffer_incoming"] == levels["load_starved"] == "debug"
+    assert levels["load_start"] == levels["load_end"] == "debug"
     for name in ("listening", "channel_accepted", "load_thread_start", "state_change"):
         assert levels[name] == "info", name
     accepted = [e for e in events if e["event"] == "channel_accepted"]

@@ -1,6 +1,7 @@
 """``vfio-multifd receive | send | status``: the command line.
 
-The only place that picks the event loop (uvloop) and turns outcomes into
+The only place that picks the event loop (``--event-loop``: uvloop by default,
+or the standard library's asyncio) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
 ``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (129
 SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
@@ -134,7 +135,7 @@ def _receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    result = run_loop(_receive(settings, options))
+    result = run_loop(_receive(settings, options), args.event_loop)
     print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
@@ -222,10 +223,19 @@ def _notify_ready(session: Session, options: DaemonOptions) -> None:
     )
 
 
-def run_loop(main: Coroutine[Any, Any, T]) -> T:
-    """Run ``main`` to the end on uvloop: the one place the event loop is chosen."""
-    import uvloop
-
+def run_loop(
+    main: Coroutine[Any, Any, T], event_loop: cli_options.EventLoop = cli_options.EventLoop.UVLOOP
+) -> T:
+    """Run ``main`` to the end on ``event_loop``: the one place the event loop is chosen."""
+    if event_loop is cli_options.EventLoop.ASYNCIO:
+        return asyncio.run(main)
+    try:
+        import uvloop
+    except ImportError as error:
+        main.close()
+        raise UsageError(
+            f"--event-loop uvloop: cannot import uvloop ({error}); --event-loop asyncio needs nothing"
+        ) from None
     return uvloop.run(main)
 
 

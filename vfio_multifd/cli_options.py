@@ -43,6 +43,13 @@ E = TypeVar("E", bound=enum.StrEnum)
 Handler = Callable[[argparse.Namespace], int]
 
 
+class EventLoop(enum.StrEnum):
+    """``--event-loop``: which event loop runs the daemon."""
+
+    UVLOOP = "uvloop"
+    ASYNCIO = "asyncio"  # the standard library's
+
+
 # -- option types: each converts and checks its option, once ------------------------
 
 
@@ -234,6 +241,24 @@ def _migration_parent() -> _Parser:
     return parent
 
 
+def _runtime_parent(*, uses_loop: bool) -> _Parser:
+    """How the process runs, the same options on both ends."""
+    parent = _Parser(add_help=False)
+    group = parent.add_argument_group("runtime")
+    loop_help = (
+        "the event loop that runs the daemon: uvloop (default) or asyncio, the standard library's"
+        if uses_loop
+        else "accepted as receive takes it; the sender uses threads, not an event loop"
+    )
+    group.add_argument(
+        "--event-loop",
+        **_one_of(EventLoop),
+        default=EventLoop.UVLOOP,
+        help=loop_help,
+    )
+    return parent
+
+
 def _reporting_parent(*, progress: str, debug: str) -> _Parser:
     """Log lines on stderr, and progress while it runs; ``progress`` and ``debug``
     say what the subcommand reports."""
@@ -274,6 +299,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
                 progress="log migration_progress this often while active",
                 debug="; debug adds QEMU-style trace events (buffer_incoming, load_starved...)",
             ),
+            _runtime_parent(uses_loop=True),
         ],
     )
     rx.set_defaults(handler=handler)
@@ -436,6 +462,7 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
                 "(on one: a bar per device)",
                 debug="",
             ),
+            _runtime_parent(uses_loop=False),
         ],
     )
     tx.set_defaults(handler=handler)

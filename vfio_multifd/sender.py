@@ -68,8 +68,10 @@ FAULTS = {
     "invalid-idx": "the first packet has idx 0xffffffff",
     "duplicate": "the first packet is sent twice",
     "unknown-device": "an extra packet for a device the destination does not know",
-    "after-config": "an extra chunk after the first device's config packet",
-    "second-config": "a second config packet for the first device",
+    "after-config": "channel 0 first sends a chunk of the first device with an idx beyond "
+    "its config packet's",
+    "second-config": "channel 0 first sends a second config packet (another idx) of the "
+    "first device",
     "bad-config": "the first device's config blob lacks its tags",
     "missing": "the first device's chunk 0 is never sent",
     "truncate": "channel 0 closes in the middle of its first packet",
@@ -257,7 +259,10 @@ def _plan_fault(
     if fault == "duplicate" and channel0:
         channel0.insert(1, channel0[0])
     elif fault in ("after-config", "second-config"):
-        channel0.append((0, last + 1))  # idx beyond the config packet's
+        # An idx beyond the config packet's, first on channel 0: ahead of packets
+        # the device needs, so the destination sees it before the device can
+        # complete (sent last, it could complete first and the fault show nothing).
+        channel0.insert(0, (0, last + 1))
     elif fault == "missing":
         first = [[p for p in packets if p != (0, 0)] for packets in first]
     elif fault == "unknown-device":

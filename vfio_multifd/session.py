@@ -30,7 +30,7 @@ from .listener import ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
-from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
+from .reassembly import CHUNK_OVERHEAD, DeviceBuffer, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .tls import TlsServer, load_server
@@ -371,7 +371,7 @@ class Session:
         )
 
     def _waiting_for(self) -> tuple[str, ...]:
-        waiting = [f"device {d.key} idx {d.next_idx}" for d in self.reassembly.incomplete_devices()]
+        waiting = [_device_waits_for(d) for d in self.reassembly.incomplete_devices()]
         missing = self._missing_channels()
         if missing:
             waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
@@ -430,6 +430,15 @@ def refusals_text(refused: Iterable[tuple[str, HandshakeError]]) -> str:
     if len(counts) > REFUSALS_SHOWN:
         shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
     return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"
+
+
+def _device_waits_for(device: DeviceBuffer) -> str:
+    """What an incomplete device waits for: its next chunk, or (with that chunk or every
+    chunk already here) its own writes, such as to a FIFO nobody reads."""
+    last = device.last_idx
+    if device.next_idx in device.chunks or (last is not None and device.next_idx > last):
+        return f"device {device.key} to write what it received"
+    return f"device {device.key} idx {device.next_idx}"
 
 
 async def _raise_when_set(first_error: asyncio.Future[MultifdError]) -> None:

@@ -23,7 +23,7 @@ class Sample:
     received: int  # bytes received on them
     written: int  # data bytes written by the loaders
     active: bool  # the migration is active (progress is expected)
-    waiting_for: tuple[str, ...]  # "device D idx N" the loaders wait for
+    waiting_for: tuple[str, ...]  # "device D idx N" (or its writes) the loaders wait for
 
 
 class Watchdog:
