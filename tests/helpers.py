@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -151,3 +152,38 @@ class FakeTransport:
         if not self.protocol.eof_received():
             self.abort()
         return True
+
+
+class ChannelGate:
+    """A ``send(progress=...)`` callback that holds each channel's thread after its
+    ``after``-th chunk until :meth:`open`: a migration really in flight, for a test to
+    look at. ``paused`` is set once all ``channels`` threads are held; ``counted`` is
+    the data bytes they sent until then."""
+
+    def __init__(self, channels: int, after: int = 5) -> None:
+        self.channels = channels
+        self.after = after
+        self.counted = 0
+        self.paused = threading.Event()
+        self._gate = threading.Event()
+        self._lock = threading.Lock()
+        self._sent_by: dict[int, int] = {}  # chunks per channel thread
+
+    def __call__(self, device: int, nbytes: int) -> None:
+        with self._lock:
+            self.counted += nbytes
+            me = threading.get_ident()
+            self._sent_by[me] = self._sent_by.get(me, 0) + 1
+            stop = self._sent_by[me] == self.after
+            sent = self._sent_by.values()
+            if stop and len(self._sent_by) == self.channels and all(n >= self.after for n in sent):
+                self.paused.set()
+        if stop:
+            self._gate.wait(30)
+
+    def sent(self) -> int:
+        with self._lock:
+            return self.counted
+
+    def open(self) -> None:
+        self._gate.set()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import Daemon, receive_usage_error, send_to, wait_for
-from helpers import IDSTR, IDSTR_B, connect, settings, start
+from helpers import IDSTR, IDSTR_B, ChannelGate, connect, settings, start
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_multifd import Address, DeviceKey
@@ -76,22 +75,8 @@ def status_of(samples: Samples) -> str:
 async def test_scrapes_before_during_and_after_a_migration(tmp_path: Path) -> None:
     sizes = (4 << 20, (2 << 20) + 1000)
     running = await start(settings(tmp_path, A, B, channels=3))
-    counted = [0]
-    sent_by: dict[int, int] = {}
-    lock = threading.Lock()
-    paused, gate = threading.Event(), threading.Event()
-
-    def progress(device: int, nbytes: int) -> None:
-        # Each channel's thread stops after its fifth chunk, until the gate opens.
-        with lock:
-            counted[0] += nbytes
-            me = threading.get_ident()
-            sent_by[me] = sent_by.get(me, 0) + 1
-            stop = sent_by[me] == 5
-            if stop and len(sent_by) == 3 and all(n >= 5 for n in sent_by.values()):
-                paused.set()
-        if stop:
-            gate.wait(30)
+    # Each channel's thread stops after its fifth chunk, until the gate opens.
+    progress = ChannelGate(channels=3, after=5)
 
     async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
         assert server.bound is not None
@@ -108,19 +93,18 @@ async def test_scrapes_before_during_and_after_a_migration(tmp_path: Path) -> No
             )
         )
         try:
-            assert await asyncio.to_thread(paused.wait, 20), "the sender never paused"
+            assert await asyncio.to_thread(progress.paused.wait, 20), "the sender never paused"
             deadline = time.monotonic() + 10
             while True:  # what the paused sender sent arrives (kernel buffers drain)
                 during = await scrape(server.bound)
-                with lock:
-                    out = counted[0]
+                out = progress.sent()
                 received = total(during, "vfio_multifd_received_bytes_total")
                 if received >= out and total(during, "vfio_multifd_written_bytes_total"):
                     break
                 assert time.monotonic() < deadline, during
                 await asyncio.sleep(0.01)
         finally:
-            gate.set()
+            progress.open()
         sent = await asyncio.wait_for(sending, 60)
         await running.result()
         after = await scrape(server.bound)  # the server outlives the session

@@ -17,7 +17,6 @@ import select
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from cli_helpers import (
     wait_for,
     with_event_loop,
 )
-from helpers import IDSTR, IDSTR_B, final_files, settings, start
+from helpers import IDSTR, IDSTR_B, ChannelGate, final_files, settings, start
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
 from vfio_multifd.notify import sd_notify
@@ -113,22 +112,8 @@ async def test_status_fields_move_during_a_transfer_then_completed(
     config = settings(tmp_path, A, B, channels=3)
     running = await start(config)
     path = short_dir / "status.sock"
-    counted = [0]
-    sent_by: dict[int, int] = {}  # packets per channel thread
-    lock = threading.Lock()
-    paused, gate = threading.Event(), threading.Event()
-
-    def progress(device: int, nbytes: int) -> None:
-        # Each channel's thread stops after its fifth chunk, until the gate opens.
-        with lock:
-            counted[0] += nbytes
-            me = threading.get_ident()
-            sent_by[me] = sent_by.get(me, 0) + 1
-            stop = sent_by[me] == 5
-            if stop and len(sent_by) == 3 and all(n >= 5 for n in sent_by.values()):
-                paused.set()
-        if stop:
-            gate.wait(30)
+    # Each channel's thread stops after its fifth chunk, until the gate opens.
+    progress = ChannelGate(channels=3, after=5)
 
     async with StatusServer(running.session, path):
         before = await query_migrate_over(path)
@@ -148,9 +133,8 @@ async def test_status_fields_move_during_a_transfer_then_completed(
             )
         )
         try:
-            assert await asyncio.to_thread(paused.wait, 20), "the sender never paused"
-            with lock:
-                out = counted[0]
+            assert await asyncio.to_thread(progress.paused.wait, 20), "the sender never paused"
+            out = progress.sent()
             # Everything the paused sender has sent: 3 handshakes and 5 whole packets
             # per channel (their headers too), every packet decoded.
             arrived = 3 * 64 + 15 * (288 + 65536)
@@ -167,7 +151,7 @@ async def test_status_fields_move_during_a_transfer_then_completed(
                 assert time.monotonic() < deadline, during
                 await asyncio.sleep(0.01)
         finally:
-            gate.set()
+            progress.open()
         sent = await asyncio.wait_for(sending, 60)
         result = await running.result()
         after = await query_migrate_over(path)  # the server outlives the session
