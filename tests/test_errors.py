@@ -41,7 +41,7 @@ from vfio_multifd import (
     Reason,
     SessionError,
 )
-from vfio_multifd.session import refusals_text
+from vfio_multifd.listener import refusals_text
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)

@@ -39,7 +39,7 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import structlog
 
@@ -352,6 +352,10 @@ class ChannelRegistry:
             )
             self._refusal_log.suppressed = 0
 
+    def refusals_text(self) -> str:
+        """The refusals, for a final error they may explain (see :func:`refusals_text`)."""
+        return refusals_text(self.refused, self.refused_count)
+
     def log_suppressed(self) -> None:
         """Say how many channel_refused lines were left out since the last one."""
         if self._refusal_log.suppressed:
@@ -418,3 +422,38 @@ def remove_own_socket(path: str, inode: tuple[int, int]) -> None:
     if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == inode:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+#: Failures that refused connections may explain: a channel that was refused
+#: is a channel that never came, so its data is missing, or time ran out, or
+#: the operator gave up waiting, or the source gave up and reset the others.
+EXPLAINED_BY_REFUSALS = frozenset(
+    {
+        Reason.INCOMPLETE,
+        Reason.ACCEPT_TIMEOUT,
+        Reason.PROGRESS_TIMEOUT,
+        Reason.CANCELLED,
+        Reason.PACKET_TRUNCATED,
+    }
+)
+#: Distinct refusal messages the final error lists.
+REFUSALS_SHOWN = 3
+
+
+def refusals_text(refused: Iterable[tuple[str, HandshakeError]], total: int | None = None) -> str:
+    """``2 connections refused: handshake channel id 2 is not below the 2 expected
+    channels``: the refusals, each distinct message once, for the final error.
+    ``total``: how many there were, when ``refused`` keeps only the last few."""
+    counts: dict[str, int] = {}
+    for _peer, error in refused:
+        counts[str(error)] = counts.get(str(error), 0) + 1
+    total = sum(counts.values()) if total is None else total
+    if not total:
+        return ""
+    shown = [
+        message if len(counts) == 1 or count == 1 else f"{message} ({count} times)"
+        for message, count in list(counts.items())[:REFUSALS_SHOWN]
+    ]
+    if len(counts) > REFUSALS_SHOWN:
+        shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
+    return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"

@@ -143,6 +143,15 @@ class DeviceBuffer:
             )
 
     @property
+    def waiting_for(self) -> str:
+        """What this incomplete device waits for: its next chunk, or (with that chunk or
+        every chunk already here) its own writes, such as to a FIFO nobody reads."""
+        last = self.last_idx
+        if self.next_idx in self.chunks or (last is not None and self.next_idx > last):
+            return f"device {self.key} to write what it received"
+        return f"device {self.key} idx {self.next_idx}"
+
+    @property
     def fully_received(self) -> bool:
         """Every chunk up to the config packet is queued (or already written)."""
         last = self.last_idx

@@ -16,7 +16,7 @@ import collections
 import contextlib
 import functools
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -26,11 +26,11 @@ from .channel import ChannelProtocol, read_channel
 from .commit import OutputSet
 from .config import Address, QueueFullPolicy, ReceiveSettings
 from .errors import Cancelled, HandshakeError, MultifdError, Reason, SessionError
-from .listener import ChannelRegistry
+from .listener import EXPLAINED_BY_REFUSALS, ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
-from .reassembly import CHUNK_OVERHEAD, DeviceBuffer, ReassemblyBuffer, capacity_of
+from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .tls import TlsServer, load_server
@@ -129,7 +129,7 @@ class Session:
             raise
         except MultifdError as error:
             if error.reason in EXPLAINED_BY_REFUSALS:
-                refusals = refusals_text(self.registry.refused)
+                refusals = self.registry.refusals_text()
                 if refusals:
                     error.message += f"; {refusals}"
             self.error = error
@@ -371,7 +371,7 @@ class Session:
         )
 
     def _waiting_for(self) -> tuple[str, ...]:
-        waiting = [_device_waits_for(d) for d in self.reassembly.incomplete_devices()]
+        waiting = [d.waiting_for for d in self.reassembly.incomplete_devices()]
         missing = self._missing_channels()
         if missing:
             waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
@@ -396,49 +396,6 @@ class Session:
         )
         self.log.info("migration_completed", **result.log_fields())
         return result
-
-
-#: Failures that refused connections may explain: a channel that was refused
-#: is a channel that never came, so its data is missing, or time ran out, or
-#: the operator gave up waiting, or the source gave up and reset the others.
-EXPLAINED_BY_REFUSALS = frozenset(
-    {
-        Reason.INCOMPLETE,
-        Reason.ACCEPT_TIMEOUT,
-        Reason.PROGRESS_TIMEOUT,
-        Reason.CANCELLED,
-        Reason.PACKET_TRUNCATED,
-    }
-)
-#: Distinct refusal messages the final error lists.
-REFUSALS_SHOWN = 3
-
-
-def refusals_text(refused: Iterable[tuple[str, HandshakeError]]) -> str:
-    """``2 connections refused: handshake channel id 2 is not below the 2 expected
-    channels``: the refusals, each distinct message once, for the final error."""
-    counts: dict[str, int] = {}
-    for _peer, error in refused:
-        counts[str(error)] = counts.get(str(error), 0) + 1
-    total = sum(counts.values())
-    if not total:
-        return ""
-    shown = [
-        message if len(counts) == 1 or count == 1 else f"{message} ({count} times)"
-        for message, count in list(counts.items())[:REFUSALS_SHOWN]
-    ]
-    if len(counts) > REFUSALS_SHOWN:
-        shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
-    return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"
-
-
-def _device_waits_for(device: DeviceBuffer) -> str:
-    """What an incomplete device waits for: its next chunk, or (with that chunk or every
-    chunk already here) its own writes, such as to a FIFO nobody reads."""
-    last = device.last_idx
-    if device.next_idx in device.chunks or (last is not None and device.next_idx > last):
-        return f"device {device.key} to write what it received"
-    return f"device {device.key} idx {device.next_idx}"
 
 
 async def _raise_when_set(first_error: asyncio.Future[MultifdError]) -> None:
