@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 import structlog
 
 from .channel import ChannelState
+from .clients import Clients
 from .config import Address
 from .errors import UsageError
 from .results import SessionStatus
@@ -175,7 +176,7 @@ class MetricsServer:
         self.session = session
         self.address = address
         self._server: asyncio.Server | None = None
-        self._clients: set[asyncio.Task[None]] = set()
+        self._clients = Clients(MAX_CLIENTS)
         self.bound: Address | None = None  # where it listens, a port 0 resolved
 
     async def start(self) -> Address:
@@ -201,11 +202,7 @@ class MetricsServer:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        clients = list(self._clients)
-        for task in clients:
-            task.cancel()
-        if clients:
-            await asyncio.gather(*clients, return_exceptions=True)
+        await self._clients.close()
 
     async def __aenter__(self) -> MetricsServer:
         await self.start()
@@ -215,12 +212,11 @@ class MetricsServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS or self._server is None:
+        if self._server is None:
             writer.transport.abort()
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients.add(task)
+        if not self._clients.admit(writer):
+            return
         try:
             await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT)
         except (TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
@@ -229,7 +225,7 @@ class MetricsServer:
             with contextlib.suppress(Exception):
                 writer.write(_response(400, "Bad Request", "request head too long or cut\n"))
         finally:
-            self._clients.discard(task)
+            self._clients.done()
             writer.close()  # never waits: what is left unsent is the client's loss
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -54,6 +54,8 @@ class BufferPool:
 
     def shrink(self, to_bytes: int) -> None:
         """Let idle buffers go until at most ``to_bytes`` are idle."""
+        if self.idle_bytes <= to_bytes:
+            return  # the common case, on every allocation: nothing to look at
         for buffers in self._free.values():
             while buffers and self.idle_bytes > to_bytes:
                 self.idle_bytes -= len(buffers.pop())

@@ -24,6 +24,7 @@ import structlog
 
 from . import __version__
 from .channel import ChannelProtocol, ChannelState
+from .clients import Clients
 from .config import check_distinct_files
 from .errors import UsageError
 from .listener import remove_own_socket
@@ -161,7 +162,7 @@ class StatusServer:
         self.session = session
         self.path = Path(path)
         self._server: asyncio.Server | None = None
-        self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._clients = Clients(MAX_CLIENTS)
         #: Clients that sent qmp_capabilities: only they get events (QEMU sends none
         #: during capabilities negotiation, and a client would take one for the answer).
         self._negotiated: set[asyncio.StreamWriter] = set()
@@ -251,12 +252,7 @@ class StatusServer:
         inode, self._inode = self._inode, None
         if inode is not None:
             remove_own_socket(str(self.path), inode)
-        clients = list(self._clients.items())
-        for task, writer in clients:
-            writer.transport.abort()
-            task.cancel()
-        if clients:
-            await asyncio.gather(*(task for task, _ in clients), return_exceptions=True)
+        await self._clients.close()
 
     async def __aenter__(self) -> StatusServer:
         await self.start()
@@ -266,13 +262,10 @@ class StatusServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS or self._server is None:
-            self.log.warning("status_client_refused", clients=len(self._clients))
+        if self._server is None or not self._clients.admit(writer):
             writer.transport.abort()
+            self.log.warning("status_client_refused", clients=len(self._clients))
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self._clients[task] = writer
         try:
             await self._converse(reader, writer)
         except (ConnectionError, OSError, asyncio.CancelledError):
@@ -280,7 +273,7 @@ class StatusServer:
         except _SlowClient:
             self.log.warning("status_client_dropped", why="does not read its answers")
         finally:
-            self._clients.pop(task, None)
+            self._clients.done()
             self._negotiated.discard(writer)
             writer.transport.abort()  # never wait for a client to read what is left
 
