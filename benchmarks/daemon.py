@@ -186,7 +186,7 @@ def run_receiver(
     return Finished(
         exit_code=proc.returncode,
         cpu=usage.ru_utime + usage.ru_stime,
-        peak_rss=peak[0],
+        peak_rss=max(peak[0], idle),  # VmHWM only grows: a run too short to sample
         events=out_events + err_events,
         replay=sent,
         error=error,

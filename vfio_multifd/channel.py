@@ -36,6 +36,8 @@ from .wire import ChannelHandshake, DevicePacket, PacketHeader
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
+    from .reader_threads import HandedOffTransport
+
 log = structlog.get_logger("vfio_multifd.channel")
 
 #: Complete packets a channel may hold before it stops reading its socket.
@@ -103,6 +105,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._closing = False  # closed before the transport was made: abort it at once
         #: Called once the connection is gone (its socket closed): the listener counts descriptors.
         self.on_lost: Callable[[ChannelProtocol], None] | None = None
+        #: Once accepted, may move the socket to a reader thread (reader_threads.py);
+        #: True if it did.
+        self.hand_off: Callable[[ChannelProtocol, asyncio.Transport], bool] | None = None
+        # Read by a reader thread: its decoded events come in take_batch.
+        self._handed_off: HandedOffTransport | None = None
         self.log = log
 
     # -- asyncio callbacks ------------------------------------------------------
@@ -126,11 +133,14 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.decoder.buffer_updated(nbytes)
         self._take_events()
 
-    def _take_events(self) -> bool:
+    def _take_events(
+        self,
+        next_event: Callable[[], ChannelHandshake | PacketHeader | DevicePacket | None] | None = None,
+    ) -> bool:
         """Act on every event decoded so far, then on the error that stopped the
         decoder, if any (after the events before it). False once the channel is done."""
         try:
-            self._take_decoded()
+            self._take_decoded(next_event or self.decoder.next_event)
         except HandshakeError as error:
             self._refuse(error)
             return False
@@ -139,15 +149,17 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             return False
         return True
 
-    def _take_decoded(self) -> None:
-        while (event := self.decoder.next_event()) is not None:
+    def _take_decoded(
+        self, next_event: Callable[[], ChannelHandshake | PacketHeader | DevicePacket | None]
+    ) -> None:
+        while (event := next_event()) is not None:
             if isinstance(event, ChannelHandshake):
                 self._on_handshake(event)
             elif isinstance(event, PacketHeader):
                 # The fast path: memory allows it, the payload is read at once.
                 buffer = self.owner.allocate_now(event)
                 if buffer is not None:
-                    self.decoder.provide_buffer(buffer)
+                    self._provide(buffer)
                 else:  # the reader asks again, and may wait: read nothing meanwhile
                     self._awaiting_buffer = True
                     self.pending.append(event)
@@ -173,13 +185,47 @@ class ChannelProtocol(asyncio.BufferedProtocol):
     def eof_received(self) -> bool:
         self.decoder.eof()
         if self._take_events():
-            self.end_of_stream = True
-            self._wake()
+            self._ended()
         # Keep our side open: the session closes every channel when the migration
         # ends, cleanly only if it completed (see close), so the source learns the outcome.
         return True
 
+    def _ended(self) -> None:
+        self.end_of_stream = True
+        self._wake()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handed_off is None:
+            self.lost_in_reader(exc)
+        # else: the main loop's transport let the socket go to a reader thread;
+        # the connection is lost when that thread says so (lost_in_reader).
+
+    # -- a channel read by a reader thread (reader_threads.py) ---------------------
+
+    def handed_off(self, transport: HandedOffTransport) -> None:
+        """From now on a reader thread reads this channel; ``transport`` stands in for its own."""
+        self._handed_off = transport
+        self.transport = transport
+
+    def take_batch(
+        self, events: list[DevicePacket | PacketHeader], error: ProtocolError | None, eof: bool
+    ) -> None:
+        """What the reader thread decoded in one go: as if decoded here (see _take_events)."""
+        if self.state is not ChannelState.ACTIVE:
+            return  # failed meanwhile: what it still sends is not delivered
+        batch = iter(events)
+
+        def next_event() -> DevicePacket | PacketHeader | None:
+            event = next(batch, None)
+            if event is None and error is not None:
+                raise error
+            return event
+
+        if self._take_events(next_event) and eof:
+            self._ended()
+
+    def lost_in_reader(self, exc: BaseException | None) -> None:
+        """The connection is gone (on whichever loop read it)."""
         self._cancel_handshake_timer()
         if self.state is ChannelState.HANDSHAKE and isinstance(exc, HandshakeError):
             self._refuse(exc)  # the transport says why (tls.py: the TLS handshake failed)
@@ -213,6 +259,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.ACTIVE
         self.log = self.log.bind(channel=self.channel_id)
         self.log.info("channel_accepted")
+        if self.hand_off is not None and self.transport is not None:
+            self.hand_off(self, self.transport)
 
     def _handshake_timed_out(self) -> None:
         self._handshake_timer = None
@@ -280,8 +328,17 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._awaiting_buffer = False
         if self.state is not ChannelState.ACTIVE:
             return
-        self.decoder.provide_buffer(buffer)
-        self._take_events()
+        self._provide(buffer)
+        if self._handed_off is None:
+            self._take_events()
+        else:
+            self._update_reading()
+
+    def _provide(self, buffer: PayloadBuffer) -> None:
+        if self._handed_off is None:
+            self.decoder.provide_buffer(buffer)
+        else:  # its events come back in a batch
+            self._handed_off.provide_buffer(buffer)
 
     def close(self, *, completed: bool = False) -> None:
         """Hang up: with a clean close only once the migration ``completed``, otherwise

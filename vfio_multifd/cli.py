@@ -100,6 +100,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         digest=args.digest,
         fsync=not args.no_fsync,
         tls=receive_tls(args),
+        reader_threads=args.reader_threads,
     )
 
 

@@ -127,6 +127,14 @@ def _count(text: str) -> int:
 
 
 @_option_type
+def _zero_or_more(text: str) -> int:
+    """A whole number, 0 or more."""
+    if not is_number(text):
+        raise UsageError(f"must be a whole number of 0 or more, not {text!r}")
+    return int(text)
+
+
+@_option_type
 def _queue_bound(text: str) -> int | None:
     """A size; 0 is no bound (None)."""
     return parse_size(text) or None
@@ -436,6 +444,16 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         metavar="N",
         help="connections without a complete handshake held at once; a new one drops the "
         f"oldest (default {DEFAULT_MAX_PENDING_CONNECTIONS}; a real migration has at most 256)",
+    )
+    rx.add_argument(
+        "--reader-threads",
+        type=_zero_or_more,
+        default=None,
+        metavar="N",
+        help="threads that read the channels, each with its own event loop, so that several "
+        "cores copy from the kernel at once; 0: the main loop reads them all (default: one "
+        "fewer than the cores, at least 1, at most --channels; 0 on one core; TLS channels "
+        "are read on the main loop)",
     )
     rx.add_argument(
         "--progress-timeout",

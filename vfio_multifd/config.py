@@ -244,11 +244,17 @@ class ReceiveSettings:
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
     tls: TlsSettings | None = None  # None: plaintext channels
+    reader_threads: int | None = None  # None: reader_threads.default_reader_threads
 
     def __post_init__(self) -> None:
         if not self.devices:
             raise UsageError("at least one --device is required")
         check_channels(self.channels)
+        if self.reader_threads is not None and not 0 <= self.reader_threads <= self.channels:
+            raise UsageError(
+                f"--reader-threads must be 0 (the main loop reads) to --channels "
+                f"({self.channels}), not {self.reader_threads}"
+            )
         if self.max_pending_connections < 1:
             raise UsageError(
                 f"--max-pending-connections must be 1 or more, not {self.max_pending_connections}"

@@ -162,6 +162,11 @@ class ChannelDecoder:
             view = view[n:]
             self.buffer_updated(n)
 
+    @property
+    def has_events(self) -> bool:
+        """:meth:`next_event` has something to return (an event, or the error)."""
+        return bool(self._events) or self.error is not None
+
     def next_event(self) -> Event | None:
         """The next complete handshake or packet, or ``None`` when more data is needed.
 

@@ -53,6 +53,11 @@ class SessionResult:
     #: TLS channels: each channel's client certificate subject (None: not verified);
     #: None for plaintext channels.
     tls_subjects: dict[int, str | None] | None = None
+    #: Payload buffers mapped anew (the pool had none idle): a warm pool keeps this
+    #: near the number of buffers in flight at the peak, whatever the size.
+    buffers_allocated: int = 0
+    #: Threads whose event loops read the channels (0: the main loop reads them).
+    reader_threads: int = 0
 
     @property
     def data_bytes(self) -> int:
@@ -71,6 +76,8 @@ class SessionResult:
             "peak_queued_bytes": self.peak_queued_bytes,
             "spilled_bytes": self.spilled_bytes,
             "paused_seconds": round(self.paused_seconds, 3),
+            "buffers_allocated": self.buffers_allocated,
+            "reader_threads": self.reader_threads,
         }
         if self.tls_subjects is not None:
             fields["tls"] = True
@@ -100,6 +107,8 @@ def summarize(
     bytes_received: int,
     paused_seconds: float,
     tls_subjects: dict[int, str | None] | None = None,
+    buffers_allocated: int = 0,
+    reader_threads: int = 0,
 ) -> SessionResult:
     """The result of a completed migration (``started``: monotonic, the first channel)."""
     devices = tuple(
@@ -123,4 +132,6 @@ def summarize(
         spilled_bytes=reassembly.spilled_bytes,
         paused_seconds=paused_seconds,
         tls_subjects=tls_subjects,
+        buffers_allocated=buffers_allocated,
+        reader_threads=reader_threads,
     )

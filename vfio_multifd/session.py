@@ -30,6 +30,7 @@ from .listener import EXPLAINED_BY_REFUSALS, ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
+from .reader_threads import ReaderThreads, default_reader_threads
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
@@ -67,6 +68,11 @@ class Session:
         )
         # Credentials are read and checked now: a bad directory is a usage error (exit 2).
         self.tls: TlsServer | None = None if settings.tls is None else load_server(settings.tls)
+        # TLS channels stay on the main loop, where their TLS layer is.
+        threads = settings.reader_threads
+        if threads is None:
+            threads = default_reader_threads(settings.channels)
+        self.readers = ReaderThreads(0 if self.tls is not None else threads)
         self.spiller = Spiller(spill_directory(settings), max_bytes=settings.max_spill_bytes)
         self.admission = Admission(
             self.reassembly,
@@ -156,6 +162,7 @@ class Session:
             await self.outputs.discard()
             raise
         finally:
+            await self.readers.stop()  # after registry.close: its hang-ups go first
             self.outputs.close()
             self.spiller.close()
             self.registry.remove_socket()
@@ -244,12 +251,18 @@ class Session:
         return SessionError(Reason.INTERNAL, f"internal error: {errors[0]!r}")
 
     async def _listen(self) -> None:
+        readers = self.readers
+        readers.start()
+        hand_off = readers.hand_off if readers.count else None
+
         def new_channel() -> ChannelProtocol:
-            return ChannelProtocol(
+            channel = ChannelProtocol(
                 self,
                 max_packet_size=self.settings.max_packet_size,
                 handshake_timeout=self.settings.handshake_timeout,
             )
+            channel.hand_off = hand_off
+            return channel
 
         tls = self.tls
         wrap = None if tls is None else functools.partial(TlsServerProtocol, tls)
@@ -260,6 +273,7 @@ class Session:
             channels=self.settings.channels,
             devices=[str(spec.key) for spec in self.settings.devices],
             tls=tls is not None,
+            reader_threads=readers.count,
         )
         self.listening.set()
 
@@ -393,6 +407,8 @@ class Session:
             bytes_received=self.registry.bytes_received,
             paused_seconds=self.admission.paused_seconds,
             tls_subjects=None if self.tls is None else self.peer_subjects(),
+            buffers_allocated=self.admission.pool.misses,
+            reader_threads=self.readers.count,
         )
         self.log.info("migration_completed", **result.log_fields())
         return result

@@ -83,6 +83,7 @@ def query_migrate(session: Session, now: float) -> JSON:
             "channels": _channels_info(session),
             "refused-connections": session.registry.refused_count,
             "tls": session.tls is not None,
+            "reader-threads": session.readers.count,
         }
     )
     return info

@@ -1,0 +1,349 @@
+"""Reader threads: accepted channels read on event loops of their own, one per thread.
+
+One event loop thread cannot receive faster than one core copies bytes out
+of the kernel: every ``read`` of every channel runs on it. So once a channel
+is accepted (its handshake read, checked and admitted on the main loop, as
+before), its socket moves to one of ``--reader-threads`` threads, each
+running its own event loop of the main loop's kind. There the channel's
+decoder reads payloads straight into their chunk buffers (the kernel's copy
+runs without the GIL, so several cores copy at once) and cuts the stream into
+packets. Everything else stays on the main loop: the memory bound, the
+reassembly buffer and its ``asyncio.Condition``, the loaders.
+
+The two sides talk in batches, each way with ``call_soon_threadsafe``:
+
+* reader -> main: the events one loop iteration decoded on a channel (at most
+  a complete packet and the next header, since a header stops reading until
+  its buffer comes), its decoding error, its end of stream, its loss;
+* main -> reader: the payload buffer granted for a header, and "stop / go on
+  reading" when the channel's packets pile up unqueued.
+
+Backpressure is what it was: a payload is read only into a buffer the main
+loop's admission granted (charged against --max-queued-bytes), and a channel
+whose complete packets wait for the main loop stops reading.
+
+:class:`HandedOffTransport` stands in, on the main loop, for the transport
+that now lives on the reader loop, so the channel's own code (pause, resume,
+close, reset) does not change. The handshake stays on the main loop: the
+registry's shedding, refusals and descriptor counting see only connections
+that are not yet channels. TLS channels are not handed off (their TLS state
+lives in the main loop's layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .decoder import DecoderState
+from .errors import ProtocolError
+from .wire import DevicePacket, PacketHeader
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer as PayloadBuffer
+
+    from .channel import ChannelProtocol
+
+log = structlog.get_logger("vfio_multifd.reader_threads")
+
+Event = DevicePacket | PacketHeader
+
+
+#: Below this many cores the main loop reads every channel itself (see default_reader_threads).
+READER_THREADS_MIN_CPUS = 4
+
+
+def default_reader_threads(channels: int, cpus: int | None = None) -> int:
+    """Threads that read channels when --reader-threads is not given: half the
+    cores, at most one per channel, and none below :data:`READER_THREADS_MIN_CPUS`.
+
+    A reader thread costs CPU (two handoffs per packet, and the GIL passed back
+    and forth) and pays off only with a core to itself: the main loop needs one
+    (admission, queueing, loaders), each device's writer part of another
+    (digests). Measured on 2 cores (benchmarks/throughput.py, README), one
+    reader thread cost 0.13 CPU s/GB more and received 19 % less than none.
+    """
+    cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
+    if cpus < READER_THREADS_MIN_CPUS:
+        return 0
+    return min(channels, cpus // 2)
+
+
+class ReaderThreads:
+    """``count`` threads, each running an event loop that reads the channels handed to it."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._loops: list[asyncio.AbstractEventLoop] = []
+        self._threads: list[threading.Thread] = []
+        self._channels = [0] * count  # channels handed to each thread so far
+        self._main: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Start the threads, each on a new loop of the running loop's kind."""
+        main = asyncio.get_running_loop()
+        self._main = main
+        loop_type: Callable[[], asyncio.AbstractEventLoop] = type(main)
+        for n in range(self.count):
+            loop = loop_type()
+            # What goes wrong on a reader loop is reported as on the main loop.
+            loop.set_exception_handler(main.get_exception_handler())
+            started = threading.Event()
+            thread = threading.Thread(
+                target=_run, args=(loop, started), name=f"reader-{n}", daemon=True
+            )
+            thread.start()
+            started.wait()
+            self._loops.append(loop)
+            self._threads.append(thread)
+
+    def hand_off(self, channel: ChannelProtocol, transport: asyncio.Transport) -> bool:
+        """Move an accepted channel's socket from ``transport`` (on the main loop) to
+        the reader thread with the fewest channels. False if it cannot move (it then
+        stays where it is)."""
+        sock = transport.get_extra_info("socket")
+        if not self._loops or sock is None or self._main is None:
+            return False
+        try:
+            fd = os.dup(sock.fileno())
+        except OSError:
+            return False
+        n = self._channels.index(min(self._channels))
+        self._channels[n] += 1
+        loop = self._loops[n]
+        reader = ChannelReader(channel, self._main, loop)
+        extra = {name: transport.get_extra_info(name) for name in ("peername", "sockname")}
+        channel.handed_off(HandedOffTransport(reader, loop, extra))
+        # Our descriptor keeps the connection open: closing the main loop's one
+        # sends nothing to the peer (no shutdown, no reset).
+        transport.abort()
+        moved = socket.socket(fileno=fd)
+        loop.call_soon_threadsafe(reader.start, moved)
+        return True
+
+    async def stop(self) -> None:
+        """Close what the readers still hold, stop their loops, wait for the threads."""
+        for loop in self._loops:
+            with contextlib.suppress(RuntimeError):  # closed already
+                loop.call_soon_threadsafe(_stop_soon, loop)
+        threads, self._threads = self._threads, []
+        main = asyncio.get_running_loop()
+        for thread in threads:
+            await main.run_in_executor(None, thread.join)
+        loops, self._loops = self._loops, []
+        for loop in loops:
+            loop.close()
+
+
+def _run(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
+    asyncio.set_event_loop(loop)
+    loop.call_soon(started.set)
+    try:
+        loop.run_forever()
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+def _stop_soon(loop: asyncio.AbstractEventLoop) -> None:
+    # Two iterations: a transport closed just before (the stdlib's closes its
+    # socket in a callback of its own) is closed before the loop stops.
+    loop.call_soon(loop.call_soon, loop.stop)
+
+
+class ChannelReader(asyncio.BufferedProtocol):
+    """The reader loop's side of one handed-off channel: it reads and decodes.
+
+    Its decoder is the channel's own (mid-stream, just after the handshake);
+    from the handoff on, only this thread feeds it.
+    """
+
+    def __init__(
+        self,
+        channel: ChannelProtocol,
+        main: asyncio.AbstractEventLoop,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.channel = channel
+        self.decoder = channel.decoder
+        self.main = main
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self._events: list[Event] = []
+        self._error: ProtocolError | None = None
+        self._eof = False
+        self._flush_scheduled = False
+        self._reading = True
+        self._held = False  # the main loop asked us to stop reading
+        self._awaiting = False  # a header waits for its buffer
+        self._close: str | None = None  # "close" / "reset", asked before connection_made
+        self._done = False  # the decoder stopped, or the stream ended
+        self._connecting: asyncio.Task[None] | None = None
+
+    # -- on the reader loop ----------------------------------------------------------
+
+    def start(self, sock: socket.socket) -> None:
+        self._connecting = self.loop.create_task(self._connect(sock))
+
+    async def _connect(self, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: self, sock)
+        except Exception as error:  # the peer is gone already
+            sock.close()
+            self._post(self.channel.lost_in_reader, error)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self._close is not None:
+            self._apply_close(self._close)
+            return
+        self._update_reading()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        decoder = self.decoder
+        decoder.buffer_updated(nbytes)
+        # The fast path: in the middle of a payload there is nothing to decode.
+        if decoder.state is DecoderState.PAYLOAD and not decoder.has_events:
+            return
+        self._collect()
+
+    def eof_received(self) -> bool:
+        self.decoder.eof()
+        self._collect()
+        self._eof = True
+        self._schedule_flush()
+        return True  # the session closes the channel once the migration ends
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._flush()
+        self._post(self.channel.lost_in_reader, exc)
+
+    def _collect(self) -> None:
+        decoder = self.decoder
+        try:
+            while (event := decoder.next_event()) is not None:
+                assert isinstance(event, (DevicePacket, PacketHeader))
+                self._events.append(event)
+        except ProtocolError as error:
+            self._error = error
+            self._done = True
+        if decoder.state is DecoderState.AWAITING_BUFFER:
+            self._awaiting = True
+        self._update_reading()
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        # One batch per loop iteration: a payload's last read and the next header's
+        # read usually come in the same one.
+        if not self._flush_scheduled and (self._events or self._error or self._eof):
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not (self._events or self._error or self._eof):
+            return
+        events, self._events = self._events, []
+        error, self._error = self._error, None
+        eof, self._eof = self._eof, False
+        self._post(self.channel.take_batch, events, error, eof)
+
+    def _post(self, callback: Callable[..., object], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the main loop is closed: nobody listens
+            self.main.call_soon_threadsafe(callback, *args)
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        wanted = not (self._held or self._awaiting or self._done)
+        if wanted != self._reading:
+            self._reading = wanted
+            if wanted:
+                transport.resume_reading()
+            else:
+                transport.pause_reading()
+
+    # -- asked by the main loop (run on the reader loop) -------------------------------
+
+    def provide_buffer(self, buffer: PayloadBuffer) -> None:
+        if self.decoder.state is not DecoderState.AWAITING_BUFFER:
+            return  # the channel failed meanwhile
+        self._awaiting = False
+        self.decoder.provide_buffer(buffer)
+        self._collect()  # a payload of 0 bytes is complete at once
+
+    def hold(self, held: bool) -> None:
+        self._held = held
+        self._update_reading()
+
+    def close(self, how: str) -> None:
+        if self.transport is None:
+            self._close = how  # not connected yet: close as soon as it is
+            return
+        self._apply_close(how)
+
+    def _apply_close(self, how: str) -> None:
+        transport = self.transport
+        assert transport is not None
+        if transport.is_closing():
+            return
+        if how == "close":
+            transport.close()
+            return
+        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop's, once closed
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+
+
+class HandedOffTransport(asyncio.Transport):
+    """On the main loop, the transport of a channel read by a reader thread: every
+    call is passed to that thread's loop, in order."""
+
+    def __init__(
+        self, reader: ChannelReader, loop: asyncio.AbstractEventLoop, extra: dict[str, Any]
+    ) -> None:
+        super().__init__(extra)
+        self.reader = reader
+        self.loop = loop
+        self._closing = False
+
+    def _call(self, callback: Callable[..., object], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the reader loop is stopped: it closed all
+            self.loop.call_soon_threadsafe(callback, *args)
+
+    def provide_buffer(self, buffer: PayloadBuffer) -> None:
+        self._call(self.reader.provide_buffer, buffer)
+
+    def pause_reading(self) -> None:
+        self._call(self.reader.hold, True)
+
+    def resume_reading(self) -> None:
+        self._call(self.reader.hold, False)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self._call(self.reader.close, "close")
+
+    def abort(self) -> None:
+        """A reset (the only way a channel aborts: see channel._reset)."""
+        if not self._closing:
+            self._closing = True
+            self._call(self.reader.close, "reset")
