@@ -37,11 +37,10 @@ from typing import Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, metrics, notify, status_client, status_server, tls
+from . import cli_options, logconfig, notify
 from .config import Address, ReceiveSettings, TlsSettings
 from .errors import Cancelled, MultifdError, UsageError
 from .results import SessionResult
-from .send_progress import send_progress
 from .sender import SendResult, Stopped, send
 from .session import Session
 
@@ -173,6 +172,8 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                 listening.cancel()
                 return await run  # it failed before listening: raises why
             if options.status_socket is not None:
+                from . import status_server  # what a receive without it need not import
+
                 server = status_server.StatusServer(session, options.status_socket)
                 try:
                     await server.start()
@@ -182,6 +183,8 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                     raise
                 stack.push_async_callback(server.close)
             if options.metrics_listen is not None:
+                from . import metrics
+
                 scraped = metrics.MetricsServer(session, options.metrics_listen)
                 try:
                     await scraped.start()
@@ -279,6 +282,9 @@ def print_receive_summary(
 
 
 def _send_command(args: argparse.Namespace) -> int:
+    from . import tls
+    from .send_progress import send_progress
+
     _configure_logging(args)
     if args.tls_creds is None and args.tls_hostname is not None:
         raise UsageError("--tls-hostname needs --tls-creds DIR")
@@ -337,6 +343,8 @@ def print_send_summary(result: SendResult, out: TextIO, address: Address) -> Non
 
 
 def _status_command(args: argparse.Namespace) -> int:
+    from . import status_client  # qemu.qmp: only the status command needs it
+
     if args.watch is not None:
         return _watch_status(args)
     try:
@@ -356,6 +364,8 @@ def _status_command(args: argparse.Namespace) -> int:
 
 def _watch_status(args: argparse.Namespace) -> int:
     """``status --watch S``: every S seconds until the migration ends; 0 only if it completed."""
+    from . import status_client
+
     clear = sys.stdout.isatty() and not args.json
 
     def show(info: dict[str, Any], final: bool) -> None:

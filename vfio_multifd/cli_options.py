@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import enum
 import functools
-import importlib.metadata
 import math
 import platform
 from collections.abc import Callable
@@ -201,6 +200,8 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
 
 def version_text() -> str:
     """``vfio-multifd 0.1.0 (Python 3.11.2, uvloop 0.21.0, structlog 25.1.0)``."""
+    import importlib.metadata  # 20 ms (it imports email): only for --version
+
     parts = [f"Python {platform.python_version()}"]
     for package in ("uvloop", "structlog"):
         try:

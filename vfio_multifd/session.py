@@ -34,13 +34,13 @@ from .reader_threads import ReaderThreads, default_reader_threads
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
-from .tls import TlsServer, load_server
-from .tls_channel import TlsServerProtocol, tls_of
 from .watchdog import Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
+
+    from .tls import TlsServer
 
 log = structlog.get_logger("vfio_multifd.session")
 
@@ -67,7 +67,11 @@ class Session:
             max_pending=settings.max_pending_connections,
         )
         # Credentials are read and checked now: a bad directory is a usage error (exit 2).
-        self.tls: TlsServer | None = None if settings.tls is None else load_server(settings.tls)
+        self.tls: TlsServer | None = None
+        if settings.tls is not None:
+            from .tls import load_server  # ssl: imported only for TLS channels
+
+            self.tls = load_server(settings.tls)
         # TLS channels stay on the main loop, where their TLS layer is.
         threads = settings.reader_threads
         if threads is None:
@@ -265,7 +269,11 @@ class Session:
             return channel
 
         tls = self.tls
-        wrap = None if tls is None else functools.partial(TlsServerProtocol, tls)
+        wrap = None
+        if tls is not None:
+            from .tls_channel import TlsServerProtocol
+
+            wrap = functools.partial(TlsServerProtocol, tls)
         address = await self.registry.listen(self.settings.listen, new_channel, wrap)
         self.log.info(
             "listening",
@@ -393,6 +401,8 @@ class Session:
 
     def peer_subjects(self) -> dict[int, str | None]:
         """Each accepted channel's client certificate subject (None: none verified)."""
+        from .tls_channel import tls_of
+
         subjects: dict[int, str | None] = {}
         for channel_id, channel in sorted(self.registry.channels.items()):
             tls = tls_of(channel.transport)
