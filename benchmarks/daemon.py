@@ -235,6 +235,8 @@ class DaemonRun:
     peak_queued_bytes: int = 0
     spilled_bytes: int = 0
     paused_seconds: float = 0.0
+    reader_threads: int = 0  # as the daemon reports it
+    buffers_allocated: int = 0  # payload buffers mapped anew (pool misses)
     cpu: float = 0.0  # user + system, start to exit
     peak_rss: int = 0
     idle_rss: int = 0  # VmHWM before any traffic
@@ -275,6 +277,8 @@ def run_daemon(
     run.peak_queued_bytes = int(summary["peak_queued_bytes"])
     run.spilled_bytes = int(summary["spilled_bytes"])
     run.paused_seconds = float(summary["paused_seconds"])
+    run.reader_threads = int(summary.get("reader_threads", 0))
+    run.buffers_allocated = int(summary.get("buffers_allocated", 0))
     run.lag = max(timestamp(e) for e in ends) - finished.replay.sent if ends else 0.0
     expected = workload.expected_digests
     if run.digests != expected or run.bytes != workload.size:

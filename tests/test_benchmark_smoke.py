@@ -86,10 +86,41 @@ def test_throughput_tiny_run(tmp_path: Path) -> None:
 
     lines = throughput.format_table(results).splitlines()
     assert len(lines) == 2 + len(results)
-    assert [line.split()[:3] for line in lines[2:]] == [["null", "2", "2"], ["file", "2", "2"]]
+    assert [line.split()[:4] for line in lines[2:]] == [
+        ["null", "2", "2", "defaults"],
+        ["file", "2", "2", "defaults"],
+    ]
     assert all(line.endswith("2/2") for line in lines[2:])
+    for config in results:
+        assert len(config.cpu_ratios()) == 2 and all(r > 0 for r in config.cpu_ratios())
     targets = throughput.assess_targets(results)
+    # 2 devices, 2 channels: not the headline configuration, so nothing is judged.
+    assert [line.split()[0] for line in targets[:4]] == ["n/a"] * 4
     assert targets[-1].startswith("met") and "(0 failed, not counted)" in targets[-1]
+
+
+def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
+    results = throughput.run_headline(null_size=4 << 20, file_size=4 << 20, reps=1, work_dir=tmp_path)
+    labels = [(r.sink, r.label) for r in results]
+    assert labels == [
+        ("null", "defaults"),
+        ("null", "--reader-threads 0"),
+        ("null", "--reader-threads 1"),
+        ("null", "--reader-threads 2"),
+        ("file", "defaults"),
+    ]
+    for config in results:
+        assert config.channels == 4 and config.devices == 1
+        assert config.ok_runs("daemon") == config.ok_runs("baseline") == 1
+        (run,) = config.daemon
+        assert run.daemon is not None
+        threads = config.options[1] if config.options else None
+        expected = int(threads) if threads is not None else run.daemon.reader_threads
+        assert run.daemon.reader_threads == expected
+    targets = throughput.assess_targets(results)
+    assert [line.split()[0] for line in targets[:4]] != ["n/a"] * 4
+    assert all(("met" in line or "NOT MET" in line) for line in targets[:4])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_wrong_digest_is_a_failed_run(tmp_path: Path) -> None:
