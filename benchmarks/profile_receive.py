@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import re
 import shutil
 import sys
@@ -44,7 +45,9 @@ def profile(
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     workload = build_workload([size // devices] * devices, channels=channels)
     raw = out / "profile.txt"
-    record = [py_spy, "record", "--native", "--threads", "--format", "raw"]
+    native = [] if os.environ.get("PROFILE_PYTHON_ONLY") else ["--native"]
+    record = [py_spy, "record", *native, "--threads", "--format", "raw"]
+    record += ["--nonblocking"] if not native else []
     record += ["--rate", str(rate), "--output", str(raw), "--"]
     started = time.monotonic()
     finished = run_receiver([*record, *daemon_command(workload, None, *options)], workload)

@@ -51,6 +51,13 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
 
+#: The whole 288-byte packet prefix in one unpack (the fast path of _check_prefix).
+_PREFIX = struct.Struct(">III256sIIIII")
+assert _PREFIX.size == PACKET_PREFIX_SIZE
+_DEVICE_STATE_ONLY = int(PacketFlag.DEVICE_STATE)
+_CONFIG_STATE = int(VfioFlag.CONFIG_STATE)
+
+
 class DecoderState(enum.Enum):
     HANDSHAKE = "handshake"
     HEADER = "header"  # the 288-byte packet prefix
@@ -110,6 +117,10 @@ class ChannelDecoder:
         self._config = False
         self._payload: PayloadBuffer | None = None
         self._payload_size = 0
+        # The last packet's raw idstr and instance, and its key: most packets
+        # of a channel name the same device, so its key is made once.
+        self._last_name: tuple[bytes, int] | None = None
+        self._last_device: DeviceKey | None = None
         #: Bytes consumed so far, and complete packets decoded.
         self.bytes_received = 0
         self.packets = 0
@@ -266,6 +277,11 @@ class ChannelDecoder:
     def _check_prefix(self) -> None:
         buf = self._prefix
         filled = self._filled
+        if filled == PACKET_PREFIX_SIZE and self._checked == 0 and self._prefix_valid():
+            self._header_complete()
+            return
+        # Part of a prefix, or something in it is wrong: field by field, in order,
+        # so that the first bad field is the one reported.
         if self._checked < PACKET_HEADER.size and filled >= 4:
             self._check_packet_header(filled)
         if filled >= IDSTR_END and self._checked < IDSTR_END:
@@ -299,15 +315,47 @@ class ChannelDecoder:
             self._checked = VFIO_IDX_END
         if filled == PACKET_PREFIX_SIZE:
             (flags,) = struct.unpack_from(">I", buf, VFIO_IDX_END)
-            self._config = bool(flags & VfioFlag.CONFIG_STATE)
-            if self._allocate is None:
-                assert self._device is not None
-                self.state = DecoderState.AWAITING_BUFFER
-                self._events.append(
-                    PacketHeader(self._device, self._idx, self._config, self._payload_size)
-                )
-            else:
-                self._start_payload(self._allocate(self._payload_size))
+            self._config = bool(flags & _CONFIG_STATE)
+            self._header_complete()
+
+    def _prefix_valid(self) -> bool:
+        """The fast path: a whole prefix that passes every check at once (the common
+        case) is taken in one unpack; False leaves it to the checks one by one."""
+        magic, version, flags, raw_idstr, instance_id, size, vfio_version, idx, vfio_flags = (
+            _PREFIX.unpack_from(self._prefix)
+        )
+        if not (
+            magic == MULTIFD_MAGIC
+            and version == MULTIFD_VERSION
+            and flags == _DEVICE_STATE_ONLY
+            and raw_idstr[MAX_IDSTR_LEN] == 0
+            and VFIO_HEADER.size <= size <= self.max_packet_size
+            and vfio_version == VFIO_STATE_VERSION
+            and idx != INVALID_IDX
+        ):
+            return False
+        name = (raw_idstr, instance_id)
+        if name != self._last_name:
+            idstr = raw_idstr[: raw_idstr.index(0)].decode("utf-8", "surrogateescape")
+            self._last_device = DeviceKey(idstr, instance_id)
+            self._last_name = name
+        self._device = self._last_device
+        self._payload_size = size - VFIO_HEADER.size
+        self._idx = idx
+        self._config = bool(vfio_flags & _CONFIG_STATE)
+        self._checked = PACKET_PREFIX_SIZE
+        return True
+
+    def _header_complete(self) -> None:
+        """Every prefix field is checked: ask for the payload's buffer, or allocate it."""
+        if self._allocate is None:
+            assert self._device is not None
+            self.state = DecoderState.AWAITING_BUFFER
+            self._events.append(
+                PacketHeader(self._device, self._idx, self._config, self._payload_size)
+            )
+        else:
+            self._start_payload(self._allocate(self._payload_size))
 
     def _start_payload(self, buffer: PayloadBuffer) -> None:
         size = self._payload_size
@@ -338,7 +386,7 @@ class ChannelDecoder:
             self._checked = 8
         if filled >= 12 and self._checked < 12:
             (flags,) = struct.unpack_from(">I", buf, 8)
-            if not flags & PacketFlag.DEVICE_STATE:
+            if not flags & _DEVICE_STATE_ONLY:
                 kind = "SYNC" if flags & PacketFlag.SYNC else "RAM"
                 raise ProtocolError(
                     Reason.PACKET_RAM,
