@@ -131,12 +131,19 @@ class Finished:
 
 
 def run_receiver(
-    cmd: Sequence[str], workload: Workload, timeout: float = RUN_TIMEOUT, send: Sender = replay_to
+    cmd: Sequence[str],
+    workload: Workload,
+    timeout: float = RUN_TIMEOUT,
+    send: Sender = replay_to,
+    started: Callable[[int], object] | None = None,
 ) -> Finished:
-    """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it."""
+    """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it.
+    ``started`` is called with the process id at once (profile_receive.py watches it)."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    if started is not None:
+        started(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
     listening = threading.Event()
     out_events: list[Event] = []

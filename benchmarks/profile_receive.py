@@ -1,32 +1,39 @@
-"""Where the daemon's CPU goes: py-spy ``--native`` over one run, per thread.
+"""Where the daemon's CPU goes, per thread: exact CPU time from /proc, frames from py-spy.
 
-    python benchmarks/profile_receive.py [--size 3G] [--channels 4] [--devices 1]
-        [--rate 250] [--top 12] [--out DIR] [-- RECEIVE OPTIONS...]
+    python benchmarks/profile_receive.py [--size 2G] [--channels 4] [--devices 1]
+        [--rate 250] [--top 8] [--python-only] [--out DIR] [-- RECEIVE OPTIONS...]
 
-Runs ``py-spy record --native --threads --format raw`` around the daemon
-(``receive`` to /dev/null, the same pre-built streams and replay sender as
-``throughput.py``) and reads the collapsed stacks back. For each thread it
-prints how busy it was (its non-idle samples over the samples a fully busy
-thread would have had between its first and last sample) and the frames
-where its samples end (self time, native frames included: the kernel's
-``read`` shows as the libc call that enters it). A thread near 100 % is the
-bottleneck. The raw stacks stay in ``--out`` (``profile.txt``; feed them to
-any flame graph tool).
+Runs the daemon (``receive`` to /dev/null, the same pre-built streams and
+replay sender as ``throughput.py``) under ``py-spy record --threads --format
+raw`` (``--native`` unless ``--python-only``, which also samples without
+stopping the process) and, meanwhile, reads each of the daemon's threads'
+user and system time from ``/proc/PID/task/TID/stat``. For each thread it
+prints its CPU seconds and how busy it was (CPU time over the time from the
+first byte received to the last device complete, the daemon's own clock: a
+thread near 100 % is the bottleneck), then the frames its samples end in
+(self time; native frames include the libc call that enters the kernel, and a
+thread waiting in ``epoll_pwait`` or on a lock is sampled there too: the CPU
+column, not the samples, says how busy it is). The raw stacks stay in
+``--out`` (``profile.txt``; any flame graph tool reads them).
 
-Needs py-spy (``pip install py-spy``; not a dependency of the package) and
-permission to ptrace a child (root, or ``kernel.yama.ptrace_scope`` 0/1).
+py-spy's own sampling slows the daemon down (with ``--native`` it stops the
+process for each sample): the shares between threads are what to read, not
+the throughput. Needs py-spy (``pip install py-spy``; not a dependency of the
+package) and permission to ptrace a child (root, or ``kernel.yama.ptrace_scope``
+0 or 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import re
 import shutil
 import sys
 import tempfile
-import time
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,30 +41,82 @@ from daemon import daemon_command, run_receiver
 from vfio_multifd.config import parse_size
 from workload import build_workload
 
-# py-spy's raw format: "process NNN:\"cmd\";thread (0x7f..);frame (file:line);... COUNT"
-# (the process and thread parts depend on --threads and subprocess handling).
+# py-spy's raw format: "thread (TID): NAME;frame (file:line);... COUNT" with --threads.
 THREAD = re.compile(r"thread \((\w+)\)(?::\s*([^;]+))?")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class ThreadClock(threading.Thread):
+    """Polls the CPU time of every thread of the profiled daemon (py-spy's child)."""
+
+    def __init__(self, parent: int) -> None:
+        super().__init__(daemon=True)
+        self.parent = parent
+        self.cpu: dict[int, tuple[float, float]] = {}  # tid -> (user, system) seconds
+        self.stop = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.005):
+            for pid in self._children():
+                self._read(pid)
+
+    def _children(self) -> list[int]:
+        try:
+            tasks = os.listdir(f"/proc/{self.parent}/task")
+        except OSError:
+            return []
+        children = []
+        for task in tasks:
+            with contextlib.suppress(OSError, ValueError):
+                text = Path(f"/proc/{self.parent}/task/{task}/children").read_text()
+                children += [int(pid) for pid in text.split()]
+        return children
+
+    def _read(self, pid: int) -> None:
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+                    fields = stat[stat.rindex(")") + 2 :].split()
+                    user, system = int(fields[11]), int(fields[12])
+                    self.cpu[int(task)] = (user / CLOCK_TICKS, system / CLOCK_TICKS)
 
 
 def profile(
-    size: int, channels: int, devices: int, rate: int, out: Path, options: Sequence[str]
-) -> Path:
+    size: int,
+    channels: int,
+    devices: int,
+    rate: int,
+    out: Path,
+    options: Sequence[str],
+    *,
+    native: bool = True,
+) -> tuple[Path, dict[int, tuple[float, float]], float]:
+    """Profile one run: the raw stacks, each thread's CPU, and the daemon's own seconds."""
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     workload = build_workload([size // devices] * devices, channels=channels)
     raw = out / "profile.txt"
-    native = [] if os.environ.get("PROFILE_PYTHON_ONLY") else ["--native"]
-    record = [py_spy, "record", *native, "--threads", "--format", "raw"]
-    record += ["--nonblocking"] if not native else []
-    record += ["--rate", str(rate), "--output", str(raw), "--"]
-    started = time.monotonic()
-    finished = run_receiver([*record, *daemon_command(workload, None, *options)], workload)
+    record = [py_spy, "record", "--threads", "--format", "raw", "--rate", str(rate)]
+    record += ["--native"] if native else ["--nonblocking"]
+    record += ["--output", str(raw), "--"]
+    clocks: list[ThreadClock] = []
+    command = [*record, *daemon_command(workload, None, *options)]
+    finished = run_receiver(command, workload, started=lambda pid: clocks.append(ThreadClock(pid)))
+    for clock in clocks:
+        clock.stop.set()
+        clock.join()
     if finished.error:
         raise SystemExit(f"profile run failed: {finished.error}")
-    print(f"profiled {size / 1e9:.2f} GB in {time.monotonic() - started:.1f} s -> {raw}")
-    return raw
+    summary = finished.named("migration_completed")
+    seconds = float(summary[-1]["seconds"]) if summary else 0.0
+    print(f"profiled {size / 1e9:.2f} GB, the daemon's own {seconds:.2f} s -> {raw}")
+    return raw, clocks[0].cpu if clocks else {}, seconds
 
 
-def report(raw: Path, rate: int, top: int) -> None:
+def report(
+    raw: Path, cpu: dict[int, tuple[float, float]], seconds: float, top: int
+) -> None:
     by_thread: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     names: dict[str, str] = {}
     for line in raw.read_text().splitlines():
@@ -67,50 +126,47 @@ def report(raw: Path, rate: int, top: int) -> None:
         frames = stack.split(";")
         match = next(filter(None, map(THREAD.match, frames)), None)
         key = match.group(1) if match else "?"
-        names.setdefault(key, (match and match.group(2)) or _thread_name(frames))
-        by_thread[key][_leaf(frames)] += int(count)
-    # Without --idle py-spy drops idle samples, so a thread's share of the busiest
-    # thread's ceiling (rate x the run) is its busy fraction.
-    busiest = max((sum(c.values()) for c in by_thread.values()), default=0)
-    print(f"{'thread':<34} {'samples':>8}  share of busiest")
-    for key, counter in sorted(by_thread.items(), key=lambda kv: -sum(kv[1].values())):
+        names.setdefault(key, (match and match.group(2)) or f"thread {key}")
+        by_thread[key][frames[-1]] += int(count)
+    total_cpu = sum(user + system for user, system in cpu.values())
+    print(f"daemon CPU {total_cpu:.2f} s (user + system, all threads, start to exit)")
+    print(f"{'thread':<34} {'CPU s':>6} {'busy':>6}  (CPU over the daemon's {seconds:.2f} s)")
+    rows = []
+    for key, counter in by_thread.items():
+        tid = int(key) if key.isdigit() else None
+        user, system = cpu.get(tid, (0.0, 0.0)) if tid is not None else (0.0, 0.0)
+        rows.append((user + system, key, counter, user, system))
+    for used, key, counter, user, system in sorted(rows, key=lambda row: -row[0]):
+        busy = f"{used / seconds:6.0%}" if seconds > 0 else "     ?"
+        print(f"{names[key][:34]:<34} {used:6.2f} {busy}  user {user:.2f}, system {system:.2f}")
         total = sum(counter.values())
-        print(f"{names[key]:<34} {total:>8}  {total / busiest:6.1%}")
         for frame, n in counter.most_common(top):
             print(f"    {n / total:6.1%}  {frame[:110]}")
-    print(f"(rate {rate}/s: a thread busy for the whole run has about {rate} samples per second)")
-
-
-def _leaf(frames: list[str]) -> str:
-    return frames[-1] if frames else "?"
-
-
-def _thread_name(frames: list[str]) -> str:
-    """The thread's outermost Python function tells what it is (loop, writer, ...)."""
-    python = [f for f in frames if ".py:" in f]
-    for frame in python:
-        for marker in ("_worker", "run_forever", "_reader_thread", "main"):
-            if marker in frame:
-                return frame.split(" ")[0][:33]
-    return (python[0].split(" ")[0] if python else frames[0])[:33]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="3G")
+    parser.add_argument("--size", default="2G")
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--rate", type=int, default=250)
-    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--python-only", action="store_true", help="no --native frames")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("options", nargs="*", help="extra receive options (after --)")
     args = parser.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="vfio-multifd-profile-"))
     out.mkdir(parents=True, exist_ok=True)
-    raw = profile(
-        parse_size(args.size), args.channels, args.devices, args.rate, out, args.options
+    raw, cpu, seconds = profile(
+        parse_size(args.size),
+        args.channels,
+        args.devices,
+        args.rate,
+        out,
+        args.options,
+        native=not args.python_only,
     )
-    report(raw, args.rate, args.top)
+    report(raw, cpu, seconds, args.top)
     return 0
 
 
