@@ -149,7 +149,13 @@ def _run(loop: asyncio.AbstractEventLoop, started: threading.Event) -> None:
     try:
         loop.run_forever()
     finally:
+        # A socket handed off just before the end may not be connected yet: its
+        # task, cancelled, closes it.
+        pending = asyncio.all_tasks(loop)
+        for task in pending:
+            task.cancel()
         with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.run_until_complete(loop.shutdown_asyncgens())
 
 
@@ -196,6 +202,10 @@ class ChannelReader(asyncio.BufferedProtocol):
     async def _connect(self, sock: socket.socket) -> None:
         try:
             await self.loop.connect_accepted_socket(lambda: self, sock)
+        except asyncio.CancelledError:  # the reader thread stops
+            if self.transport is None:
+                sock.close()
+            raise
         except Exception as error:  # the peer is gone already
             sock.close()
             self._post(self.channel.lost_in_reader, error)
