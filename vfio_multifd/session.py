@@ -31,6 +31,7 @@ from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
+from .recorder import Recorder
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .tls import TlsServer, load_server
@@ -97,6 +98,10 @@ class Session:
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
         #: Called with each new status (the status socket announces it as QMP's MIGRATION event).
         self.status_listeners: list[Callable[[SessionStatus], None]] = []
+        #: --record DIR (the directory is checked now: a usage error, exit 2).
+        self.recorder = None if settings.record is None else Recorder(settings)
+        if self.recorder is not None:
+            self.status_listeners.append(self.recorder.status_changed)
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
@@ -121,6 +126,8 @@ class Session:
         self._first_error = asyncio.get_running_loop().create_future()
         if self._pending_error is not None:  # cancelled or failed before run()
             self._first_error.set_result(self._pending_error)
+        if self.recorder is not None:
+            self.recorder.start()
         try:
             return await self._run(self._first_error)
         except asyncio.CancelledError:
@@ -136,6 +143,9 @@ class Session:
             cancelled = isinstance(error, Cancelled)
             self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
             raise
+        finally:
+            if self.recorder is not None:  # for failed and cancelled migrations too
+                await self.recorder.finish(self.status, self.error, self.address)
 
     async def _run(self, first_error: asyncio.Future[MultifdError]) -> SessionResult:
         try:
@@ -244,8 +254,10 @@ class Session:
         return SessionError(Reason.INTERNAL, f"internal error: {errors[0]!r}")
 
     async def _listen(self) -> None:
+        make = ChannelProtocol if self.recorder is None else self.recorder.channel
+
         def new_channel() -> ChannelProtocol:
-            return ChannelProtocol(
+            return make(
                 self,
                 max_packet_size=self.settings.max_packet_size,
                 handshake_timeout=self.settings.handshake_timeout,
@@ -342,6 +354,8 @@ class Session:
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         self.refused_by_reason[error.reason.value] += 1
         self.registry.refuse(channel, error)
+        if self.recorder is not None:
+            self.recorder.refused(channel, error)
 
     def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
         return self.admission.allocate_now(header)
