@@ -475,19 +475,19 @@ class Recorder:
                     with self._lock:
                         self._queued -= len(chunk)
                 elif isinstance(item, _Open):
-                    if not broken:
-                        try:
-                            fd = os.open(
-                                self.directory / item.name,
-                                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                0o600,
-                            )
-                        except OSError as error:
-                            broken = True
-                            self._stop(f"cannot create {item.name}: {os_error_text(error)}")
-                        else:
-                            files[item.sink] = (fd, item.name)
-                            written[item.sink] = 0
+                    # Even once broken: every channel the manifest names has its file.
+                    try:
+                        fd = os.open(
+                            self.directory / item.name,
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                            0o600,
+                        )
+                    except OSError as error:
+                        broken = True
+                        self._stop(f"cannot create {item.name}: {os_error_text(error)}")
+                    else:
+                        files[item.sink] = (fd, item.name)
+                        written[item.sink] = 0
                 elif isinstance(item, _Close):
                     entry = files.pop(item.sink, None)
                     if entry is not None:

@@ -87,6 +87,10 @@ class Recording:
             file = directory / channel.file
             try:
                 size = file.stat().st_size
+            except FileNotFoundError:
+                if channel.bytes or manifest.complete:
+                    raise UsageError(f"channel {channel.id}: {file} is missing") from None
+                size = 0  # a recording that stopped before the file could be created
             except OSError as error:
                 raise UsageError(f"channel {channel.id}: {file}: {os_error_text(error)}") from None
             if size != channel.bytes:
@@ -157,6 +161,8 @@ class Replay:
         path = self.recording.directory / self.channels[n].file
 
         def send(sock: socket.socket) -> int:
+            if not self.channels[n].bytes:
+                return 0  # its file may not exist (a recording that stopped early)
             with open(path, "rb") as file:
                 while not stop.is_set():
                     # Zero-copy over plain sockets; the offset is the file's, not the position.
