@@ -507,6 +507,10 @@ def test_record_directory_mistakes_are_usage_errors(tmp_path: Path) -> None:
     assert line.endswith("are the same file; each needs a path of its own"), line
     line = receive_usage_error(tmp_path, "--record", str(tmp_path))
     assert line.endswith(f"is inside --record {tmp_path}, which holds the recording and nothing else")
+    line = receive_usage_error(
+        tmp_path, "--record", str(tmp_path / "r"), "--status-socket", str(tmp_path / "r" / "s")
+    )
+    assert line.startswith(f"vfio-multifd: error: --status-socket {tmp_path / 'r' / 's'} is inside")
     assert not (tmp_path / "r").exists()
 
 

@@ -33,12 +33,13 @@ import sys
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 import structlog
 
 from . import cli_options, logconfig, metrics, notify, status_client, status_server, tls
-from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
+from .config import Address, ReceiveSettings, RecordSettings, TlsSettings, check_outside
 from .errors import Cancelled, MultifdError, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
 from .results import SessionResult
@@ -132,6 +133,11 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 def _receive_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
     settings = receive_settings(args)
+    if settings.record is not None and args.status_socket is not None:
+        socket_path = Path(args.status_socket)
+        check_outside(
+            [(f"--status-socket {socket_path}", socket_path)], settings.record.directory, "--record"
+        )
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
