@@ -197,7 +197,8 @@ def test_a_recorded_failure_replays_into_the_same_error(
         "idx": 0,
     }
     assert manifest["complete"] is True
-    assert {c["id"] for c in manifest["recorded_channels"]} == {0, 1}
+    # Channel 1's handshake may come after the daemon failed: then it was never accepted.
+    assert {c["id"] for c in manifest["recorded_channels"]} in ({0}, {0, 1})
 
     (tmp_path / "second").mkdir()
     second_out = tmp_path / "second" / "a.bin"
@@ -493,8 +494,8 @@ def test_record_directory_mistakes_are_usage_errors(tmp_path: Path) -> None:
     (used / "old.bin").write_bytes(b"another recording")
     line = receive_usage_error(tmp_path, "--record", str(used))
     assert line == (
-        f"vfio-multifd: error: --record {used} is not empty (1 entries): give a new or empty "
-        "directory (a recording is never mixed with another)"
+        f"vfio-multifd: error: --record {used} is not empty: give a new or empty directory "
+        "(a recording is never mixed with another)"
     )
     assert os.listdir(used) == ["old.bin"]
     a_file = tmp_path / "file"

@@ -90,8 +90,8 @@ def check_directory(directory: Path) -> None:
         raise UsageError(f"--record {directory}: {os_error_text(error)}") from None
     if entries:
         raise UsageError(
-            f"--record {directory} is not empty ({len(entries)} entries): give a new or empty "
-            "directory (a recording is never mixed with another)"
+            f"--record {directory} is not empty: give a new or empty directory (a recording "
+            "is never mixed with another)"
         )
 
 
@@ -179,6 +179,9 @@ class ChannelRecording:
             self.end = end
 
 
+_NOTHING = memoryview(b"")
+
+
 class RecordingChannel(ChannelProtocol):
     """A channel that hands every byte it receives to the recorder first."""
 
@@ -192,7 +195,7 @@ class RecordingChannel(ChannelProtocol):
     ) -> None:
         super().__init__(owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout)
         self.recording = ChannelRecording(recorder)
-        self._given = memoryview(b"")  # the buffer the loop (or TLS) writes into next
+        self._given = _NOTHING  # the buffer the loop (or TLS) writes into next
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -204,16 +207,20 @@ class RecordingChannel(ChannelProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         recording = self.recording
-        recording.data(self._given[:nbytes])  # before the decoder: the handshake may be accepted
+        # Not kept past this call: a view would keep a released chunk's mmap alive.
+        given, self._given = self._given, _NOTHING
+        recording.data(given[:nbytes])  # before the decoder: the handshake may be accepted
         super().buffer_updated(nbytes)
         if recording.pending is not None and self.channel_id is not None:
             recording.recorder.accepted(recording, self.channel_id)
 
     def eof_received(self) -> bool:
+        self._given = _NOTHING
         self.recording.ended(ChannelEnd.EOF)
         return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._given = _NOTHING
         if exc is not None:  # the peer broke it (our own abort reports None)
             self.recording.ended(ChannelEnd.LOST)
         super().connection_lost(exc)
