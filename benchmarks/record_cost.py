@@ -17,13 +17,15 @@ system, start to exit, per 1e9 data bytes; *exit lag* is the replay's last
 ``sendmsg`` to the daemon's exit, which with ``--record`` includes the wait
 for the recording to reach the disk and its manifest. A recorded run also
 checks its manifest: complete, and every channel file as long as the stream
-sent on it. Nothing here asserts a time.
+sent on it. Every run starts after an ``os.sync()``, so that none pays for the
+dirty pages of the one before. Nothing here asserts a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -68,6 +70,7 @@ def run_pairs(workload: Workload, sink: str, reps: int, work: Path) -> Pairs:
             out = work / "out"
             record = work / "record"
             out.mkdir()
+            os.sync()  # each run starts with no dirty pages left by the one before
             try:
                 target = out if sink == "file" else None
                 if kind == "plain":

@@ -56,7 +56,7 @@ from vfio_multifd.manifest import (
     RecordedDevice,
     channel_file,
 )
-from vfio_multifd.recorder import Recorder, RecordingChannel
+from vfio_multifd.recorder import ByteRing, Recorder, RecordingChannel
 from vfio_multifd.replay import Recording, Replay, connection_order
 from vfio_multifd.results import SessionStatus
 
@@ -483,6 +483,20 @@ async def test_only_a_recording_session_makes_recording_channels(
         running.session.cancel()
         with pytest.raises(Exception, match="cancelled"):
             await running.result()
+
+
+def test_the_ring_reuses_its_beginning_and_refuses_what_does_not_fit() -> None:
+    ring = ByteRing(100)
+    assert ring.reserve(60) == (0, 0) and ring.reserve(30) == (60, 0)
+    assert ring.reserve(20) is None  # 10 left at the end, and the beginning is in use
+    ring.free(60)
+    assert ring.reserve(20) == (0, 10)  # wraps: the last 10 bytes are skipped
+    assert ring.queued == 60 and ring.reserve(41) is None
+    ring.free(30)
+    ring.free(30)
+    assert ring.queued == 0
+    assert ring.reserve(50) == (0, 0)  # empty: back to the beginning, not at 20
+    assert ring.reserve(101) is None
 
 
 # -- 6. usage ------------------------------------------------------------------------------
