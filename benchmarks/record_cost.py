@@ -48,19 +48,22 @@ class Pairs:
     plain: list[DaemonRun] = field(default_factory=list)
     recorded: list[DaemonRun] = field(default_factory=list)
     recording_errors: list[str] = field(default_factory=list)
+    recorded_share: list[float] = field(default_factory=list)  # of the bytes sent, per run
 
 
-def check_recording(directory: Path, workload: Workload) -> str:
-    """Why the recording in ``directory`` is not the whole of what was sent ("" if it is)."""
+def check_recording(directory: Path, workload: Workload) -> tuple[str, float]:
+    """Why the recording in ``directory`` is not the whole of what was sent ("" if it is),
+    and the share of the bytes sent that its channel files hold."""
     try:
         manifest = json.loads((directory / "manifest.json").read_text())
     except (OSError, ValueError) as error:
-        return f"no manifest: {error}"
-    if not manifest["complete"]:
-        return f"incomplete: {manifest['stopped']}"
+        return f"no manifest: {error}", 0.0
     sizes = {c["id"]: (directory / c["file"]).stat().st_size for c in manifest["recorded_channels"]}
+    share = sum(sizes.values()) / sum(workload.channel_bytes)
+    if not manifest["complete"]:
+        return f"incomplete: {manifest['stopped']}", share
     expected = dict(enumerate(workload.channel_bytes))
-    return "" if sizes == expected else f"channel files {sizes}, streams {expected}"
+    return ("" if sizes == expected else f"channel files {sizes}, streams {expected}"), share
 
 
 def run_pairs(workload: Workload, sink: str, reps: int, work: Path) -> Pairs:
@@ -77,9 +80,10 @@ def run_pairs(workload: Workload, sink: str, reps: int, work: Path) -> Pairs:
                     pairs.plain.append(run_daemon(workload, target))
                 else:
                     run = run_daemon(workload, target, "--record", str(record))
-                    why = check_recording(record, workload)
+                    why, share = check_recording(record, workload)
                     if why:
                         pairs.recording_errors.append(why)
+                    pairs.recorded_share.append(share)
                     pairs.recorded.append(run)
             finally:
                 shutil.rmtree(out, ignore_errors=True)
@@ -120,12 +124,15 @@ def report(all_pairs: Sequence[Pairs], size: int) -> list[str]:
                 values(pairs.plain, "cpu")
             )
             complete = len(pairs.recorded) - len(pairs.recording_errors)
+            shares = ", ".join(f"{share:.0%}" for share in pairs.recorded_share)
             lines.append(
                 f"{pairs.sink:5}recorded/plain MB/s (medians) {ratio:.2f}; CPU {extra:+.2f} s/GB; "
-                f"recordings complete and exact in size: {complete}/{len(pairs.recorded)}"
+                f"recordings complete and exact in size: {complete}/{len(pairs.recorded)} "
+                f"(holding {shares} of the bytes sent)"
             )
-        for why in pairs.recording_errors:
-            lines.append(f"{pairs.sink:5}recording: {why}")
+        for why in sorted(set(pairs.recording_errors)):
+            count = pairs.recording_errors.count(why)
+            lines.append(f"{pairs.sink:5}recording {count} time(s): {why}")
     return lines
 
 

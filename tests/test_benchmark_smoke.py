@@ -123,7 +123,11 @@ def test_record_cost_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         ["null", "plain"], ["null", "--record"], ["null", "recorded/plain"],
         ["file", "plain"], ["file", "--record"], ["file", "recorded/plain"],
     ]  # fmt: skip
-    assert all(line.endswith("exact in size: 1/1") for line in out if "recorded/plain" in line)
+    assert all(
+        line.endswith("exact in size: 1/1 (holding 100% of the bytes sent)")
+        for line in out
+        if "recorded/plain" in line
+    )
     assert list(tmp_path.iterdir()) == []  # outputs and recordings removed
 
 
