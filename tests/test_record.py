@@ -49,6 +49,7 @@ from vfio_multifd import Address, DeviceKey, ProtocolError, Reason
 from vfio_multifd import recorder as recorder_module
 from vfio_multifd.channel import ChannelProtocol
 from vfio_multifd.config import RecordSettings, TlsSettings
+from vfio_multifd.decoder import ChannelDecoder
 from vfio_multifd.manifest import (
     ChannelEnd,
     Manifest,
@@ -59,6 +60,7 @@ from vfio_multifd.manifest import (
 from vfio_multifd.recorder import ByteRing, Recorder, RecordingChannel
 from vfio_multifd.replay import Recording, Replay, connection_order
 from vfio_multifd.results import SessionStatus
+from vfio_multifd.wire import ChannelHandshake, PacketHeader
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -409,7 +411,12 @@ async def test_a_channel_end_is_noted_only_until_the_outcome_is_decided(tmp_path
     failure, and a replay that reset them first could cause another."""
     recorder = Recorder(settings(tmp_path, A, record=RecordSettings(tmp_path / "rec")))
     recorder.start()
-    owner = FakeOwner()
+
+    class Owner(FakeOwner):  # accepts every channel, and tells the recorder as the session does
+        def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
+            recorder.accepted(channel, handshake.channel_id)
+
+    owner = Owner()
     for channel_id in (0, 1):
         channel = recorder.channel(owner, max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
         transport = FakeTransport(channel)
@@ -421,6 +428,62 @@ async def test_a_channel_end_is_noted_only_until_the_outcome_is_decided(tmp_path
     await recorder.finish(SessionStatus.FAILED, None, None)
     ends = {c["id"]: c["end"] for c in manifest_of(tmp_path / "rec")["recorded_channels"]}
     assert ends == {0: ChannelEnd.LOST.value, 1: ChannelEnd.OPEN.value}
+
+
+def feed_decoder(decoder: ChannelDecoder, data: bytes, step: int) -> None:
+    """Feed ``data`` to a decoder as a socket reader does, ``step`` bytes a read at most,
+    granting each payload a buffer (as admission would)."""
+    view = memoryview(data)
+    while view:
+        while (event := decoder.next_event()) is not None:
+            if isinstance(event, PacketHeader):
+                decoder.provide_buffer(bytearray(event.size))
+        target = decoder.get_buffer()
+        n = min(len(target), len(view), step)
+        target[:n] = view[:n]
+        view = view[n:]
+        decoder.buffer_updated(n)
+
+
+async def test_whoever_feeds_a_channels_decoder_is_recorded_in_order(tmp_path: Path) -> None:
+    """The hook is the decoder: a thread that reads a channel's socket and feeds its
+    decoder (not the protocol) is recorded too, several at once, each file in order."""
+    record = tmp_path / "rec"
+    recorder = Recorder(
+        settings(tmp_path, A, channels=4, record=RecordSettings(record, max_queued_bytes=1 << 20))
+    )
+    recorder.start()
+
+    class Owner(FakeOwner):
+        def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
+            recorder.accepted(channel, handshake.channel_id)
+
+    channels = []
+    for n in range(4):
+        channel = recorder.channel(Owner(), max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
+        transport = FakeTransport(channel)
+        channel.connection_made(transport)  # type: ignore[arg-type]
+        transport.feed(qs.handshake(n))  # accepted on the loop, as a handshake always is
+        channels.append(channel)
+    packets = [
+        [qs.device_packet(IDSTR, 0, 4 * k + n, random_bytes(50_000 + n, k)) for k in range(20)]
+        for n in range(4)
+    ]
+    bodies = [b"".join(p) for p in packets]
+    await asyncio.gather(
+        *(
+            asyncio.to_thread(feed_decoder, channel.decoder, body, 7_000 + 1_000 * n)
+            for n, (channel, body) in enumerate(zip(channels, bodies, strict=True))
+        )
+    )
+    await recorder.finish(SessionStatus.FAILED, None, None)
+    manifest = manifest_of(record)
+    for n, body in enumerate(bodies):
+        stream = qs.handshake(n) + body
+        held = (record / channel_file(n)).read_bytes()
+        assert stream.startswith(held), f"channel {n}: not the stream's beginning"
+        if manifest["complete"]:
+            assert held == stream
 
 
 # -- TLS: the plaintext is recorded ---------------------------------------------------------

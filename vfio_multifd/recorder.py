@@ -1,8 +1,9 @@
 """``receive --record DIR``: every connection's bytes as received, written off the event loop.
 
-A :class:`RecordingChannel` is the channel protocol with one step more: the
-bytes of each read are copied (the buffer is the chunk's own, reused once the
-chunk is written) into the :class:`Recorder`'s :class:`ByteRing`, and its one
+A :class:`RecordingChannel` is the channel protocol with a
+:class:`RecordingDecoder`: the bytes of each read are copied (the buffer is
+the chunk's own, reused once the chunk is written) into the
+:class:`Recorder`'s :class:`ByteRing`, and its one
 writer thread appends them from there to ``DIR/channel-<id>.bin``. The event
 loop never waits for the disk: handing bytes over is a copy and a put on a
 queue, and the ring's size (``RecordSettings.max_queued_bytes``, 64 MiB) bounds
@@ -51,6 +52,7 @@ import structlog
 from . import __version__
 from .channel import ChannelOwner, ChannelProtocol
 from .config import Address, ReceiveSettings
+from .decoder import ASK, ChannelDecoder
 from .errors import HandshakeError, MultifdError, UsageError, os_error_text
 from .manifest import (
     MANIFEST_NAME,
@@ -227,8 +229,39 @@ class ChannelRecording:
 _NOTHING = memoryview(b"")
 
 
+class RecordingDecoder(ChannelDecoder):
+    """A channel's decoder that hands every byte it is given to the recording first.
+
+    The hook is here rather than in the protocol so that whoever feeds the
+    decoder is recorded alike: the channel's own ``buffer_updated`` on the
+    event loop, TLS decrypting into it, or anything else that reads the socket
+    for the channel with ``get_buffer`` / ``buffer_updated``. The bytes of
+    ``buffer_updated(n)`` are the first ``n`` of the last buffer handed out.
+    """
+
+    def __init__(self, recording: ChannelRecording, *, max_packet_size: int) -> None:
+        super().__init__(max_packet_size=max_packet_size, allocate=ASK)
+        self.recording = recording
+        self._given = _NOTHING  # the buffer handed out last
+
+    def get_buffer(self) -> memoryview:
+        self._given = buffer = super().get_buffer()
+        return buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Not kept past this call: a view would keep a released chunk's mmap alive.
+        given, self._given = self._given, _NOTHING
+        self.recording.data(given[:nbytes])  # first: these bytes may complete the handshake
+        super().buffer_updated(nbytes)
+
+    def eof(self) -> None:
+        self._given = _NOTHING
+        self.recording.ended(ChannelEnd.EOF)
+        super().eof()
+
+
 class RecordingChannel(ChannelProtocol):
-    """A channel that hands every byte it receives to the recorder first."""
+    """A channel whose decoder records what it is fed, and which notes how it ended."""
 
     def __init__(
         self,
@@ -240,32 +273,13 @@ class RecordingChannel(ChannelProtocol):
     ) -> None:
         super().__init__(owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout)
         self.recording = ChannelRecording(recorder)
-        self._given = _NOTHING  # the buffer the loop (or TLS) writes into next
+        self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.recording.peer = self.peer
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        self._given = buffer = super().get_buffer(sizehint)
-        return buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        recording = self.recording
-        # Not kept past this call: a view would keep a released chunk's mmap alive.
-        given, self._given = self._given, _NOTHING
-        recording.data(given[:nbytes])  # before the decoder: the handshake may be accepted
-        super().buffer_updated(nbytes)
-        if recording.pending is not None and self.channel_id is not None:
-            recording.recorder.accepted(recording, self.channel_id)
-
-    def eof_received(self) -> bool:
-        self._given = _NOTHING
-        self.recording.ended(ChannelEnd.EOF)
-        return super().eof_received()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        self._given = _NOTHING
         if exc is not None:  # the peer broke it (our own abort reports None)
             self.recording.ended(ChannelEnd.LOST)
         super().connection_lost(exc)
@@ -283,9 +297,10 @@ class Recorder:
     """The recording of one session: what the loop thread knows, and the writer thread.
 
     Loop thread: :meth:`channel` (the protocol factory), :meth:`accepted`,
-    :meth:`refused`, :meth:`status_changed`, :meth:`write`, :meth:`finish`.
-    Writer thread: everything under ``_write_loop``. They share the queue, and
-    the ring's positions and ``stopped`` under ``_lock``.
+    :meth:`refused`, :meth:`status_changed`, :meth:`finish`. Whichever thread
+    feeds a channel's decoder: :meth:`write`. Writer thread: everything under
+    ``_write_loop``. They share the queue, and the ring and ``stopped`` under
+    ``_lock``.
     """
 
     def __init__(self, settings: ReceiveSettings) -> None:
@@ -328,8 +343,12 @@ class Recorder:
             self, owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout
         )
 
-    def accepted(self, recording: ChannelRecording, channel_id: int) -> None:
-        """The connection joined the migration as ``channel_id``: its file opens."""
+    def accepted(self, channel: ChannelProtocol, channel_id: int) -> None:
+        """The connection joined the migration as ``channel_id``: its file opens (before
+        anything else may read the channel)."""
+        if not isinstance(channel, RecordingChannel):
+            return
+        recording = channel.recording
         pending, recording.pending = recording.pending, None
         if self._finished or pending is None:
             return
@@ -370,17 +389,19 @@ class Recorder:
         if self.stopped is not None or ring is None:
             return
         size = len(view)
+        # Under the lock: with several threads feeding channels, the queue's order must
+        # be the ring's, for the writer frees the ring's oldest bytes first.
         with self._lock:
             place = ring.reserve(size)
+            if place is not None:
+                offset, padding = place
+                ring.view[offset : offset + size] = view  # the writer does not touch it yet
+                self._queue.put((sink, offset, size, padding))
         if place is None:
             self._stop(
                 f"the disk fell behind: more than {self.max_queued_bytes} received bytes waited "
                 "to be written (the recording's bound)"
             )
-            return
-        offset, padding = place
-        ring.view[offset : offset + size] = view  # reserved: the writer does not touch it yet
-        self._queue.put((sink, offset, size, padding))
 
     def _stop(self, why: str) -> None:
         """Stop recording (from either thread); the first reason is the one kept."""

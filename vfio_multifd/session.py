@@ -344,6 +344,8 @@ class Session:
         if self._group is None or ending or self._pending_error is not None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
+        if self.recorder is not None:
+            self.recorder.accepted(channel, handshake.channel_id)
         if len(self.registry.channels) == self.settings.channels:
             self._all_connected.set()
         if self.started is None:
