@@ -125,6 +125,7 @@ class Finished:
     replay: Replay | None  # None: the replay did not run to its end
     error: str  # why the run failed: start-up, replay, exit status ("" if none)
     idle_rss: int = 0  # bytes: VmHWM when it logged ``listening`` (0: it never did)
+    exited: float = 0.0  # wall clock: the process had exited
 
     def named(self, name: str) -> list[Event]:
         return _named(self.events, name)
@@ -180,6 +181,7 @@ def run_receiver(
         raise
     # Exited but not reaped: its pid cannot be reused, so the watchdog may still fire harmlessly.
     os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    exited = time.time()
     watchdog.cancel()
     watchdog.join()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -198,6 +200,7 @@ def run_receiver(
         replay=sent,
         error=error,
         idle_rss=idle,
+        exited=exited,
     )
 
 
@@ -248,6 +251,7 @@ class DaemonRun:
     peak_rss: int = 0
     idle_rss: int = 0  # VmHWM before any traffic
     lag: float = 0.0  # wall clock: the replay's last sendmsg -> the last load_thread_end
+    exit_lag: float = 0.0  # wall clock: the replay's last sendmsg -> the process exited
     digests: dict[str, str] = field(default_factory=dict)  # device -> digest
 
 
@@ -287,6 +291,7 @@ def run_daemon(
     run.reader_threads = int(summary.get("reader_threads", 0))
     run.buffers_allocated = int(summary.get("buffers_allocated", 0))
     run.lag = max(timestamp(e) for e in ends) - finished.replay.sent if ends else 0.0
+    run.exit_lag = finished.exited - finished.replay.sent
     expected = workload.expected_digests
     if run.digests != expected or run.bytes != workload.size:
         wrong = sorted(d for d in expected if run.digests.get(d) != expected[d])

@@ -15,6 +15,7 @@ import pytest
 
 import memory
 import plain_copy
+import record_cost
 import throughput
 from daemon import run_receiver
 from vfio_multifd.config import Digest
@@ -142,6 +143,23 @@ def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "daemon MB/s" in out and "took" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+def test_record_cost_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--size", "4M", "--reps", "1", "--channels", "2", "--tmpdir", str(tmp_path)]
+    code = record_cost.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0, out
+    assert [line.split()[:2] for line in out[3:]] == [
+        ["null", "plain"], ["null", "--record"], ["null", "recorded/plain"],
+        ["file", "plain"], ["file", "--record"], ["file", "recorded/plain"],
+    ]  # fmt: skip
+    assert all(
+        line.endswith("exact in size: 1/1 (holding 100% of the bytes sent)")
+        for line in out
+        if "recorded/plain" in line
+    )
+    assert list(tmp_path.iterdir()) == []  # outputs and recordings removed
 
 
 def test_tls_row_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

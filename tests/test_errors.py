@@ -548,6 +548,46 @@ def test_refusals_text_lists_each_message_once_with_its_count() -> None:
     )
 
 
+@pytest.mark.parametrize("late", ["handshake completed after the end", "hung up on by the end"])
+async def test_connections_turned_away_as_the_migration_ends_explain_nothing(
+    tmp_path: Path, late: str
+) -> None:
+    """A channel still in its handshake when the migration failed was turned away
+    because it ended, not the other way round: the final error does not list it
+    (it did, as "connection closed inside the handshake (reset)", when the daemon's
+    own hang-up was taken for a refusal, or "the migration no longer takes channels")."""
+    config = settings(tmp_path, DeviceKey(IDSTR, 0), channels=2)
+    running = await start(config)
+    session = running.session
+    straggler = await asyncio.to_thread(connect, running.address)
+    straggler.sendall(qs.handshake(1)[:10])
+    for _ in range(200):  # the daemon holds the straggler's connection, handshaking
+        if session.registry.pending:
+            break
+        await asyncio.sleep(0.01)
+    assert len(session.registry.pending) == 1
+    broken = await asyncio.to_thread(connect, running.address)
+    broken.sendall(qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"x" * 1000)[:300])
+    for _ in range(200):
+        if session.registry.channels:
+            break
+        await asyncio.sleep(0.01)
+    if late == "handshake completed after the end":
+        session.fail(ProtocolError(Reason.PACKET_TRUNCATED, "cut short"))
+        straggler.sendall(qs.handshake(1)[10:])  # completes while the session aborts
+        await asyncio.sleep(0.05)
+    else:
+        broken.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        broken.close()  # a reset inside idx 0: the migration fails, the straggler is hung up on
+    with pytest.raises(ProtocolError) as caught:
+        await running.result()
+    assert caught.value.reason is Reason.PACKET_TRUNCATED
+    assert "refused" not in str(caught.value)
+    assert session.registry.refusals_text() == ""
+    for sock in (straggler, broken):
+        sock.close()
+
+
 def send_and_wait_for_the_close(address: str, streams: list[bytes], data_path: Path) -> list[str]:
     """Send each stream on its channel, half-close, and report how each channel ended:
     ``"closed"`` (with the data file then in place or not) or ``"reset"``."""

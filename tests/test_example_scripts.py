@@ -38,6 +38,20 @@ def test_loopback_script_over_a_unix_socket() -> None:
     assert "status: " in result.stdout, "vfio-multifd status answered while it ran"
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_record_replay_script_replays_a_migration_and_a_failure() -> None:
+    result = run_example("bash", str(EXAMPLES / "record-replay.sh"), "3M")
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout.splitlines()
+    assert "record-replay: the replayed daemon's files are byte-equal to the original's" in out
+    assert out[-1] == "record-replay: the replay failed with the same error"
+    assert any(
+        line.startswith("replay:   exit 1, vfio-multifd: error: channel 0: device ")
+        and line.endswith("already filled")
+        for line in out
+    ), result.stdout
+
+
 def test_library_example() -> None:
     result = run_example(sys.executable, str(EXAMPLES / "library.py"))
     assert result.returncode == 0, result.stdout + result.stderr

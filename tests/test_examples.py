@@ -67,4 +67,10 @@ def test_the_readme_commands_run_as_written(short_dir: Path) -> None:
     assert out[0].startswith("vfio-multifd ") and "(Python " in out[0]
     assert any(line.startswith("status: setup   ") for line in out), result.stdout
     assert "daemon exit 0: outputs in place" in out
-    assert out[-5:] == ["nic0.bin", "nic0.bin.config", "nic0.state", "nic1.bin", "nic1.cfg"]
+    listing = ["nic0.bin", "nic0.bin.config", "nic0.state", "nic1.bin", "nic1.cfg"]
+    at = out.index(listing[0])
+    assert out[at : at + 5] == listing
+    # Recording and replaying: the recording's files, then the replay's report.
+    assert out[at + 5 : at + 8] == ["channel-0.bin", "channel-1.bin", "manifest.json"]
+    assert out[at + 10] == "connection order (recorded): channel ids 0, 1"
+    assert out[-2].startswith("replayed 3") and out[-1] == "replayed: byte-equal"

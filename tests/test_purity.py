@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
-PURE = ("wire", "decoder", "reassembly", "memory")
+PURE = ("wire", "decoder", "reassembly", "memory", "manifest")
 #: Modules a pure module may import from inside the package.
-PURE_CLOSURE = {"wire", "decoder", "reassembly", "memory", "errors"}
+PURE_CLOSURE = {"wire", "decoder", "reassembly", "memory", "manifest", "errors"}
 #: Never in sys.modules after importing only the pure modules.
 IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
 #: Never imported by the pure modules' source.

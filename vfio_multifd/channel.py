@@ -229,6 +229,11 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._cancel_handshake_timer()
         if self.state is ChannelState.HANDSHAKE and isinstance(exc, HandshakeError):
             self._refuse(exc)  # the transport says why (tls.py: the TLS handshake failed)
+        elif self.state is ChannelState.HANDSHAKE and self._closing:
+            # We hung up on it as the migration ended: no refusal of its own, and
+            # nothing that explains how the migration ended.
+            self._cancel_handshake_timer()
+            self.state = ChannelState.REFUSED
         elif self.state is ChannelState.HANDSHAKE:
             self._refuse(
                 HandshakeError(

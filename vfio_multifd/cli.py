@@ -1,13 +1,13 @@
-"""``vfio-multifd receive | send | status``: the command line.
+"""``vfio-multifd receive | send | status | replay``: the command line.
 
 The only place that picks the event loop (``--event-loop``: uvloop by default,
 or the standard library's asyncio) and turns outcomes into
 exit codes: 0 complete, 1 the migration failed (or was cancelled with
 ``migrate_cancel``), 2 usage error, 128+N when stopped by signal N (129
 SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
-For ``send``, 0 means the daemon closed every channel cleanly (which it does
-only once its outputs are in place) and 1 that a connection failed or was
-reset; for ``status``, 1 that nothing answered.
+For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
+(which it does only once its outputs are in place) and 1 that a connection
+failed or was reset; for ``status``, 1 that nothing answered.
 
 Signals (``receive``): every signal whose default action would end the
 process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
@@ -33,16 +33,21 @@ import sys
 import threading
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import structlog
 
 from . import cli_options, logconfig, notify
-from .config import Address, ReceiveSettings, TlsSettings
-from .errors import Cancelled, MultifdError, UsageError
+from .config import Address, ReceiveSettings, RecordSettings, TlsSettings, check_outside
+from .errors import Cancelled, MultifdError, SendError, UsageError
+from .replay import ENDING_TEXT, Recording, Replay
 from .results import SessionResult
 from .sender import SendResult, Stopped, send
 from .session import Session
+
+if TYPE_CHECKING:
+    from .tls import TlsClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -73,7 +78,10 @@ T = TypeVar("T")
 
 def build_parser() -> argparse.ArgumentParser:
     return cli_options.build_parser(
-        receive=_receive_command, send=_send_command, status=_status_command
+        receive=_receive_command,
+        send=_send_command,
+        status=_status_command,
+        replay=_replay_command,
     )
 
 
@@ -100,6 +108,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         fsync=not args.no_fsync,
         tls=receive_tls(args),
         reader_threads=args.reader_threads,
+        record=None if args.record is None else RecordSettings(args.record),
     )
 
 
@@ -127,6 +136,11 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 def _receive_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
     settings = receive_settings(args)
+    if settings.record is not None and args.status_socket is not None:
+        socket_path = Path(args.status_socket)
+        check_outside(
+            [(f"--status-socket {socket_path}", socket_path)], settings.record.directory, "--record"
+        )
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
@@ -281,18 +295,22 @@ def print_receive_summary(
 # -- send ---------------------------------------------------------------------------
 
 
+def _tls_client(args: argparse.Namespace) -> TlsClient | None:
+    """``--tls-creds`` and ``--tls-hostname`` of ``send`` and ``replay``."""
+    from . import tls  # ssl contexts: only with TLS
+
+    if args.tls_creds is None and args.tls_hostname is not None:
+        raise UsageError("--tls-hostname needs --tls-creds DIR")
+    if args.tls_creds is None:
+        return None
+    return tls.load_client(args.tls_creds, args.connect, args.tls_hostname)
+
+
 def _send_command(args: argparse.Namespace) -> int:
-    from . import tls
     from .send_progress import send_progress
 
     _configure_logging(args)
-    if args.tls_creds is None and args.tls_hostname is not None:
-        raise UsageError("--tls-hostname needs --tls-creds DIR")
-    tls_client = (
-        None
-        if args.tls_creds is None
-        else tls.load_client(args.tls_creds, args.connect, args.tls_hostname)
-    )
+    tls_client = _tls_client(args)
     previous = signal.signal(signal.SIGTERM, _stop_sending)
     try:
         with send_progress(args.device, args.progress_interval) as progress:
@@ -335,6 +353,91 @@ def print_send_summary(result: SendResult, out: TextIO, address: Address) -> Non
     print(
         f"sent {sum(d[1] for d in result.devices)} bytes in {result.seconds:.3f} s "
         f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels; {verdict}",
+        file=out,
+    )
+
+
+# -- replay -------------------------------------------------------------------------
+
+
+def _replay_command(args: argparse.Namespace) -> int:
+    _configure_logging(args)
+    recording = Recording.load(args.directory)
+    tls_client = _tls_client(args)
+    replay = Replay(recording, args.channels_order, args.seed)
+    print_replay_plan(replay, sys.stdout, args.channels_order)
+    previous = signal.signal(signal.SIGTERM, _stop_sending)
+    try:
+        error = replay.run(args.connect, connect_timeout=args.connect_timeout, tls=tls_client)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signal_number", signal.SIGINT)
+        raise Cancelled(
+            f"stopped by {signal.Signals(signum).name} after sending {sum(replay.sent)} of "
+            f"{replay.total} bytes to {args.connect} (its channels are reset)",
+            signal_number=signum,
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print_replay_report(replay, sys.stdout, args.connect, error)
+    if error is not None:
+        raise error
+    return EXIT_OK
+
+
+def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
+    """What was recorded, what the daemon must be told, and the connection order."""
+    manifest = replay.recording.manifest
+    outcome = manifest.outcome
+    if manifest.error is not None:
+        outcome += f": {manifest.error.message}"
+    print(
+        f"replaying {printable(replay.recording.directory)}: recorded {manifest.started_at} "
+        f"by {manifest.tool}, {len(manifest.recorded_channels)} of {manifest.channels} "
+        f"channels, outcome {outcome}",
+        file=out,
+    )
+    devices = " ".join(
+        f"--device idstr={device.idstr.replace(',', ',,')},instance={device.instance},data=..."
+        for device in manifest.devices
+    )
+    print(
+        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid} {devices}",
+        file=out,
+    )
+    if manifest.tls:
+        print(
+            "the channels used TLS: the recording holds their plaintext (replay it to a daemon "
+            "without --tls-creds, or give --tls-creds)",
+            file=out,
+        )
+    if not manifest.complete:
+        print(
+            f"the recording is incomplete ({manifest.stopped}): only what was recorded is sent",
+            file=out,
+        )
+    ids = ", ".join(str(channel.id) for channel in replay.channels)
+    print(f"connection order ({order}): channel ids {ids}", file=out, flush=True)
+
+
+def print_replay_report(
+    replay: Replay, out: TextIO, address: Address, error: SendError | None
+) -> None:
+    """One line per channel (bytes sent, how it ended), one for the whole."""
+    for channel, sent in zip(replay.channels, replay.sent, strict=True):
+        ending = ENDING_TEXT[channel.end] if sent == channel.bytes else "then stopped"
+        print(f"channel {channel.id}: sent {sent} of {channel.bytes} bytes, {ending}", file=out)
+    if error is not None:
+        verdict = "not every channel ended cleanly (the error below says which, and why)"
+    elif address.kind == "tcp":
+        verdict = "the daemon closed every channel cleanly"
+    else:
+        verdict = (
+            "the daemon closed every channel (over a unix socket that does not prove it "
+            "completed: its exit code says)"
+        )
+    print(
+        f"replayed {sum(replay.sent)} of {replay.total} bytes over {len(replay.channels)} "
+        f"channels in {replay.seconds:.3f} s to {address}; {verdict}",
         file=out,
     )
 

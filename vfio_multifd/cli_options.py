@@ -33,6 +33,7 @@ from .config import (
     parse_uuid,
 )
 from .errors import UsageError
+from .replay import ORDERS as REPLAY_ORDERS
 from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
 from .wire import DEFAULT_MAX_PACKET_SIZE
 
@@ -178,7 +179,9 @@ def _seconds_or_off(text: str) -> float | None:
 # -- the parser: one function per subcommand, shared options in parents -----------
 
 
-def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argparse.ArgumentParser:
+def build_parser(
+    *, receive: Handler, send: Handler, status: Handler, replay: Handler
+) -> argparse.ArgumentParser:
     """``vfio-multifd``'s parser; each subcommand sets ``handler`` to the one given."""
     parser = _Parser(
         prog="vfio-multifd",
@@ -195,6 +198,7 @@ def build_parser(*, receive: Handler, send: Handler, status: Handler) -> argpars
     _add_receive(sub, receive)
     _add_send(sub, send)
     _add_status(sub, status)
+    _add_replay(sub, replay)
     return parser
 
 
@@ -268,18 +272,19 @@ def _runtime_parent(*, uses_loop: bool) -> _Parser:
     return parent
 
 
-def _reporting_parent(*, progress: str, debug: str) -> _Parser:
+def _reporting_parent(*, progress: str | None, debug: str) -> _Parser:
     """Log lines on stderr, and progress while it runs; ``progress`` and ``debug``
-    say what the subcommand reports."""
+    say what the subcommand reports (``progress`` None: it reports none)."""
     parent = _Parser(add_help=False)
-    group = parent.add_argument_group("progress and logging")
-    group.add_argument(
-        "--progress-interval",
-        type=_seconds_or_off,
-        default=5.0,
-        metavar="SECONDS",
-        help=f"{progress} (default 5; 0 disables)",
-    )
+    group = parent.add_argument_group("progress and logging" if progress else "logging")
+    if progress is not None:
+        group.add_argument(
+            "--progress-interval",
+            type=_seconds_or_off,
+            default=5.0,
+            metavar="SECONDS",
+            help=f"{progress} (default 5; 0 disables)",
+        )
     group.add_argument(
         "--log-format",
         choices=logconfig.FORMATS,
@@ -341,6 +346,15 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="answer QMP-shaped query-migrate and migrate_cancel on this unix socket",
     )
     _add_receive_tls(rx)
+    rx.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="keep every connection's bytes as received, handshake first, in DIR (new or "
+        "empty): channel-<id>.bin, refused-<n>.bin, manifest.json; vfio-multifd replay DIR "
+        "sends them again",
+    )
     rx.add_argument(
         "--metrics-listen",
         type=_metrics_address,
@@ -522,7 +536,13 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="FAULT",
         help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
     )
-    tx.add_argument(
+    _add_tls_client(tx)
+    _add_connect_timeout(tx)
+
+
+def _add_tls_client(parser: argparse.ArgumentParser) -> None:
+    """QEMU's tls-creds-x509 (endpoint=client) and tls-hostname: send's and replay's."""
+    parser.add_argument(
         "--tls-creds",
         type=Path,
         default=None,
@@ -530,14 +550,17 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="TLS on every channel, with QEMU's x509 client credentials in DIR: "
         "ca-cert.pem, client-cert.pem, client-key.pem",
     )
-    tx.add_argument(
+    parser.add_argument(
         "--tls-hostname",
         default=None,
         metavar="NAME",
         help="the name the receiver's certificate must carry (default: the host of "
         "--connect; required with unix:)",
     )
-    tx.add_argument(
+
+
+def _add_connect_timeout(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--connect-timeout",
         type=_positive_seconds,
         default=30.0,
@@ -545,6 +568,46 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="while nothing listens at --connect, retry each channel's connection for this "
         "long (default 30); a connect_retrying log line says until when",
     )
+
+
+def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
+    rp = sub.add_parser(
+        "replay",
+        help="send a recording (receive --record DIR) to a daemon again",
+        description="Open one connection per channel recorded in DIR (receive --record DIR), "
+        "send each channel's bytes exactly as they were received, end it as it ended, and wait "
+        "for the daemon's verdict. Run the daemon with the recording's --channels, --uuid and "
+        "devices (the first lines printed say which). Exit 0: the daemon closed every channel "
+        "cleanly; 1: a connection failed or was reset; 2: usage error (not a recording...); "
+        "130/143: SIGINT/SIGTERM.",
+        parents=[_reporting_parent(progress=None, debug="")],
+    )
+    rp.set_defaults(handler=handler)
+    rp.add_argument(
+        "directory",
+        type=Path,
+        metavar="DIR",
+        help="the recording: a directory receive --record wrote, with its manifest.json",
+    )
+    rp.add_argument(
+        "--connect",
+        type=_address,
+        required=True,
+        metavar="tcp:HOST:PORT|unix:PATH",
+        help="the receiving daemon's --listen address",
+    )
+    rp.add_argument(
+        "--channels-order",
+        choices=REPLAY_ORDERS,
+        default="recorded",
+        help="the order the channels connect in: recorded (by first byte received, default), "
+        "reverse, or random (see --seed)",
+    )
+    rp.add_argument(
+        "--seed", type=int, default=0, help="seed of --channels-order random (default 0)"
+    )
+    _add_tls_client(rp)
+    _add_connect_timeout(rp)
 
 
 def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:

@@ -178,6 +178,19 @@ def check_distinct_files(named: Sequence[tuple[str, Path]]) -> None:
             seen[key] = name
 
 
+def check_outside(named: Sequence[tuple[str, Path]], directory: Path, option: str) -> None:
+    """Raise :class:`UsageError` if one of the named paths lies inside ``directory``
+    (``option``'s, which must hold nothing else), symbolic links resolved."""
+    root = os.path.realpath(directory)
+    for name, path in named:
+        if name.startswith(option + " "):
+            continue
+        if os.path.commonpath([root, os.path.realpath(path)]) == root:
+            raise UsageError(
+                f"{name} is inside {option} {directory}, which holds the recording and nothing else"
+            )
+
+
 def _shareable(path: Path) -> bool:
     """A character device or FIFO (``/dev/null``) may be the output of several devices."""
     try:
@@ -226,6 +239,22 @@ class TlsSettings:
             )
 
 
+#: ``--record``: received bytes that may wait for the recording's disk at once; past
+#: this the disk has fallen behind the network, and the recording stops.
+DEFAULT_RECORD_QUEUED_BYTES = 64 << 20
+#: ``--record``: refused connections kept as files (the rest are only counted).
+DEFAULT_RECORD_REFUSED = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSettings:
+    """``receive --record DIR``: every channel's bytes as received, kept in DIR."""
+
+    directory: Path
+    max_queued_bytes: int = DEFAULT_RECORD_QUEUED_BYTES
+    max_refused: int = DEFAULT_RECORD_REFUSED
+
+
 @dataclass(frozen=True, slots=True)
 class ReceiveSettings:
     devices: tuple[DeviceSpec, ...]
@@ -245,6 +274,7 @@ class ReceiveSettings:
     fsync: bool = True
     tls: TlsSettings | None = None  # None: plaintext channels
     reader_threads: int | None = None  # None: reader_threads.default_reader_threads
+    record: RecordSettings | None = None  # None: nothing recorded
 
     def __post_init__(self) -> None:
         if not self.devices:
@@ -263,6 +293,8 @@ class ReceiveSettings:
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")
         check_distinct_files(self.named_paths())
+        if self.record is not None:
+            check_outside(self.named_paths(), self.record.directory, "--record")
         if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(
                 f"--max-packet-size {self.max_packet_size} is below {VFIO_HEADER.size}, "
@@ -293,6 +325,8 @@ class ReceiveSettings:
                     named.append((f"--device {device.key} {what}={path}", path))
         if self.spill_dir is not None:
             named.append((f"--spill-dir {self.spill_dir}", self.spill_dir))
+        if self.record is not None:
+            named.append((f"--record {self.record.directory}", self.record.directory))
         return named
 
     @property

@@ -124,6 +124,9 @@ class ChannelRegistry:
         # never raised: no traceback, so no frame keeps a connection alive.
         self.refused: deque[tuple[str, HandshakeError]] = deque(maxlen=RECENT_REFUSALS)
         self.shed_count = 0  # refused to make room (a subset of refused_count)
+        # Refused once the migration was ending (a subset of refused_count): they
+        # did not cause its end, so the final error does not list them.
+        self.late_count = 0
         self.address: Address | None = None  # where we listen, once we do
         self.max_open: int | None = None  # connections the descriptor limit leaves room for
         self.open = 0  # sockets accepted and not yet closed (shed ones included)
@@ -339,10 +342,16 @@ class ChannelRegistry:
         self.channels[handshake.channel_id] = channel
         self.pending.pop(channel, None)
 
-    def refuse(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+    def refuse(
+        self, channel: ChannelProtocol, error: HandshakeError, *, late: bool = False
+    ) -> None:
+        """Count and log a refusal; ``late``: the migration was ending already."""
         self.pending.pop(channel, None)
         self.refused_count += 1
-        self.refused.append((channel.peer, HandshakeError(error.reason, error.message)))
+        if late:
+            self.late_count += 1
+        else:
+            self.refused.append((channel.peer, HandshakeError(error.reason, error.message)))
         if self._refusal_log.allow():
             channel.log.warning(
                 "channel_refused",
@@ -354,7 +363,7 @@ class ChannelRegistry:
 
     def refusals_text(self) -> str:
         """The refusals, for a final error they may explain (see :func:`refusals_text`)."""
-        return refusals_text(self.refused, self.refused_count)
+        return refusals_text(self.refused, self.refused_count - self.late_count)
 
     def log_suppressed(self) -> None:
         """Say how many channel_refused lines were left out since the last one."""

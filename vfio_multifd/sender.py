@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import enum
+import fcntl
 import os
 import random
 import signal
 import socket
 import ssl
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -360,6 +363,14 @@ def send_all(sock: socket.socket, buffers: list[bytes | memoryview]) -> int:
 ChannelStream = Callable[[socket.socket], int]
 
 
+class StreamEnd(enum.Enum):
+    """What a channel does once its stream is sent (``run_channels``' ``ends``)."""
+
+    CLOSE = "close"  # end the stream (a FIN; over TLS close_notify first), await the verdict
+    KEEP_OPEN = "keep-open"  # await the verdict without ending the stream
+    RESET = "reset"  # reset the connection, as a source that broke off: no verdict to await
+
+
 def run_channels(
     address: Address,
     streams: Sequence[ChannelStream],
@@ -367,6 +378,8 @@ def run_channels(
     *,
     stop: threading.Event | None = None,
     tls: TlsClient | None = None,
+    channel_ids: Sequence[int] | None = None,
+    ends: Sequence[StreamEnd] | None = None,
 ) -> list[int]:
     """Connect every channel, run each stream on its own thread, then wait for the
     daemon's verdict; returns the bytes each channel sent.
@@ -378,12 +391,18 @@ def run_channels(
     the daemon fails too, rather than wait for them). ``stop`` is set then: a
     stream that checks it between packets stops early. With ``tls`` each channel
     does its TLS handshake first, and ends with ``close_notify``.
+
+    Streams connect in the order given; ``channel_ids`` names them in errors and
+    logs (default 0, 1...: their place). ``ends`` says how each ends once sent
+    (default: all :attr:`StreamEnd.CLOSE`); a replay ends each as it was recorded.
     """
     stop = stop or threading.Event()
+    ids = list(range(len(streams))) if channel_ids is None else list(channel_ids)
+    endings = [StreamEnd.CLOSE] * len(streams) if ends is None else list(ends)
     socks: list[socket.socket] = []
     try:
         for n in range(len(streams)):
-            sock = connect(address, timeout, channel=n)
+            sock = connect(address, timeout, channel=ids[n])
             socks.append(sock if tls is None else tls.wrap(sock))
     except BaseException:
         for sock in socks:
@@ -409,16 +428,19 @@ def run_channels(
                 sent[n] = streams[n](sock)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(n, address, error, sent=None) from None
+                    raise _channel_error(ids[n], address, error, sent=None) from None
                 return
             if stop.is_set():
                 return
-            try:
-                sock = _end_stream(sock)
-            except OSError as error:
-                if not stop.is_set():
-                    raise _channel_error(n, address, error, sent=sent[n]) from None
-                return
+            if endings[n] is StreamEnd.RESET:
+                _reset_once_delivered(sock)  # the close below is the reset
+            elif endings[n] is StreamEnd.CLOSE:
+                try:
+                    sock = _end_stream(sock)
+                except OSError as error:
+                    if not stop.is_set():
+                        raise _channel_error(ids[n], address, error, sent=sent[n]) from None
+                    return
             with lock:
                 finished.append(n)
                 if len(finished) == len(streams):
@@ -429,12 +451,14 @@ def run_channels(
                         why="everything is sent; the daemon closes every channel once its "
                         "outputs are in place, or resets them if the migration failed",
                     )
+            if endings[n] is StreamEnd.RESET:
+                return
             try:
                 while sock.recv(4096):  # the destination answers nothing: a byte is ignored
                     pass
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(n, address, error, sent=sent[n]) from None
+                    raise _channel_error(ids[n], address, error, sent=sent[n]) from None
         except BaseException as error:  # reported by the caller
             with lock:
                 errors.append(error)
@@ -443,7 +467,7 @@ def run_channels(
             sock.close()
 
     threads = [
-        threading.Thread(target=worker, args=(n,), name=f"send-channel-{n}", daemon=True)
+        threading.Thread(target=worker, args=(n,), name=f"send-channel-{ids[n]}", daemon=True)
         for n in range(len(streams))
     ]
     for thread in threads:
@@ -482,6 +506,26 @@ def _reset(sock: socket.socket) -> None:
     """Make the socket's close a reset (TCP RST), not a clean end of stream."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+#: How long a stream that ends in a reset waits for the daemon to have its bytes.
+RESET_DELIVERY_TIMEOUT = 5.0
+
+
+def _reset_once_delivered(sock: socket.socket) -> None:
+    """Make the close a reset, once the daemon's kernel has acknowledged every byte
+    sent (for at most :data:`RESET_DELIVERY_TIMEOUT`): a reset discards what the
+    socket still holds, and the daemon must read all a replayed stream had."""
+    outq = getattr(termios, "TIOCOUTQ", None)  # SIOCOUTQ: bytes not yet acknowledged
+    if outq is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        deadline = time.monotonic() + RESET_DELIVERY_TIMEOUT
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                (unacknowledged,) = struct.unpack("i", fcntl.ioctl(sock.fileno(), outq, bytes(4)))
+                if not unacknowledged:
+                    break
+                time.sleep(0.005)
+    _reset(sock)
 
 
 def _channel_error(channel: int, address: Address, error: OSError, *, sent: int | None) -> SendError:

@@ -32,6 +32,7 @@ from .memory import MemoryPolicy
 from .output import device_outputs
 from .reader_threads import ReaderThreads, default_reader_threads
 from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
+from .recorder import Recorder
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
 from .watchdog import Sample, Watchdog, watch
@@ -107,6 +108,10 @@ class Session:
         self.refused_by_reason: collections.Counter[str] = collections.Counter()
         #: Called with each new status (the status socket announces it as QMP's MIGRATION event).
         self.status_listeners: list[Callable[[SessionStatus], None]] = []
+        #: --record DIR (the directory is checked now: a usage error, exit 2).
+        self.recorder = None if settings.record is None else Recorder(settings)
+        if self.recorder is not None:
+            self.status_listeners.append(self.recorder.status_changed)
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
@@ -131,6 +136,8 @@ class Session:
         self._first_error = asyncio.get_running_loop().create_future()
         if self._pending_error is not None:  # cancelled or failed before run()
             self._first_error.set_result(self._pending_error)
+        if self.recorder is not None:
+            self.recorder.start()
         try:
             return await self._run(self._first_error)
         except asyncio.CancelledError:
@@ -146,6 +153,9 @@ class Session:
             cancelled = isinstance(error, Cancelled)
             self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
             raise
+        finally:
+            if self.recorder is not None:  # for failed and cancelled migrations too
+                await self.recorder.finish(self.status, self.error, self.address)
 
     async def _run(self, first_error: asyncio.Future[MultifdError]) -> SessionResult:
         try:
@@ -258,9 +268,10 @@ class Session:
         readers = self.readers
         readers.start()
         hand_off = readers.hand_off if readers.count else None
+        make = ChannelProtocol if self.recorder is None else self.recorder.channel
 
         def new_channel() -> ChannelProtocol:
-            channel = ChannelProtocol(
+            channel = make(
                 self,
                 max_packet_size=self.settings.max_packet_size,
                 handshake_timeout=self.settings.handshake_timeout,
@@ -354,6 +365,8 @@ class Session:
         if self._group is None or ending or self._pending_error is not None:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
+        if self.recorder is not None:
+            self.recorder.accepted(channel, handshake.channel_id)
         if len(self.registry.channels) == self.settings.channels:
             self._all_connected.set()
         if self.started is None:
@@ -363,7 +376,10 @@ class Session:
 
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         self.refused_by_reason[error.reason.value] += 1
-        self.registry.refuse(channel, error)
+        ending = self._first_error is not None and self._first_error.done()
+        self.registry.refuse(channel, error, late=ending or self._pending_error is not None)
+        if self.recorder is not None:
+            self.recorder.refused(channel, error)
 
     def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
         return self.admission.allocate_now(header)

@@ -1,0 +1,252 @@
+"""A recording's manifest (``receive --record DIR``): what each file holds, and how it ended.
+
+Pure: JSON text in and out, no files. :class:`Manifest` is written by the
+recorder (``recorder.py``) as ``DIR/manifest.json`` and read back by ``vfio-multifd
+replay`` (``replay.py``), which trusts nothing in it: :meth:`Manifest.from_json`
+checks every field, and a file name is accepted only in the form the
+recorder writes (``channel-<id>.bin``, ``refused-<n>.bin``), so a manifest
+cannot send the replay outside its directory.
+
+Times are seconds on the daemon's monotonic clock since the recording started
+(just before the daemon listens): ``first_byte_s`` and ``last_byte_s`` of a
+channel say when its first and last bytes were received.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+_REFUSED_FILE = re.compile(r"refused-([0-9]{1,5})\.bin")
+
+
+def channel_file(channel_id: int) -> str:
+    """The file of accepted channel ``channel_id``: ``channel-3.bin``."""
+    return f"channel-{channel_id}.bin"
+
+
+def refused_file(n: int) -> str:
+    """The file of the ``n``-th refused connection kept: ``refused-0.bin``."""
+    return f"refused-{n}.bin"
+
+
+class ChannelEnd(enum.StrEnum):
+    """How a recorded channel ended, as the daemon saw it, until the migration's
+    outcome was decided (what came after that did not cause it)."""
+
+    EOF = "eof"  # the source ended its stream: a FIN, or TLS close_notify
+    LOST = "lost"  # the connection broke (a reset) before the source ended it
+    OPEN = "open"  # still open when the outcome was decided: the daemon hung up
+
+
+class ManifestError(ValueError):
+    """A manifest that is not valid JSON of this format (the message says where)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedChannel:
+    id: int
+    file: str
+    peer: str
+    bytes: int  # in the file
+    received: int  # received by the daemon: more than ``bytes`` if the recording stopped
+    first_byte_s: float | None
+    last_byte_s: float | None
+    end: ChannelEnd
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedConnection:
+    file: str
+    peer: str
+    reason: str  # the refusal's reason code (errors.Reason), e.g. handshake-uuid
+    message: str
+    bytes: int
+    first_byte_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedDevice:
+    idstr: str
+    instance: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedError:
+    """The error the migration ended with, as the daemon printed it (``message``)."""
+
+    reason: str
+    message: str
+    channel: int | None = None
+    device: str | None = None
+    idx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    tool: str  # vfio-multifd VERSION
+    started_at: str  # UTC, ISO 8601: when the recording started
+    uuid: str
+    channels: int  # --channels
+    tls: bool  # the channels used TLS: the files hold the plaintext
+    listen: str
+    devices: tuple[RecordedDevice, ...]
+    outcome: str  # completed, failed, cancelled
+    error: RecordedError | None
+    complete: bool  # every byte every channel received is in its file
+    stopped: str | None  # why the recording stopped early (complete is then false)
+    recorded_channels: tuple[RecordedChannel, ...]
+    refused: tuple[RefusedConnection, ...]
+    refused_not_kept: int  # refused connections past the cap: counted, not kept
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        fields = asdict(self)
+        ordered = {"format_version": fields.pop("format_version"), **fields}
+        return json.dumps(ordered, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        try:
+            raw = json.loads(text)
+        except ValueError as error:
+            raise ManifestError(f"not JSON: {error}") from None
+        fields = _Fields(raw, "the manifest")
+        version = fields.integer("format_version")
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"format_version {version}: this vfio-multifd reads version {FORMAT_VERSION}"
+            )
+        failure = fields.optional_object("error")
+        return cls(
+            tool=fields.text("tool"),
+            started_at=fields.text("started_at"),
+            uuid=fields.text("uuid"),
+            channels=fields.integer("channels"),
+            tls=fields.boolean("tls"),
+            listen=fields.text("listen"),
+            devices=tuple(
+                RecordedDevice(item.text("idstr"), item.integer("instance"))
+                for item in fields.objects("devices")
+            ),
+            outcome=fields.text("outcome"),
+            error=None if failure is None else _error(failure),
+            complete=fields.boolean("complete"),
+            stopped=fields.optional_text("stopped"),
+            recorded_channels=tuple(_channel(item) for item in fields.objects("recorded_channels")),
+            refused=tuple(_refused(item) for item in fields.objects("refused")),
+            refused_not_kept=fields.integer("refused_not_kept"),
+            format_version=version,
+        )
+
+
+def _error(fields: _Fields) -> RecordedError:
+    return RecordedError(
+        reason=fields.text("reason"),
+        message=fields.text("message"),
+        channel=fields.optional_integer("channel"),
+        device=fields.optional_text("device"),
+        idx=fields.optional_integer("idx"),
+    )
+
+
+def _channel(fields: _Fields) -> RecordedChannel:
+    channel_id = fields.integer("id")
+    file = fields.text("file")
+    if file != channel_file(channel_id):
+        raise ManifestError(f"{fields.where}: file {file!r} is not {channel_file(channel_id)!r}")
+    try:
+        end = ChannelEnd(fields.text("end"))
+    except ValueError:
+        raise ManifestError(f"{fields.where}: end must be one of eof, lost, open") from None
+    return RecordedChannel(
+        id=channel_id,
+        file=file,
+        peer=fields.text("peer"),
+        bytes=fields.integer("bytes"),
+        received=fields.integer("received"),
+        first_byte_s=fields.optional_number("first_byte_s"),
+        last_byte_s=fields.optional_number("last_byte_s"),
+        end=end,
+    )
+
+
+def _refused(fields: _Fields) -> RefusedConnection:
+    file = fields.text("file")
+    if not _REFUSED_FILE.fullmatch(file):
+        raise ManifestError(f"{fields.where}: file {file!r} is not refused-<n>.bin")
+    return RefusedConnection(
+        file=file,
+        peer=fields.text("peer"),
+        reason=fields.text("reason"),
+        message=fields.text("message"),
+        bytes=fields.integer("bytes"),
+        first_byte_s=fields.optional_number("first_byte_s"),
+    )
+
+
+class _Fields:
+    """One JSON object's fields, each taken with its type checked; errors say where."""
+
+    def __init__(self, raw: object, where: str) -> None:
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{where} is not a JSON object")
+        self.raw: dict[str, Any] = raw
+        self.where = where
+
+    def _get(self, name: str) -> Any:
+        if name not in self.raw:
+            raise ManifestError(f"{self.where}: {name} is missing")
+        return self.raw[name]
+
+    def _wrong(self, name: str, expected: str) -> ManifestError:
+        return ManifestError(f"{self.where}: {name} must be {expected}, not {self.raw[name]!r}")
+
+    def text(self, name: str) -> str:
+        value = self._get(name)
+        if not isinstance(value, str):
+            raise self._wrong(name, "a string")
+        return value
+
+    def optional_text(self, name: str) -> str | None:
+        return None if self.raw.get(name) is None else self.text(name)
+
+    def integer(self, name: str) -> int:
+        value = self._get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self._wrong(name, "a whole number of 0 or more")
+        return value
+
+    def optional_integer(self, name: str) -> int | None:
+        return None if self.raw.get(name) is None else self.integer(name)
+
+    def optional_number(self, name: str) -> float | None:
+        value = self.raw.get(name)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise self._wrong(name, "a number")
+        return float(value)
+
+    def boolean(self, name: str) -> bool:
+        value = self._get(name)
+        if not isinstance(value, bool):
+            raise self._wrong(name, "true or false")
+        return value
+
+    def optional_object(self, name: str) -> _Fields | None:
+        value = self.raw.get(name)
+        return None if value is None else _Fields(value, f"{self.where}: {name}")
+
+    def objects(self, name: str) -> list[_Fields]:
+        value = self._get(name)
+        if not isinstance(value, list):
+            raise self._wrong(name, "a list")
+        return [_Fields(item, f"{self.where}: {name}[{n}]") for n, item in enumerate(value)]
+

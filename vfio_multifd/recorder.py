@@ -1,0 +1,616 @@
+"""``receive --record DIR``: every connection's bytes as received, written off the event loop.
+
+A :class:`RecordingChannel` is the channel protocol with a
+:class:`RecordingDecoder`: the bytes of each read are copied (the buffer is
+the chunk's own, reused once the chunk is written) into the
+:class:`Recorder`'s :class:`ByteRing`, and its one
+writer thread appends them from there to ``DIR/channel-<id>.bin``. The event
+loop never waits for the disk: handing bytes over is a copy and a put on a
+queue, and the ring's size (``RecordSettings.max_queued_bytes``, 64 MiB) bounds
+what may wait. When the disk falls that far behind, or a write fails (``ENOSPC``,
+``EDQUOT``, any ``OSError``), the recording stops with one ``record_stopped``
+warning and the migration goes on untouched; the manifest then says
+``"complete": false`` and why. Without ``--record`` the session makes plain
+``ChannelProtocol``s: none of this runs, not even a test per read.
+
+A connection is recorded from its first byte. Until its handshake is decided
+its bytes wait in memory (at most 64: the decoder reads nothing past the
+handshake before it is decided); accepted, they open ``channel-<id>.bin``;
+refused, they become ``refused-<n>.bin`` (the first ``max_refused``; the rest
+are counted). With TLS the channel is fed plaintext (``tls_channel.py``
+decrypts into its buffers), so plaintext is what is recorded.
+
+How a channel ended (``eof``, ``lost``, else ``open``) is noted only until the
+migration's outcome is decided (the session's status leaves ``setup`` and
+``active``): the daemon then resets every channel, and what the source does
+in return (reset its other channels) did not cause the outcome, so a replay
+must not do it first. The manifest (``manifest.py``) is written at the end of
+every migration - completed, failed or cancelled - to a temporary name, then
+renamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import datetime
+import itertools
+import mmap
+import os
+import queue
+import stat
+import threading
+import time
+import uuid as uuid_module
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+
+from . import __version__
+from .channel import ChannelOwner, ChannelProtocol
+from .config import Address, ReceiveSettings
+from .decoder import ASK, ChannelDecoder
+from .errors import HandshakeError, MultifdError, UsageError, os_error_text
+from .manifest import (
+    MANIFEST_NAME,
+    ChannelEnd,
+    Manifest,
+    RecordedChannel,
+    RecordedDevice,
+    RecordedError,
+    RefusedConnection,
+    channel_file,
+    refused_file,
+)
+from .results import SessionStatus
+
+log = structlog.get_logger("vfio_multifd.recorder")
+
+#: Bytes of a connection kept while its handshake is undecided (the decoder reads
+#: at most the 64-byte handshake before that; this only bounds the unexpected).
+MAX_PENDING_BYTES = 64 << 10
+#: How long the end of a migration waits for the recording to reach the disk.
+FINISH_TIMEOUT = 60.0
+
+
+def check_directory(directory: Path) -> None:
+    """``--record DIR`` must not exist yet, or be an empty directory: recordings are
+    never mixed (a replay would send another migration's channels)."""
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise UsageError(f"--record {directory}: {os_error_text(error)}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise UsageError(f"--record {directory} exists and is not a directory")
+    try:
+        entries = os.listdir(directory)
+    except OSError as error:
+        raise UsageError(f"--record {directory}: {os_error_text(error)}") from None
+    if entries:
+        raise UsageError(
+            f"--record {directory} is not empty: give a new or empty directory (a recording "
+            "is never mixed with another)"
+        )
+
+
+def _make_directory(directory: Path) -> None:
+    """Create DIR (mode 0700: it holds device state) unless it exists, empty."""
+    check_directory(directory)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--record {directory}: cannot create it: {os_error_text(error)}") from None
+    check_directory(directory)  # nothing appeared meanwhile
+
+
+def _append(fd: int, data: memoryview) -> None:
+    """Write all of ``data`` to ``fd`` (a channel's file)."""
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class ByteRing:
+    """Where the loop thread copies each read and the writer thread writes it from,
+    first in, first out.
+
+    A fresh ``bytes`` per read would cost more than the copy itself (measured:
+    reads average about 0.5 MiB, and a new object that large is new pages, each
+    faulted in and zeroed: about 0.4 CPU s per GB recorded, against 0.1 for the
+    copy). Here the pages are reused, and only those written are resident: when
+    the writer has caught up (nothing queued) the next read starts over at the
+    beginning, so a recording that keeps up touches little more than its largest
+    read. The ring's size is the bound on what may wait for the disk.
+
+    Not thread-safe: the recorder's lock guards :meth:`reserve` and :meth:`free`;
+    the copy into a reserved place, and the write from it, need no lock.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.view = memoryview(mmap.mmap(-1, max(capacity, 1)))
+        self._produced = 0  # bytes reserved so far, padding at the end included
+        self._consumed = 0  # bytes freed so far
+
+    @property
+    def queued(self) -> int:
+        return self._produced - self._consumed
+
+    def reserve(self, size: int) -> tuple[int, int] | None:
+        """``(offset, padding)`` of ``size`` contiguous bytes (``padding``: the end of
+        the ring skipped to start over at 0), or None if they do not fit now."""
+        if self._produced == self._consumed:
+            self._produced = self._consumed = 0  # empty: back to the warm beginning
+        offset = self._produced % self.capacity if self.capacity else 0
+        padding = self.capacity - offset if offset + size > self.capacity else 0
+        if self.queued + padding + size > self.capacity:
+            return None
+        self._produced += padding + size
+        return (0 if padding else offset), padding
+
+    def free(self, size: int) -> None:
+        """The oldest ``size`` bytes reserved (with their padding) are written."""
+        self._consumed += size
+
+
+# -- what the loop thread hands the writer thread --------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Open:
+    sink: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    sink: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    #: The manifest, given what the writer wrote to each sink and why it stopped.
+    build: Callable[[dict[int, int], str | None], Manifest]
+    done: concurrent.futures.Future[None]
+
+
+#: Bytes to write: (sink, offset in the ring, size, padding before them to free with them).
+_Data = tuple[int, int, int, int]
+_Item = _Data | _Open | _Close | _Finish
+
+
+class ChannelRecording:
+    """One connection's recording, on the loop thread: pending until its handshake is
+    decided, then a sink of the writer thread (accepted), or a refused file, or nothing."""
+
+    __slots__ = (
+        "channel_id",
+        "end",
+        "first_byte",
+        "last_byte",
+        "peer",
+        "pending",
+        "received",
+        "recorder",
+        "sink",
+    )
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+        self.pending: bytearray | None = bytearray()  # None once decided
+        self.sink: int | None = None  # the writer's file, once accepted
+        self.channel_id: int | None = None
+        self.peer = "?"
+        self.received = 0
+        self.first_byte: float | None = None  # monotonic
+        self.last_byte: float | None = None
+        self.end: ChannelEnd | None = None
+
+    def data(self, view: memoryview) -> None:
+        now = time.monotonic()
+        if self.first_byte is None:
+            self.first_byte = now
+        self.last_byte = now
+        self.received += len(view)
+        if self.sink is not None:
+            self.recorder.write(self.sink, view)
+        elif self.pending is not None and len(self.pending) + len(view) <= MAX_PENDING_BYTES:
+            self.pending += view
+
+    def ended(self, end: ChannelEnd) -> None:
+        if self.end is None and not self.recorder.decided:
+            self.end = end
+
+
+_NOTHING = memoryview(b"")
+
+
+class RecordingDecoder(ChannelDecoder):
+    """A channel's decoder that hands every byte it is given to the recording first.
+
+    The hook is here rather than in the protocol so that whoever feeds the
+    decoder is recorded alike: the channel's own ``buffer_updated`` on the
+    event loop, TLS decrypting into it, or anything else that reads the socket
+    for the channel with ``get_buffer`` / ``buffer_updated``. The bytes of
+    ``buffer_updated(n)`` are the first ``n`` of the last buffer handed out.
+    """
+
+    def __init__(self, recording: ChannelRecording, *, max_packet_size: int) -> None:
+        super().__init__(max_packet_size=max_packet_size, allocate=ASK)
+        self.recording = recording
+        self._given = _NOTHING  # the buffer handed out last
+
+    def get_buffer(self) -> memoryview:
+        self._given = buffer = super().get_buffer()
+        return buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # Not kept past this call: a view would keep a released chunk's mmap alive.
+        given, self._given = self._given, _NOTHING
+        self.recording.data(given[:nbytes])  # first: these bytes may complete the handshake
+        super().buffer_updated(nbytes)
+
+    def eof(self) -> None:
+        self._given = _NOTHING
+        self.recording.ended(ChannelEnd.EOF)
+        super().eof()
+
+
+class RecordingChannel(ChannelProtocol):
+    """A channel whose decoder records what it is fed, and which notes how it ended."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        owner: ChannelOwner,
+        *,
+        max_packet_size: int,
+        handshake_timeout: float,
+    ) -> None:
+        super().__init__(owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout)
+        self.recording = ChannelRecording(recorder)
+        self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.recording.peer = self.peer
+
+    def lost_in_reader(self, exc: BaseException | None) -> None:
+        # (connection_lost ends here too; with reader threads only this is the real end)
+        if exc is not None:  # the peer broke it (our own abort reports None)
+            self.recording.ended(ChannelEnd.LOST)
+        super().lost_in_reader(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class _Refusal:
+    recording: ChannelRecording
+    sink: int
+    file: str
+    error: HandshakeError
+
+
+class Recorder:
+    """The recording of one session: what the loop thread knows, and the writer thread.
+
+    Loop thread: :meth:`channel` (the protocol factory), :meth:`accepted`,
+    :meth:`refused`, :meth:`status_changed`, :meth:`finish`. Whichever thread
+    feeds a channel's decoder: :meth:`write`. Writer thread: everything under
+    ``_write_loop``. They share the queue, and the ring and ``stopped`` under
+    ``_lock``.
+    """
+
+    def __init__(self, settings: ReceiveSettings) -> None:
+        assert settings.record is not None
+        self.settings = settings
+        self.directory = settings.record.directory
+        self.max_queued_bytes = settings.record.max_queued_bytes
+        self.max_refused = settings.record.max_refused
+        check_directory(self.directory)  # a usage error now, before anything starts
+        self.stopped: str | None = None  # why the recording stopped (set once)
+        self.decided = False  # the migration's outcome is known: ends are no longer noted
+        self._lock = threading.Lock()
+        self._ring: ByteRing | None = None  # made by start()
+        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._sinks = itertools.count()
+        self._channels: list[ChannelRecording] = []  # accepted, in order
+        self._refusals: list[_Refusal] = []
+        self._refused_not_kept = 0
+        self._thread: threading.Thread | None = None
+        self._finished = False
+        self._origin = 0.0  # monotonic: when the recording started
+        self._started_at = ""
+
+    # -- the loop thread -------------------------------------------------------------
+
+    def start(self) -> None:
+        """Create DIR and start the writer thread (before the session listens)."""
+        _make_directory(self.directory)
+        self._ring = ByteRing(self.max_queued_bytes)
+        self._origin = time.monotonic()
+        self._started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+        self._thread = threading.Thread(target=self._write_loop, name="record-writer", daemon=True)
+        self._thread.start()
+        log.info("recording", directory=str(self.directory), max_queued_bytes=self.max_queued_bytes)
+
+    def channel(
+        self, owner: ChannelOwner, *, max_packet_size: int, handshake_timeout: float
+    ) -> RecordingChannel:
+        return RecordingChannel(
+            self, owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout
+        )
+
+    def accepted(self, channel: ChannelProtocol, channel_id: int) -> None:
+        """The connection joined the migration as ``channel_id``: its file opens (before
+        anything else may read the channel)."""
+        if not isinstance(channel, RecordingChannel):
+            return
+        recording = channel.recording
+        pending, recording.pending = recording.pending, None
+        if self._finished or pending is None:
+            return
+        recording.channel_id = channel_id
+        recording.sink = sink = next(self._sinks)
+        self._channels.append(recording)
+        self._queue.put(_Open(sink, channel_file(channel_id)))
+        if pending:
+            self.write(sink, memoryview(pending))
+
+    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+        """The connection was refused: keep its bytes, if fewer than the cap were kept."""
+        if not isinstance(channel, RecordingChannel):
+            return
+        recording = channel.recording
+        pending, recording.pending = recording.pending, None
+        if self._finished or pending is None:
+            return
+        if len(self._refusals) >= self.max_refused:
+            self._refused_not_kept += 1
+            return
+        refusal = _Refusal(
+            recording, next(self._sinks), refused_file(len(self._refusals)), error
+        )
+        self._refusals.append(refusal)
+        self._queue.put(_Open(refusal.sink, refusal.file))
+        if pending:
+            self.write(refusal.sink, memoryview(pending))
+        self._queue.put(_Close(refusal.sink))
+
+    def status_changed(self, status: SessionStatus) -> None:
+        if status not in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            self.decided = True
+
+    def write(self, sink: int, view: memoryview) -> None:
+        """Copy ``view`` into the ring for the writer, unless the ring is full."""
+        ring = self._ring
+        if self.stopped is not None or ring is None:
+            return
+        size = len(view)
+        # Under the lock: with several threads feeding channels, the queue's order must
+        # be the ring's, for the writer frees the ring's oldest bytes first.
+        with self._lock:
+            place = ring.reserve(size)
+            if place is not None:
+                offset, padding = place
+                ring.view[offset : offset + size] = view  # the writer does not touch it yet
+                self._queue.put((sink, offset, size, padding))
+        if place is None:
+            self._stop(
+                f"the disk fell behind: more than {self.max_queued_bytes} received bytes waited "
+                "to be written (the recording's bound)"
+            )
+
+    def _stop(self, why: str) -> None:
+        """Stop recording (from either thread); the first reason is the one kept."""
+        with self._lock:
+            if self.stopped is not None:
+                return
+            self.stopped = why
+        log.warning(
+            "record_stopped",
+            directory=str(self.directory),
+            why=why,
+            note="the migration goes on; the recording is incomplete",
+        )
+
+    async def finish(
+        self, status: SessionStatus, error: MultifdError | None, address: Address | None
+    ) -> None:
+        """Close every file and write the manifest; waits (off the loop) at most
+        :data:`FINISH_TIMEOUT` for the writer to get there."""
+        if self._thread is None or self._finished:
+            return
+        self._finished = self.decided = True
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        finish = _Finish(self._manifest(status, error, address), done)
+        for recording in self._channels:
+            if recording.sink is not None:
+                self._queue.put(_Close(recording.sink))
+                recording.sink = None  # bytes still arriving are not recorded
+        self._queue.put(finish)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), FINISH_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "record_unfinished",
+                directory=str(self.directory),
+                why=f"the recording did not reach the disk within {FINISH_TIMEOUT:g} s",
+            )
+
+    def _manifest(
+        self, status: SessionStatus, error: MultifdError | None, address: Address | None
+    ) -> Callable[[dict[int, int], str | None], Manifest]:
+        """The manifest as the loop thread knows it now; the writer adds its byte counts."""
+        settings = self.settings
+
+        def since(moment: float | None) -> float | None:
+            return None if moment is None else round(moment - self._origin, 6)
+
+        channels: list[RecordedChannel] = []
+        channel_sinks: list[int] = []
+        for r in self._channels:
+            assert r.channel_id is not None and r.sink is not None
+            channels.append(
+                RecordedChannel(
+                    id=r.channel_id,
+                    file=channel_file(r.channel_id),
+                    peer=r.peer,
+                    bytes=0,
+                    received=r.received,
+                    first_byte_s=since(r.first_byte),
+                    last_byte_s=since(r.last_byte),
+                    end=r.end or ChannelEnd.OPEN,
+                )
+            )
+            channel_sinks.append(r.sink)
+        refused = [
+            RefusedConnection(
+                file=refusal.file,
+                peer=refusal.recording.peer,
+                reason=refusal.error.reason.value,
+                message=str(refusal.error),
+                bytes=0,
+                first_byte_s=since(refusal.recording.first_byte),
+            )
+            for refusal in self._refusals
+        ]
+        refused_sinks = [refusal.sink for refusal in self._refusals]
+        outcome = {
+            SessionStatus.COMPLETED: "completed",
+            SessionStatus.CANCELLED: "cancelled",
+            SessionStatus.CANCELLING: "cancelled",
+        }.get(status, "failed")
+        base = Manifest(
+            tool=f"vfio-multifd {__version__}",
+            started_at=self._started_at,
+            uuid=str(uuid_module.UUID(bytes=settings.uuid)),
+            channels=settings.channels,
+            tls=settings.tls is not None,
+            listen=str(address or settings.listen),
+            devices=tuple(
+                RecordedDevice(spec.key.idstr, spec.key.instance_id) for spec in settings.devices
+            ),
+            outcome=outcome,
+            error=None
+            if error is None
+            else RecordedError(
+                reason=error.reason.value,
+                message=str(error),
+                channel=error.channel,
+                device=error.device,
+                idx=error.idx,
+            ),
+            complete=True,
+            stopped=None,
+            recorded_channels=(),
+            refused=(),
+            refused_not_kept=self._refused_not_kept,
+        )
+
+        def build(written: dict[int, int], stopped: str | None) -> Manifest:
+            return replace(
+                base,
+                complete=stopped is None,
+                stopped=stopped,
+                recorded_channels=tuple(
+                    replace(c, bytes=written.get(s, 0))
+                    for c, s in zip(channels, channel_sinks, strict=True)
+                ),
+                refused=tuple(
+                    replace(r, bytes=written.get(s, 0))
+                    for r, s in zip(refused, refused_sinks, strict=True)
+                ),
+            )
+
+        return build
+
+    # -- the writer thread --------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        files: dict[int, tuple[int, str]] = {}  # sink -> (fd, file name)
+        written: dict[int, int] = {}
+        broken = False  # a write failed: drop what comes, but still write the manifest
+        while True:
+            item = self._queue.get()
+            try:
+                if isinstance(item, tuple):
+                    sink, offset, size, padding = item
+                    assert self._ring is not None
+                    entry = files.get(sink)
+                    if entry is not None and not broken:
+                        try:
+                            _append(entry[0], self._ring.view[offset : offset + size])
+                        except OSError as error:
+                            broken = True
+                            self._stop(f"cannot write {entry[1]}: {os_error_text(error)}")
+                        else:
+                            written[sink] += size
+                    with self._lock:
+                        self._ring.free(padding + size)
+                elif isinstance(item, _Open):
+                    # Even once broken: every channel the manifest names has its file.
+                    try:
+                        fd = os.open(
+                            self.directory / item.name,
+                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                            0o600,
+                        )
+                    except OSError as error:
+                        broken = True
+                        self._stop(f"cannot create {item.name}: {os_error_text(error)}")
+                    else:
+                        files[item.sink] = (fd, item.name)
+                        written[item.sink] = 0
+                elif isinstance(item, _Close):
+                    entry = files.pop(item.sink, None)
+                    if entry is not None:
+                        os.close(entry[0])
+                else:
+                    for fd, _ in files.values():
+                        os.close(fd)
+                    files.clear()
+                    self._write_manifest(item.build(written, self.stopped))
+                    item.done.set_result(None)
+                    return
+            except Exception as error:  # a bug: the recording stops, the migration does not
+                broken = True
+                self._stop(f"internal error: {error!r}")
+                if isinstance(item, _Finish):
+                    item.done.set_result(None)
+                    return
+
+    def _write_manifest(self, manifest: Manifest) -> None:
+        """``manifest.json``, complete or not at all: written aside, synced, renamed."""
+        temporary = self.directory / f".{MANIFEST_NAME}.tmp"
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                data = memoryview(manifest.to_json().encode())
+                while data:
+                    data = data[os.write(fd, data) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temporary, self.directory / MANIFEST_NAME)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            log.warning(
+                "record_manifest_failed",
+                directory=str(self.directory),
+                error=os_error_text(error),
+            )
+            return
+        log.info(
+            "record_written",
+            directory=str(self.directory),
+            channels=len(manifest.recorded_channels),
+            bytes=sum(c.bytes for c in manifest.recorded_channels),
+            refused=len(manifest.refused),
+            complete=manifest.complete,
+            outcome=manifest.outcome,
+        )
