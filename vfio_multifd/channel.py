@@ -175,12 +175,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if transport is None or self.end_of_stream or self.state is not ChannelState.ACTIVE:
             return
         wanted = not self._awaiting_buffer and len(self.pending) < MAX_PENDING_PACKETS
-        if wanted != self._reading:
-            self._reading = wanted
-            if wanted:
-                transport.resume_reading()
-            else:
-                transport.pause_reading()
+        self._reading = switch_reading(transport, reading=self._reading, wanted=wanted)
 
     def eof_received(self) -> bool:
         self.decoder.eof()
@@ -355,6 +350,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
             self.transport.close()
         else:
             _reset(self.transport)
+
+
+def switch_reading(transport: asyncio.ReadTransport, *, reading: bool, wanted: bool) -> bool:
+    """Pause or resume ``transport`` when ``wanted`` is not what it is doing; returns ``wanted``."""
+    if wanted != reading:
+        if wanted:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+    return wanted
 
 
 def _reset(transport: asyncio.Transport) -> None:

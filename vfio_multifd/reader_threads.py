@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from .channel import switch_reading
 from .decoder import DecoderState
 from .errors import ProtocolError
 from .wire import DevicePacket, PacketHeader
@@ -278,12 +279,7 @@ class ChannelReader(asyncio.BufferedProtocol):
         if transport is None or transport.is_closing():
             return
         wanted = not (self._held or self._awaiting or self._done)
-        if wanted != self._reading:
-            self._reading = wanted
-            if wanted:
-                transport.resume_reading()
-            else:
-                transport.pause_reading()
+        self._reading = switch_reading(transport, reading=self._reading, wanted=wanted)
 
     # -- asked by the main loop (run on the reader loop) -------------------------------
 

@@ -344,15 +344,25 @@ class Recorder:
             self, owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout
         )
 
-    def accepted(self, channel: ChannelProtocol, channel_id: int) -> None:
-        """The connection joined the migration as ``channel_id``: its file opens (before
-        anything else may read the channel)."""
+    def _take_pending(
+        self, channel: ChannelProtocol
+    ) -> tuple[ChannelRecording, bytearray] | None:
+        """A recorded connection's handshake bytes, once: it is accepted or refused now."""
         if not isinstance(channel, RecordingChannel):
-            return
+            return None
         recording = channel.recording
         pending, recording.pending = recording.pending, None
         if self._finished or pending is None:
+            return None
+        return recording, pending
+
+    def accepted(self, channel: ChannelProtocol, channel_id: int) -> None:
+        """The connection joined the migration as ``channel_id``: its file opens (before
+        anything else may read the channel)."""
+        taken = self._take_pending(channel)
+        if taken is None:
             return
+        recording, pending = taken
         recording.channel_id = channel_id
         recording.sink = sink = next(self._sinks)
         self._channels.append(recording)
@@ -362,12 +372,10 @@ class Recorder:
 
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         """The connection was refused: keep its bytes, if fewer than the cap were kept."""
-        if not isinstance(channel, RecordingChannel):
+        taken = self._take_pending(channel)
+        if taken is None:
             return
-        recording = channel.recording
-        pending, recording.pending = recording.pending, None
-        if self._finished or pending is None:
-            return
+        recording, pending = taken
         if len(self._refusals) >= self.max_refused:
             self._refused_not_kept += 1
             return
