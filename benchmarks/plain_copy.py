@@ -29,10 +29,12 @@ BUFFER = 1 << 20
 DONE = "plain_copy_done"
 
 
-def command(connections: int, sink: str, *, fsync: bool = True) -> list[str]:
+def command(
+    connections: int, sink: str, *, fsync: bool = True, splice: bool = False
+) -> list[str]:
     """How a harness starts this script."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--connections", str(connections)]
-    cmd += ["--sink", sink]
+    cmd += ["--sink", sink, *(["--splice"] if splice else [])]
     return cmd if fsync else [*cmd, "--no-fsync"]
 
 
@@ -40,7 +42,7 @@ def _emit(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def receive(connections: int, sink: str, fsync: bool) -> int:
+def receive(connections: int, sink: str, fsync: bool, splice: bool = False) -> int:
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(max(connections, 8))
@@ -51,6 +53,25 @@ def receive(connections: int, sink: str, fsync: bool) -> int:
     first: list[float] = []  # monotonic time of the first byte received
     received = [0] * connections
     errors: list[str] = []
+
+    def move(n: int, conn: socket.socket) -> None:
+        """``--splice``: socket -> pipe -> sink in the kernel; no byte enters user space."""
+        pipe_r, pipe_w = os.pipe()
+        try:
+            while got := os.splice(conn.fileno(), pipe_w, BUFFER):
+                with lock:
+                    if not first:
+                        first.append(time.monotonic())
+                    done = 0
+                    while done < got:
+                        done += os.splice(pipe_r, fd, got - done)
+                received[n] += got
+        except OSError as error:
+            errors.append(f"connection {n}: {error}")
+        finally:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            conn.close()
 
     def copy(n: int, conn: socket.socket) -> None:
         buf = bytearray(BUFFER)
@@ -72,7 +93,7 @@ def receive(connections: int, sink: str, fsync: bool) -> int:
     threads = []
     for n in range(connections):
         conn, _ = server.accept()
-        threads.append(threading.Thread(target=copy, args=(n, conn)))
+        threads.append(threading.Thread(target=move if splice else copy, args=(n, conn)))
         threads[-1].start()
     server.close()
     for thread in threads:
@@ -90,8 +111,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, required=True)
     parser.add_argument("--sink", default=os.devnull, help="where every byte goes (/dev/null)")
     parser.add_argument("--no-fsync", action="store_true", help="do not fsync a file sink")
+    parser.add_argument(
+        "--splice", action="store_true", help="splice(2) through a pipe: no copy to user space"
+    )
     args = parser.parse_args(argv)
-    return receive(args.connections, args.sink, not args.no_fsync)
+    return receive(args.connections, args.sink, not args.no_fsync, args.splice)
 
 
 if __name__ == "__main__":
