@@ -235,3 +235,15 @@ def test_plain_copy_writes_the_stream(tmp_path: Path, connections: int) -> None:
         assert written == workload.stream_bytes(0)
     else:  # the connections' writes interleave
         assert len(written) == sum(workload.channel_bytes)
+
+
+def test_diagnostic_scripts_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """The scripts the README quotes for the throughput account still run and check bytes."""
+    import baselines
+    import decoder_cost
+
+    assert decoder_cost.main(["--packets", "300", "--reps", "1"]) == 0
+    assert baselines.main(["--size", "8M", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "us per packet" in out
+    assert [line.split()[0] for line in out.splitlines()[-3:]] == ["recv_into", "splice", "loop"]
