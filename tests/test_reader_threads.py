@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import qemu_source as qs
+from cli_helpers import Daemon, one_device_daemon, send_to
 from helpers import (
     IDSTR,
     IDSTR_B,
@@ -262,3 +263,23 @@ def test_reader_threads_outside_0_to_channels_is_a_usage_error(
     err = capsys.readouterr().err
     assert "--reader-threads" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_daemon_says_how_many_reader_threads_read(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """``receive --reader-threads 2`` (under each --event-loop): the bytes arrive, and the
+    listening line, the summary and the JSON summary say how many threads read."""
+    daemon, data = one_device_daemon(tmp_path, daemons, 3, "--reader-threads", "2")
+    [listening] = [e for e in daemon.events() if e["event"] == "listening"]
+    assert listening["reader_threads"] == 2
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes(3 * (1 << 20) + 77, 9))
+    sent = send_to(daemon.address, 3, f"idstr={IDSTR},source={source}")
+    assert sent.returncode == 0, sent.stderr
+    code, stdout, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert data.read_bytes() == source.read_bytes()
+    assert "channels read on 2 reader threads" in stdout
+    [completed] = [e for e in daemon.events() if e["event"] == "migration_completed"]
+    assert completed["reader_threads"] == 2

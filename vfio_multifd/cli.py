@@ -287,6 +287,8 @@ def print_receive_summary(
         f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
+    if result.reader_threads:
+        print(f"channels read on {result.reader_threads} reader threads", file=out)
     tls = result.tls_summary()
     if tls is not None:
         print(tls, file=out)
