@@ -112,19 +112,26 @@ class ConfigResult:
         values = self.values(kind, attr)
         return statistics.median(values) if values else None
 
-    def ratios(self) -> list[float]:
-        """Daemon MB/s / baseline MB/s of each a/b pair in which both succeeded."""
+    def pair_ratios(self, attr: str) -> list[float]:
+        """Daemon / baseline of ``attr`` in each a/b pair in which both succeeded."""
         pairs = zip(self.baseline, self.daemon, strict=False)
-        return [d.mb_per_s / b.mb_per_s for b, d in pairs if b.ok and d.ok and b.mb_per_s > 0]
+        return [
+            getattr(d, attr) / getattr(b, attr)
+            for b, d in pairs
+            if b.ok and d.ok and getattr(b, attr) > 0
+        ]
+
+    def ratios(self) -> list[float]:
+        """Daemon MB/s / baseline MB/s of each pair."""
+        return self.pair_ratios("mb_per_s")
 
     def ratio(self) -> float | None:
         ratios = self.ratios()
         return statistics.median(ratios) if ratios else None
 
     def cpu_ratios(self) -> list[float]:
-        """Daemon CPU s/GB / baseline CPU s/GB of each a/b pair in which both succeeded."""
-        pairs = zip(self.baseline, self.daemon, strict=False)
-        return [d.cpu_per_gb / b.cpu_per_gb for b, d in pairs if b.ok and d.ok and b.cpu_per_gb > 0]
+        """Daemon CPU s/GB / baseline CPU s/GB of each pair."""
+        return self.pair_ratios("cpu_per_gb")
 
     def cpu_ratio(self) -> float | None:
         ratios = self.cpu_ratios()

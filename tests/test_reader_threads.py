@@ -29,7 +29,7 @@ from helpers import (
     start,
 )
 
-from vfio_multifd import DeviceKey
+from vfio_multifd import DeviceKey, ReceiveSettings
 from vfio_multifd.cli import main
 from vfio_multifd.errors import Cancelled, MultifdError, Reason
 from vfio_multifd.reader_threads import ChannelReader, HandedOffTransport, default_reader_threads
@@ -140,12 +140,7 @@ async def test_a_bad_packet_on_a_reader_thread_names_channel_device_and_idx(
     # The VFIO state version opens the payload, after the 276-byte device-state header.
     struct.pack_into(">I", bad, 276, 7)
     streams = [qs.handshake(0) + good, qs.handshake(1) + bytes(bad)]
-    running = await start(config)
-    with pytest.raises(MultifdError) as raised:
-        await asyncio.gather(
-            asyncio.to_thread(_send_and_wait, running.address, streams), running.result()
-        )
-    error = raised.value
+    error = await _failure_of(config, streams)
     assert error.reason is Reason.VFIO_VERSION
     assert (error.channel, error.device, error.idx) == (1, str(A), 1)
     assert "VFIO state version 7" in error.message
@@ -160,12 +155,7 @@ async def test_a_duplicate_idx_from_two_reader_threads_fails_naming_both_ends(
     config = settings(tmp_path, A, channels=2, reader_threads=2)
     packet = qs.device_packet(IDSTR, 0, 3, b"z" * 4096)
     streams = [qs.handshake(0) + packet, qs.handshake(1) + packet]
-    running = await start(config)
-    with pytest.raises(MultifdError) as raised:
-        await asyncio.gather(
-            asyncio.to_thread(_send_and_wait, running.address, streams), running.result()
-        )
-    error = raised.value
+    error = await _failure_of(config, streams)
     assert error.reason is Reason.VFIO_ALREADY_FILLED
     assert error.device == str(A) and error.idx == 3 and error.channel in (0, 1)
     assert final_files(tmp_path) == []
@@ -214,6 +204,16 @@ async def test_cancel_mid_transfer_stops_the_reader_threads(tmp_path: Path) -> N
             while sock.recv(1):
                 pass
         sock.close()
+
+
+async def _failure_of(config: ReceiveSettings, streams: list[bytes]) -> MultifdError:
+    """Run a session on ``streams``; the error it fails with."""
+    running = await start(config)
+    with pytest.raises(MultifdError) as raised:
+        await asyncio.gather(
+            asyncio.to_thread(_send_and_wait, running.address, streams), running.result()
+        )
+    return raised.value
 
 
 def _send_and_wait(address: str, streams: list[bytes]) -> None:
