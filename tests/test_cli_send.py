@@ -3,6 +3,7 @@ that name the address and the channel."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, receiver, run, wait_for
 from helpers import IDSTR
+
+from vfio_multifd import Address, Reason
 
 
 def events(text: str) -> list[dict[str, object]]:
@@ -157,3 +160,28 @@ def test_sigint_while_waiting_for_the_daemon_says_everything_was_sent(
         f"(2 of 2 packets) to {daemon.address}, before the daemon closed the channels: it had "
         "not completed the migration yet"
     )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError(errno.ECONNRESET, "reset"),
+        BrokenPipeError(errno.EPIPE, "broken pipe"),
+        OSError(errno.ENOTCONN, "Transport endpoint is not connected"),
+    ],
+)
+def test_a_connection_the_daemon_reset_is_its_verdict_however_the_kernel_says_it(
+    error: OSError,
+) -> None:
+    """shutdown(SHUT_WR) after the daemon's reset has arrived fails with ENOTCONN, not
+    ECONNRESET: that is the daemon's reset all the same (it once read as a send failure)."""
+    from vfio_multifd.sender import _channel_error
+
+    address = Address("tcp", "127.0.0.1", 4444)
+    verdict = _channel_error(2, address, error, sent=100)
+    assert verdict.reason is Reason.CHANNEL_RESET and verdict.channel == 2
+    assert "the daemon reset the connection after this channel sent all its 100 bytes" in str(
+        verdict
+    )
+    other = _channel_error(2, address, OSError(errno.EHOSTUNREACH, "no route"), sent=None)
+    assert other.reason is Reason.SEND_FAILED

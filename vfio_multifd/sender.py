@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import errno
 import fcntl
 import os
 import random
@@ -535,7 +536,9 @@ def _channel_error(channel: int, address: Address, error: OSError, *, sent: int 
         if sent is None
         else f"after this channel sent all its {sent} bytes"
     )
-    if isinstance(error, ConnectionResetError | BrokenPipeError):
+    # ENOTCONN: the reset came before our shutdown(SHUT_WR), and Linux then reports
+    # the connection gone rather than the reset that ended it.
+    if isinstance(error, ConnectionResetError | BrokenPipeError) or error.errno == errno.ENOTCONN:
         return SendError(
             Reason.CHANNEL_RESET,
             f"{address}: the daemon reset the connection {when}: it refused this channel or "
