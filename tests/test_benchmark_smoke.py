@@ -136,11 +136,14 @@ def test_a_wrong_digest_is_a_failed_run(tmp_path: Path) -> None:
 
 def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     raw = tmp_path / "raw.json"
-    argv = ["--size", "4M", "--reps", "1", "--channels", "1", "--devices", "1", "--sinks", "null"]
+    argv = ["--size", "4M", "--null-size", "4M", "--reps", "1", "--headline-reps", "1"]
+    argv += ["--channels", "1", "--devices", "1", "--sinks", "null"]
     code = throughput.main([*argv, "--no-tls", "--tmpdir", str(tmp_path), "--json", str(raw)])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "daemon MB/s" in out and "took" in out
+    assert "Headline: the throughput issue's targets" in out and "Matrix" in out
+    assert "CPU s/GB ratio, /dev/null <= 1.5" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
 

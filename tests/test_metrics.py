@@ -142,12 +142,8 @@ async def test_refused_connections_by_reason_and_a_failed_status(tmp_path: Path)
     async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
         assert server.bound is not None
         for _ in range(2):
-            with connect(running.address) as stray:
-                stray.sendall(bytes(64))  # no magic
-                stray.settimeout(5)
-                with pytest.raises(OSError):  # reset, or closed
-                    if not stray.recv(1):
-                        raise ConnectionResetError
+            # In a thread: the daemon on this loop must read the stray to refuse it.
+            await asyncio.to_thread(_send_a_stray, running.address)
         samples = await scrape(server.bound)
         assert value(samples, "vfio_multifd_refused_connections_total", reason="handshake-magic") == 2
         assert status_of(samples) == "setup"
@@ -155,6 +151,15 @@ async def test_refused_connections_by_reason_and_a_failed_status(tmp_path: Path)
         with pytest.raises(Exception, match="cancelled by the test"):
             await running.result()
         assert status_of(await scrape(server.bound)) == "cancelled"
+
+
+def _send_a_stray(address: str) -> None:
+    """A connection whose handshake has no magic: the daemon refuses it with a reset."""
+    with connect(address) as stray:
+        stray.sendall(bytes(64))
+        stray.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            stray.recv(1)
 
 
 async def test_other_paths_and_methods(tmp_path: Path) -> None:
