@@ -29,7 +29,7 @@ from helpers import (
     start,
 )
 
-from vfio_multifd import DeviceKey, ReceiveSettings
+from vfio_multifd import Address, DeviceKey, ReceiveSettings
 from vfio_multifd.cli import main
 from vfio_multifd.errors import Cancelled, MultifdError, Reason
 from vfio_multifd.reader_threads import ChannelReader, HandedOffTransport, default_reader_threads
@@ -283,3 +283,22 @@ def test_the_daemon_says_how_many_reader_threads_read(
     assert "channels read on 2 reader threads" in stdout
     [completed] = [e for e in daemon.events() if e["event"] == "migration_completed"]
     assert completed["reader_threads"] == 2
+
+
+async def test_unix_socket_channels_are_read_on_reader_threads(
+    short_dir: Path, reading_threads: set[str]
+) -> None:
+    config = settings(
+        short_dir,
+        A,
+        channels=2,
+        reader_threads=2,
+        listen=Address("unix", path=str(short_dir / "m.sock")),
+    )
+    data = random_bytes(11 * CHUNK + 3, 12)
+    streams = qs.build_streams([(IDSTR, 0, data, b"u")], channels=2, chunk_size=CHUNK)
+    running = await start(config)
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    result = await running.result()
+    assert_outputs(config, [(data, qs.config_blob(b"u"))])
+    assert result.reader_threads == 2 and reading_threads == {"reader-0", "reader-1"}
