@@ -9,6 +9,7 @@ read on the reader threads, so that a regression to the main loop is caught.
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import struct
 import threading
@@ -302,3 +303,27 @@ async def test_unix_socket_channels_are_read_on_reader_threads(
     result = await running.result()
     assert_outputs(config, [(data, qs.config_blob(b"u"))])
     assert result.reader_threads == 2 and reading_threads == {"reader-0", "reader-1"}
+
+
+async def test_a_channel_that_cannot_move_is_read_where_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reading_threads: set[str]
+) -> None:
+    """Out of descriptors for the dup: the channel stays on the main loop, byte-exact."""
+    import vfio_multifd.reader_threads as reader_threads
+
+    def no_descriptor(fd: int) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(reader_threads.os, "dup", no_descriptor)
+    config = settings(tmp_path, A, channels=2, reader_threads=2)
+    data = random_bytes(6 * CHUNK, 13)
+    streams = qs.build_streams([(IDSTR, 0, data, b"m")], channels=2, chunk_size=CHUNK)
+    running = await start(config)
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    await running.result()
+    assert_outputs(config, [(data, qs.config_blob(b"m"))])
+    assert reading_threads == set()
+    assert not any(
+        isinstance(c.transport, HandedOffTransport)
+        for c in running.session.registry.channels.values()
+    )

@@ -69,8 +69,9 @@ def default_reader_threads(channels: int, cpus: int | None = None) -> int:
     A reader thread costs CPU (two handoffs per packet, and the GIL passed back
     and forth) and pays off only with a core to itself: the main loop needs one
     (admission, queueing, loaders), each device's writer part of another
-    (digests). Measured on 2 cores (benchmarks/throughput.py, README), one
-    reader thread cost 0.13 CPU s/GB more and received 19 % less than none.
+    (digests). Measured on 2 cores shared with the sender (benchmarks/throughput.py,
+    README), one reader thread cost 0.14 CPU s/GB more and received a quarter less
+    than none.
     """
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
     if cpus < READER_THREADS_MIN_CPUS:
@@ -114,8 +115,8 @@ class ReaderThreads:
         if not self._loops or sock is None or self._main is None:
             return False
         try:
-            fd = os.dup(sock.fileno())
-        except OSError:
+            moved = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:  # out of descriptors: it is read where it is
             return False
         n = self._channels.index(min(self._channels))
         self._channels[n] += 1
@@ -126,7 +127,6 @@ class ReaderThreads:
         # Our descriptor keeps the connection open: closing the main loop's one
         # sends nothing to the peer (no shutdown, no reset).
         transport.abort()
-        moved = socket.socket(fileno=fd)
         loop.call_soon_threadsafe(reader.start, moved)
         return True
 
