@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 import structlog
 
 from . import cli_options, logconfig, notify
-from .config import Address, ReceiveSettings, RecordSettings, TlsSettings, check_outside
+from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
 from .errors import Cancelled, MultifdError, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
 from .results import SessionResult
@@ -136,11 +136,8 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 def _receive_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
     settings = receive_settings(args)
-    if settings.record is not None and args.status_socket is not None:
-        socket_path = Path(args.status_socket)
-        check_outside(
-            [(f"--status-socket {socket_path}", socket_path)], settings.record.directory, "--record"
-        )
+    if args.status_socket is not None:  # before anything starts, as for the other paths
+        settings.check_paths((f"--status-socket {args.status_socket}", Path(args.status_socket)))
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(

@@ -292,9 +292,7 @@ class ReceiveSettings:
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")
-        check_distinct_files(self.named_paths())
-        if self.record is not None:
-            check_outside(self.named_paths(), self.record.directory, "--record")
+        self.check_paths()
         if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(
                 f"--max-packet-size {self.max_packet_size} is below {VFIO_HEADER.size}, "
@@ -312,6 +310,14 @@ class ReceiveSettings:
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
                 f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
             )
+
+    def check_paths(self, *extra: tuple[str, Path]) -> None:
+        """No two of the session's paths and ``extra`` (the status socket) are one file,
+        and none lies inside --record DIR: raises :class:`UsageError` naming them."""
+        named = [*self.named_paths(), *extra]
+        check_distinct_files(named)
+        if self.record is not None:
+            check_outside(named, self.record.directory, "--record")
 
     def named_paths(self) -> list[tuple[str, Path]]:
         """Every path the session writes or listens on, with the option that names it;

@@ -25,7 +25,6 @@ import structlog
 from . import __version__
 from .channel import ChannelProtocol, ChannelState
 from .clients import Clients
-from .config import check_distinct_files
 from .errors import UsageError
 from .listener import remove_own_socket
 from .reassembly import ChunkState, DeviceBuffer
@@ -171,9 +170,7 @@ class StatusServer:
         self.log = log.bind(status_socket=str(self.path))
 
     async def start(self) -> None:
-        check_distinct_files(
-            [*self.session.settings.named_paths(), (f"--status-socket {self.path}", self.path)]
-        )
+        self.session.settings.check_paths((f"--status-socket {self.path}", self.path))
         await claim_unix_path(str(self.path), f"--status-socket {self.path}")
         try:
             sock = self._bind_private()
