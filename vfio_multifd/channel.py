@@ -105,9 +105,9 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self._closing = False  # closed before the transport was made: abort it at once
         #: Called once the connection is gone (its socket closed): the listener counts descriptors.
         self.on_lost: Callable[[ChannelProtocol], None] | None = None
-        #: Once accepted, may move the socket to a reader thread (reader_threads.py);
-        #: True if it did.
-        self.hand_off: Callable[[ChannelProtocol, asyncio.Transport], bool] | None = None
+        #: Once accepted, moves the socket to a reader thread (reader_threads.py), or
+        #: leaves it where it is if it cannot.
+        self.hand_off: Callable[[ChannelProtocol, asyncio.Transport], None] | None = None
         # Read by a reader thread: its decoded events come in take_batch.
         self._handed_off: HandedOffTransport | None = None
         self.log = log
@@ -227,7 +227,6 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         elif self.state is ChannelState.HANDSHAKE and self._closing:
             # We hung up on it as the migration ended: no refusal of its own, and
             # nothing that explains how the migration ended.
-            self._cancel_handshake_timer()
             self.state = ChannelState.REFUSED
         elif self.state is ChannelState.HANDSHAKE:
             self._refuse(
@@ -290,7 +289,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.REFUSED
         self.owner.refused(self, error)
         if self.transport is not None:
-            _reset(self.transport)
+            reset(self.transport)
 
     def fail(self, error: MultifdError) -> None:
         if self.state is not ChannelState.ACTIVE:
@@ -298,7 +297,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.FAILED
         self.owner.fail(error.with_context(channel=self.channel_id))
         if self.transport is not None:
-            _reset(self.transport)
+            reset(self.transport)
         self._wake()
 
     # -- the reader's side --------------------------------------------------------
@@ -349,7 +348,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         if completed:
             self.transport.close()
         else:
-            _reset(self.transport)
+            reset(self.transport)
 
 
 def switch_reading(transport: asyncio.ReadTransport, *, reading: bool, wanted: bool) -> bool:
@@ -362,7 +361,7 @@ def switch_reading(transport: asyncio.ReadTransport, *, reading: bool, wanted: b
     return wanted
 
 
-def _reset(transport: asyncio.Transport) -> None:
+def reset(transport: asyncio.Transport) -> None:
     """Close with a reset (TCP RST) rather than a clean end of stream: the only answer
     a channel carries back. (A unix socket resets only with bytes left unread.)"""
     if not transport.is_closing():

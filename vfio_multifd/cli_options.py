@@ -466,9 +466,9 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="threads that read the channels, each with its own event loop, so that several "
-        "cores copy from the kernel at once; 0: the main loop reads them all (default: one "
-        "fewer than the cores, at least 1, at most --channels; 0 on one core; TLS channels "
-        "are read on the main loop)",
+        "cores copy from the kernel at once; 0: the main loop reads them all (default: half "
+        "the cores, at most --channels, 0 below 4 cores; TLS channels are read on the main "
+        "loop)",
     )
     rx.add_argument(
         "--progress-timeout",
@@ -499,13 +499,7 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         ],
     )
     tx.set_defaults(handler=handler)
-    tx.add_argument(
-        "--connect",
-        type=_address,
-        required=True,
-        metavar="tcp:HOST:PORT|unix:PATH",
-        help="the receiving daemon's --listen address",
-    )
+    _add_connecting(tx)
     tx.add_argument(
         "--device",
         type=_send_device,
@@ -536,12 +530,18 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="FAULT",
         help="put one fault into channel 0's stream, to see an error: " + ", ".join(sorted(FAULTS)),
     )
-    _add_tls_client(tx)
-    _add_connect_timeout(tx)
 
 
-def _add_tls_client(parser: argparse.ArgumentParser) -> None:
-    """QEMU's tls-creds-x509 (endpoint=client) and tls-hostname: send's and replay's."""
+def _add_connecting(parser: argparse.ArgumentParser) -> None:
+    """Where and how send and replay connect: --connect, QEMU's tls-creds-x509
+    (endpoint=client) and tls-hostname, --connect-timeout."""
+    parser.add_argument(
+        "--connect",
+        type=_address,
+        required=True,
+        metavar="tcp:HOST:PORT|unix:PATH",
+        help="the receiving daemon's --listen address",
+    )
     parser.add_argument(
         "--tls-creds",
         type=Path,
@@ -557,9 +557,6 @@ def _add_tls_client(parser: argparse.ArgumentParser) -> None:
         help="the name the receiver's certificate must carry (default: the host of "
         "--connect; required with unix:)",
     )
-
-
-def _add_connect_timeout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--connect-timeout",
         type=_positive_seconds,
@@ -589,13 +586,7 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="DIR",
         help="the recording: a directory receive --record wrote, with its manifest.json",
     )
-    rp.add_argument(
-        "--connect",
-        type=_address,
-        required=True,
-        metavar="tcp:HOST:PORT|unix:PATH",
-        help="the receiving daemon's --listen address",
-    )
+    _add_connecting(rp)
     rp.add_argument(
         "--channels-order",
         choices=REPLAY_ORDERS,
@@ -606,8 +597,6 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
     rp.add_argument(
         "--seed", type=int, default=0, help="seed of --channels-order random (default 0)"
     )
-    _add_tls_client(rp)
-    _add_connect_timeout(rp)
 
 
 def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:

@@ -36,14 +36,13 @@ import asyncio
 import contextlib
 import os
 import socket
-import struct
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .channel import switch_reading
+from .channel import reset, switch_reading
 from .decoder import DecoderState
 from .errors import ProtocolError
 from .wire import DevicePacket, PacketHeader
@@ -107,17 +106,16 @@ class ReaderThreads:
             self._loops.append(loop)
             self._threads.append(thread)
 
-    def hand_off(self, channel: ChannelProtocol, transport: asyncio.Transport) -> bool:
+    def hand_off(self, channel: ChannelProtocol, transport: asyncio.Transport) -> None:
         """Move an accepted channel's socket from ``transport`` (on the main loop) to
-        the reader thread with the fewest channels. False if it cannot move (it then
-        stays where it is)."""
+        the reader thread with the fewest channels; if it cannot move, it stays."""
         sock = transport.get_extra_info("socket")
         if not self._loops or sock is None or self._main is None:
-            return False
+            return
         try:
             moved = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:  # out of descriptors: it is read where it is
-            return False
+            return
         n = self._channels.index(min(self._channels))
         self._channels[n] += 1
         loop = self._loops[n]
@@ -128,7 +126,6 @@ class ReaderThreads:
         # sends nothing to the peer (no shutdown, no reset).
         transport.abort()
         loop.call_soon_threadsafe(reader.start, moved)
-        return True
 
     async def stop(self) -> None:
         """Close what the readers still hold, stop their loops, wait for the threads."""
@@ -191,7 +188,7 @@ class ChannelReader(asyncio.BufferedProtocol):
         self._reading = True
         self._held = False  # the main loop asked us to stop reading
         self._awaiting = False  # a header waits for its buffer
-        self._close: str | None = None  # "close" / "reset", asked before connection_made
+        self._close: bool | None = None  # close(completed=) asked before connection_made
         self._done = False  # the decoder stopped, or the stream ended
         self._connecting: asyncio.Task[None] | None = None
 
@@ -294,25 +291,20 @@ class ChannelReader(asyncio.BufferedProtocol):
         self._held = held
         self._update_reading()
 
-    def close(self, how: str) -> None:
+    def close(self, completed: bool) -> None:
+        """Hang up as ChannelProtocol.close does: cleanly if ``completed``, else a reset."""
         if self.transport is None:
-            self._close = how  # not connected yet: close as soon as it is
+            self._close = completed  # not connected yet: close as soon as it is
             return
-        self._apply_close(how)
+        self._apply_close(completed)
 
-    def _apply_close(self, how: str) -> None:
+    def _apply_close(self, completed: bool) -> None:
         transport = self.transport
         assert transport is not None
-        if transport.is_closing():
-            return
-        if how == "close":
+        if completed:
             transport.close()
-            return
-        with contextlib.suppress(OSError, ValueError):  # ValueError: uvloop's, once closed
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        transport.abort()
+        else:
+            reset(transport)
 
 
 class HandedOffTransport(asyncio.Transport):
@@ -346,10 +338,10 @@ class HandedOffTransport(asyncio.Transport):
     def close(self) -> None:
         if not self._closing:
             self._closing = True
-            self._call(self.reader.close, "close")
+            self._call(self.reader.close, True)
 
     def abort(self) -> None:
-        """A reset (the only way a channel aborts: see channel._reset)."""
+        """A reset (the only way a channel aborts: see channel.reset)."""
         if not self._closing:
             self._closing = True
-            self._call(self.reader.close, "reset")
+            self._call(self.reader.close, False)

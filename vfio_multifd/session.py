@@ -361,8 +361,7 @@ class Session:
     def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
         # Once the migration is ending (failed, cancelled, or every device complete)
         # no reader may start: the task group is shutting down or gone.
-        ending = self._first_error is not None and self._first_error.done()
-        if self._group is None or ending or self._pending_error is not None:
+        if self._group is None or self._ending:
             raise HandshakeError(Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels")
         self.registry.accept(channel, handshake)
         if self.recorder is not None:
@@ -374,10 +373,15 @@ class Session:
             self._set_status(SessionStatus.ACTIVE)
         self._spawn(read_channel(channel, self), f"channel {handshake.channel_id}")
 
+    @property
+    def _ending(self) -> bool:
+        """An error was reported: the migration is failing or being cancelled."""
+        done = self._first_error is not None and self._first_error.done()
+        return done or self._pending_error is not None
+
     def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         self.refused_by_reason[error.reason.value] += 1
-        ending = self._first_error is not None and self._first_error.done()
-        self.registry.refuse(channel, error, late=ending or self._pending_error is not None)
+        self.registry.refuse(channel, error, late=self._ending)
         if self.recorder is not None:
             self.recorder.refused(channel, error)
 
