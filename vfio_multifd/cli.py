@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, TypeVar
@@ -310,31 +310,36 @@ def _send_command(args: argparse.Namespace) -> int:
 
     _configure_logging(args)
     tls_client = _tls_client(args)
-    previous = signal.signal(signal.SIGTERM, _stop_sending)
-    try:
-        with send_progress(args.device, args.progress_interval) as progress:
-            result = send(
-                args.connect,
-                args.device,
-                channels=args.channels,
-                uuid=args.uuid,
-                chunk_size=args.chunk_size,
-                order=args.order,
-                seed=args.seed,
-                digest=args.digest,
-                connect_timeout=args.connect_timeout,
-                inject=args.inject,
-                progress=progress,
-                tls=tls_client,
-            )
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _sigterm_stops_sending(), send_progress(args.device, args.progress_interval) as progress:
+        result = send(
+            args.connect,
+            args.device,
+            channels=args.channels,
+            uuid=args.uuid,
+            chunk_size=args.chunk_size,
+            order=args.order,
+            seed=args.seed,
+            digest=args.digest,
+            connect_timeout=args.connect_timeout,
+            inject=args.inject,
+            progress=progress,
+            tls=tls_client,
+        )
     print_send_summary(result, sys.stdout, args.connect)
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _sigterm_stops_sending() -> Iterator[None]:
+    """SIGTERM stops send and replay as SIGINT does; their message says what was sent."""
+    previous = signal.signal(signal.SIGTERM, _stop_sending)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _stop_sending(signum: int, frame: object) -> None:
-    """SIGTERM stops the sender as SIGINT does, and its message says what was sent."""
     raise Stopped(signum)
 
 
@@ -365,9 +370,9 @@ def _replay_command(args: argparse.Namespace) -> int:
     tls_client = _tls_client(args)
     replay = Replay(recording, args.channels_order, args.seed)
     print_replay_plan(replay, sys.stdout, args.channels_order)
-    previous = signal.signal(signal.SIGTERM, _stop_sending)
     try:
-        error = replay.run(args.connect, connect_timeout=args.connect_timeout, tls=tls_client)
+        with _sigterm_stops_sending():
+            error = replay.run(args.connect, connect_timeout=args.connect_timeout, tls=tls_client)
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signal_number", signal.SIGINT)
         raise Cancelled(
@@ -375,8 +380,6 @@ def _replay_command(args: argparse.Namespace) -> int:
             f"{replay.total} bytes to {args.connect} (its channels are reset)",
             signal_number=signum,
         ) from None
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print_replay_report(replay, sys.stdout, args.connect, error)
     if error is not None:
         raise error
