@@ -13,16 +13,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 
-BUFFER = 1 << 20
-DONE = "plain_copy_done"
-
-
-def _emit(**fields: object) -> None:
-    print(json.dumps(fields), flush=True)
+from plain_copy import BUFFER, DONE, emit
 
 
 async def receive(connections: int) -> int:
@@ -52,11 +46,11 @@ async def receive(connections: int) -> int:
 
     server = await loop.create_server(Copy, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    _emit(event="listening", address=f"tcp:127.0.0.1:{port}")
+    emit(event="listening", address=f"tcp:127.0.0.1:{port}")
     await done
     seconds = time.monotonic() - first[0] if first else 0.0
     server.close()
-    _emit(event=DONE, bytes=received[0], seconds=seconds, end=time.time(), errors=[])
+    emit(event=DONE, bytes=received[0], seconds=seconds, end=time.time(), errors=[])
     return 0
 
 

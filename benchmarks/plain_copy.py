@@ -38,7 +38,7 @@ def command(
     return cmd if fsync else [*cmd, "--no-fsync"]
 
 
-def _emit(**fields: object) -> None:
+def emit(**fields: object) -> None:
     print(json.dumps(fields), flush=True)
 
 
@@ -46,7 +46,7 @@ def receive(connections: int, sink: str, fsync: bool, splice: bool = False) -> i
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
     server.listen(max(connections, 8))
-    _emit(event="listening", address=f"tcp:127.0.0.1:{server.getsockname()[1]}")
+    emit(event="listening", address=f"tcp:127.0.0.1:{server.getsockname()[1]}")
     fd = os.open(sink, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     regular = stat.S_ISREG(os.fstat(fd).st_mode)
     lock = threading.Lock()
@@ -102,7 +102,7 @@ def receive(connections: int, sink: str, fsync: bool, splice: bool = False) -> i
         os.fsync(fd)
     os.close(fd)
     seconds = time.monotonic() - first[0] if first else 0.0
-    _emit(event=DONE, bytes=sum(received), seconds=seconds, end=time.time(), errors=errors)
+    emit(event=DONE, bytes=sum(received), seconds=seconds, end=time.time(), errors=errors)
     return 1 if errors else 0
 
 
