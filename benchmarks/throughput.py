@@ -6,7 +6,7 @@
 
 First the headline (the throughput issue's targets, ``--no-headline`` leaves it
 out): 4 channels, 1 device, ``--headline-reps`` a/b pairs each of /dev/null at
-``--null-size`` with the daemon's defaults and with ``--reader-threads`` 1
+``--null-size`` with the daemon's defaults and with ``--reader-threads`` 0, 1
 and 2, and of a fresh file at ``--size``. Then the matrix below.
 
 For every sink, device count and channel count it runs, alternately and
