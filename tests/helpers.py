@@ -7,7 +7,7 @@ import os
 import random
 import socket
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,6 +71,15 @@ async def start(config: ReceiveSettings) -> Running:
         task.result()  # raises the session's error
     assert listening in done, "session did not start listening"
     return Running(session, task)
+
+
+async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Wait (on the loop) until ``predicate()`` is true; fail the test if it is not in time."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def final_files(directory: Path) -> list[str]:

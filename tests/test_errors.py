@@ -27,6 +27,7 @@ from helpers import (
     random_bytes,
     settings,
     start,
+    until,
 )
 
 from vfio_multifd import (
@@ -42,6 +43,7 @@ from vfio_multifd import (
     SessionError,
 )
 from vfio_multifd.listener import refusals_text
+from vfio_multifd.wire import PACKET_PREFIX_SIZE
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
@@ -351,10 +353,8 @@ async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
     running = await start(config)
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0) + good(0) + good(1))
-        for _ in range(200):
-            if running.session.reassembly.devices[A].bytes_written:
-                break
-            await asyncio.sleep(0.01)
+        device = running.session.reassembly.devices[A]
+        await until(lambda: device.bytes_written, "a chunk written")
         running.session.cancel("test says stop")
         with pytest.raises(Cancelled):
             await running.result(timeout=5)
@@ -398,6 +398,43 @@ async def test_unix_socket_stray_connection(tmp_path: Path) -> None:
     await running.result()
     assert [e.reason for _, e in running.session.registry.refused] == [Reason.HANDSHAKE_MAGIC]
     assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+
+
+@pytest.mark.parametrize("first", ["header", "packet"])
+async def test_a_second_header_for_an_idx_fails_at_once_whichever_came_first(
+    tmp_path: Path, first: str
+) -> None:
+    """Issue 20 item 5: channel 1 announces idx 0 and never sends its payload (a
+    recorded duplicate-idx failure, replayed). Whether its header reaches the daemon
+    before channel 0's idx 0 or after, the migration fails at once with the duplicate
+    named: it waited for the progress timeout when the header came first."""
+    config = settings(tmp_path, A, channels=2)
+    config.devices[0].data_path.write_bytes(b"keep me")
+    running = await start(config)
+    reassembly = running.session.reassembly
+    announce = qs.handshake(1) + good(0)[:PACKET_PREFIX_SIZE]  # no payload follows
+    whole = qs.handshake(0) + good(0) + good(1)
+    with connect(running.address) as channel_0, connect(running.address) as channel_1:
+        if first == "header":  # its payload's buffer is charged as its header is taken
+            channel_1.sendall(announce)
+            await until(lambda: reassembly.in_flight_bytes, "channel 1's header taken")
+            channel_0.sendall(whole)
+            culprit = 0
+        else:
+            channel_0.sendall(whole)
+            await until(lambda: reassembly.devices[A].max_idx == 1, "channel 0's chunks queued")
+            channel_1.sendall(announce)
+            culprit = 1
+        with pytest.raises(ProtocolError) as caught:
+            await running.result(timeout=5)
+    error = caught.value
+    assert error.reason is Reason.VFIO_ALREADY_FILLED
+    assert (error.channel, error.device, error.idx) == (culprit, IDSTR, 0)
+    assert str(error).startswith(f"channel {culprit}: device {IDSTR}: state buffer 0 already filled")
+    if first == "header":
+        assert str(error).endswith("channel 1 announced it first (its payload is still on the way)")
+    assert final_files(tmp_path) == ["dev0.bin"]
+    assert config.devices[0].data_path.read_bytes() == b"keep me"
 
 
 def test_error_hierarchy_is_split_by_fault() -> None:
@@ -561,17 +598,12 @@ async def test_connections_turned_away_as_the_migration_ends_explain_nothing(
     session = running.session
     straggler = await asyncio.to_thread(connect, running.address)
     straggler.sendall(qs.handshake(1)[:10])
-    for _ in range(200):  # the daemon holds the straggler's connection, handshaking
-        if session.registry.pending:
-            break
-        await asyncio.sleep(0.01)
+    # The daemon holds the straggler's connection, handshaking.
+    await until(lambda: session.registry.pending, "the straggler's connection")
     assert len(session.registry.pending) == 1
     broken = await asyncio.to_thread(connect, running.address)
     broken.sendall(qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"x" * 1000)[:300])
-    for _ in range(200):
-        if session.registry.channels:
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: session.registry.channels, "channel 0 accepted")
     if late == "handshake completed after the end":
         session.fail(ProtocolError(Reason.PACKET_TRUNCATED, "cut short"))
         straggler.sendall(qs.handshake(1)[10:])  # completes while the session aborts

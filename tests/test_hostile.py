@@ -86,7 +86,7 @@ class FakeOwner:
     def fail(self, error: Exception) -> None:
         self.errors.append(error)
 
-    def allocate_now(self, header: PacketHeader) -> bytearray:
+    def allocate_now(self, header: PacketHeader, channel: int | None) -> bytearray:
         return bytearray(header.size)
 
     async def allocate(self, header: PacketHeader, channel: int | None) -> bytearray:

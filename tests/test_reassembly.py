@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from vfio_multifd.errors import ProtocolError, Reason
 from vfio_multifd.reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
-from vfio_multifd.wire import DeviceKey, DevicePacket
+from vfio_multifd.wire import DeviceKey, DevicePacket, PacketHeader
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -32,6 +32,10 @@ def chunk(idx: int, size: int = 4, config: bool = False, key: DeviceKey = KEY) -
 
 def packet(idx: int, size: int = 4, config: bool = False, key: DeviceKey = KEY) -> DevicePacket:
     return DevicePacket(key, idx, config, bytearray([idx & 0xFF]) * size, size)
+
+
+def header(idx: int, size: int = 4, config: bool = False, key: DeviceKey = KEY) -> PacketHeader:
+    return PacketHeader(key, idx, config, size)
 
 
 def device_with(*idxs: int, config_at: int | None = None) -> DeviceBuffer:
@@ -602,6 +606,76 @@ def test_insert_spilled_counts_on_disk_not_in_memory() -> None:
     assert buffer.spilled_now == 50
 
 
+# --- issue 20 item 5: an idx is reserved by its header ------------------------------------
+
+
+@pytest.mark.parametrize("queued_first", [False, True], ids=["announced", "queued"])
+def test_a_second_header_for_an_idx_is_refused_whichever_came_first(queued_first: bool) -> None:
+    buffer = ReassemblyBuffer([KEY])
+    if queued_first:  # channel 1's chunk 0 is already queued
+        buffer.announce(header(0), 1)
+        buffer.insert(packet(0), 1)
+    else:  # channel 1's header came, its payload has not (or never will)
+        buffer.announce(header(0), 1)
+    error = raises(Reason.VFIO_ALREADY_FILLED, buffer.announce, header(0), 0)
+    assert (error.device, error.idx) == (str(KEY), 0)
+    assert "state buffer 0 already filled" in error.message
+    if not queued_first:
+        assert "channel 1 announced it first" in error.message
+    assert buffer.devices[KEY].announced == ({} if queued_first else {0: 1})
+
+
+def test_a_packet_of_an_idx_another_channel_announced_is_refused() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.announce(header(0), 1)
+    raises(Reason.VFIO_ALREADY_FILLED, buffer.insert, packet(0), 0)
+    assert buffer.devices[KEY].chunks == {} and buffer.queued_bytes == 0
+    queued = buffer.insert(packet(0), 1)  # its own header's: queued, reservation gone
+    assert buffer.devices[KEY].chunks == {0: queued}
+    assert buffer.devices[KEY].announced == {}
+
+
+def test_an_announced_config_packet_counts_as_the_config() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.announce(header(3, config=True), 0)
+    device = buffer.devices[KEY]
+    assert (device.last_idx, device.announced_last) == (None, 3)
+    raises(Reason.VFIO_AFTER_CONFIG, buffer.announce, header(4), 1)
+    raises(Reason.VFIO_SECOND_CONFIG, buffer.announce, header(5, config=True), 1)
+    buffer.announce(header(2), 1)  # before the config: legal
+    buffer.insert(packet(3, config=True), 0)
+    assert (device.last_idx, device.announced_last, device.announced) == (3, None, {2: 1})
+
+
+def test_a_config_header_below_an_announced_idx_is_refused() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.announce(header(7), 1)
+    error = raises(Reason.VFIO_AFTER_CONFIG, buffer.announce, header(5, config=True), 0)
+    assert error.idx == 7
+    assert buffer.devices[KEY].announced == {7: 1}
+
+
+def test_a_refused_header_reserves_nothing() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.insert(packet(0))
+    raises(Reason.VFIO_ALREADY_FILLED, buffer.announce, header(0), 1)
+    raises(Reason.UNKNOWN_DEVICE, buffer.announce, header(1, key=KEY_B), 1)
+    assert buffer.devices[KEY].announced == {}
+
+
+def test_a_failed_channels_reservations_are_dropped() -> None:
+    buffer = ReassemblyBuffer([KEY, KEY_B])
+    buffer.announce(header(0), 1)
+    buffer.announce(header(1), 0)
+    buffer.announce(header(0, config=True, key=KEY_B), 1)
+    buffer.channel_failed(1)
+    assert buffer.devices[KEY].announced == {1: 0}
+    assert (buffer.devices[KEY_B].announced, buffer.devices[KEY_B].announced_last) == ({}, None)
+    buffer.announce(header(0), 0)  # nobody else will bring it now
+    buffer.announce(header(0, config=True, key=KEY_B), 0)
+    assert buffer.devices[KEY].announced == {0: 0, 1: 0}
+
+
 # --- a model-based check -----------------------------------------------------------
 
 DEVICES = (KEY, KEY_B)
@@ -617,17 +691,25 @@ class Model:
         self.written = 0
         self.written_chunks = 0
         self.complete = False
+        self.announced: dict[int, tuple[int, bool]] = {}  # idx -> (channel, config), not queued
 
-    def outcome(self, idx: int, config: bool) -> Reason | None:
+    def outcome(self, idx: int, config: bool, channel: int | None = None) -> Reason | None:
+        """Announced chunks count as received, except ``idx``'s own (by ``channel``)."""
         if idx in self.received:
             return Reason.VFIO_ALREADY_FILLED
+        if idx in self.announced and self.announced[idx][0] != channel:
+            return Reason.VFIO_ALREADY_FILLED
+        others = {i: cfg for i, (_, cfg) in self.announced.items() if i != idx}
+        config_idx = self.config_idx
+        if config_idx is None:
+            config_idx = next((i for i, cfg in others.items() if cfg), None)
         if config:
-            if self.config_idx is not None:
+            if config_idx is not None:
                 return Reason.VFIO_SECOND_CONFIG
-            if self.received and max(self.received) > idx:
+            if max([*self.received, *others], default=-1) > idx:
                 return Reason.VFIO_AFTER_CONFIG
             return None
-        if self.config_idx is not None and idx > self.config_idx:
+        if config_idx is not None and idx > config_idx:
             return Reason.VFIO_AFTER_CONFIG
         return None
 
@@ -703,6 +785,45 @@ class ReassemblyMachine(RuleBasedStateMachine):
             assert info.value.reason is expected
             assert info.value.device == str(key)
 
+    @rule(
+        key=st.sampled_from(DEVICES),
+        idx=st.integers(0, 12),
+        config=st.booleans(),
+        channel=st.integers(0, 2),
+    )
+    def announce(self, key: DeviceKey, idx: int, config: bool, channel: int) -> None:
+        model = self.models[key]
+        expected = model.outcome(idx, config, channel)
+        if expected is None:
+            self.buffer.announce(header(idx, config=config, key=key), channel)
+            model.announced[idx] = (channel, config)
+        else:
+            with pytest.raises(ProtocolError) as info:
+                self.buffer.announce(header(idx, config=config, key=key), channel)
+            assert info.value.reason is expected
+            assert (info.value.device, info.value.idx is not None) == (str(key), True)
+
+    @precondition(lambda self: any(m.announced for m in self.models.values()))
+    @rule(data=st.data(), size=st.integers(0, 40))
+    def insert_announced(self, data: st.DataObject, size: int) -> None:
+        """An announced chunk's payload came: it is queued, whatever came meanwhile."""
+        key = data.draw(st.sampled_from([k for k, m in self.models.items() if m.announced]))
+        model = self.models[key]
+        idx = data.draw(st.sampled_from(sorted(model.announced)))
+        channel, config = model.announced.pop(idx)
+        self.buffer.insert(packet(idx, size=size, config=config, key=key), channel)
+        model.received[idx] = size
+        if config:
+            model.config_idx = idx
+        self.in_memory += size
+        self.peak = max(self.peak, self.in_memory)
+
+    @rule(channel=st.integers(0, 2))
+    def channel_failed(self, channel: int) -> None:
+        self.buffer.channel_failed(channel)
+        for model in self.models.values():
+            model.announced = {i: a for i, a in model.announced.items() if a[0] != channel}
+
     @rule(idx=st.integers(0, 3))
     def insert_unknown_device(self, idx: int) -> None:
         with pytest.raises(ProtocolError) as info:
@@ -761,6 +882,7 @@ class ReassemblyMachine(RuleBasedStateMachine):
             assert device.bytes_written == model.written
             assert device.complete == model.complete
             assert device.missing() == model.missing()
+            assert device.announced == {i: c for i, (c, _) in model.announced.items()}
         incomplete = {d.key for d in self.buffer.incomplete_devices()}
         assert incomplete == {k for k, m in self.models.items() if not m.complete}
 

@@ -73,11 +73,19 @@ class Admission:
 
     # -- payload buffers ------------------------------------------------------------
 
-    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
-        """A charged buffer for ``header``'s payload if it fits now (the fast path)."""
+    def allocate_now(self, header: PacketHeader, channel: int | None) -> PayloadBuffer | None:
+        """A charged buffer for ``header``'s payload if it fits now (the fast path).
+
+        First the header reserves its idx (a bad chunk, or one another channel
+        announced, fails here, before its payload); :meth:`allocate` then waits
+        for the memory if there is none now.
+        """
+        self.reassembly.announce(header, channel)
+        return self._allocate_if_room(header)
+
+    def _allocate_if_room(self, header: PacketHeader) -> PayloadBuffer | None:
         reassembly = self.reassembly
-        device = reassembly.device(header.device, header.idx)
-        device.check(header.idx, header.config)  # a bad chunk fails before its payload
+        device = reassembly.devices[header.device]
         if not reassembly.fits(header.size, ahead=header.idx != device.next_idx):
             return None
         reassembly.allocate(header.size)
@@ -86,10 +94,13 @@ class Admission:
         return buffer
 
     async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
-        """A buffer for ``header``'s payload once the memory policy allows it."""
-        while (buffer := self.allocate_now(header)) is None:
+        """A buffer for the payload of ``header`` (announced by :meth:`allocate_now`,
+        which had no room) once the memory policy allows it."""
+        while (buffer := self._allocate_if_room(header)) is None:
             others = self._reading_channels() - self._paused - 1
-            decision = self.policy.admit(header, now=time.monotonic(), others_reading=others)
+            decision = self.policy.admit(
+                header, now=time.monotonic(), others_reading=others, channel=channel
+            )
             if isinstance(decision, Wait):
                 if not await self._wait_for_memory(decision.deadline):
                     self.policy.wait_expired()

@@ -67,14 +67,16 @@ class ChannelOwner(Protocol):
     def fail(self, error: MultifdError) -> None:
         """An accepted channel broke the protocol: the migration fails."""
 
-    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
+    def allocate_now(self, header: PacketHeader, channel: int | None) -> PayloadBuffer | None:
         """A buffer for the announced payload if memory allows it at once, else ``None``.
 
-        Raises :class:`ProtocolError` for a chunk that may not be queued at all.
+        Raises :class:`ProtocolError` for a chunk that may not be queued at all
+        (one another channel already announced included).
         """
 
     async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
-        """A buffer for the announced payload, once memory allows (may wait or spill)."""
+        """A buffer for the payload of a header ``allocate_now`` had no memory for,
+        once memory allows (may wait or spill)."""
 
     async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
         """Queue a packet's chunk for its device's loader (may wait for memory)."""
@@ -157,7 +159,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                 self._on_handshake(event)
             elif isinstance(event, PacketHeader):
                 # The fast path: memory allows it, the payload is read at once.
-                buffer = self.owner.allocate_now(event)
+                buffer = self.owner.allocate_now(event, self.channel_id)
                 if buffer is not None:
                     self._provide(buffer)
                 else:  # the reader asks again, and may wait: read nothing meanwhile

@@ -78,10 +78,16 @@ class MemoryPolicy:
         self._grace_expired_at_written = -1
 
     def admit(
-        self, packet: PacketHeader | DevicePacket, *, now: float, others_reading: int
+        self,
+        packet: PacketHeader | DevicePacket,
+        *,
+        now: float,
+        others_reading: int,
+        channel: int | None = None,
     ) -> Decision:
         """Where ``packet``'s chunk goes. ``others_reading``: channels besides the
-        arriving one that are reading and not themselves waiting for memory.
+        arriving one (``channel``, whose header reserved its idx) that are reading and
+        not themselves waiting for memory.
 
         Raises :class:`ProtocolError` for a chunk that may not be queued at all,
         before anything is spilled for it.
@@ -91,7 +97,7 @@ class MemoryPolicy:
         ahead = packet.idx != device.next_idx
         if reassembly.fits(packet.size, ahead=ahead):
             return INSERT
-        device.check(packet.idx, packet.config)
+        device.check(packet.idx, packet.config, channel)
         if self.fail_when_full:
             return Fail(reassembly.queue_full_error(packet))
         if reassembly.drainable() or reassembly.spilling_bytes:

@@ -13,6 +13,13 @@ is *held* from the moment it is inserted until the loader has written it and
 calls :meth:`ReassemblyBuffer.release`; held chunks are either in memory or
 spilled to disk by the adapter (``spill_ref`` is the adapter's token for
 where; the core never looks inside it).
+
+A chunk's idx is reserved from the moment its header is complete
+(:meth:`ReassemblyBuffer.announce`), before its payload is read or has
+memory: a second header for the same idx is refused at once, whichever of
+the two came first, rather than once the first payload is queued (a channel
+that never sends the second payload would otherwise leave the migration
+waiting for it). A failed channel's reservations are dropped with it.
 """
 
 from __future__ import annotations
@@ -84,6 +91,10 @@ class DeviceBuffer:
     bytes_written: int = 0
     chunks_written: int = 0
     complete: bool = False
+    # idx announced by a header whose chunk is not queued yet -> the channel that
+    # announced it; and the config packet's idx if one of them is it.
+    announced: dict[int, int | None] = field(default_factory=dict)
+    announced_last: int | None = None
 
     @property
     def ready(self) -> bool:
@@ -92,7 +103,9 @@ class DeviceBuffer:
         return chunk is not None and chunk.state is not ChunkState.SPILLING
 
     def insert(self, chunk: Chunk) -> None:
-        self.check(chunk.idx, chunk.config)
+        self.check(chunk.idx, chunk.config, chunk.channel)
+        if chunk.idx in self.announced:  # its own header's reservation (check said so)
+            self.unannounce(chunk.idx)
         if chunk.config:
             self.last_idx = chunk.idx
         if chunk.state is ChunkState.MEMORY:
@@ -108,8 +121,12 @@ class DeviceBuffer:
         if chunk.idx > self.max_idx:
             self.max_idx = chunk.idx
 
-    def check(self, idx: int, config: bool) -> None:
-        """Raise if a chunk ``idx`` (a config chunk if ``config``) may not be queued now."""
+    def check(self, idx: int, config: bool, channel: int | None = None) -> None:
+        """Raise if a chunk ``idx`` (a config chunk if ``config``) may not be queued now.
+
+        Chunks announced but not queued yet count as queued, except ``idx``'s own
+        reservation by ``channel`` (its header's, when its payload is queued).
+        """
         if idx < self.next_idx or idx in self.chunks:
             raise ProtocolError(
                 Reason.VFIO_ALREADY_FILLED,
@@ -117,7 +134,18 @@ class DeviceBuffer:
                 device=str(self.key),
                 idx=idx,
             )
+        own = idx in self.announced and self.announced[idx] == channel
+        if idx in self.announced and not own:
+            raise ProtocolError(
+                Reason.VFIO_ALREADY_FILLED,
+                f"state buffer {idx} already filled: channel {self.announced[idx]} "
+                "announced it first (its payload is still on the way)",
+                device=str(self.key),
+                idx=idx,
+            )
         last = self.last_idx
+        if last is None and not (own and idx == self.announced_last):
+            last = self.announced_last
         if config:
             if last is not None:
                 raise ProtocolError(
@@ -126,13 +154,14 @@ class DeviceBuffer:
                     device=str(self.key),
                     idx=idx,
                 )
-            if self.max_idx > idx:
+            highest = max(self.max_idx, max(self.announced, default=-1))
+            if highest > idx:
                 raise ProtocolError(
                     Reason.VFIO_AFTER_CONFIG,
-                    f"state buffer {self.max_idx} came before the config state packet "
+                    f"state buffer {highest} came before the config state packet "
                     f"with idx {idx}, which must be the last",
                     device=str(self.key),
-                    idx=self.max_idx,
+                    idx=highest,
                 )
         elif last is not None and idx > last:
             raise ProtocolError(
@@ -141,6 +170,19 @@ class DeviceBuffer:
                 device=str(self.key),
                 idx=idx,
             )
+
+    def announce(self, idx: int, config: bool, channel: int | None) -> None:
+        """A header of ``channel`` announced chunk ``idx``: raise if it may not be
+        queued, else reserve ``idx`` until its chunk is inserted."""
+        self.check(idx, config, channel)
+        self.announced[idx] = channel
+        if config:
+            self.announced_last = idx
+
+    def unannounce(self, idx: int) -> None:
+        del self.announced[idx]
+        if idx == self.announced_last:
+            self.announced_last = None
 
     @property
     def waiting_for(self) -> str:
@@ -306,6 +348,19 @@ class ReassemblyBuffer:
                 device=str(key),
                 idx=idx,
             ) from None
+
+    def announce(self, header: PacketHeader, channel: int | None) -> DeviceBuffer:
+        """A channel's header is complete: check its chunk and reserve its idx
+        (:meth:`DeviceBuffer.announce`); returns its device."""
+        device = self.device(header.device, header.idx)
+        device.announce(header.idx, header.config, channel)
+        return device
+
+    def channel_failed(self, channel: int) -> None:
+        """``channel`` failed: the chunks it announced will never come."""
+        for device in self.devices.values():
+            for idx in [idx for idx, by in device.announced.items() if by == channel]:
+                device.unannounce(idx)
 
     def cost(self, size: int) -> int:
         """What a chunk of ``size`` payload bytes counts against the bound while in memory."""

@@ -318,6 +318,8 @@ class Session:
 
     def fail(self, error: MultifdError) -> None:
         """Report an error that ends the migration (the first one wins)."""
+        if error.channel is not None:  # what that channel announced will never come
+            self.reassembly.channel_failed(error.channel)
         if self.outputs.committing or self.error is not None:
             return
         if self._first_error is None:
@@ -385,8 +387,8 @@ class Session:
         if self.recorder is not None:
             self.recorder.refused(channel, error)
 
-    def allocate_now(self, header: PacketHeader) -> PayloadBuffer | None:
-        return self.admission.allocate_now(header)
+    def allocate_now(self, header: PacketHeader, channel: int | None) -> PayloadBuffer | None:
+        return self.admission.allocate_now(header, channel)
 
     async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
         return await self.admission.allocate(header, channel)
