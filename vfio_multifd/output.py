@@ -3,9 +3,14 @@
 A regular file is written to a temporary file in the same directory and,
 once the whole migration has completed, fsynced and renamed over the final
 path; a failed or cancelled run removes the temporary file and leaves
-whatever was at the final path untouched. Character devices and FIFOs
-(``/dev/null``, a pipe to another program) cannot be renamed into place and
-are written directly.
+whatever was at the final path untouched. The temporary file is 0600 (or
+stricter) while state streams in, and takes the final file's mode just
+before it is renamed: an existing file's mode and owner are kept (the owner
+where the daemon may change it), a new file gets the mode ``open()`` would
+give it (0666 less the umask). Character devices and FIFOs (``/dev/null``, a
+pipe to another program) cannot be renamed into place and are written
+directly, once the descriptor opened is seen to be one (never a regular
+file put at the path meanwhile).
 
 Every method here blocks: the loader calls them on its writer thread, never
 on the event loop thread.
@@ -85,6 +90,8 @@ class Output:
         self.temp_path: Path | None = None  # None: written in place (device or FIFO)
         self.backup_path: Path | None = None  # the old final file, kept aside while committing
         self._committed_from: Path | None = None  # the temp path this output was renamed from
+        self.mode = 0o666 & ~_UMASK  # the final file's, set just before it is renamed
+        self.owner: tuple[int, int] | None = None  # the existing file's (uid, gid), kept
         self.bytes_written = 0
         self.allocated = 0  # bytes reserved ahead with posix_fallocate
         self.reserving = False  # for regular files, where the filesystem supports it
@@ -94,25 +101,31 @@ class Output:
     def open(self) -> None:
         try:
             try:
-                mode = os.stat(self.path).st_mode
+                info: os.stat_result | None = os.stat(self.path)
             except FileNotFoundError:
-                mode = None
+                info = None
+            mode = None if info is None else info.st_mode
             if (mode is None or stat.S_ISREG(mode)) and os.path.islink(self.path):
                 raise _symlink_error(self.path)
             if mode is not None and stat.S_ISFIFO(mode):
                 self.fd = self._open_fifo()
                 return
             if mode is not None and stat.S_ISCHR(mode):
-                self.fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                self.fd = _open_special(self.path, os.O_WRONLY, stat.S_ISCHR, "character device")
                 return
             if mode is not None and not stat.S_ISREG(mode):
                 raise IsADirectoryError(errno_module.EISDIR, "not a regular file", str(self.path))
+            if info is not None:  # the file replaced keeps its mode (not set-id bits) and owner
+                self.mode = stat.S_IMODE(info.st_mode) & 0o777
+                self.owner = (info.st_uid, info.st_gid)
+            # mkstemp: a new name (O_EXCL, never through a link), mode 0600
             fd, temp = tempfile.mkstemp(
                 dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".part"
             )
             self.fd, self.temp_path = fd, Path(temp)
             self.reserving = True
-            os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would, not mkstemp's 0600
+            if self.mode & 0o600 != 0o600:
+                os.fchmod(fd, self.mode & 0o600)  # never more open than the final file
         except OSError as error:
             raise self._error("cannot open", error) from error
 
@@ -120,7 +133,7 @@ class Output:
         """Wait for the FIFO's reader without blocking in open(), so a stop can interrupt it."""
         while True:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                fd = _open_special(self.path, os.O_WRONLY | os.O_NONBLOCK, stat.S_ISFIFO, "FIFO")
             except OSError as error:
                 if error.errno != errno_module.ENXIO:  # ENXIO: no reader yet
                     raise
@@ -174,13 +187,27 @@ class Output:
         try:
             if self.allocated > self.bytes_written:
                 os.ftruncate(self.fd, self.bytes_written)
-            if self.fsync and self.temp_path is not None:
-                os.fsync(self.fd)
+            if self.temp_path is not None:
+                self._take_final_attributes(self.fd)
+                if self.fsync:
+                    os.fsync(self.fd)
             os.close(self.fd)
         except OSError as error:
             raise self._error("cannot finish", error) from error
         finally:
             self.fd = None
+
+    def _take_final_attributes(self, fd: int) -> None:
+        """The temporary file, complete, gets the final file's owner and mode."""
+        if self.owner is not None:
+            info = os.fstat(fd)
+            if (info.st_uid, info.st_gid) != self.owner:
+                try:
+                    os.fchown(fd, *self.owner)
+                except PermissionError:  # not root: keep the group if it is one of ours
+                    with contextlib.suppress(PermissionError):
+                        os.fchown(fd, -1, self.owner[1])
+        os.fchmod(fd, self.mode)  # after fchown, which may clear mode bits
 
     def check_target(self) -> None:
         """Before any output is renamed: can this one be? (A directory there cannot be replaced.)"""
@@ -292,6 +319,18 @@ class Output:
             device=self.device,
             errno=error.errno,
         )
+
+
+def _open_special(
+    path: Path, flags: int, is_kind: Callable[[int], bool], kind: str
+) -> int:
+    """Open a FIFO or character device for writing, and check the descriptor is one:
+    a link to a regular file put at the path after it was looked at is never written."""
+    fd = os.open(path, flags | os.O_NOCTTY | os.O_CLOEXEC)
+    if not is_kind(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"no longer a {kind}: something replaced it since it was looked at")
+    return fd
 
 
 def _symlink_error(path: Path) -> OSError:

@@ -39,7 +39,6 @@ import itertools
 import mmap
 import os
 import queue
-import stat
 import threading
 import time
 import uuid as uuid_module
@@ -66,6 +65,7 @@ from .manifest import (
     refused_file,
 )
 from .results import SessionStatus
+from .safe_files import check_private, create_new, open_private_directory
 
 log = structlog.get_logger("vfio_multifd.recorder")
 
@@ -78,34 +78,44 @@ FINISH_TIMEOUT = 60.0
 
 def check_directory(directory: Path) -> None:
     """``--record DIR`` must not exist yet, or be an empty directory: recordings are
-    never mixed (a replay would send another migration's channels)."""
+    never mixed (a replay would send another migration's channels). It must be the
+    daemon's user's, and nobody else's to write in: another user could plant a link
+    there for the daemon to write through."""
+    what = f"--record {directory}"
     try:
         info = os.stat(directory)
     except FileNotFoundError:
         return
     except OSError as error:
-        raise UsageError(f"--record {directory}: {os_error_text(error)}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise UsageError(f"--record {directory} exists and is not a directory")
+        raise UsageError(f"{what}: {os_error_text(error)}") from None
+    check_private(info, what)
+    _check_empty(directory, what)
+
+
+def _check_empty(directory: Path | int, what: str) -> None:
     try:
         entries = os.listdir(directory)
     except OSError as error:
-        raise UsageError(f"--record {directory}: {os_error_text(error)}") from None
+        raise UsageError(f"{what}: {os_error_text(error)}") from None
     if entries:
         raise UsageError(
-            f"--record {directory} is not empty: give a new or empty directory (a recording "
+            f"{what} is not empty: give a new or empty directory (a recording "
             "is never mixed with another)"
         )
 
 
-def _make_directory(directory: Path) -> None:
-    """Create DIR (mode 0700: it holds device state) unless it exists, empty."""
-    check_directory(directory)
+def _open_directory(directory: Path) -> int:
+    """Create DIR (mode 0700: it holds device state) unless it exists, and open it,
+    checked as :func:`check_directory` does but on the directory opened: every
+    recording file is created relative to the descriptor returned."""
+    what = f"--record {directory}"
+    fd = open_private_directory(directory, what)
     try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"--record {directory}: cannot create it: {os_error_text(error)}") from None
-    check_directory(directory)  # nothing appeared meanwhile
+        _check_empty(fd, what)  # nothing appeared meanwhile
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _append(fd: int, data: memoryview) -> None:
@@ -321,6 +331,7 @@ class Recorder:
         self._refusals: list[_Refusal] = []
         self._refused_not_kept = 0
         self._thread: threading.Thread | None = None
+        self._directory_fd = -1  # DIR, opened by start(); closed by the writer thread
         self._finished = False
         self._origin = 0.0  # monotonic: when the recording started
         self._started_at = ""
@@ -329,7 +340,7 @@ class Recorder:
 
     def start(self) -> None:
         """Create DIR and start the writer thread (before the session listens)."""
-        _make_directory(self.directory)
+        self._directory_fd = _open_directory(self.directory)
         self._ring = ByteRing(self.max_queued_bytes)
         self._origin = time.monotonic()
         self._started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
@@ -539,6 +550,12 @@ class Recorder:
     # -- the writer thread --------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        try:
+            self._write_files()
+        finally:
+            os.close(self._directory_fd)
+
+    def _write_files(self) -> None:
         files: dict[int, tuple[int, str]] = {}  # sink -> (fd, file name)
         written: dict[int, int] = {}
         broken = False  # a write failed: drop what comes, but still write the manifest
@@ -562,11 +579,7 @@ class Recorder:
                 elif isinstance(item, _Open):
                     # Even once broken: every channel the manifest names has its file.
                     try:
-                        fd = os.open(
-                            self.directory / item.name,
-                            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                            0o600,
-                        )
+                        fd = create_new(item.name, self._directory_fd)
                     except OSError as error:
                         broken = True
                         self._stop(f"cannot create {item.name}: {os_error_text(error)}")
@@ -593,9 +606,12 @@ class Recorder:
 
     def _write_manifest(self, manifest: Manifest) -> None:
         """``manifest.json``, complete or not at all: written aside, synced, renamed."""
-        temporary = self.directory / f".{MANIFEST_NAME}.tmp"
+        temporary = f".{MANIFEST_NAME}.tmp"
+        directory = self._directory_fd
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=directory)  # a link, whatever: never written through
+            fd = create_new(temporary, directory)
             try:
                 data = memoryview(manifest.to_json().encode())
                 while data:
@@ -603,10 +619,10 @@ class Recorder:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(temporary, self.directory / MANIFEST_NAME)
+            os.replace(temporary, MANIFEST_NAME, src_dir_fd=directory, dst_dir_fd=directory)
         except OSError as error:
             with contextlib.suppress(OSError):
-                os.unlink(temporary)
+                os.unlink(temporary, dir_fd=directory)
             log.warning(
                 "record_manifest_failed",
                 directory=str(self.directory),
