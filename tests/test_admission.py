@@ -10,7 +10,7 @@ from vfio_multifd.admission import Admission
 from vfio_multifd.memory import MemoryPolicy
 from vfio_multifd.reassembly import ReassemblyBuffer
 from vfio_multifd.spill import Spiller
-from vfio_multifd.wire import DeviceKey
+from vfio_multifd.wire import DeviceKey, DevicePacket, PacketHeader
 
 KEY = DeviceKey("dev", 0)
 
@@ -51,6 +51,27 @@ async def test_one_change_wakes_every_waiter(tmp_path: Path) -> None:
     await asyncio.sleep(0)
     subject.memory_changed()
     assert await asyncio.wait_for(asyncio.gather(*waits), 5) == [True, True, True]
+
+
+async def test_idle_pooled_buffers_are_trimmed_when_the_bound_has_no_room(tmp_path: Path) -> None:
+    """Idle buffers are memory too: kept while the bound has room for them, let go
+    as soon as queued chunks need that room (else the two together exceed the bound)."""
+    subject = admission(tmp_path)  # bound 1 MiB
+    reassembly, pool = subject.reassembly, subject.pool
+    size = 128 << 10
+    for idx in range(4):
+        buffer = subject.allocate_now(PacketHeader(KEY, idx, False, size), 0)
+        assert buffer is not None
+        await subject.deliver(DevicePacket(KEY, idx, False, buffer, size), 0)
+    subject.release_written(reassembly.take(reassembly.devices[KEY], 1 << 20))
+    assert (reassembly.queued_bytes, pool.idle_bytes) == (0, 4 * size)  # room for them: kept
+    big = (1 << 20) - (64 << 10)
+    assert subject.allocate_now(PacketHeader(KEY, 4, False, big), 0) is not None
+    assert reassembly.queued_bytes == big
+    assert pool.idle_bytes == 0, f"{pool.idle_bytes} idle bytes beside {big} queued, bound 1 MiB"
+    # A buffer freed while the bound has no room for it is not kept either.
+    subject._release_buffer(pool.acquire(size))
+    assert pool.idle_bytes == 0
 
 
 async def test_written_buffers_are_reused_not_mapped_anew(tmp_path: Path) -> None:

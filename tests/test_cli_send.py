@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, receiver, run, wait_for
-from helpers import IDSTR
+from helpers import IDSTR, random_bytes
 
 from vfio_multifd import Address, Reason
 
@@ -34,11 +34,14 @@ def test_exit_0_means_the_daemon_completed_the_migration(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     daemon, out = receiver(tmp_path, daemons, "--channels", "2")
-    sent = run(["send", "--connect", daemon.address, "--device", f"idstr={IDSTR},size=3M"])
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes(3 << 20, 41))
+    sent = run(["send", "--connect", daemon.address, "--device", f"idstr={IDSTR},source={source}"])
     assert sent.returncode == 0, sent.stderr
     # The sender returned only once the daemon closed every channel, which it does
     # with its outputs in place.
     assert sorted(os.listdir(out)) == ["a.bin", "a.bin.config"]
+    assert (out / "a.bin").read_bytes() == source.read_bytes()
     assert re.fullmatch(
         r"sent 3145728 bytes in [\d.]+ s \([\d.]+ MB/s\) over 2 channels; "
         r"the daemon closed every channel cleanly: it completed the migration",

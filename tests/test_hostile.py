@@ -28,8 +28,17 @@ from typing import Any
 import pytest
 import qemu_source as qs
 import structlog
-from cli_helpers import TRACEBACK, Daemon, one_device_daemon, run, send_to, wait_for
-from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start
+from cli_helpers import (
+    TOOL,
+    TRACEBACK,
+    Daemon,
+    one_device_daemon,
+    run,
+    send_to,
+    wait_for,
+    with_event_loop,
+)
+from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start, until
 
 from vfio_multifd import (
     Cancelled,
@@ -177,13 +186,16 @@ def test_a_data_path_that_is_not_utf8_is_received_and_summarized(
     path = tmp_path / "dev\udcff.bin"  # the byte 0xff, as os.fsdecode gives it
     daemon = Daemon(tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={path}")
     daemons.append(daemon)
-    sent = send_to(daemon.address, 1, f"idstr={IDSTR},size=10000,seed=3")
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes(10000, 3))
+    sent = send_to(daemon.address, 1, f"idstr={IDSTR},source={source}")
     assert sent.returncode == 0, sent.stderr
     code, out, err = daemon.finish()
     assert code == 0, err
     assert TRACEBACK not in err
     assert "dev\\xff.bin" in out
-    assert os.path.getsize(os.fsencode(path)) == 10000
+    with open(os.fsencode(path), "rb") as received:
+        assert received.read() == source.read_bytes()
 
 
 def test_a_symlinked_data_path_is_refused_and_left_alone(tmp_path: Path) -> None:
@@ -301,13 +313,15 @@ def test_a_flood_larger_than_the_descriptor_limit_does_not_keep_the_channels_out
 ) -> None:
     """Issue item 2: 128 descriptors, 300 silent connections held, then the source."""
     daemon, data_path = one_device_daemon(tmp_path, daemons, 2, preexec_fn=limit_descriptors(128))
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes(8 << 20, 4))
     flood = Flood(daemon.address, 300)
     try:
         started = time.monotonic()
         sent = send_to(
             daemon.address,
             2,
-            f"idstr={IDSTR},size=8M,seed=4",
+            f"idstr={IDSTR},source={source}",
             "--connect-timeout",
             "20",
             timeout=40,
@@ -322,7 +336,7 @@ def test_a_flood_larger_than_the_descriptor_limit_does_not_keep_the_channels_out
     assert elapsed < 8, f"the real channels took {elapsed:.1f} s (the handshake timeout is 10 s)"
     shed = [e for e in refusal_lines(daemon) if e["reason"] == "handshake-shed"]
     assert shed, "strangers were shed to make room"
-    assert data_path.stat().st_size == 8 << 20
+    assert data_path.read_bytes() == source.read_bytes()
 
 
 def test_a_flood_after_the_channels_connected_does_not_fail_the_spill(
@@ -433,10 +447,15 @@ async def strangers_shed(running: Any, n: int, shed: int) -> list[socket.socket]
     """Open ``n`` silent connections; return once ``shed`` of them were shed."""
     registry = running.session.registry
     strangers = await asyncio.to_thread(lambda: [connect(running.address) for _ in range(n)])
-    for _ in range(200):
-        if registry.shed_count >= shed and all(p.transport for p in registry.pending):
-            break
-        await asyncio.sleep(0.01)
+    try:
+        await until(
+            lambda: registry.shed_count >= shed and all(p.transport for p in registry.pending),
+            f"{shed} of {n} strangers shed",
+        )
+    except AssertionError:
+        for sock in strangers:
+            sock.close()
+        raise
     return strangers
 
 
@@ -475,6 +494,32 @@ async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resume
     assert running.session.registry.open <= 5
     await migrate_past(running, strangers, tmp_path)
     assert running.session.registry.shed_count >= 25
+
+
+def test_a_descriptor_limit_too_low_for_the_channels_is_a_usage_error(
+    tmp_path: Path, cli_loop: str
+) -> None:
+    """The real check, which the test above replaces by a constant: under
+    RLIMIT_NOFILE 64 the daemon cannot hold 100 channels, and says so before any."""
+    args = ["receive", "--listen", "tcp:127.0.0.1:0", "--channels", "100", "--accept-timeout", "3"]
+    args += ["--device", f"idstr={IDSTR},data={tmp_path / 'a.bin'}", "--log-format", "json"]
+    result = subprocess.run(
+        [*TOOL, *with_event_loop(args)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        stdin=subprocess.DEVNULL,
+        preexec_fn=limit_descriptors(64),
+    )
+    assert result.returncode == 2, result.stderr
+    assert TRACEBACK not in result.stderr
+    assert re.fullmatch(
+        r"vfio-multifd: error: the descriptor limit \(RLIMIT_NOFILE 64\) leaves room for \d+ "
+        r"connections; 100 channels need 101 \(raise it: ulimit -n, or LimitNOFILE= in a "
+        r"systemd unit\)",
+        result.stderr.splitlines()[-1],
+    ), result.stderr
+    assert os.listdir(tmp_path) == []
 
 
 async def test_accept_out_of_descriptors_backs_off_and_recovers(
