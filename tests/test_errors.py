@@ -400,15 +400,16 @@ async def test_unix_socket_stray_connection(tmp_path: Path) -> None:
     assert_outputs(config, [(DATA, qs.config_blob(CFG))])
 
 
+@pytest.mark.parametrize("reader_threads", [0, 2])
 @pytest.mark.parametrize("first", ["header", "packet"])
 async def test_a_second_header_for_an_idx_fails_at_once_whichever_came_first(
-    tmp_path: Path, first: str
+    tmp_path: Path, first: str, reader_threads: int
 ) -> None:
     """Issue 20 item 5: channel 1 announces idx 0 and never sends its payload (a
     recorded duplicate-idx failure, replayed). Whether its header reaches the daemon
     before channel 0's idx 0 or after, the migration fails at once with the duplicate
     named: it waited for the progress timeout when the header came first."""
-    config = settings(tmp_path, A, channels=2)
+    config = settings(tmp_path, A, channels=2, reader_threads=reader_threads)
     config.devices[0].data_path.write_bytes(b"keep me")
     running = await start(config)
     reassembly = running.session.reassembly
