@@ -774,11 +774,7 @@ class ReassemblyMachine(RuleBasedStateMachine):
         if expected is None:
             queued = self.buffer.insert(packet(idx, size=size, config=config, key=key))
             assert (queued.idx, queued.size, queued.config) == (idx, size, config)
-            model.received[idx] = size
-            if config:
-                model.config_idx = idx
-            self.in_memory += size
-            self.peak = max(self.peak, self.in_memory)
+            self._queued(model, idx, size, config)
         else:
             with pytest.raises(ProtocolError) as info:
                 self.buffer.insert(packet(idx, size=size, config=config, key=key))
@@ -812,6 +808,9 @@ class ReassemblyMachine(RuleBasedStateMachine):
         idx = data.draw(st.sampled_from(sorted(model.announced)))
         channel, config = model.announced.pop(idx)
         self.buffer.insert(packet(idx, size=size, config=config, key=key), channel)
+        self._queued(model, idx, size, config)
+
+    def _queued(self, model: Model, idx: int, size: int, config: bool) -> None:
         model.received[idx] = size
         if config:
             model.config_idx = idx
