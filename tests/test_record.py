@@ -791,7 +791,9 @@ def duplicate_id(raw: dict[str, Any]) -> None:
             "recorded_channels[1]: first_byte_s must be a number of 0 or more, not inf",
         ),
     ],
-    ids=["no-digest", "bad-digest", "duplicate-id", "id-too-high", "negative-time", "infinite-time"],
+    ids=[
+        "no-digest", "bad-digest", "duplicate-id", "id-too-high", "negative-time", "infinite-time"
+    ],
 )
 def test_a_bad_manifest_is_refused_in_one_line_before_anything_is_sent(
     tmp_path: Path,
@@ -855,7 +857,10 @@ class Peer:
 
     def _serve(self, connections: int) -> None:
         for n in range(connections):
-            conn, _ = self.listener.accept()
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # nothing came: the test's assertions say what is missing
+                return
             conn.settimeout(10)
             self.conns.append(conn)
             reader = threading.Thread(target=self._read, args=(n, conn), daemon=True)
@@ -930,7 +935,9 @@ def test_replay_waits_for_the_verdict_no_longer_than_verdict_timeout(
     peer = Peer(2, sum(map(len, streams)), answer=False)  # reads all, answers nothing
     try:
         started = time.monotonic()
-        code, lines = replay_main(capsys, tmp_path / "rec", peer.address, "--verdict-timeout", "0.3")
+        code, lines = replay_main(
+            capsys, tmp_path / "rec", peer.address, "--verdict-timeout", "0.3"
+        )
         took = time.monotonic() - started
     finally:
         peer.close()
@@ -953,7 +960,8 @@ async def test_a_recorded_failure_replays_into_the_same_error_each_time(tmp_path
         out.mkdir()
         running = await start(settings(out, A, progress_timeout=5.0))
         replay = Replay(recording)
-        error = await asyncio.to_thread(replay.run, Address.parse(running.address), connect_timeout=5)
+        address = Address.parse(running.address)
+        error = await asyncio.to_thread(replay.run, address, connect_timeout=5)
         with pytest.raises(ProtocolError) as failed:
             await running.result()
         assert str(failed.value) == f"channel 1: device {IDSTR}: state buffer 0 already filled"

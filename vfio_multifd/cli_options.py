@@ -593,8 +593,9 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
         "--channels-order",
         choices=REPLAY_ORDERS,
         default="recorded",
-        help="the order the channels connect in: recorded (by first byte received, default), "
-        "reverse, or random (see --seed)",
+        help="the order the channels connect in: recorded (by first byte received, default; "
+        "each channel's first and last byte then wait for their recorded moments, gaps kept "
+        "up to 0.1 s), reverse, or random (see --seed; both send at once)",
     )
     rp.add_argument(
         "--seed", type=int, default=0, help="seed of --channels-order random (default 0)"

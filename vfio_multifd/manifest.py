@@ -88,7 +88,7 @@ class RefusedConnection:
 class RecordedDevice:
     idstr: str
     instance: int
-    digest: str | None = None  # of the data written, as the daemon reported it; None: not completed
+    digest: str | None = None  # of the data written, as the daemon reported it (None: failed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,12 +13,12 @@ replay from the original; the same daemon options (``--channels``,
 ``--uuid``, the devices) then give the same files, or the same error.
 
 In the recorded order the replay also keeps what the manifest knows of the
-interleaving: no channel sends its first byte before the moment it was
-received, nor its last byte (which completes whatever the daemon acted on
-last) before that one's moment, counted from the first; the gaps between
-these moments are kept up to :data:`MAX_GAP`, so a replay takes little longer
-than its sending. A recorded failure then fails the same way: the channel
-whose header the daemon refused sends it after the packets it collided with.
+interleaving: no channel sends its first byte, nor its last (which completes
+whatever the daemon read last on it), before the moment the recording noted
+for it, counted from the earliest; the gaps between these moments are kept up
+to :data:`MAX_GAP`, so a replay takes little longer than its sending. A
+recorded failure then fails the same way: the channel whose header the daemon
+refused sends it after the packets it collided with.
 
 The connections are the sender's own (``sender.run_channels``: connect with
 retries, one thread each, the daemon's verdict from how it closes), and so
