@@ -18,15 +18,19 @@ import signal
 import socket
 import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import qemu_source as qs
 import structlog
+import xxhash
 from cli_helpers import (
     TRACEBACK,
     Daemon,
+    digests,
     partial_stream,
     receive_usage_error,
     run,
@@ -48,23 +52,28 @@ from test_hostile import FakeOwner
 from vfio_multifd import Address, DeviceKey, ProtocolError, Reason
 from vfio_multifd import recorder as recorder_module
 from vfio_multifd.channel import ChannelProtocol
+from vfio_multifd.cli import main
 from vfio_multifd.config import RecordSettings, TlsSettings
 from vfio_multifd.decoder import ChannelDecoder
 from vfio_multifd.manifest import (
     ChannelEnd,
     Manifest,
     RecordedChannel,
-    RecordedDevice,
     channel_file,
 )
 from vfio_multifd.recorder import ByteRing, Recorder, RecordingChannel
-from vfio_multifd.replay import Recording, Replay, connection_order
+from vfio_multifd.replay import Recording, Replay, connection_order, timing
 from vfio_multifd.results import SessionStatus
 from vfio_multifd.wire import ChannelHandshake, PacketHeader
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 OTHER_UUID = "12345678-1234-5678-1234-567812345678"
+
+
+def xxh3(data: bytes) -> str:
+    """The digest a manifest gives ``data`` (the daemon's default --digest), computed here."""
+    return f"xxh3-128:{xxhash.xxh3_128(data).hexdigest()}"
 
 
 def manifest_of(directory: Path) -> dict[str, Any]:
@@ -93,6 +102,15 @@ def device_options(directory: Path) -> list[str]:
     ]
 
 
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Wait (on the loop: the daemon runs there) until ``predicate()``; fail if it never is."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def replay_cli(directory: Path, address: str, *options: str) -> Any:
     return run(["replay", str(directory), "--connect", address, "--log-format", "json", *options])
 
@@ -110,7 +128,7 @@ def test_a_recorded_migration_holds_each_channel_as_sent_and_replays_into_the_sa
     first = Daemon(tmp_path / "first", "--channels", "3", "--record", str(record), *options)
     daemons.append(first)
     qs.send_streams(first.address, streams)
-    code, _, stderr = first.finish()
+    code, summary, stderr = first.finish()
     assert code == 0, stderr
 
     # Each file is its channel's stream, byte for byte, handshake first.
@@ -125,7 +143,13 @@ def test_a_recorded_migration_holds_each_channel_as_sent_and_replays_into_the_sa
     assert manifest["format_version"] == 1
     assert manifest["uuid"] == "00000000-0000-0000-0000-000000000000"
     assert manifest["channels"] == 3 and manifest["tls"] is False
-    assert manifest["devices"] == [{"idstr": IDSTR, "instance": 0}, {"idstr": IDSTR_B, "instance": 0}]
+    # Each device with the digest the daemon reported (and that of the data sent).
+    reported = digests(summary)
+    assert reported == {IDSTR: xxh3(expected[0][0]), IDSTR_B: xxh3(expected[1][0])}
+    assert manifest["devices"] == [
+        {"idstr": IDSTR, "instance": 0, "digest": reported[IDSTR]},
+        {"idstr": IDSTR_B, "instance": 0, "digest": reported[IDSTR_B]},
+    ]
     assert manifest["outcome"] == "completed" and manifest["error"] is None
     assert manifest["complete"] is True and manifest["stopped"] is None
     assert manifest["refused"] == [] and manifest["refused_not_kept"] == 0
@@ -135,6 +159,7 @@ def test_a_recorded_migration_holds_each_channel_as_sent_and_replays_into_the_sa
     for channel, stream in zip(channels, streams, strict=True):
         assert channel["file"] == channel_file(channel["id"])
         assert channel["bytes"] == channel["received"] == len(stream)
+        assert channel["digest"] == xxh3(stream)
         assert channel["peer"].startswith("127.0.0.1:")
         assert 0 <= channel["first_byte_s"] <= channel["last_byte_s"]
         assert channel["end"] in ("eof", "open")  # the daemon may complete before a FIN
@@ -199,6 +224,7 @@ def test_a_recorded_failure_replays_into_the_same_error(
         "idx": 0,
     }
     assert manifest["complete"] is True
+    assert manifest["devices"] == [{"idstr": IDSTR, "instance": 0, "digest": None}]
     # Channel 1's handshake may come after the daemon failed: then it was never accepted.
     assert {c["id"] for c in manifest["recorded_channels"]} in ({0}, {0, 1})
 
@@ -299,11 +325,13 @@ async def test_a_recording_that_cannot_keep_up_stops_and_the_migration_completes
         running = await start(config)
         sending = asyncio.create_task(asyncio.to_thread(qs.send_streams, running.address, streams))
         if trouble == "disk-behind":
-            for _ in range(1000):
-                if any(e["event"] == "record_stopped" for e in logs):
-                    break
-                await asyncio.sleep(0.01)
-            released.set()
+            try:
+                await eventually(
+                    lambda: any(e["event"] == "record_stopped" for e in logs),
+                    "the recording to stop",
+                )
+            finally:
+                released.set()
         await sending
         result = await running.result()
     assert [d.bytes for d in result.devices] == [len(expected[0][0]), len(expected[1][0])]
@@ -381,10 +409,9 @@ async def test_a_source_that_broke_off_is_replayed_as_one(tmp_path: Path) -> Non
     socks = [connect(running.address) for _ in sent]
     for sock, stream in zip(socks, sent, strict=True):
         sock.sendall(stream)
-    for _ in range(500):
-        if running.session.bytes_received == sum(map(len, sent)):
-            break
-        await asyncio.sleep(0.01)
+    await eventually(
+        lambda: running.session.bytes_received == sum(map(len, sent)), "the daemon to read all"
+    )
     socks[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     socks[1].close()  # a reset, inside idx 1
     with pytest.raises(ProtocolError) as original:
@@ -537,10 +564,7 @@ async def test_only_a_recording_session_makes_recording_channels(
     running = await start(settings(tmp_path, A, channels=1, **extra))
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0))
-        for _ in range(500):
-            if running.session.registry.channels:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: bool(running.session.registry.channels), "the channel")
         [channel] = running.session.registry.channels.values()
         assert type(channel) is (RecordingChannel if record else ChannelProtocol)
         running.session.cancel()
@@ -594,25 +618,35 @@ def test_record_directory_mistakes_are_usage_errors(tmp_path: Path) -> None:
 
 def fake_recording(directory: Path, channels: int) -> Manifest:
     """A recording written by hand: ``channels`` channels with distinct first-byte times."""
+    streams = [qs.handshake(n) + bytes([n]) * n for n in range(channels)]
+    firsts = [float((n * 7) % channels) for n in range(channels)]  # not in id order
+    return write_recording(directory, streams, [(first, first) for first in firsts], ChannelEnd.EOF)
+
+
+def write_recording(
+    directory: Path, streams: list[bytes], times: list[tuple[float, float]], end: ChannelEnd
+) -> Manifest:
+    """A recording written by hand: channel ``n`` received ``streams[n]`` from ``times[n][0]``
+    to ``times[n][1]`` and ended with ``end``."""
     directory.mkdir()
     recorded = []
-    for n in range(channels):
-        body = qs.handshake(n) + bytes([n]) * n
+    for n, (body, (first, last)) in enumerate(zip(streams, times, strict=True)):
         (directory / channel_file(n)).write_bytes(body)
-        first = float((n * 7) % channels)  # not in id order
-        recorded.append(
-            RecordedChannel(n, channel_file(n), "127.0.0.1:1", len(body), len(body), first, first,
-                            ChannelEnd.EOF)
-        )  # fmt: skip
-    manifest = Manifest(
-        tool="vfio-multifd test", started_at="2026-01-01T00:00:00.000+00:00",
-        uuid="00000000-0000-0000-0000-000000000000", channels=channels, tls=False,
-        listen="tcp:127.0.0.1:1", devices=(RecordedDevice(IDSTR, 0),), outcome="completed",
-        error=None, complete=True, stopped=None, recorded_channels=tuple(recorded), refused=(),
-        refused_not_kept=0,
-    )  # fmt: skip
-    (directory / "manifest.json").write_text(manifest.to_json())
-    return manifest
+        recorded.append({
+            "id": n, "file": channel_file(n), "peer": "127.0.0.1:1", "bytes": len(body),
+            "received": len(body), "first_byte_s": first, "last_byte_s": last, "end": end.value,
+            "digest": xxh3(body),
+        })  # fmt: skip
+    text = json.dumps({
+        "format_version": 1, "tool": "vfio-multifd test",
+        "started_at": "2026-01-01T00:00:00.000+00:00",
+        "uuid": "00000000-0000-0000-0000-000000000000", "channels": len(streams), "tls": False,
+        "listen": "tcp:127.0.0.1:1", "devices": [{"idstr": IDSTR, "instance": 0, "digest": None}],
+        "outcome": "completed", "error": None, "complete": True, "stopped": None,
+        "recorded_channels": recorded, "refused": [], "refused_not_kept": 0,
+    })  # fmt: skip
+    (directory / "manifest.json").write_text(text)
+    return Manifest.from_json(text)
 
 
 def closed_port() -> str:
@@ -667,3 +701,268 @@ def test_channels_order_recorded_reverse_and_random_with_a_seed(tmp_path: Path) 
             result.stdout.splitlines()
         )
         assert result.stderr.splitlines()[-1].startswith(f"vfio-multifd: error: channel {seeded[0]}: ")
+
+
+# -- issue 20: a replay checks what it sends, keeps the recorded order, and waits bounded -----
+
+
+def replay_main(
+    capsys: pytest.CaptureFixture[str], directory: Path, address: str, *options: str
+) -> tuple[int, list[str]]:
+    """``vfio-multifd replay`` in this process: its exit code and its lines on stderr."""
+    capsys.readouterr()
+    code = main(["replay", str(directory), "--connect", address, "--log-format", "json", *options])
+    return code, capsys.readouterr().err.splitlines()
+
+
+async def test_a_flipped_bit_in_a_channel_file_is_refused_before_anything_is_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    devices, expected = two_devices()
+    streams = qs.build_streams(devices, channels=2, chunk_size=65536)
+    record = tmp_path / "rec"
+    (tmp_path / "out").mkdir()
+    running = await start(settings(tmp_path / "out", A, B, record=RecordSettings(record)))
+    await asyncio.to_thread(qs.send_streams, running.address, streams)
+    result = await running.result()
+    manifest = manifest_of(record)
+    # The digests the daemon reported, and those of the files (computed here from the streams).
+    assert [d["digest"] for d in manifest["devices"]] == [d.digest for d in result.devices]
+    assert [d.digest for d in result.devices] == [xxh3(data) for data, _ in expected]
+    recorded = {c["id"]: c["digest"] for c in manifest["recorded_channels"]}
+    assert recorded == {n: xxh3(stream) for n, stream in enumerate(streams)}
+
+    file = record / "channel-0.bin"
+    flipped = bytearray(file.read_bytes())
+    assert flipped == streams[0]
+    flipped[64 + 288 + 1000] ^= 0x10  # one bit of the first packet's payload
+    file.write_bytes(flipped)
+    # Nothing listens there: a replay that connected would fail with exit 1, not 2.
+    code, lines = replay_main(capsys, record, closed_port())
+    assert (code, lines) == (
+        2,
+        [
+            f"vfio-multifd: error: channel 0: {file} is not what was recorded: its digest is "
+            f"{xxh3(bytes(flipped))}, the manifest says {xxh3(streams[0])}"
+        ],
+    )
+
+
+def edit_manifest(directory: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    raw = json.loads((directory / "manifest.json").read_text())
+    edit(raw)
+    (directory / "manifest.json").write_text(json.dumps(raw))
+
+
+def drop_digests(raw: dict[str, Any]) -> None:
+    for channel in raw["recorded_channels"]:
+        del channel["digest"]
+
+
+def duplicate_id(raw: dict[str, Any]) -> None:
+    raw["recorded_channels"][1] = raw["recorded_channels"][0]  # its file is as it says
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            drop_digests,
+            "recorded_channels[0]: digest is missing: this recording's manifest has no digest "
+            "of its channel files (it was written before vfio-multifd put them there), and a "
+            "replay refuses files it cannot check; record the migration again",
+        ),
+        (
+            lambda raw: raw["recorded_channels"][0].update(digest="xxh3-128:abc"),
+            "recorded_channels[0]: digest must be xxh3-128:<32 hex digits> or sha256:<64 hex "
+            "digits>, not 'xxh3-128:abc'",
+        ),
+        (duplicate_id, "recorded_channels[1]: channel id 0 is recorded twice"),
+        (
+            lambda raw: raw["recorded_channels"][1].update(id=2, file="channel-2.bin"),
+            "recorded_channels[1]: channel id 2 is not below channels 2",
+        ),
+        (
+            lambda raw: raw["recorded_channels"][1].update(last_byte_s=-1),
+            "recorded_channels[1]: last_byte_s must be a number of 0 or more, not -1",
+        ),
+        (
+            lambda raw: raw["recorded_channels"][1].update(first_byte_s=1e999),
+            "recorded_channels[1]: first_byte_s must be a number of 0 or more, not inf",
+        ),
+    ],
+    ids=[
+        "no-digest", "bad-digest", "duplicate-id", "id-too-high", "negative-time", "infinite-time"
+    ],
+)
+def test_a_bad_manifest_is_refused_in_one_line_before_anything_is_sent(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    edit: Callable[[dict[str, Any]], object],
+    expected: str,
+) -> None:
+    """A manifest without digests is refused, not replayed with a warning: its files cannot
+    be checked, and a damaged one would give other outputs with exit 0."""
+    fake_recording(tmp_path / "rec", 2)
+    edit_manifest(tmp_path / "rec", edit)
+    code, lines = replay_main(capsys, tmp_path / "rec", closed_port())
+    assert (code, lines) == (
+        2, [f"vfio-multifd: error: {tmp_path / 'rec' / 'manifest.json'}: the manifest: {expected}"]
+    )  # fmt: skip
+
+
+def test_a_manifest_nested_too_deeply_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_recording(tmp_path / "rec", 1)
+    path = tmp_path / "rec" / "manifest.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    code, lines = replay_main(capsys, tmp_path / "rec", closed_port())
+    assert code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"vfio-multifd: error: {path}: not JSON: maximum recursion depth")
+
+
+def recorded(channel_id: int, first: float | None, last: float | None) -> RecordedChannel:
+    return RecordedChannel(
+        channel_id, channel_file(channel_id), "127.0.0.1:1", 1, 1, first, last, ChannelEnd.EOF,
+        xxh3(b"x"),
+    )  # fmt: skip
+
+
+def test_replay_timing_keeps_the_recorded_order_and_gaps_up_to_a_bound() -> None:
+    channels = [recorded(0, 0.5, 0.52), recorded(1, 0.5, 3.0), recorded(2, 0.51, 0.51)]
+    # Moments 0.5, 0.51, 0.52, 3.0: gaps 0.01, 0.01 and 2.48, kept up to 0.1.
+    flat = [moment for pair in timing(channels, max_gap=0.1) for moment in pair]
+    assert flat == pytest.approx([0, 0.02, 0, 0.12, 0.01, 0.01])
+    assert timing([recorded(0, None, None)]) == [(0.0, 0.0)]
+
+
+class Peer:
+    """A listener on 127.0.0.1 standing in for the daemon: it reads every connection it
+    accepts, noting when each read came; ``answer``: it closes them all cleanly once it
+    has ``total`` bytes (as a daemon that completed), else it never answers."""
+
+    def __init__(self, connections: int, total: int, *, answer: bool) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.address = f"tcp:127.0.0.1:{self.listener.getsockname()[1]}"
+        self.total, self.answer = total, answer
+        self.received = [bytearray() for _ in range(connections)]
+        self.reads: list[list[tuple[float, int]]] = [[] for _ in range(connections)]
+        self.ended = [""] * connections  # eof, reset, or timeout
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._serve, args=(connections,), daemon=True)]
+        self.threads[0].start()
+
+    def _serve(self, connections: int) -> None:
+        for n in range(connections):
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:  # nothing came: the test's assertions say what is missing
+                return
+            conn.settimeout(10)
+            self.conns.append(conn)
+            reader = threading.Thread(target=self._read, args=(n, conn), daemon=True)
+            self.threads.append(reader)
+            reader.start()
+
+    def _read(self, n: int, conn: socket.socket) -> None:
+        try:
+            while data := conn.recv(1 << 16):
+                with self.lock:
+                    self.received[n] += data
+                    self.reads[n].append((time.monotonic(), len(self.received[n])))
+                    if self.answer and sum(map(len, self.received)) == self.total:
+                        for each in self.conns:
+                            each.shutdown(socket.SHUT_WR)
+            self.ended[n] = "eof"
+        except ConnectionResetError:
+            self.ended[n] = "reset"
+        except TimeoutError:
+            self.ended[n] = "timeout"
+
+    def by_channel(self) -> dict[int, int]:
+        """Each channel id (byte 24 of its handshake) -> its connection's index."""
+        return {bytes(data)[24]: n for n, data in enumerate(self.received)}
+
+    def close(self) -> None:
+        for thread in self.threads:
+            thread.join(timeout=15)
+        for conn in self.conns:
+            conn.close()
+        self.listener.close()
+
+
+def colliding_recording(directory: Path) -> list[bytes]:
+    """A recorded duplicate-idx failure: channel 0 sent idx 0; channel 1 connected first but
+    announced idx 0 again only after that (the daemon read no more of it, and failed)."""
+    first = qs.device_packet(IDSTR, 0, 0, random_bytes(65536, 7))
+    streams = [qs.handshake(0) + first, qs.handshake(1) + first[:288]]
+    times = [(0.01, 0.02), (0.0, 0.06)]  # channel 1's first byte first, its header last
+    write_recording(directory, streams, times, ChannelEnd.OPEN)
+    return streams
+
+
+def test_a_replay_keeps_the_recorded_order_of_first_and_last_bytes(tmp_path: Path) -> None:
+    """All at once, channel 1 (connected first) would send its header at once, before
+    channel 0's idx 0: then legal, its payload never comes, and the migration hangs."""
+    streams = colliding_recording(tmp_path / "rec")
+    peer = Peer(2, sum(map(len, streams)), answer=True)
+    try:
+        replay = Replay(Recording.load(tmp_path / "rec"))
+        assert [c.id for c in replay.channels] == [1, 0]
+        assert replay.run(Address.parse(peer.address), connect_timeout=5) is None
+    finally:
+        peer.close()
+    index = peer.by_channel()
+    for channel_id, stream in enumerate(streams):
+        assert peer.received[index[channel_id]] == stream
+    zero, one = peer.reads[index[0]], peer.reads[index[1]]
+    header_zero = next(when for when, size in zero if size >= 64 + 288)
+    first_one, last_one = one[0][0], one[-1][0]
+    assert [size for _, size in one[-2:]] == [len(streams[1]) - 1, len(streams[1])], (
+        "channel 1's last byte did not come apart from the rest"
+    )
+    assert header_zero < last_one, "channel 0's idx 0 came after channel 1's header"
+    assert last_one - first_one >= 0.06 - 0.01, "channel 1's header came before its moment"
+
+
+def test_replay_waits_for_the_verdict_no_longer_than_verdict_timeout(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    streams = colliding_recording(tmp_path / "rec")
+    peer = Peer(2, sum(map(len, streams)), answer=False)  # reads all, answers nothing
+    try:
+        started = time.monotonic()
+        code, lines = replay_main(
+            capsys, tmp_path / "rec", peer.address, "--verdict-timeout", "0.3"
+        )
+        took = time.monotonic() - started
+    finally:
+        peer.close()
+    assert (code, lines[-1]) == (
+        3,
+        f"vfio-multifd: error: {peer.address}: the daemon gave no verdict within 0.3 s "
+        "(--verdict-timeout) after the last byte was sent: the replay reset its channels "
+        "(the daemon's log says what it was waiting for)",
+    )
+    assert 0.3 + 0.06 <= took < 5, took
+    assert sorted(bytes(data) for data in peer.received) == sorted(streams)
+    assert peer.ended == ["reset", "reset"]
+
+
+async def test_a_recorded_failure_replays_into_the_same_error_each_time(tmp_path: Path) -> None:
+    colliding_recording(tmp_path / "rec")
+    recording = Recording.load(tmp_path / "rec")
+    for attempt in range(3):
+        out = tmp_path / f"out{attempt}"
+        out.mkdir()
+        running = await start(settings(out, A, progress_timeout=5.0))
+        replay = Replay(recording)
+        address = Address.parse(running.address)
+        error = await asyncio.to_thread(replay.run, address, connect_timeout=5)
+        with pytest.raises(ProtocolError) as failed:
+            await running.result()
+        assert str(failed.value) == f"channel 1: device {IDSTR}: state buffer 0 already filled"
+        assert error is not None and error.reason is Reason.CHANNEL_RESET

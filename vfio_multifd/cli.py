@@ -7,7 +7,8 @@ exit codes: 0 complete, 1 the migration failed (or was cancelled with
 SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
 For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
 (which it does only once its outputs are in place) and 1 that a connection
-failed or was reset; for ``status``, 1 that nothing answered.
+failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
+``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
 
 Signals (``receive``): every signal whose default action would end the
 process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
@@ -40,7 +41,7 @@ import structlog
 
 from . import cli_options, logconfig, notify
 from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
-from .errors import Cancelled, MultifdError, SendError, UsageError
+from .errors import Cancelled, MultifdError, Reason, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
 from .results import SessionResult
 from .sender import SendResult, Stopped, send
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_NO_VERDICT = 3  # replay: the daemon neither closed nor reset the channels in time
 
 log = structlog.get_logger("vfio_multifd.cli")
 
@@ -368,7 +370,9 @@ def _replay_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
     recording = Recording.load(args.directory)
     tls_client = _tls_client(args)
-    replay = Replay(recording, args.channels_order, args.seed)
+    replay = Replay(
+        recording, args.channels_order, args.seed, verdict_timeout=args.verdict_timeout
+    )
     print_replay_plan(replay, sys.stdout, args.channels_order)
     try:
         with _sigterm_stops_sending():
@@ -509,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MultifdError as error:
         log.error("migration_failed", error=str(error), reason=error.reason.value)
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_NO_VERDICT if error.reason is Reason.NO_VERDICT else EXIT_FAILED
     except OSError as error:
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED

@@ -34,6 +34,7 @@ from .config import (
 )
 from .errors import UsageError
 from .replay import ORDERS as REPLAY_ORDERS
+from .replay import VERDICT_TIMEOUT
 from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
 from .wire import DEFAULT_MAX_PACKET_SIZE
 
@@ -575,7 +576,8 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
         "send each channel's bytes exactly as they were received, end it as it ended, and wait "
         "for the daemon's verdict. Run the daemon with the recording's --channels, --uuid and "
         "devices (the first lines printed say which). Exit 0: the daemon closed every channel "
-        "cleanly; 1: a connection failed or was reset; 2: usage error (not a recording...); "
+        "cleanly; 1: a connection failed or was reset; 2: usage error (not a recording, a "
+        "file that does not match its digest...); 3: no verdict within --verdict-timeout; "
         "130/143: SIGINT/SIGTERM.",
         parents=[_reporting_parent(progress=None, debug="")],
     )
@@ -591,11 +593,20 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
         "--channels-order",
         choices=REPLAY_ORDERS,
         default="recorded",
-        help="the order the channels connect in: recorded (by first byte received, default), "
-        "reverse, or random (see --seed)",
+        help="the order the channels connect in: recorded (by first byte received, default; "
+        "each channel's first and last byte then wait for their recorded moments, gaps kept "
+        "up to 0.1 s), reverse, or random (see --seed; both send at once)",
     )
     rp.add_argument(
         "--seed", type=int, default=0, help="seed of --channels-order random (default 0)"
+    )
+    rp.add_argument(
+        "--verdict-timeout",
+        type=_positive_seconds,
+        default=VERDICT_TIMEOUT,
+        metavar="SECONDS",
+        help="once every byte is sent, wait this long at most for the daemon to close or "
+        f"reset the channels (default {VERDICT_TIMEOUT:g}); then reset them and exit 3",
     )
 
 

@@ -70,6 +70,7 @@ class Reason(enum.StrEnum):
     CONNECT_FAILED = "connect-failed"
     CHANNEL_RESET = "channel-reset"
     SEND_FAILED = "send-failed"
+    NO_VERDICT = "no-verdict"  # replay: the daemon neither closed nor reset in time
 
 
 class MultifdError(Exception):

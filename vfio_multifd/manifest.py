@@ -10,12 +10,21 @@ cannot send the replay outside its directory.
 Times are seconds on the daemon's monotonic clock since the recording started
 (just before the daemon listens): ``first_byte_s`` and ``last_byte_s`` of a
 channel say when its first and last bytes were received.
+
+Each channel's ``digest`` is that of its file, in the daemon's ``--digest``
+(``xxh3-128:<hex>`` or ``sha256:<hex>``): a replay checks every file against
+it before it sends a byte. A manifest without them (written before they were
+added) is refused: its files cannot be checked, and a replay of a damaged file
+would give other outputs, or another error, where it promises the same. Each
+device's ``digest`` is the one the daemon reported for the data it wrote, or
+null when the migration did not complete.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,6 +33,9 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 _REFUSED_FILE = re.compile(r"refused-([0-9]{1,5})\.bin")
+#: Hex digits of each --digest (config.Digest: not imported, this module is pure), as
+#: digest.format_digest writes it: ``xxh3-128:<32 hex digits>``.
+_DIGEST_HEX = {"xxh3-128": 32, "sha256": 64}
 
 
 def channel_file(channel_id: int) -> str:
@@ -59,6 +71,7 @@ class RecordedChannel:
     first_byte_s: float | None
     last_byte_s: float | None
     end: ChannelEnd
+    digest: str  # of the file's bytes: xxh3-128:<hex> or sha256:<hex>
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +88,7 @@ class RefusedConnection:
 class RecordedDevice:
     idstr: str
     instance: int
+    digest: str | None = None  # of the data written, as the daemon reported it (None: failed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +129,7 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         try:
             raw = json.loads(text)
-        except ValueError as error:
+        except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
             raise ManifestError(f"not JSON: {error}") from None
         fields = _Fields(raw, "the manifest")
         version = fields.integer("format_version")
@@ -124,22 +138,25 @@ class Manifest:
                 f"format_version {version}: this vfio-multifd reads version {FORMAT_VERSION}"
             )
         failure = fields.optional_object("error")
+        channels = fields.integer("channels")
         return cls(
             tool=fields.text("tool"),
             started_at=fields.text("started_at"),
             uuid=fields.text("uuid"),
-            channels=fields.integer("channels"),
+            channels=channels,
             tls=fields.boolean("tls"),
             listen=fields.text("listen"),
             devices=tuple(
-                RecordedDevice(item.text("idstr"), item.integer("instance"))
+                RecordedDevice(
+                    item.text("idstr"), item.integer("instance"), item.optional_digest("digest")
+                )
                 for item in fields.objects("devices")
             ),
             outcome=fields.text("outcome"),
             error=None if failure is None else _error(failure),
             complete=fields.boolean("complete"),
             stopped=fields.optional_text("stopped"),
-            recorded_channels=tuple(_channel(item) for item in fields.objects("recorded_channels")),
+            recorded_channels=_channels(fields.objects("recorded_channels"), channels),
             refused=tuple(_refused(item) for item in fields.objects("refused")),
             refused_not_kept=fields.integer("refused_not_kept"),
             format_version=version,
@@ -156,6 +173,21 @@ def _error(fields: _Fields) -> RecordedError:
     )
 
 
+def _channels(items: list[_Fields], channels: int) -> tuple[RecordedChannel, ...]:
+    """The recorded channels: each id once, and below ``channels`` (as the daemon accepts them)."""
+    recorded: dict[int, RecordedChannel] = {}
+    for item in items:
+        channel = _channel(item)
+        if channel.id >= channels:
+            raise ManifestError(
+                f"{item.where}: channel id {channel.id} is not below channels {channels}"
+            )
+        if channel.id in recorded:
+            raise ManifestError(f"{item.where}: channel id {channel.id} is recorded twice")
+        recorded[channel.id] = channel
+    return tuple(recorded.values())
+
+
 def _channel(fields: _Fields) -> RecordedChannel:
     channel_id = fields.integer("id")
     file = fields.text("file")
@@ -165,15 +197,25 @@ def _channel(fields: _Fields) -> RecordedChannel:
         end = ChannelEnd(fields.text("end"))
     except ValueError:
         raise ManifestError(f"{fields.where}: end must be one of eof, lost, open") from None
+    if "digest" not in fields.raw:
+        raise ManifestError(
+            f"{fields.where}: digest is missing: this recording's manifest has no digest of its "
+            "channel files (it was written before vfio-multifd put them there), and a replay "
+            "refuses files it cannot check; record the migration again"
+        )
+    first, last = fields.optional_number("first_byte_s"), fields.optional_number("last_byte_s")
+    if first is not None and last is not None and last < first:
+        raise ManifestError(f"{fields.where}: last_byte_s {last} is before first_byte_s {first}")
     return RecordedChannel(
         id=channel_id,
         file=file,
         peer=fields.text("peer"),
         bytes=fields.integer("bytes"),
         received=fields.integer("received"),
-        first_byte_s=fields.optional_number("first_byte_s"),
-        last_byte_s=fields.optional_number("last_byte_s"),
+        first_byte_s=first,
+        last_byte_s=last,
         end=end,
+        digest=fields.digest("digest"),
     )
 
 
@@ -230,9 +272,25 @@ class _Fields:
         value = self.raw.get(name)
         if value is None:
             return None
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise self._wrong(name, "a number")
+        # A time: a replay waits for it, so neither NaN, nor infinite, nor negative.
+        if (
+            not isinstance(value, int | float)
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value < 0
+        ):
+            raise self._wrong(name, "a number of 0 or more")
         return float(value)
+
+    def digest(self, name: str) -> str:
+        value = self.text(name)
+        algorithm, _, hex_digits = value.partition(":")
+        if len(hex_digits) != _DIGEST_HEX.get(algorithm) or hex_digits.strip("0123456789abcdef"):
+            raise self._wrong(name, "xxh3-128:<32 hex digits> or sha256:<64 hex digits>")
+        return value
+
+    def optional_digest(self, name: str) -> str | None:
+        return None if self.raw.get(name) is None else self.digest(name)
 
     def boolean(self, name: str) -> bool:
         value = self._get(name)

@@ -26,7 +26,8 @@ migration's outcome is decided (the session's status leaves ``setup`` and
 in return (reset its other channels) did not cause the outcome, so a replay
 must not do it first. The manifest (``manifest.py``) is written at the end of
 every migration - completed, failed or cancelled - to a temporary name, then
-renamed.
+renamed. It holds the digest of each channel file (the writer thread hashes
+what it writes, in the daemon's ``--digest``) and of each device's data.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ import queue
 import threading
 import time
 import uuid as uuid_module
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,6 +54,7 @@ from . import __version__
 from .channel import ChannelOwner, ChannelProtocol
 from .config import Address, ReceiveSettings
 from .decoder import ASK, ChannelDecoder
+from .digest import Hasher, format_digest, new_hasher
 from .errors import HandshakeError, MultifdError, UsageError, os_error_text
 from .manifest import (
     MANIFEST_NAME,
@@ -64,7 +67,7 @@ from .manifest import (
     channel_file,
     refused_file,
 )
-from .results import SessionStatus
+from .results import DeviceResult, SessionStatus
 from .safe_files import check_private, create_new, open_private_directory
 
 log = structlog.get_logger("vfio_multifd.recorder")
@@ -181,10 +184,13 @@ class _Close:
     sink: int
 
 
+#: The manifest, given what the writer wrote to each sink, its digest, and why it stopped.
+_Build = Callable[[dict[int, int], dict[int, str], str | None], Manifest]
+
+
 @dataclass(frozen=True, slots=True)
 class _Finish:
-    #: The manifest, given what the writer wrote to each sink and why it stopped.
-    build: Callable[[dict[int, int], str | None], Manifest]
+    build: _Build
     done: concurrent.futures.Future[None]
 
 
@@ -437,15 +443,20 @@ class Recorder:
         )
 
     async def finish(
-        self, status: SessionStatus, error: MultifdError | None, address: Address | None
+        self,
+        status: SessionStatus,
+        error: MultifdError | None,
+        address: Address | None,
+        devices: Sequence[DeviceResult] = (),
     ) -> None:
-        """Close every file and write the manifest; waits (off the loop) at most
+        """Close every file and write the manifest (with the digests of ``devices``,
+        those of a completed migration); waits (off the loop) at most
         :data:`FINISH_TIMEOUT` for the writer to get there."""
         if self._thread is None or self._finished:
             return
         self._finished = self.decided = True
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        finish = _Finish(self._manifest(status, error, address), done)
+        finish = _Finish(self._manifest(status, error, address, devices), done)
         for recording in self._channels:
             if recording.sink is not None:
                 self._queue.put(_Close(recording.sink))
@@ -461,10 +472,16 @@ class Recorder:
             )
 
     def _manifest(
-        self, status: SessionStatus, error: MultifdError | None, address: Address | None
-    ) -> Callable[[dict[int, int], str | None], Manifest]:
-        """The manifest as the loop thread knows it now; the writer adds its byte counts."""
+        self,
+        status: SessionStatus,
+        error: MultifdError | None,
+        address: Address | None,
+        devices: Sequence[DeviceResult],
+    ) -> _Build:
+        """The manifest as the loop thread knows it now; the writer adds its byte counts
+        and digests."""
         settings = self.settings
+        digests = {result.device: result.digest for result in devices}
 
         def since(moment: float | None) -> float | None:
             return None if moment is None else round(moment - self._origin, 6)
@@ -483,6 +500,7 @@ class Recorder:
                     first_byte_s=since(r.first_byte),
                     last_byte_s=since(r.last_byte),
                     end=r.end or ChannelEnd.OPEN,
+                    digest="",  # the writer's
                 )
             )
             channel_sinks.append(r.sink)
@@ -511,7 +529,8 @@ class Recorder:
             tls=settings.tls is not None,
             listen=str(address or settings.listen),
             devices=tuple(
-                RecordedDevice(spec.key.idstr, spec.key.instance_id) for spec in settings.devices
+                RecordedDevice(spec.key.idstr, spec.key.instance_id, digests.get(spec.key))
+                for spec in settings.devices
             ),
             outcome=outcome,
             error=None
@@ -530,13 +549,17 @@ class Recorder:
             refused_not_kept=self._refused_not_kept,
         )
 
-        def build(written: dict[int, int], stopped: str | None) -> Manifest:
+        nothing = format_digest(settings.digest, new_hasher(settings.digest))
+
+        def build(
+            written: dict[int, int], digests: dict[int, str], stopped: str | None
+        ) -> Manifest:
             return replace(
                 base,
                 complete=stopped is None,
                 stopped=stopped,
                 recorded_channels=tuple(
-                    replace(c, bytes=written.get(s, 0))
+                    replace(c, bytes=written.get(s, 0), digest=digests.get(s, nothing))
                     for c, s in zip(channels, channel_sinks, strict=True)
                 ),
                 refused=tuple(
@@ -558,6 +581,8 @@ class Recorder:
     def _write_files(self) -> None:
         files: dict[int, tuple[int, str]] = {}  # sink -> (fd, file name)
         written: dict[int, int] = {}
+        digest = self.settings.digest
+        hashers: defaultdict[int, Hasher] = defaultdict(lambda: new_hasher(digest))
         broken = False  # a write failed: drop what comes, but still write the manifest
         while True:
             item = self._queue.get()
@@ -574,6 +599,7 @@ class Recorder:
                             self._stop(f"cannot write {entry[1]}: {os_error_text(error)}")
                         else:
                             written[sink] += size
+                            hashers[sink].update(self._ring.view[offset : offset + size])
                     with self._lock:
                         self._ring.free(padding + size)
                 elif isinstance(item, _Open):
@@ -594,7 +620,8 @@ class Recorder:
                     for fd, _ in files.values():
                         os.close(fd)
                     files.clear()
-                    self._write_manifest(item.build(written, self.stopped))
+                    digests = {sink: format_digest(digest, h) for sink, h in hashers.items()}
+                    self._write_manifest(item.build(written, digests, self.stopped))
                     item.done.set_result(None)
                     return
             except Exception as error:  # a bug: the recording stops, the migration does not

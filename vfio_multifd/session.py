@@ -138,8 +138,10 @@ class Session:
             self._first_error.set_result(self._pending_error)
         if self.recorder is not None:
             self.recorder.start()
+        result: SessionResult | None = None
         try:
-            return await self._run(self._first_error)
+            result = await self._run(self._first_error)
+            return result
         except asyncio.CancelledError:
             if self.status is not SessionStatus.COMPLETED:  # cancelled once committed: too late
                 self._set_status(SessionStatus.CANCELLED)
@@ -155,7 +157,8 @@ class Session:
             raise
         finally:
             if self.recorder is not None:  # for failed and cancelled migrations too
-                await self.recorder.finish(self.status, self.error, self.address)
+                devices = () if result is None else result.devices
+                await self.recorder.finish(self.status, self.error, self.address, devices)
 
     async def _run(self, first_error: asyncio.Future[MultifdError]) -> SessionResult:
         try:
