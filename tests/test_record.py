@@ -309,6 +309,8 @@ async def test_a_recording_that_cannot_keep_up_stops_and_the_migration_completes
 
     def append(fd: int, data: bytes) -> None:
         if trouble == "disk-full" and written[0] + len(data) > 100_000:
+            # As a real full disk does: part of the write lands, then ENOSPC.
+            real_append(fd, data[: len(data) // 2])
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if trouble == "disk-behind":
             released.wait(30)  # the disk stalls until the recording gave up

@@ -596,6 +596,10 @@ class Recorder:
                             _append(entry[0], self._ring.view[offset : offset + size])
                         except OSError as error:
                             broken = True
+                            # Part of the write may have landed: the file holds what the
+                            # manifest counts, so that replay can check it.
+                            with contextlib.suppress(OSError):
+                                os.ftruncate(entry[0], written[sink])
                             self._stop(f"cannot write {entry[1]}: {os_error_text(error)}")
                         else:
                             written[sink] += size
