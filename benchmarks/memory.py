@@ -395,7 +395,7 @@ def format_report(report: Report) -> list[str]:
     )
     lines.append(
         f"target (issue 10): VmHWM <= bound + {RSS_ALLOWANCE // MIB} MiB; also shown: what "
-        "peak RSS above idle exceeds the bound by (memory the bound leaves out: see README)"
+        "peak RSS above idle exceeds the bound by (memory the bound leaves out: see docs/memory.md)"
     )
     for case in report.rows():
         lines.append(f"  {case.name:38} " + _verdict(case))

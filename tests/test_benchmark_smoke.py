@@ -241,7 +241,7 @@ def test_plain_copy_writes_the_stream(tmp_path: Path, connections: int) -> None:
 
 
 def test_diagnostic_scripts_run(capsys: pytest.CaptureFixture[str]) -> None:
-    """The scripts the README quotes for the throughput account still run and check bytes."""
+    """The scripts docs/benchmarks.md quotes for the throughput account run and check bytes."""
     import baselines
     import decoder_cost
 

@@ -1,4 +1,4 @@
-"""The examples in examples/ run as the README says: each checks its own result and exits 0.
+"""The examples in examples/ run as the README lists them: each checks its own result and exits 0.
 
 Small sizes, so they take a second or two each (``make demo`` sends 2 x 192 MiB).
 """

@@ -1,4 +1,4 @@
-"""README promises that no other test would notice breaking, one test (at least) each.
+"""Promises of README.md and docs/ that no other test would notice breaking: a test (at least) each.
 
 Most run the command line as a user does (``cli_helpers``: real processes,
 under each ``--event-loop``); the fsync and ``--inject`` cases run a session
@@ -166,7 +166,7 @@ class FsyncSpy:
 async def test_outputs_are_fsynced_before_any_rename_and_directories_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """README: "the files are fsynced, every final path is checked, and all are renamed
+    """docs/receiving.md: "the files are fsynced, every final path is checked, and all are renamed
     into place" (and the rename made durable). Two devices in two directories."""
     spy = FsyncSpy(monkeypatch)
     config = settings(tmp_path, A, B, channels=2, fsync=True)
@@ -677,7 +677,7 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
                 await running.result()
             error = caught.value
             assert error.reason is reason, str(error)
-            if reason is Reason.INCOMPLETE:  # README's line, after "vfio-multifd: error: "
+            if reason is Reason.INCOMPLETE:  # docs/receiving.md: "vfio-multifd: error: " + this
                 assert str(error) == (
                     f"all 2 channels closed with 1 device(s) incomplete: device {IDSTR}: "
                     "missing 1 of 4 chunks (idx 0: about 65536 bytes at 65536 bytes a chunk)"

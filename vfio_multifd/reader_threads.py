@@ -69,7 +69,7 @@ def default_reader_threads(channels: int, cpus: int | None = None) -> int:
     and forth) and pays off only with a core to itself: the main loop needs one
     (admission, queueing, loaders), each device's writer part of another
     (digests). Measured on 2 cores shared with the sender (benchmarks/throughput.py,
-    README), one reader thread cost 0.14 CPU s/GB more and received a quarter less
+    docs/benchmarks.md), one reader thread cost 0.14 CPU s/GB more and received a quarter less
     than none.
     """
     cpus = cpus if cpus is not None else len(os.sched_getaffinity(0))
