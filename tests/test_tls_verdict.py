@@ -4,7 +4,8 @@ The daemon keeps every TLS channel open until the migration's outcome is
 decided, then answers its ``close_notify`` with its own and a FIN only if the
 outputs are in place, and resets it otherwise. ``send`` and ``replay`` exit 0
 only on that clean close: a script doing ``send && destroy the source`` must
-never lose a VM's device state. Real processes over loopback, under both loops.
+never lose a VM's device state. Real processes, or sessions in this process and the
+sender's own channels, over loopback, under both loops.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -171,3 +175,34 @@ async def test_a_channel_kept_open_over_tls_waits_for_the_verdict(
         with pytest.raises(ProtocolError):
             await running.result()
         assert not config.devices[0].data_path.exists()
+
+
+async def test_a_source_that_ends_after_the_daemon_completed_hears_success(
+    tmp_path: Path, tls_dirs: tuple[Path, Path]
+) -> None:
+    """The daemon completes once every device is, without waiting for close_notify:
+    a source whose close_notify comes after the daemon hung up (and draws a reset
+    from its kernel) has the daemon's close_notify and FIN first, and succeeds."""
+    server, client = tls_dirs
+    config = settings(tmp_path, DeviceKey(IDSTR, 0), tls=TlsSettings(server, authz=(SUBJECT,)))
+    running = await start(config)
+    data = random_bytes(7 * 4096 + 1, 10)
+    streams = qs.build_streams([(IDSTR, 0, data, b"cfg")], 2, chunk_size=4096)
+    completed = threading.Event()
+
+    def late(stream: bytes) -> Callable[[socket.socket], int]:
+        def send(sock: socket.socket) -> int:
+            sent = send_all(sock, [stream])
+            assert completed.wait(10), "the daemon did not complete"
+            return sent
+
+        return send
+
+    address = Address.parse(running.address)
+    tls = load_client(client, address)
+    sending = asyncio.to_thread(run_channels, address, [late(s) for s in streams], 10.0, tls=tls)
+    sender = asyncio.create_task(sending)
+    await running.result()
+    completed.set()
+    assert await sender == [len(s) for s in streams]
+    assert config.devices[0].data_path.read_bytes() == data

@@ -436,15 +436,6 @@ def run_channels(
                 return
             if stop.is_set():
                 return
-            if endings[n] is StreamEnd.RESET:
-                _reset_once_delivered(sock)  # the close below is the reset
-            elif endings[n] is StreamEnd.CLOSE:
-                try:
-                    _end_stream(sock)
-                except OSError as error:
-                    if not stop.is_set():
-                        raise _channel_error(ids[n], address, error, sent=sent[n], sock=sock) from None
-                    return
             with lock:
                 finished.append(n)
                 if len(finished) == len(streams):
@@ -456,8 +447,11 @@ def run_channels(
                         "outputs are in place, or resets them if the migration failed",
                     )
             if endings[n] is StreamEnd.RESET:
+                _reset_once_delivered(sock)  # the close below is the reset
                 return
             try:
+                if endings[n] is StreamEnd.CLOSE:
+                    _end_stream(sock)
                 # Kept open over TLS, the stream is still TLS: no close_notify was sent.
                 _await_verdict(sock, tls=tls is not None and endings[n] is StreamEnd.KEEP_OPEN)
             except OSError as error:
