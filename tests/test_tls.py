@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import select
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 import qemu_source as qs
 import structlog
-from cli_helpers import TOOL, Daemon, digests, receive_usage_error, run
+from cli_helpers import Daemon, digests, one_device_daemon, receive_usage_error, run
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from helpers import IDSTR, Running, assert_outputs, random_bytes, settings, start
@@ -30,12 +32,14 @@ from helpers import IDSTR, Running, assert_outputs, random_bytes, settings, star
 from credentials import Authority, client_subject
 from vfio_multifd import (
     Address,
+    Cancelled,
     DeviceKey,
     HandshakeError,
     ProtocolError,
     Reason,
     ReceiveSettings,
 )
+from vfio_multifd.channel import ChannelState
 from vfio_multifd.config import TlsSettings
 from vfio_multifd.sender import SendResult, SourceDevice, send
 from vfio_multifd.status_server import query_migrate
@@ -208,6 +212,30 @@ class BioClient:
                 pass
         self.sock.close()
 
+    def answer(self) -> str:
+        """How the daemon ended this channel: ``close_notify, FIN``, ``FIN`` (without
+        close_notify) or ``reset``; it sends no data."""
+        notified = False
+        try:
+            while data := self.sock.recv(65536):
+                self.incoming.write(data)
+                try:
+                    assert self.tls.read(65536) == b"", "the daemon sent data"
+                    notified = True  # b"": its close_notify
+                except ssl.SSLZeroReturnError:  # its close_notify, once we sent ours
+                    notified = True
+                except ssl.SSLWantReadError:
+                    pass
+        except ConnectionResetError:
+            return "reset"
+        finally:
+            self.sock.close()
+        return "close_notify, FIN" if notified else "FIN"
+
+    def readable(self) -> bool:
+        """The daemon sent something (or hung up) on this channel, so far."""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
 
 @pytest.mark.parametrize("where", ["at a packet boundary", "inside a packet"])
 async def test_a_close_without_close_notify_is_never_a_clean_end(
@@ -218,13 +246,14 @@ async def test_a_close_without_close_notify_is_never_a_clean_end(
     config = tls_settings(tmp_path, creds, channels=1)
     running = await start(config)
 
-    def cut() -> None:
+    def cut() -> str:
         channel = BioClient(running.address, creds.client_context(creds.client))
         channel.write(stream)
         channel.fin()  # a FIN with no close_notify before it
-        channel.wait_closed()
+        return channel.answer()
 
-    await asyncio.to_thread(cut)
+    # As over plaintext, a failed channel is reset (it was answered with a FIN).
+    assert await asyncio.to_thread(cut) == "reset"
     with pytest.raises(ProtocolError) as failure:
         await running.result()
     assert failure.value.reason is Reason.PACKET_TRUNCATED
@@ -235,6 +264,74 @@ async def test_a_close_without_close_notify_is_never_a_clean_end(
     else:
         assert "without TLS close_notify" in str(failure.value)
     assert not list(tmp_path.glob("*.part")) and not config.devices[0].data_path.exists()
+
+
+async def test_a_silent_connection_costs_no_receive_buffer(tmp_path: Path, creds: Creds) -> None:
+    """Each accepted socket took a 256 KiB buffer before any TLS byte came (issue 20:
+    500 silent strangers raised the daemon's peak RSS by 130 MiB): they share one now.
+    What the connections cost is traced, not timed."""
+    config = tls_settings(tmp_path, creds)
+    running = await start(config)
+    count = 40
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        socks = [raw_connect(running.address) for _ in range(count)]
+        for _ in range(500):
+            if len(running.session.registry.pending) == count:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"{len(running.session.registry.pending)} of {count} accepted")
+        per_connection = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    for sock in socks:
+        sock.close()
+    running.session.cancel("the test is over")
+    with pytest.raises(Cancelled):
+        await running.result()
+    assert per_connection < 16 << 10, f"{per_connection / 1024:.0f} KiB per silent connection"
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+async def test_close_notify_is_answered_only_with_the_verdict(
+    tmp_path: Path, creds: Creds, outcome: str
+) -> None:
+    """A channel that ended with close_notify hears nothing until the migration's
+    outcome is decided: then close_notify and a FIN if it completed, a reset if not.
+    (The daemon answered at once: a source took that for success, issue 20.)"""
+    streams = qs.build_streams([(IDSTR, 0, DATA, CFG)], 2, chunk_size=4096)
+    config = tls_settings(tmp_path, creds)
+    running = await start(config)
+    context = creds.client_context(creds.client)
+    first = await asyncio.to_thread(BioClient, running.address, context)
+    await asyncio.to_thread(first.write, streams[0])
+    await asyncio.to_thread(first.close_notify)
+    for _ in range(500):
+        channel = running.session.registry.channels.get(0)
+        if channel is not None and channel.state is ChannelState.CLOSED:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("channel 0's close_notify did not end it")
+    assert not first.readable()  # the outcome is not known yet: no answer
+    second = await asyncio.to_thread(BioClient, running.address, context)
+    if outcome == "completed":
+        await asyncio.to_thread(second.write, streams[1])
+        await asyncio.to_thread(second.close_notify)
+    else:
+        await asyncio.to_thread(second.write, qs.handshake(1) + b"\x12\x34\x56\x78" + bytes(300))
+    answers = await asyncio.gather(*(asyncio.to_thread(c.answer) for c in (first, second)))
+    if outcome == "completed":
+        await running.result()
+        assert_outputs(config, [(DATA, qs.config_blob(CFG))])
+        assert answers == ["close_notify, FIN"] * 2
+    else:
+        with pytest.raises(ProtocolError):
+            await running.result()
+        assert answers == ["reset"] * 2
+        assert not config.devices[0].data_path.exists()
 
 
 # -- refusals ---------------------------------------------------------------------------------
@@ -320,6 +417,58 @@ async def test_a_connection_that_fails_tls_is_refused_and_the_migration_goes_on(
     assert info["refused-connections"] == 1
     assert config.devices[0].data_path.read_bytes() == DATA
     assert result.tls_subjects == {0: SUBJECT, 1: SUBJECT}
+
+
+#: --tls-authz entries that must refuse SUBJECT (O=Example,OU=migration,CN=source.example.com):
+#: QEMU's authz-simple compares the whole DN, case and all (g_str_equal).
+NEAR_MISSES = {
+    "extends it by an RDN": "O=Example,OU=migration",
+    "extends a value": "O=Example,OU=migration,CN=source.example",
+    "differs in case": "O=example,OU=migration,CN=Source.example.com",
+    "differs in the attribute names' case": SUBJECT.lower(),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NEAR_MISSES))
+async def test_authz_refuses_a_subject_that_only_nearly_matches(
+    tmp_path: Path, creds: Creds, case: str
+) -> None:
+    """A client subject is in --tls-authz only if one entry is exactly it."""
+    allowed = NEAR_MISSES[case]
+    config = tls_settings(tmp_path, creds, tls=TlsSettings(creds.server, authz=(allowed,)))
+    running = await start(config)
+    await asyncio.to_thread(stray, running.address, creds.client_context(creds.client))
+    [error] = await refused(running)
+    running.session.cancel("the test is over")
+    with pytest.raises(Cancelled):
+        await running.result()
+    assert error.reason is Reason.TLS
+    assert f"client certificate subject {SUBJECT!r} is not in --tls-authz" in str(error)
+    assert not running.session.registry.channels
+
+
+@pytest.mark.parametrize("where", ["first", "second"])
+def test_every_tls_authz_entry_is_honoured(
+    tmp_path: Path, creds: Creds, daemons: list[Daemon], where: str
+) -> None:
+    """Two --tls-authz: a client matching either one is accepted (not only the first's,
+    nor only the last's)."""
+    entries = [client_subject("other.example.com"), SUBJECT]
+    if where == "first":
+        entries.reverse()
+    authz = [option for entry in entries for option in ("--tls-authz", entry)]
+    daemon, data = one_device_daemon(tmp_path, daemons, 2, "--tls-creds", str(creds.server), *authz)
+    source = tmp_path / "source.bin"
+    source.write_bytes(DATA)
+    sent = run(
+        ["send", "--connect", daemon.address, "--channels", "2", "--tls-creds", str(creds.client),
+         "--device", f"idstr={IDSTR},source={source}", "--chunk-size", "4K"],
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, summary, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert data.read_bytes() == DATA
+    assert f"tls: 2 channels; client subject {SUBJECT} (channels 0, 1)" in summary
 
 
 async def test_the_handshake_timeout_covers_the_tls_handshake(tmp_path: Path, creds: Creds) -> None:
@@ -538,13 +687,16 @@ def test_receive_and_send_with_tls_from_the_command_line(
     )  # fmt: skip
     daemons.append(daemon)
     stray(daemon.address, None)  # a plaintext client first: refused, the daemon goes on
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes(3 << 20, 4))
     sent = run(
         ["send", "--connect", daemon.address, "--channels", "2", "--tls-creds",
-         str(creds.client), "--device", f"idstr={IDSTR},size=3M,seed=4", "--log-format", "json"],
+         str(creds.client), "--device", f"idstr={IDSTR},source={source}", "--log-format", "json"],
     )  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     code, summary, stderr = daemon.finish()
     assert code == 0, stderr
+    assert out.read_bytes() == source.read_bytes()
     assert digests(summary) == digests(sent.stdout) and len(digests(summary)) == 1
     assert f"tls: 2 channels; client subject {SUBJECT} (channels 0, 1)" in summary
     events = daemon.events()
@@ -553,7 +705,6 @@ def test_receive_and_send_with_tls_from_the_command_line(
     assert sum(e["event"] == "tls_established" for e in events) == 2
     [completed] = [e for e in events if e["event"] == "migration_completed"]
     assert completed["tls"] is True
-    assert TOOL  # the daemon and the sender ran as `python -m vfio_multifd`
 
 
 @pytest.mark.skipif(

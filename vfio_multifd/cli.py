@@ -327,7 +327,7 @@ def _send_command(args: argparse.Namespace) -> int:
             progress=progress,
             tls=tls_client,
         )
-    print_send_summary(result, sys.stdout, args.connect)
+    print_send_summary(result, sys.stdout, args.connect, tls=tls_client is not None)
     return EXIT_OK
 
 
@@ -345,14 +345,17 @@ def _stop_sending(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
-def print_send_summary(result: SendResult, out: TextIO, address: Address) -> None:
+def print_send_summary(
+    result: SendResult, out: TextIO, address: Address, *, tls: bool = False
+) -> None:
     """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
-    what the daemon's clean close of every channel means over this transport."""
+    what the daemon's clean close of every channel means over this transport (over a
+    unix socket, only TLS's close_notify proves it: a failure there cannot reset)."""
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
     verdict = (
         "the daemon closed every channel cleanly: it completed the migration"
-        if address.kind == "tcp"
+        if address.kind == "tcp" or tls
         else "the daemon closed every channel (over a unix socket that does not prove it "
         "completed: its exit code says)"
     )
@@ -384,7 +387,7 @@ def _replay_command(args: argparse.Namespace) -> int:
             f"{replay.total} bytes to {args.connect} (its channels are reset)",
             signal_number=signum,
         ) from None
-    print_replay_report(replay, sys.stdout, args.connect, error)
+    print_replay_report(replay, sys.stdout, args.connect, error, tls=tls_client is not None)
     if error is not None:
         raise error
     return EXIT_OK
@@ -426,15 +429,16 @@ def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
 
 
 def print_replay_report(
-    replay: Replay, out: TextIO, address: Address, error: SendError | None
+    replay: Replay, out: TextIO, address: Address, error: SendError | None, *, tls: bool = False
 ) -> None:
-    """One line per channel (bytes sent, how it ended), one for the whole."""
+    """One line per channel (bytes sent, how it ended), one for the whole (which says
+    what a clean close means over this transport, as :func:`print_send_summary`)."""
     for channel, sent in zip(replay.channels, replay.sent, strict=True):
         ending = ENDING_TEXT[channel.end] if sent == channel.bytes else "then stopped"
         print(f"channel {channel.id}: sent {sent} of {channel.bytes} bytes, {ending}", file=out)
     if error is not None:
         verdict = "not every channel ended cleanly (the error below says which, and why)"
-    elif address.kind == "tcp":
+    elif address.kind == "tcp" or tls:
         verdict = "the daemon closed every channel cleanly"
     else:
         verdict = (

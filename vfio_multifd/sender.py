@@ -391,7 +391,10 @@ def run_channels(
     the channel and the address, and resets every other channel at once (so that
     the daemon fails too, rather than wait for them). ``stop`` is set then: a
     stream that checks it between packets stops early. With ``tls`` each channel
-    does its TLS handshake first, and ends with ``close_notify``.
+    does its TLS handshake first, and ends with ``close_notify``; a clean close
+    is then the daemon's ``close_notify`` and a FIN, and an end without its
+    ``close_notify`` is a failure too (over a unix socket, where a reset cannot
+    be sent, that is how the daemon says the migration failed).
 
     Streams connect in the order given; ``channel_ids`` names them in errors and
     logs (default 0, 1...: their place). ``ends`` says how each ends once sent
@@ -429,19 +432,10 @@ def run_channels(
                 sent[n] = streams[n](sock)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=None) from None
+                    raise _channel_error(ids[n], address, error, sent=None, sock=sock) from None
                 return
             if stop.is_set():
                 return
-            if endings[n] is StreamEnd.RESET:
-                _reset_once_delivered(sock)  # the close below is the reset
-            elif endings[n] is StreamEnd.CLOSE:
-                try:
-                    sock = _end_stream(sock)
-                except OSError as error:
-                    if not stop.is_set():
-                        raise _channel_error(ids[n], address, error, sent=sent[n]) from None
-                    return
             with lock:
                 finished.append(n)
                 if len(finished) == len(streams):
@@ -453,13 +447,16 @@ def run_channels(
                         "outputs are in place, or resets them if the migration failed",
                     )
             if endings[n] is StreamEnd.RESET:
+                _reset_once_delivered(sock)  # the close below is the reset
                 return
             try:
-                while sock.recv(4096):  # the destination answers nothing: a byte is ignored
-                    pass
+                if endings[n] is StreamEnd.CLOSE:
+                    _end_stream(sock)
+                # Kept open over TLS, the stream is still TLS: no close_notify was sent.
+                _await_verdict(sock, tls=tls is not None and endings[n] is StreamEnd.KEEP_OPEN)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=sent[n]) from None
+                    raise _channel_error(ids[n], address, error, sent=sent[n], sock=sock) from None
         except BaseException as error:  # reported by the caller
             with lock:
                 errors.append(error)
@@ -487,26 +484,49 @@ def run_channels(
     return sent
 
 
-def _end_stream(sock: socket.socket) -> socket.socket:
-    """The clean end of a channel: a FIN, or over TLS a ``close_notify`` first (and the
-    daemon's in return, once it has read everything); returns the plain socket."""
+def _end_stream(sock: socket.socket) -> None:
+    """The clean end of a channel: a FIN, or over TLS a ``close_notify``.
+
+    Over TLS this waits for the daemon's ``close_notify``, which it sends only with
+    its outputs in place (then a FIN, see :func:`_await_verdict`); a reset, or an end
+    without it, raises :class:`OSError`, whatever the daemon did before."""
     if isinstance(sock, ssl.SSLSocket):
-        try:
-            return sock.unwrap()
-        except ssl.SSLError as error:
-            if "ALERT" in (error.reason or ""):  # the receiver refused us and said why
-                raise
-            return sock
-        except OSError:  # the daemon hung up first: it had every device complete
-            return sock
-    sock.shutdown(socket.SHUT_WR)
-    return sock
+        sock.unwrap()  # the SSLSocket reads and writes plainly from now on
+    else:
+        sock.shutdown(socket.SHUT_WR)
+
+
+def _await_verdict(sock: socket.socket, *, tls: bool) -> None:
+    """Return once the daemon closed the channel cleanly: a FIN, after its ``close_notify``
+    (ours in return) if the stream is still ``tls``. A reset raises :class:`OSError`,
+    and so does, over TLS, an end without ``close_notify`` (:class:`ssl.SSLEOFError`:
+    ragged ends are not suppressed, see ``tls.py``). The destination answers nothing
+    else: a byte it sends is ignored."""
+    if tls and isinstance(sock, ssl.SSLSocket):
+        while sock.recv(4096):
+            pass
+        sock.unwrap()
+    while sock.recv(4096):
+        pass
 
 
 def _reset(sock: socket.socket) -> None:
     """Make the socket's close a reset (TCP RST), not a clean end of stream."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+#: ``tcpi_state`` of a TCP connection that is gone (linux/tcp_states.h).
+_TCP_CLOSE = 7
+
+
+def _was_reset(sock: socket.socket) -> bool:
+    """The daemon reset this TCP connection (we never end one with a FIN before the
+    verdict, so a closed state means a reset)."""
+    try:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:  # a unix socket: no TCP state, and no reset either
+        return False
 
 
 #: How long a stream that ends in a reset waits for the daemon to have its bytes.
@@ -529,20 +549,38 @@ def _reset_once_delivered(sock: socket.socket) -> None:
     _reset(sock)
 
 
-def _channel_error(channel: int, address: Address, error: OSError, *, sent: int | None) -> SendError:
+def _channel_error(
+    channel: int,
+    address: Address,
+    error: OSError,
+    *,
+    sent: int | None,
+    sock: socket.socket | None = None,
+) -> SendError:
     """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
     when = (
         "while this channel was sending"
         if sent is None
         else f"after this channel sent all its {sent} bytes"
     )
-    # ENOTCONN: the reset came before our shutdown(SHUT_WR), and Linux then reports
-    # the connection gone rather than the reset that ended it.
-    if isinstance(error, ConnectionResetError | BrokenPipeError) or error.errno == errno.ENOTCONN:
+    verdict = "it refused this channel or the migration failed (the daemon's error says which)"
+    # Over TLS a reset is mostly reported as an end without close_notify: TCP says which.
+    if isinstance(error, ssl.SSLEOFError) and (sock is None or not _was_reset(sock)):
         return SendError(
             Reason.CHANNEL_RESET,
-            f"{address}: the daemon reset the connection {when}: it refused this channel or "
-            "the migration failed (the daemon's error says which)",
+            f"{address}: the daemon ended the connection without TLS close_notify {when}: "
+            f"{verdict}",
+            channel=channel,
+        )
+    # ENOTCONN: the reset came before our shutdown(SHUT_WR), and Linux then reports
+    # the connection gone rather than the reset that ended it.
+    if (
+        isinstance(error, ConnectionResetError | BrokenPipeError | ssl.SSLEOFError)
+        or error.errno == errno.ENOTCONN
+    ):
+        return SendError(
+            Reason.CHANNEL_RESET,
+            f"{address}: the daemon reset the connection {when}: {verdict}",
             channel=channel,
         )
     return SendError(

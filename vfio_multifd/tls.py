@@ -29,7 +29,7 @@ from __future__ import annotations
 import socket
 import ssl
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -48,7 +48,7 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
-#: Ciphertext read from the socket at a time.
+#: Ciphertext read from the socket at a time, into one buffer all channels share.
 RECEIVE_SIZE = 256 << 10
 #: Ciphertext held while the channel does not read (it waits for memory): past
 #: this, the socket is not read either and TCP pushes back on the source.
@@ -266,6 +266,13 @@ class TlsServer:
     authz: frozenset[str]
     creds_dir: Path
     crl: bool  # ca-crl.pem was loaded
+    #: Where every channel's ciphertext is read (``tls_channel.py``). One is enough: a
+    #: loop calls ``get_buffer`` and ``buffer_updated`` back to back, and the bytes are
+    #: copied into the channel's own BIO at once; so an accepted socket costs no buffer
+    #: before it sends a byte (issue 20: 256 KiB each, 500 silent strangers 130 MiB).
+    receive_buffer: memoryview = field(
+        default_factory=lambda: memoryview(bytearray(RECEIVE_SIZE)), repr=False, compare=False
+    )
 
     def check_peer(self, sslobj: ssl.SSLObject) -> str | None:
         """The peer's subject once the handshake verified it; raises :class:`HandshakeError`
@@ -327,8 +334,13 @@ class TlsClient:
     hostname: str
 
     def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
-        """The TLS handshake on a connected blocking socket (the server verified by name)."""
-        return self.context.wrap_socket(sock, server_hostname=self.hostname)
+        """The TLS handshake on a connected blocking socket (the server verified by name).
+
+        A read that meets the end of the stream without the server's ``close_notify``
+        raises :class:`ssl.SSLEOFError` rather than look like a clean end."""
+        return self.context.wrap_socket(
+            sock, server_hostname=self.hostname, suppress_ragged_eofs=False
+        )
 
 
 def load_client(creds_dir: Path, address: Address, hostname: str | None = None) -> TlsClient:

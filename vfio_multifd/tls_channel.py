@@ -16,6 +16,12 @@ decrypted is delivered before the end is decided; the end is clean only on
 ``tls`` through the channel's own refusal path; and the behaviour is the same
 under both loops, which only move plain bytes. Credentials and contexts are
 ``tls.py``'s.
+
+The end of a channel carries the migration's verdict, as over plaintext: the
+peer's ``close_notify`` is not answered at once; the channel stays open until
+the session closes it, with our ``close_notify`` and a FIN once the outputs
+are in place, with a reset (never ``close_notify``) otherwise. A stream that
+ends without ``close_notify`` is answered with a reset.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import enum
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
+from .channel import reset
 from .errors import HandshakeError, Reason
-from .tls import MAX_PENDING_CIPHERTEXT, RECEIVE_SIZE, TlsServer
+from .tls import MAX_PENDING_CIPHERTEXT, TlsServer
 
 if TYPE_CHECKING:
     from .channel import ChannelProtocol
 
+
 class _State(enum.Enum):
     HANDSHAKE = "handshake"
     OPEN = "open"
+    ENDED = "ended"  # the peer's close_notify was read; ours waits for the verdict
     CLOSED = "closed"
 
 
@@ -73,7 +82,6 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = server.context.wrap_bio(self._incoming, self._outgoing, server_side=True)
-        self._receive = memoryview(bytearray(RECEIVE_SIZE))
         self._transport: asyncio.Transport | None = None
         self._state = _State.HANDSHAKE
         self._app_reading = True  # the channel wants plaintext
@@ -93,10 +101,12 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         self._app.connection_made(self.app_transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self._receive
+        # The server's one buffer: no connection costs one of its own (a stranger
+        # that never speaks costs no more than over plaintext).
+        return self._server.receive_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        self._incoming.write(self._receive[:nbytes])
+        self._incoming.write(self._server.receive_buffer[:nbytes])  # copied out at once
         self._advance()
 
     def eof_received(self) -> bool:
@@ -189,25 +199,22 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
 
     def _clean_end(self) -> None:
         """The peer's ``close_notify``: the channel decides whether it ended at a packet
-        boundary; then ours, and the socket is closed."""
+        boundary. Ours comes only with the verdict (:meth:`close`), as over plaintext a
+        FIN does: answered now, it would tell the source the migration completed."""
         if self._state is not _State.OPEN:
             return
         self._app.eof_received()
-        if self._state is not _State.OPEN:  # the channel failed (truncated) and aborted
-            return
-        self._state = _State.CLOSED
-        with contextlib.suppress(ssl.SSLError):  # the peer need not wait for ours
-            self._ssl.unwrap()
-        self._flush()
-        if self._transport is not None:
-            self._transport.close()
+        if self._state is _State.OPEN:  # else the channel failed (truncated) and reset
+            self._state = _State.ENDED
 
     def _abrupt_end(self, why: str) -> None:
-        """The stream ended without ``close_notify``, or broke: never a clean end."""
+        """The stream ended without ``close_notify``, or broke: never a clean end, and
+        answered with a reset (before the channel is told: its own reset then finds
+        the session closed and could not make it one)."""
         self._state = _State.CLOSED
-        self._lose(ConnectionResetError(why))
         if self._transport is not None:
-            self._transport.abort()
+            reset(self._transport)
+        self._lose(ConnectionResetError(why))
 
     def _refuse(self, error: HandshakeError) -> None:
         """The connection failed TLS: the channel refuses it (log, count); we hang up."""
@@ -259,15 +266,22 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         return self._app_reading
 
     def close(self) -> None:
-        """Hang up cleanly: our ``close_notify`` (if the session is open), then the socket."""
-        if self._state is _State.OPEN:
+        """Hang up cleanly: our ``close_notify`` (if the session is open), then a FIN.
+
+        The FIN goes out at once (``write_eof``), not only when the socket is closed:
+        a peer that answers our ``close_notify`` with its own before we close would
+        otherwise leave unread bytes, and the kernel would close with a reset."""
+        if self._state in (_State.OPEN, _State.ENDED):
             self._state = _State.CLOSED
-            with contextlib.suppress(ssl.SSLError):
+            with contextlib.suppress(ssl.SSLError):  # the peer need not answer ours
                 self._ssl.unwrap()
             self._flush()
         self._state = _State.CLOSED
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is not None:
+            if transport.can_write_eof() and not transport.is_closing():
+                transport.write_eof()
+            transport.close()
 
     def abort(self) -> None:
         self._state = _State.CLOSED
