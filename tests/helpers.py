@@ -11,7 +11,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from vfio_multifd import Address, DeviceKey, DeviceSpec, ReceiveSettings, Session, SessionResult
+import structlog
+
+from vfio_multifd import (
+    Address,
+    DeviceKey,
+    DeviceSpec,
+    ReceiveSettings,
+    Session,
+    SessionResult,
+    logconfig,
+)
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -80,6 +90,13 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def reset_logging() -> None:
+    """Back to structlog's defaults, as before anything called ``logconfig.configure``
+    (the command line's ``main`` does, at start-up)."""
+    structlog.reset_defaults()
+    logconfig._configured = None
 
 
 def final_files(directory: Path) -> list[str]:
