@@ -368,12 +368,12 @@ def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
     ("limit", "expected"),
     [
         (
-            ["--accept-timeout", "4"],
-            r"only 2 of 4 channels connected within 4 s \(missing channel ids 2, 3\)",
+            ["--accept-timeout", "1"],
+            r"only 2 of 4 channels connected within 1 s \(missing channel ids 2, 3\)",
         ),
         (
-            ["--progress-timeout", "2"],
-            r"no progress for 2 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
+            ["--progress-timeout", "1"],
+            r"no progress for 1 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
         ),
     ],
     ids=["accept-timeout", "progress-timeout"],
