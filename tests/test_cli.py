@@ -30,6 +30,8 @@ from cli_helpers import (
     receive_usage_error,
     receiver,
     run,
+    run_in_process,
+    run_process,
     send_to,
     wait_for,
 )
@@ -174,11 +176,23 @@ def test_cli_daemon_with_the_independent_source(
     ids=lambda args: " ".join(args) or "no-command",
 )
 def test_usage_error_exits_2_with_one_line(args: list[str]) -> None:
-    result = run(args, timeout=20)
+    """In this process: each is decided while parsing (the process adds nothing, see
+    the next test)."""
+    result = run_in_process(args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("vfio-multifd: error: ")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["receive", "--device", "bogus"], []], ids=["receive", "none"])
+def test_a_usage_error_exits_2_with_one_line_from_a_process(args: list[str]) -> None:
+    """As a user runs it: exit 2 from ``main`` reaches the shell through ``console_main``."""
+    result = run_process(args, timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vfio-multifd: error: "), result.stderr
     assert result.stdout == ""
 
 
@@ -224,7 +238,7 @@ def test_every_device_field_is_checked_wherever_it_is(
     out.mkdir()
     device = device.format(out=out)
     target = ["--connect", "tcp:127.0.0.1:9"] if command == "send" else []
-    result = run([command, *target, "--device", device], timeout=20)
+    result = run_in_process([command, *target, "--device", device])
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"vfio-multifd: error: argument --device: device {device!r}: {expected}\n"
     assert os.listdir(out) == []
