@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # test_ben
 
 import cli_helpers
 from cli_helpers import Daemon
+from helpers import reset_logging
 
 _loop_errors: list[dict[str, Any]] = []
 
@@ -72,6 +73,13 @@ def daemons(cli_loop: str) -> Iterator[list[Daemon]]:
     yield started
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For a test that configures logging (as ``main`` does): the defaults afterwards."""
+    yield
+    reset_logging()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -11,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import qemu_source as qs
 import structlog
 
 from vfio_multifd import (
@@ -22,6 +24,9 @@ from vfio_multifd import (
     SessionResult,
     logconfig,
 )
+from vfio_multifd.channel import ChannelProtocol
+from vfio_multifd.errors import HandshakeError
+from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -111,6 +116,25 @@ def assert_outputs(config: ReceiveSettings, expected: Sequence[tuple[bytes, byte
         assert spec.config_path.read_bytes() == config_blob, f"config of {spec.key} differs"
 
 
+def closed_address() -> str:
+    """``tcp:127.0.0.1:PORT`` where nothing listens: a connection there is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp:127.0.0.1:{sock.getsockname()[1]}"
+
+
+def streams_of(per_channel: list[list[bytes]]) -> list[bytes]:
+    """Channel ``n``'s stream: its handshake, then the packets ``per_channel[n]``."""
+    return [qs.handshake(n) + b"".join(packets) for n, packets in enumerate(per_channel)]
+
+
+def send_streams_quietly(address: str, streams: list[bytes]) -> None:
+    """``qs.send_streams``, where a failing daemon may reset the channels before all
+    is sent: the test looks at the daemon's error, not at the source's."""
+    with contextlib.suppress(OSError):
+        qs.send_streams(address, streams)
+
+
 def connect(address: str) -> socket.socket:
     """A plain TCP connection to a session's ``tcp:HOST:PORT`` (10 s timeout), for hand-made streams."""
     host, _, port = address.removeprefix("tcp:").rpartition(":")
@@ -178,6 +202,36 @@ class FakeTransport:
         if not self.protocol.eof_received():
             self.abort()
         return True
+
+
+class FakeOwner:
+    """What a ``ChannelProtocol`` needs of its owner (the session), for tests that feed
+    a channel by hand: it accepts every handshake, grants every payload a buffer, and
+    keeps the errors it is told of."""
+
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
+        pass
+
+    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+        self.errors.append(error)
+
+    def fail(self, error: Exception) -> None:
+        self.errors.append(error)
+
+    def allocate_now(self, header: PacketHeader, channel: int | None) -> bytearray:
+        return bytearray(header.size)
+
+    async def allocate(self, header: PacketHeader, channel: int | None) -> bytearray:
+        return bytearray(header.size)
+
+    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
+        pass
+
+    def closed(self, channel: ChannelProtocol) -> None:
+        pass
 
 
 class ChannelGate:

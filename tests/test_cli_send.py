@@ -14,20 +14,13 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, receiver, run, wait_for
-from helpers import IDSTR, random_bytes
+from helpers import IDSTR, closed_address, random_bytes
 
 from vfio_multifd import Address, Reason
 
 
 def events(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_exit_0_means_the_daemon_completed_the_migration(
@@ -76,7 +69,7 @@ def test_a_migration_the_daemon_rejects_is_exit_1_for_the_sender(
 
 
 def test_connecting_says_it_retries_and_until_when_then_names_address_and_channel() -> None:
-    address = f"tcp:127.0.0.1:{closed_port()}"
+    address = closed_address()
     sent = run(
         ["send", "--connect", address, "--connect-timeout", "0.5", "--log-format", "json",
          "--device", "idstr=a,size=1M"],

@@ -40,6 +40,7 @@ from helpers import (
     assert_outputs,
     connect,
     final_files,
+    send_streams_quietly,
     settings,
     start,
 )
@@ -736,11 +737,6 @@ SESSION_HANDSHAKE_CLASSES: dict[str, tuple[str, bytes, Reason | None]] = {
 }
 
 
-def send_quietly(address: str, streams: list[bytes]) -> None:
-    with contextlib.suppress(OSError):  # the daemon may hang up first
-        qs.send_streams(address, streams)
-
-
 async def run_case(tmp_path: Path, streams: list[bytes], stray: bytes | None = None):  # type: ignore[no-untyped-def]
     config = settings(
         tmp_path, A, B, channels=2, max_packet_size=SESSION_MAX_PACKET, progress_timeout=20.0
@@ -752,7 +748,7 @@ async def run_case(tmp_path: Path, streams: list[bytes], stray: bytes | None = N
             sock.shutdown(socket.SHUT_WR)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(sock.recv, 10)  # until the daemon hangs up
-    sending = asyncio.create_task(asyncio.to_thread(send_quietly, running.address, streams))
+    sending = asyncio.create_task(asyncio.to_thread(send_streams_quietly, running.address, streams))
     try:
         try:
             result = await running.result(timeout=30)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,17 @@ from cli_helpers import (
     wait_for,
     with_event_loop,
 )
-from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start, until
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    FakeOwner,
+    FakeTransport,
+    connect,
+    random_bytes,
+    settings,
+    start,
+    until,
+)
 
 from vfio_multifd import (
     Cancelled,
@@ -55,7 +65,7 @@ from vfio_multifd.channel import ChannelProtocol, ChannelState
 from vfio_multifd.output import Output
 from vfio_multifd.status_client import query
 from vfio_multifd.status_server import StatusServer
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.wire import ChannelHandshake
 
 A = DeviceKey(IDSTR, 0)
 
@@ -63,69 +73,13 @@ A = DeviceKey(IDSTR, 0)
 # -- item 13: a channel that failed, a handshake that completes too late -------------------
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-class FakeOwner:
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        pass
-
-    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
-        self.errors.append(error)
-
-    def fail(self, error: Exception) -> None:
-        self.errors.append(error)
-
-    def allocate_now(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def allocate(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
-        pass
-
-    def closed(self, channel: ChannelProtocol) -> None:
-        pass
-
-
-def feed(protocol: ChannelProtocol, data: bytes) -> None:
-    """As the event loop does: into get_buffer, then buffer_updated."""
-    while data:
-        target = protocol.get_buffer(-1)
-        n = min(len(target), len(data))
-        target[:n] = data[:n]
-        data = data[n:]
-        protocol.buffer_updated(n)
-
-
 async def test_a_failed_channels_reader_delivers_nothing_it_still_holds() -> None:
     owner = FakeOwner()
     protocol = ChannelProtocol(owner, max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
-    transport = FakeTransport()
+    transport = FakeTransport(protocol)
     protocol.connection_made(transport)  # type: ignore[arg-type]
-    feed(protocol, qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"ab"))
-    feed(protocol, qs.device_packet(IDSTR, 0, 1, b"cd"))
+    data = qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"ab") + qs.device_packet(IDSTR, 0, 1, b"cd")
+    assert transport.feed(data) == len(data)
     assert len(protocol.pending) == 2 and protocol.state is ChannelState.ACTIVE
     protocol.fail(ProtocolError(Reason.PACKET_MAGIC, "bad"))
     assert transport.aborted and protocol.state is ChannelState.FAILED
@@ -216,13 +170,6 @@ def test_a_symlinked_data_path_is_refused_and_left_alone(tmp_path: Path) -> None
 
 
 # -- item 14: trace lines only when asked for ----------------------------------------------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
-    logconfig._configured = None
 
 
 async def test_an_unconfigured_library_user_gets_no_line_per_packet(

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cli_helpers import TOOL, Daemon, send_to, wait_for
+from cli_helpers import TOOL, Daemon, receiver, run, send_to, wait_for
 from helpers import IDSTR, settings, start
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
@@ -66,18 +66,7 @@ def test_watch_until_the_end_then_exit_by_outcome(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], outcome: str
 ) -> None:
     path = short_dir / "status.sock"
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path,
-        "--channels",
-        "2",
-        "--status-socket",
-        str(path),
-        "--device",
-        f"idstr={IDSTR},data={out / 'a.bin'}",
-    )
-    daemons.append(daemon)
+    daemon, _ = receiver(tmp_path, daemons, "--channels", "2", "--status-socket", str(path))
     watcher = _watch(path, "--json")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(watcher.stdout or []), daemon=True)
@@ -102,7 +91,6 @@ def test_watch_until_the_end_then_exit_by_outcome(
 
 def test_watch_where_nothing_answers_says_why(short_dir: Path) -> None:
     path = short_dir / "status.sock"
-    result = _watch(path)
-    _, stderr = result.communicate(timeout=30)
+    result = run(["status", "--socket", str(path), "--watch", "0.2"])
     assert result.returncode == 1
-    assert stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")
+    assert result.stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")

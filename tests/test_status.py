@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +46,6 @@ from vfio_multifd.status_server import StatusServer, query_migrate
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 Reply = dict[str, Any]
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
 
 
 class Client:
