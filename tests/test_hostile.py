@@ -523,19 +523,35 @@ async def serving_status(tmp_path: Path, path: Path) -> AsyncIterator[StatusServ
             await running.result()
 
 
+def _has_unread(sock: socket.socket) -> bool:
+    """Has the (non-blocking) ``sock`` received bytes nobody read yet?"""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+
+
 def pipeline_unread(path: Path, seconds: float) -> socket.socket:
-    """A status client that sends 20,000 query-migrate requests (for at most
-    ``seconds``) and never reads an answer; returned open."""
+    """A status client that sends 20,000 query-migrate requests and never reads an
+    answer; returned open once the daemon is stuck on it (answers wait unread in this
+    socket and the daemon has stopped taking requests for a while), dropped, or after
+    ``seconds``."""
     greedy = socket.socket(socket.AF_UNIX)
     greedy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     greedy.connect(str(path))
     greedy.setblocking(False)
     requests = b'{"execute": "query-migrate"}\n' * 20000
     deadline = time.monotonic() + seconds
+    blocked_since = None
     while requests and time.monotonic() < deadline:
         try:
             requests = requests[greedy.send(requests) :]
+            blocked_since = None
         except BlockingIOError:
+            now = time.monotonic()
+            blocked_since = blocked_since or now
+            if now - blocked_since > 0.25 and _has_unread(greedy):
+                break
             time.sleep(0.01)
         except OSError:
             break  # dropped already
