@@ -25,8 +25,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check vfio_multifd tests examples benchmarks
 	$(BIN)/mypy vfio_multifd benchmarks
 
+# -n auto: one pytest worker per core (pytest-xdist), tests stolen by whichever is idle.
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist worksteal
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
