@@ -90,9 +90,9 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
     assert [e["event"] for e in daemon.events()].count("migration_completed") == 1
 
 
-def test_the_summary_says_why_it_spilled(tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_the_summary_says_why_it_spilled(tmp_path: Path, one_loop_daemons: list[Daemon]) -> None:
     daemon, _ = receiver(
-        tmp_path, daemons, "--channels", "1", "--max-packet-size", "65548",
+        tmp_path, one_loop_daemons, "--channels", "1", "--max-packet-size", "65548",
         "--max-queued-bytes", "200K",
     )  # fmt: skip
     sent = run(
@@ -244,7 +244,7 @@ def test_every_device_field_is_checked_wherever_it_is(
     assert os.listdir(out) == []
 
 
-def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, one_loop_daemons: list[Daemon]) -> None:
     out = tmp_path / "out,dir"
     out.mkdir()
     data = random_bytes(100_000, 4)
@@ -253,7 +253,7 @@ def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon
     daemon = Daemon(
         tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={escaped}/a,,b.bin"
     )
-    daemons.append(daemon)
+    one_loop_daemons.append(daemon)
     source = str(tmp_path / "state,,0.bin")
     sent = run(
         ["send", "--connect", daemon.address, "--channels", "1", "--device",

@@ -141,11 +141,11 @@ def test_bad_values_are_usage_errors(options: list[str], text: str) -> None:
 
 
 def test_a_data_path_that_is_not_utf8_is_received_and_summarized(
-    tmp_path: Path, daemons: list[Daemon]
+    tmp_path: Path, one_loop_daemons: list[Daemon]
 ) -> None:
     path = tmp_path / "dev\udcff.bin"  # the byte 0xff, as os.fsdecode gives it
     daemon = Daemon(tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={path}")
-    daemons.append(daemon)
+    one_loop_daemons.append(daemon)
     source = tmp_path / "source.bin"
     source.write_bytes(random_bytes(10000, 3))
     sent = send_to(daemon.address, 1, f"idstr={IDSTR},source={source}")
