@@ -81,11 +81,14 @@ def u32(value: int) -> bytes:
     return struct.pack(">I", value)
 
 
+_HIGH = bytes(b | 0x80 for b in range(256))  # a byte with its top bit set: uniform in 0x80-0xff
+
+
 def high_bytes(rng: random.Random, size: int) -> bytes:
     """Data whose every byte is >= 0x80: no 4-byte window of it, or of its edges with a
     header (whose bytes that could start a magic are < 0x80), reads 0x11223344, so a
     decoder thrown off a packet boundary meets a wrong magic, predictably."""
-    return bytes(rng.randrange(0x80, 0x100) for _ in range(size))
+    return rng.randbytes(size).translate(_HIGH)
 
 
 # -- streams built from fields ---------------------------------------------------------
