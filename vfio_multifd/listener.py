@@ -39,12 +39,13 @@ import socket
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import structlog
 
 from .channel import ChannelProtocol, ChannelState
 from .config import Address
+from .core.connections import RECENT_REFUSALS, refusals_text
 from .errors import HandshakeError, Reason, UsageError
 from .unix_path import claim_unix_path
 from .wire import ChannelHandshake, check_handshake
@@ -61,8 +62,6 @@ LISTEN_BACKLOG = 1024
 ACCEPTS_PER_CALLBACK = 64
 #: After EMFILE / ENFILE / ENOBUFS / ENOMEM from accept(): wait this long.
 ACCEPT_RETRY_SECONDS = 0.1
-#: How many refusals are remembered with their reason (the count is kept for all).
-RECENT_REFUSALS = 16
 #: channel_refused lines: this many at once, then one per second.
 REFUSAL_LOG_BURST = 10
 REFUSAL_LOG_PER_SECOND = 1.0
@@ -431,38 +430,3 @@ def remove_own_socket(path: str, inode: tuple[int, int]) -> None:
     if stat.S_ISSOCK(info.st_mode) and (info.st_dev, info.st_ino) == inode:
         with contextlib.suppress(OSError):
             os.unlink(path)
-
-
-#: Failures that refused connections may explain: a channel that was refused
-#: is a channel that never came, so its data is missing, or time ran out, or
-#: the operator gave up waiting, or the source gave up and reset the others.
-EXPLAINED_BY_REFUSALS = frozenset(
-    {
-        Reason.INCOMPLETE,
-        Reason.ACCEPT_TIMEOUT,
-        Reason.PROGRESS_TIMEOUT,
-        Reason.CANCELLED,
-        Reason.PACKET_TRUNCATED,
-    }
-)
-#: Distinct refusal messages the final error lists.
-REFUSALS_SHOWN = 3
-
-
-def refusals_text(refused: Iterable[tuple[str, HandshakeError]], total: int | None = None) -> str:
-    """``2 connections refused: handshake channel id 2 is not below the 2 expected
-    channels``: the refusals, each distinct message once, for the final error.
-    ``total``: how many there were, when ``refused`` keeps only the last few."""
-    counts: dict[str, int] = {}
-    for _peer, error in refused:
-        counts[str(error)] = counts.get(str(error), 0) + 1
-    total = sum(counts.values()) if total is None else total
-    if not total:
-        return ""
-    shown = [
-        message if len(counts) == 1 or count == 1 else f"{message} ({count} times)"
-        for message, count in list(counts.items())[:REFUSALS_SHOWN]
-    ]
-    if len(counts) > REFUSALS_SHOWN:
-        shown.append(f"and {len(counts) - REFUSALS_SHOWN} other reasons")
-    return f"{total} connection{'s' if total != 1 else ''} refused: {'; '.join(shown)}"

@@ -42,6 +42,10 @@ class BufferPool:
         self.misses += 1
         return mmap.mmap(-1, capacity)
 
+    def fresh(self, capacity: int) -> PayloadBuffer:
+        """A buffer of its own, never pooled (the staging buffer of a spill)."""
+        return mmap.mmap(-1, capacity) if capacity >= POOLED_MIN else bytearray(capacity)
+
     def release(self, buffer: PayloadBuffer, *, room: int) -> None:
         """A buffer is free again: kept idle if ``room`` bytes of idle buffers are allowed."""
         if not isinstance(buffer, mmap.mmap):

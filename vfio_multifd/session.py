@@ -25,8 +25,9 @@ from .admission import Admission
 from .channel import ChannelProtocol, read_channel
 from .commit import OutputSet
 from .config import Address, QueueFullPolicy, ReceiveSettings
+from .core.connections import EXPLAINED_BY_REFUSALS
 from .errors import Cancelled, HandshakeError, MultifdError, Reason, SessionError
-from .listener import EXPLAINED_BY_REFUSALS, ChannelRegistry
+from .listener import ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
 from .output import device_outputs

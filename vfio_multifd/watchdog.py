@@ -7,7 +7,6 @@ migration, if any. :func:`watch` samples it periodically on the event loop.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +75,8 @@ async def watch(
     watchdog: Watchdog, sample: Callable[[], Sample], fail: Callable[[SessionError], None]
 ) -> None:
     """Check ``watchdog`` every :data:`PERIOD` seconds, reporting its errors to ``fail``."""
+    import asyncio  # here: the check above is pure, and the core imports it
+
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(PERIOD)
