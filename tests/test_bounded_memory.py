@@ -52,7 +52,7 @@ async def run(config, streams):  # type: ignore[no-untyped-def]
     await asyncio.to_thread(qs.send_streams, running.address, streams)
     result = await running.result()
     assert result.peak_queued_bytes <= BOUND
-    assert running.session.reassembly.queued_bytes == 0
+    assert running.session.core.reassembly.queued_bytes == 0
     return result
 
 
@@ -138,11 +138,11 @@ async def test_in_order_with_a_stalled_disk_pauses_instead_of_spilling(
     try:
         # The channel ends up waiting for memory (a state, however long it takes).
         for _ in range(2000):
-            if session.admission._paused:
+            if session.core.waiting_headers:
                 break
             await asyncio.sleep(0.005)
-        assert session.admission._paused == 1, "the channel never paused"
-        reassembly = session.reassembly
+        assert session.core.waiting_headers == 1, "the channel never paused"
+        reassembly = session.core.reassembly
         assert reassembly.spilled_bytes == 0 and session.spiller.store is None
         assert reassembly.bytes_written == 0 and reassembly.drainable()
     finally:

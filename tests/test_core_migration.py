@@ -535,7 +535,16 @@ def test_the_first_error_wins() -> None:
     assert driver.core.error is finished.error and finished.error.channel == 0
     # A connection that comes now is refused as late: it did not cause the end.
     late = driver.connect("late")
-    assert driver.log[-1] == cmd.ResetConnection(late, finished.error)
+    driver.send(late, qs.handshake(1))
+    refusal = driver.log[-1]
+    assert refusal == cmd.Refuse(late, refusal.error, True)  # type: ignore[union-attr]
+    assert refusal.error.reason is Reason.HANDSHAKE_CLOSED  # type: ignore[union-attr]
+    assert driver.core.connections.refusals_text() == ""
+    # Once the driver has cleaned up, what is still connected is hung up on.
+    stranger = driver.connect("stranger")
+    driver.core.stopped_at(driver.now)
+    driver.act()
+    assert driver.log[-1] == cmd.ResetConnection(stranger, finished.error)
 
 
 def test_no_clean_close_before_the_commit_and_none_if_it_fails() -> None:
@@ -632,3 +641,25 @@ import vfio_multifd.core.migration
         + _REPORT
     )
     assert _run(code, "-I", "-S") == {name: False for name in IO_MODULES}
+
+
+def test_channels_ending_while_an_arrival_goes_to_the_spill_file_are_not_incomplete() -> None:
+    """The last arrival was received into the staging buffer and is still being
+    written to the spill file when every channel ends: not a missing chunk."""
+    bound = smallest_bound() + 300  # room for the config chunk ahead, no more
+    driver = Driver.start(
+        config(channels=1, max_queued_bytes=bound, max_payload_size=CHUNK), spill_at_once=False
+    )
+    conn = driver.connect()
+    # Ahead of idx 0 with only the reserve left: received into the staging buffer.
+    driver.send(conn, qs.handshake(0) + qs.device_packet(IDSTR, 0, 1, b"1" * CHUNK))
+    [staged] = driver.spills
+    assert driver.core.ledger.is_staging(staged.buffer)
+    driver.send(conn, qs.device_packet(IDSTR, 0, 2, qs.config_blob(b"c"), True))
+    driver.send(conn, qs.device_packet(IDSTR, 0, 0, b"0" * CHUNK))
+    driver.eof(conn)
+    assert not driver.of(cmd.Finished), "incomplete while the spill was being written"
+    driver.finish_spills()
+    driver.load()
+    assert driver.finished.outcome is Phase.COMPLETED
+    assert bytes(driver.data[A]) == b"0" * CHUNK + b"1" * CHUNK

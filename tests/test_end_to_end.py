@@ -228,7 +228,7 @@ async def test_existing_file_replaced_only_on_success(tmp_path: Path) -> None:
     chunks = qs.device_chunks(random_bytes(50000, 1), 8192)
     blob = qs.config_blob(b"n")
     running = await start(config)
-    device = running.session.reassembly.devices[A]
+    device = running.session.core.reassembly.devices[A]
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0))
         for idx, chunk in enumerate(chunks):

@@ -155,7 +155,7 @@ async def test_part_files_are_never_more_open_than_the_final_file(
         os.chmod(spec.data_path, existing)
     [stream] = qs.build_streams([(IDSTR, 0, DATA, CONFIG)], channels=1, chunk_size=4096)
     running = await start(config)
-    device = running.session.reassembly.devices[A]
+    device = running.session.core.reassembly.devices[A]
     with connect(running.address) as sock:
         sock.sendall(stream[: len(stream) // 2])
         await until(lambda: device.bytes_written, "a chunk written")

@@ -184,7 +184,7 @@ async def test_other_paths_and_methods(tmp_path: Path) -> None:
 async def test_label_values_are_escaped(tmp_path: Path) -> None:
     odd = DeviceKey('a"b\\c\nd', 0)
     running = await start(settings(tmp_path, odd, channels=1))
-    families = list(text_string_to_metric_families(render(running.session)))
+    families = list(text_string_to_metric_families(render(running.session.snapshot())))
     devices = [s.labels["device"] for f in families for s in f.samples if "device" in s.labels]
     assert devices == [str(odd), str(odd)]
     running.session.cancel()

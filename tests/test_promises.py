@@ -660,12 +660,12 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
     try:
         if fault.startswith("handshake") or fault == "main-channel":
             # Refused: only that connection; the migration keeps waiting for channel 0.
-            registry = running.session.registry
+            connections = running.session.core.connections
             for _ in range(1000):
-                if registry.refused:
+                if connections.refused:
                     break
                 await asyncio.sleep(0.01)
-            [(_, refusal)] = registry.refused
+            [(_, refusal)] = connections.refused
             assert isinstance(refusal, HandshakeError) and refusal.reason is reason, refusal
             # The source, reset on its refused channel, resets its others (issue 16): the
             # migration may have failed already; if not, it is waiting, and is cancelled.

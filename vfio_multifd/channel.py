@@ -1,352 +1,190 @@
-"""One multifd channel: a buffered protocol that receives, a coroutine that queues.
+"""One multifd connection on the event loop: bytes in, decoded events out, by plain calls.
 
 :class:`ChannelProtocol` is the fast path. The event loop asks it where the
 next bytes go (``get_buffer``) and it answers with the decoder's buffer: for a
 payload, the very buffer the chunk will live in until it is written, so the
-kernel copies each byte once. That buffer is asked of the owner when the
-packet's header is complete, before any payload byte is read: memory is
-charged for what a peer announces, and when the owner cannot grant it at once
-reading pauses until it can. Complete packets go to a short deque; when that
-is full, reading pauses too (TCP then pushes back on the source).
-
-:func:`read_channel` is the coroutine that asks for the buffers the fast
-path could not get at once, and hands complete packets to the owner's ``deliver``, which queues them under the device's
-``asyncio.Condition``: a synchronous protocol callback could not, since
-``notify`` needs the lock and only a coroutine can await it. Above itself a
-channel sees only :class:`ChannelOwner`.
+kernel copies each byte once. Every event the decoder completes goes to the
+:class:`ChannelOwner` at once, from the same callback: a complete header asks
+for its payload's buffer (``header``), and when none is granted yet reading
+stops until :meth:`ChannelProtocol.provide_buffer` brings it. The owner (the
+session, which feeds the migration core) decides everything else; a channel
+knows nothing above it but this protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import socket
 import struct
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
-from .decoder import ASK, ChannelDecoder
-from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
+from .core.state import ChannelState
+from .decoder import ASK, ChannelDecoder, DecoderState
+from .errors import ProtocolError
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
-    from .reader_threads import HandedOffTransport
+__all__ = ["ChannelOwner", "ChannelProtocol", "ChannelState", "reset", "switch_reading"]
 
 log = structlog.get_logger("vfio_multifd.channel")
 
-#: Complete packets a channel may hold before it stops reading its socket.
-MAX_PENDING_PACKETS = 2
-
-
-class ChannelState(enum.Enum):
-    HANDSHAKE = "handshake"
-    ACTIVE = "active"
-    CLOSED = "closed"  # clean end of stream
-    REFUSED = "refused"  # failed the handshake
-    FAILED = "failed"
+#: The decoder states in which the stream is read.
+_READING = (DecoderState.HANDSHAKE, DecoderState.HEADER, DecoderState.PAYLOAD)
 
 
 class ChannelOwner(Protocol):
-    """What a channel may ask of the migration it belongs to (the session implements it).
+    """Where a connection's decoded events go (the session implements it)."""
 
-    Channels know nothing above them: this is the whole of their view upward.
-    """
+    def received(self, channel: ChannelProtocol, nbytes: int) -> None: ...
 
-    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        """Take the channel into the migration; raise :class:`HandshakeError` to refuse it."""
+    def handshake(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None: ...
 
-    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
-        """The connection failed its handshake and is gone; the migration goes on."""
+    def header(self, channel: ChannelProtocol, header: PacketHeader) -> PayloadBuffer | None:
+        """The payload's buffer now, or None: :meth:`ChannelProtocol.provide_buffer` later."""
 
-    def fail(self, error: MultifdError) -> None:
-        """An accepted channel broke the protocol: the migration fails."""
+    def packet(self, channel: ChannelProtocol, packet: DevicePacket) -> None: ...
 
-    def allocate_now(self, header: PacketHeader, channel: int | None) -> PayloadBuffer | None:
-        """A buffer for the announced payload if memory allows it at once, else ``None``.
+    def decode_error(self, channel: ChannelProtocol, error: ProtocolError) -> None: ...
 
-        Raises :class:`ProtocolError` for a chunk that may not be queued at all
-        (one another channel already announced included).
-        """
+    def eof(self, channel: ChannelProtocol) -> None:
+        """A clean end of stream (an unclean one is a ``decode_error``)."""
 
-    async def allocate(self, header: PacketHeader, channel: int | None) -> PayloadBuffer:
-        """A buffer for the payload of a header ``allocate_now`` had no memory for,
-        once memory allows (may wait or spill)."""
-
-    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
-        """Queue a packet's chunk for its device's loader (may wait for memory)."""
-
-    def closed(self, channel: ChannelProtocol) -> None:
-        """An accepted channel reached a clean end of stream."""
+    def lost(
+        self,
+        channel: ChannelProtocol,
+        exc: BaseException | None,
+        truncated: ProtocolError | None,
+    ) -> None:
+        """The socket is closed; ``truncated``: the decoder's error if inside a packet."""
 
 
 class ChannelProtocol(asyncio.BufferedProtocol):
     def __init__(
-        self, owner: ChannelOwner, *, max_packet_size: int, handshake_timeout: float
+        self,
+        owner: ChannelOwner,
+        conn: int,
+        *,
+        peer: str = "?",
+        max_packet_size: int,
     ) -> None:
         self.owner = owner
-        self.handshake_timeout = handshake_timeout
+        self.conn = conn  # the session's name for this connection
+        self.peer = peer
         # Each payload buffer is asked of the owner when its header is complete.
         self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=ASK)
-        self.state = ChannelState.HANDSHAKE
         self.channel_id: int | None = None
         self.transport: asyncio.Transport | None = None
-        self.peer = "?"
-        # Complete packets, and at most one header still waiting for its buffer.
-        self.pending: deque[DevicePacket | PacketHeader] = deque()
-        self._awaiting_buffer = False
-        self.end_of_stream = False  # the peer shut its side down cleanly
-        self._waiter: asyncio.Future[None] | None = None
+        self.log = log.bind(peer=peer)
+        self._held = False  # the owner asked it to stop reading
         self._reading = True
-        self._handshake_timer: asyncio.TimerHandle | None = None
-        self._closing = False  # closed before the transport was made: abort it at once
-        #: Called once the connection is gone (its socket closed): the listener counts descriptors.
-        self.on_lost: Callable[[ChannelProtocol], None] | None = None
-        #: Once accepted, moves the socket to a reader thread (reader_threads.py), or
-        #: leaves it where it is if it cannot.
-        self.hand_off: Callable[[ChannelProtocol, asyncio.Transport], None] | None = None
-        # Read by a reader thread: its decoded events come in take_batch.
-        self._handed_off: HandedOffTransport | None = None
-        self.log = log
+        self._closing: bool | None = None  # asked to close (completed?) before connection_made
+        self.detached = False  # its socket moved elsewhere (a reader thread)
+        #: Called once, after the events of the read that accepted it (reader threads).
+        self.after_accept: Callable[[ChannelProtocol], None] | None = None
 
     # -- asyncio callbacks ------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
-        self.log = log.bind(peer=self.peer)
-        if self._closing or self.state is not ChannelState.HANDSHAKE:  # shed or closed already
-            self.transport.abort()
-            return
-        loop = asyncio.get_running_loop()
-        self._handshake_timer = loop.call_later(self.handshake_timeout, self._handshake_timed_out)
+        if self._closing is not None:  # hung up on before it was made
+            self._hang_up(self._closing)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.decoder.buffer_updated(nbytes)
+        self.owner.received(self, nbytes)
         self._take_events()
-
-    def _take_events(
-        self,
-        next_event: Callable[[], ChannelHandshake | PacketHeader | DevicePacket | None] | None = None,
-    ) -> bool:
-        """Act on every event decoded so far, then on the error that stopped the
-        decoder, if any (after the events before it). False once the channel is done."""
-        try:
-            self._take_decoded(next_event or self.decoder.next_event)
-        except HandshakeError as error:
-            self._refuse(error)
-            return False
-        except ProtocolError as error:
-            self.fail(error)
-            return False
-        return True
-
-    def _take_decoded(
-        self, next_event: Callable[[], ChannelHandshake | PacketHeader | DevicePacket | None]
-    ) -> None:
-        while (event := next_event()) is not None:
-            if isinstance(event, ChannelHandshake):
-                self._on_handshake(event)
-            elif isinstance(event, PacketHeader):
-                # The fast path: memory allows it, the payload is read at once.
-                buffer = self.owner.allocate_now(event, self.channel_id)
-                if buffer is not None:
-                    self._provide(buffer)
-                else:  # the reader asks again, and may wait: read nothing meanwhile
-                    self._awaiting_buffer = True
-                    self.pending.append(event)
-                    self._wake()
-            else:
-                self.pending.append(event)
-                self._wake()
-        self._update_reading()
-
-    def _update_reading(self) -> None:
-        """Read while no header waits for its buffer and few packets wait for the reader."""
-        transport = self.transport
-        if transport is None or self.end_of_stream or self.state is not ChannelState.ACTIVE:
-            return
-        wanted = not self._awaiting_buffer and len(self.pending) < MAX_PENDING_PACKETS
-        self._reading = switch_reading(transport, reading=self._reading, wanted=wanted)
 
     def eof_received(self) -> bool:
         self.decoder.eof()
         if self._take_events():
-            self._ended()
-        # Keep our side open: the session closes every channel when the migration
-        # ends, cleanly only if it completed (see close), so the source learns the outcome.
+            self.owner.eof(self)
+        # Keep our side open: the migration closes every channel when it ends, cleanly
+        # only if it completed (see close), so that the source learns the outcome.
         return True
 
-    def _ended(self) -> None:
-        self.end_of_stream = True
-        self._wake()
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._handed_off is None:
-            self.lost_in_reader(exc)
-        # else: the main loop's transport let the socket go to a reader thread;
-        # the connection is lost when that thread says so (lost_in_reader).
+        if self.detached:
+            return  # the socket lives on elsewhere; its loss is reported from there
+        decoder = self.decoder
+        truncated = decoder.truncated_error() if decoder.inside_unit else None
+        self.owner.lost(self, exc, truncated)
 
-    # -- a channel read by a reader thread (reader_threads.py) ---------------------
-
-    def handed_off(self, transport: HandedOffTransport) -> None:
-        """From now on a reader thread reads this channel; ``transport`` stands in for its own."""
-        self._handed_off = transport
-        self.transport = transport
-
-    def take_batch(
-        self, events: list[DevicePacket | PacketHeader], error: ProtocolError | None, eof: bool
-    ) -> None:
-        """What the reader thread decoded in one go: as if decoded here (see _take_events)."""
-        if self.state is not ChannelState.ACTIVE:
-            return  # failed meanwhile: what it still sends is not delivered
-        batch = iter(events)
-
-        def next_event() -> DevicePacket | PacketHeader | None:
-            event = next(batch, None)
-            if event is None and error is not None:
-                raise error
-            return event
-
-        if self._take_events(next_event) and eof:
-            self._ended()
-
-    def lost_in_reader(self, exc: BaseException | None) -> None:
-        """The connection is gone (on whichever loop read it)."""
-        self._cancel_handshake_timer()
-        if self.state is ChannelState.HANDSHAKE and isinstance(exc, HandshakeError):
-            self._refuse(exc)  # the transport says why (tls.py: the TLS handshake failed)
-        elif self.state is ChannelState.HANDSHAKE and self._closing:
-            # We hung up on it as the migration ended: no refusal of its own, and
-            # nothing that explains how the migration ended.
-            self.state = ChannelState.REFUSED
-        elif self.state is ChannelState.HANDSHAKE:
-            self._refuse(
-                HandshakeError(
-                    Reason.HANDSHAKE_CLOSED,
-                    f"connection closed inside the handshake ({exc or 'reset'})",
-                )
-            )
-        elif self.state is ChannelState.ACTIVE and not self.end_of_stream:
-            if self.decoder.inside_unit:  # name the device and idx being received
-                error = self.decoder.truncated_error()
-                error.message += f" (connection lost: {exc or 'reset'})"
-            else:
-                error = ProtocolError(
-                    Reason.PACKET_TRUNCATED,
-                    f"connection lost before the end of the stream: {exc or 'reset'}",
-                )
-            self.fail(error)
-        self._wake()
-        if self.on_lost is not None:
-            self.on_lost(self)
-
-    # -- handshake --------------------------------------------------------------
-
-    def _on_handshake(self, handshake: ChannelHandshake) -> None:
-        self._cancel_handshake_timer()
-        self.owner.accept(self, handshake)  # raises HandshakeError to refuse
-        self.channel_id = handshake.channel_id
-        self.state = ChannelState.ACTIVE
-        self.log = self.log.bind(channel=self.channel_id)
-        self.log.info("channel_accepted")
-        if self.hand_off is not None and self.transport is not None:
-            self.hand_off(self, self.transport)
-
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.state is ChannelState.HANDSHAKE:
-            self._refuse(
-                HandshakeError(
-                    Reason.HANDSHAKE_TIMEOUT,
-                    f"no complete handshake within {self.handshake_timeout:g} s "
-                    f"({self.decoder.bytes_received} of 64 bytes)",
-                )
-            )
-
-    def _cancel_handshake_timer(self) -> None:
-        if self._handshake_timer is not None:
-            self._handshake_timer.cancel()
-            self._handshake_timer = None
-
-    def refuse(self, error: HandshakeError) -> None:
-        """Refuse this connection if it is still handshaking (the listener sheds it)."""
-        self._refuse(error)
-
-    def _refuse(self, error: HandshakeError) -> None:
-        """Refuse this one connection; the migration goes on waiting for its channels."""
-        if self.state is not ChannelState.HANDSHAKE:
-            return
-        self._cancel_handshake_timer()
-        self.state = ChannelState.REFUSED
-        self.owner.refused(self, error)
-        if self.transport is not None:
-            reset(self.transport)
-
-    def fail(self, error: MultifdError) -> None:
-        if self.state is not ChannelState.ACTIVE:
-            return
-        self.state = ChannelState.FAILED
-        self.owner.fail(error.with_context(channel=self.channel_id))
-        if self.transport is not None:
-            reset(self.transport)
-        self._wake()
-
-    # -- the reader's side --------------------------------------------------------
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def next_item(self) -> DevicePacket | PacketHeader | None:
-        """The next complete packet or header awaiting its buffer; ``None`` at a clean
-        end, and at once when the channel failed (what it still holds is not delivered)."""
-        while not self.pending or self.state is not ChannelState.ACTIVE:
-            if self.end_of_stream or self.state is not ChannelState.ACTIVE:
-                return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        item = self.pending.popleft()
+    def _take_events(self) -> bool:
+        """Hand every event decoded so far to the owner, then the error that stopped the
+        decoder, if any (after the events before it). False once the decoder stopped."""
+        decoder, owner = self.decoder, self.owner
+        try:
+            while (event := decoder.next_event()) is not None:
+                if isinstance(event, DevicePacket):
+                    owner.packet(self, event)
+                elif isinstance(event, PacketHeader):
+                    buffer = owner.header(self, event)
+                    # The fast path: memory allows it, the payload is read at once.
+                    if buffer is not None and decoder.state is DecoderState.AWAITING_BUFFER:
+                        decoder.provide_buffer(buffer)
+                else:
+                    owner.handshake(self, event)
+        except ProtocolError as error:
+            owner.decode_error(self, error)
+            return False
         self._update_reading()
-        return item
+        after, self.after_accept = self.after_accept, None
+        if after is not None:
+            after(self)
+        return True
+
+    def _update_reading(self) -> None:
+        """Read while the decoder wants bytes and the owner has not held it."""
+        transport = self.transport
+        if transport is None or self._closing is not None or self.detached:
+            return
+        state = self.decoder.state
+        if state is DecoderState.CLOSED or state is DecoderState.ERROR:
+            return
+        wanted = not self._held and state in _READING
+        self._reading = switch_reading(transport, reading=self._reading, wanted=wanted)
+
+    # -- what the owner asks ----------------------------------------------------
+
+    def accepted(self, channel_id: int) -> None:
+        self.channel_id = channel_id
+        self.log = self.log.bind(channel=channel_id)
+        self.log.info("channel_accepted")
 
     def provide_buffer(self, buffer: PayloadBuffer) -> None:
-        """The buffer the last header asked for: the payload can be read now."""
-        self._awaiting_buffer = False
-        if self.state is not ChannelState.ACTIVE:
-            return
-        self._provide(buffer)
-        if self._handed_off is None:
-            self._take_events()
-        else:
-            self._update_reading()
+        """The buffer the last header waited for: the payload can be read now."""
+        if self.decoder.state is not DecoderState.AWAITING_BUFFER:
+            return  # hung up on meanwhile
+        self.decoder.provide_buffer(buffer)
+        self._take_events()  # a payload of 0 bytes is complete at once
 
-    def _provide(self, buffer: PayloadBuffer) -> None:
-        if self._handed_off is None:
-            self.decoder.provide_buffer(buffer)
-        else:  # its events come back in a batch
-            self._handed_off.provide_buffer(buffer)
+    def hold(self, held: bool) -> None:
+        self._held = held
+        self._update_reading()
+
+    def detach(self) -> None:
+        """Its socket now lives elsewhere (reader_threads.py): nothing more comes from here."""
+        self.detached = True
 
     def close(self, *, completed: bool = False) -> None:
         """Hang up: with a clean close only once the migration ``completed``, otherwise
         with a reset, so that a source knows whether the destination took its state."""
-        self._closing = True
-        if self.transport is None:
-            return
+        self._closing = completed
+        if self.transport is not None:
+            self._hang_up(completed)
+
+    def _hang_up(self, completed: bool) -> None:
+        assert self.transport is not None
         if completed:
             self.transport.close()
         else:
@@ -372,29 +210,3 @@ def reset(transport: asyncio.Transport) -> None:
             if sock is not None:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abort()
-
-
-async def read_channel(protocol: ChannelProtocol, owner: ChannelOwner) -> None:
-    """The coroutine side of one accepted channel: its packets, queued in order."""
-    channel = protocol.channel_id
-    try:
-        while (item := await protocol.next_item()) is not None:
-            if isinstance(item, PacketHeader):
-                protocol.provide_buffer(await owner.allocate(item, channel))
-            else:
-                await owner.deliver(item, channel)
-    except MultifdError as error:
-        protocol.fail(error)
-        return
-    except Exception as error:  # a bug must end the migration, not hang it
-        protocol.log.exception("channel_reader_crashed")
-        protocol.fail(SessionError(Reason.INTERNAL, f"internal error: {error!r}"))
-        return
-    if protocol.state is ChannelState.ACTIVE:
-        protocol.state = ChannelState.CLOSED
-        protocol.log.info(
-            "channel_closed",
-            bytes=protocol.decoder.bytes_received,
-            packets=protocol.decoder.packets,
-        )
-        owner.closed(protocol)

@@ -132,7 +132,7 @@ class OutputSet:
         _, stuck = await asyncio.wait(discarding, timeout=ABANDON_WRITER_AFTER)
         for future in stuck:
             self.abandoned_writers = True
-            log.warning("writer_abandoned", device=str(discarding[future].device.key))
+            log.warning("writer_abandoned", device=str(discarding[future].key))
 
     def close(self) -> None:
         """Stop the writer threads; unless committing, no temporary file stays (never raises)."""

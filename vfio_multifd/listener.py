@@ -1,31 +1,26 @@
-"""The listening socket and the channels it brought: accepted, refused, closed.
+"""The listening socket and the connections it accepts, until each is closed.
 
-:class:`ChannelRegistry` listens (TCP or unix), keeps every connection until
-it is accepted or refused, and decides whether a completed handshake may join
-the migration (PROTOCOL.md 3.1: magic, version, uuid, channel id, and no id
-twice). It knows channels, not devices: what they carry goes elsewhere.
+:class:`Listener` listens (TCP or unix) and accepts connections itself; what
+a connection may become (a channel, or refused) is the migration core's
+decision, which the session asks for. The listener keeps strangers from
+crowding the migration out of descriptors. Anyone who can reach the port can
+open connections that never send a handshake; each costs a descriptor. So it
+accepts connections itself rather than through an ``asyncio.Server`` (whose
+loops differ: the stdlib's logs ``EMFILE`` and retries after a second;
+uvloop's libuv drops every waiting connection, then may stop serving for
+good), and:
 
-It also keeps strangers from crowding the migration out. Anyone who can reach
-the port can open connections that never send a handshake; each costs a
-descriptor. So the registry accepts connections itself rather than through an
-``asyncio.Server`` (whose loops differ: the stdlib's logs ``EMFILE`` and
-retries after a second; uvloop's libuv drops every waiting connection, then
-may stop serving for good), and:
-
-* holds at most ``max_pending`` connections without a complete handshake
-  (``--max-pending-connections``): a new one sheds the oldest;
 * keeps descriptors free for what the migration opens after it starts
   listening (:data:`RESERVED_DESCRIPTORS`: the spill file, a directory to
   fsync, the status socket and its clients...): when every other descriptor
-  of ``RLIMIT_NOFILE`` is taken, it sheds the oldest handshaking connection and
-  stops accepting until one closes; accepted channels are never shed;
-* after ``EMFILE`` / ``ENFILE`` (something else took the descriptors) sheds
-  the oldest stranger and tries again after :data:`ACCEPT_RETRY_SECONDS`,
+  of ``RLIMIT_NOFILE`` is taken, it has the oldest handshaking connection shed
+  and stops accepting until one closes; accepted channels are never shed;
+* after ``EMFILE`` / ``ENFILE`` (something else took the descriptors) has the
+  oldest stranger shed and tries again after :data:`ACCEPT_RETRY_SECONDS`,
   never in a busy loop;
-* remembers a count of refusals and only the last :data:`RECENT_REFUSALS`
-  (peer, reason, message: no traceback, no connection), and logs at most a
-  burst of :data:`REFUSAL_LOG_BURST` ``channel_refused`` lines then one a
-  second, each saying how many were left out before it.
+* logs at most a burst of :data:`REFUSAL_LOG_BURST` ``channel_refused`` lines
+  then one a second, each saying how many were left out before it (the core
+  counts every refusal and keeps the last few with their reason).
 """
 
 from __future__ import annotations
@@ -38,17 +33,14 @@ import resource
 import socket
 import stat
 import time
-from collections import deque
 from collections.abc import Callable
 
 import structlog
 
-from .channel import ChannelProtocol, ChannelState
+from .channel import ChannelProtocol
 from .config import Address
-from .core.connections import RECENT_REFUSALS, refusals_text
-from .errors import HandshakeError, Reason, UsageError
+from .errors import HandshakeError, UsageError
 from .unix_path import claim_unix_path
-from .wire import ChannelHandshake, check_handshake
 
 log = structlog.get_logger("vfio_multifd.listener")
 
@@ -109,27 +101,15 @@ def descriptor_room(reserve: int) -> int | None:
     return soft - in_use - reserve
 
 
-class ChannelRegistry:
-    def __init__(self, *, channels: int, uuid: bytes, max_pending: int = 512) -> None:
-        self.expected = channels
-        self.uuid = uuid
-        self.max_pending = max_pending
-        self.channels: dict[int, ChannelProtocol] = {}  # accepted, by channel id
-        self.connections: set[ChannelProtocol] = set()  # open: handshaking or accepted
-        # Handshaking, oldest first (a dict keeps insertion order).
-        self.pending: dict[ChannelProtocol, None] = {}
-        self.refused_count = 0
-        # The last few refusals: (peer, why). Each error is a fresh copy that was
-        # never raised: no traceback, so no frame keeps a connection alive.
-        self.refused: deque[tuple[str, HandshakeError]] = deque(maxlen=RECENT_REFUSALS)
-        self.shed_count = 0  # refused to make room (a subset of refused_count)
-        # Refused once the migration was ending (a subset of refused_count): they
-        # did not cause its end, so the final error does not list them.
-        self.late_count = 0
+class Listener:
+    def __init__(self, *, expected: int, shed: Callable[[str], None]) -> None:
+        self.expected = expected  # channels: the descriptor limit must leave room for them
+        self._shed = shed  # has the core refuse its oldest handshaking connection
+        self.connections: dict[int, ChannelProtocol] = {}  # open: handshaking or accepted
         self.address: Address | None = None  # where we listen, once we do
         self.max_open: int | None = None  # connections the descriptor limit leaves room for
         self.open = 0  # sockets accepted and not yet closed (shed ones included)
-        self._factory: Callable[[], ChannelProtocol] | None = None
+        self._factory: Callable[[str], ChannelProtocol] | None = None
         self._wrap: Callable[[ChannelProtocol], asyncio.BaseProtocol] | None = None
         self._sockets: list[socket.socket] = []
         self._reading = False  # the listening sockets are watched
@@ -143,13 +123,14 @@ class ChannelRegistry:
     async def listen(
         self,
         address: Address,
-        factory: Callable[[], ChannelProtocol],
+        factory: Callable[[str], ChannelProtocol],
         wrap: Callable[[ChannelProtocol], asyncio.BaseProtocol] | None = None,
     ) -> Address:
         """Start accepting connections at ``address``; returns where (port 0 resolved).
 
+        ``factory(peer)`` makes each connection's protocol (and tells the core);
         ``wrap`` puts a layer between the socket and each channel (TLS: the
-        channel's transport is then the layer's, see tls.py)."""
+        channel's transport is then the layer's, see tls_channel.py)."""
         self._wrap = wrap
         loop = asyncio.get_running_loop()
         self._factory = factory
@@ -229,12 +210,12 @@ class ChannelRegistry:
         for _ in range(ACCEPTS_PER_CALLBACK):
             if self.max_open is not None and self.open >= self.max_open:
                 # Every descriptor we may use is taken: make room, and accept
-                # again once a connection has really closed (_lost).
-                self._shed_oldest("the descriptor limit is near")
+                # again once a connection has really closed (closed()).
+                self._shed("the descriptor limit is near")
                 self._stop_reading()
                 return
             try:
-                sock, _ = listening.accept()
+                sock, peer = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -242,7 +223,7 @@ class ChannelRegistry:
             except OSError as error:
                 self._accept_failed(error)
                 return
-            self._start(sock)
+            self._start(sock, peer)
 
     def _accept_failed(self, error: OSError) -> None:
         """Out of descriptors or memory (or worse): shed a stranger, back off, retry."""
@@ -257,7 +238,7 @@ class ChannelRegistry:
             )
             self._accept_log.suppressed = 0
         if error.errno in _OUT_OF_RESOURCES:
-            self._shed_oldest("out of descriptors")
+            self._shed("out of descriptors")
         self._stop_reading()
         if self._retry is None:
             self._retry = asyncio.get_running_loop().call_later(
@@ -269,16 +250,12 @@ class ChannelRegistry:
         if self._sockets and (self.max_open is None or self.open < self.max_open):
             self._start_reading()
 
-    def _start(self, sock: socket.socket) -> None:
+    def _start(self, sock: socket.socket, peer: object) -> None:
         assert self._factory is not None
         sock.setblocking(False)
         self.open += 1
-        if len(self.pending) >= self.max_pending:
-            self._shed_oldest(f"more than {self.max_pending} connections without a handshake")
-        protocol = self._factory()
-        protocol.on_lost = self._lost
-        self.connections.add(protocol)
-        self.pending[protocol] = None
+        protocol = self._factory(describe_peer(peer))
+        self.connections[protocol.conn] = protocol
         task = asyncio.get_running_loop().create_task(self._connect(sock, protocol))
         self._starting.add(task)
         task.add_done_callback(self._starting.discard)
@@ -292,34 +269,19 @@ class ChannelRegistry:
         except asyncio.CancelledError:
             if protocol.transport is None:
                 sock.close()
-                self._lost(protocol)
+                protocol.connection_lost(None)
             raise
         except Exception as error:  # e.g. the peer reset it already: one connection less
             if protocol.transport is None:
                 sock.close()
-                self._lost(protocol)
+                protocol.connection_lost(error)
             log.debug("connection_setup_failed", error=str(error))
 
-    def _shed_oldest(self, why: str) -> None:
-        """Refuse the connection that has waited longest for its handshake."""
-        for protocol in self.pending:
-            if protocol.state is ChannelState.HANDSHAKE:
-                self.shed_count += 1
-                protocol.refuse(
-                    HandshakeError(
-                        Reason.HANDSHAKE_SHED,
-                        f"no complete handshake yet, dropped to make room ({why})",
-                    )
-                )
-                return
-
-    def _lost(self, protocol: ChannelProtocol) -> None:
+    def closed(self, conn: int) -> None:
         """A connection's socket is closed: its descriptor is free again."""
-        if protocol not in self.connections and protocol not in self.pending:
+        if self.connections.pop(conn, None) is None:
             return
         self.open -= 1
-        self.connections.discard(protocol)
-        self.pending.pop(protocol, None)
         if (
             self._sockets
             and not self._reading
@@ -328,29 +290,9 @@ class ChannelRegistry:
         ):
             self._start_reading()
 
-    # -- what the session asks ----------------------------------------------------------
+    # -- refusals' log lines ----------------------------------------------------------
 
-    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        """Admit a completed handshake, or raise :class:`HandshakeError` to refuse it."""
-        check_handshake(handshake, uuid=self.uuid, channels=self.expected)
-        if handshake.channel_id in self.channels:
-            raise HandshakeError(
-                Reason.HANDSHAKE_DUPLICATE_CHANNEL,
-                f"channel id {handshake.channel_id} is already connected",
-            )
-        self.channels[handshake.channel_id] = channel
-        self.pending.pop(channel, None)
-
-    def refuse(
-        self, channel: ChannelProtocol, error: HandshakeError, *, late: bool = False
-    ) -> None:
-        """Count and log a refusal; ``late``: the migration was ending already."""
-        self.pending.pop(channel, None)
-        self.refused_count += 1
-        if late:
-            self.late_count += 1
-        else:
-            self.refused.append((channel.peer, HandshakeError(error.reason, error.message)))
+    def log_refusal(self, channel: ChannelProtocol, error: HandshakeError) -> None:
         if self._refusal_log.allow():
             channel.log.warning(
                 "channel_refused",
@@ -360,46 +302,21 @@ class ChannelRegistry:
             )
             self._refusal_log.suppressed = 0
 
-    def refusals_text(self) -> str:
-        """The refusals, for a final error they may explain (see :func:`refusals_text`)."""
-        return refusals_text(self.refused, self.refused_count - self.late_count)
-
-    def log_suppressed(self) -> None:
+    def log_suppressed(self, refused: int) -> None:
         """Say how many channel_refused lines were left out since the last one."""
         if self._refusal_log.suppressed:
             log.warning(
                 "channel_refused_suppressed",
                 suppressed=self._refusal_log.suppressed,
-                refused=self.refused_count,
+                refused=refused,
             )
             self._refusal_log.suppressed = 0
 
-    @property
-    def all_closed(self) -> bool:
-        """Every expected channel connected and reached a clean end of stream."""
-        return len(self.channels) == self.expected and all(
-            channel.state is ChannelState.CLOSED for channel in self.channels.values()
-        )
-
-    @property
-    def reading(self) -> int:
-        """Accepted channels still reading."""
-        return sum(channel.state is ChannelState.ACTIVE for channel in self.channels.values())
-
-    @property
-    def bytes_received(self) -> int:
-        """Bytes of the accepted channels, handshakes included (refused strays are not traffic)."""
-        return sum(channel.decoder.bytes_received for channel in self.channels.values())
-
-    def close(self, *, completed: bool = False) -> None:
-        """Stop listening and hang up on every connection: cleanly only if the
-        migration ``completed``, otherwise with a reset."""
+    def stop(self) -> None:
+        """Stop listening (the connections are the session's to close)."""
         self._close_sockets()
         for task in list(self._starting):
             task.cancel()
-        for channel in list(self.connections):
-            channel.close(completed=completed)
-        self.log_suppressed()
 
     def _close_sockets(self) -> None:
         if self._retry is not None:
@@ -419,6 +336,13 @@ class ChannelRegistry:
         inode, self._unix_inode = self._unix_inode, None
         if path is not None and inode is not None:
             remove_own_socket(path, inode)
+
+
+def describe_peer(peer: object) -> str:
+    """``host:port`` of a TCP peer, ``unix`` for a unix socket's (unnamed) peer."""
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "unix")
 
 
 def remove_own_socket(path: str, inode: tuple[int, int]) -> None:

@@ -1,11 +1,13 @@
 """One loader per device: takes chunks in ``idx`` order and writes them off the loop.
 
-The loader waits on its device's ``asyncio.Condition`` (the channel readers
-notify it when they queue the chunk it needs), takes every consecutive ready
-chunk in one batch, and hands the batch to the device's own writer thread,
-which hashes and ``writev``s it. Channel readers keep reading meanwhile. After
-the last data chunk comes the config state: its tags are checked, it is
-stored, and the device is complete (QEMU's ``vfio_load_bufs_thread``).
+The loader asks the migration core for every consecutive ready chunk
+(``take``), in one batch, and hands the batch to the device's own writer
+thread, which hashes and ``writev``s it; when nothing is ready it sleeps until
+:meth:`DeviceLoader.wake` (the core's ``WakeLoader``, a plain call from any
+callback). Channels keep reading meanwhile. After the last data chunk comes
+the config state: its tags are checked, it is stored, and the device is
+complete (QEMU's ``vfio_load_bufs_thread``). Each batch written goes back to
+the core (``written``), which releases its memory.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +25,8 @@ from .digest import format_digest, new_hasher
 from .errors import MultifdError
 from .logconfig import debug_enabled
 from .output import Output
-from .reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
-from .wire import check_config_blob
+from .reassembly import Chunk, ChunkState
+from .wire import DeviceKey, check_config_blob
 
 log = structlog.get_logger("vfio_multifd.loader")
 
@@ -36,20 +37,19 @@ BATCH_BYTES = 8 << 20
 class DeviceLoader:
     def __init__(
         self,
-        reassembly: ReassemblyBuffer,
-        device: DeviceBuffer,
-        condition: asyncio.Condition,
+        key: DeviceKey,
         data: Output,
         config: Output,
         *,
         digest: Digest,
-        release: Callable[[list[Chunk]], None],
+        take: Callable[[DeviceKey, int], list[Chunk]],
+        release: Callable[[DeviceKey, list[Chunk]], None],
         read_spilled: Callable[[Chunk], bytes] | None = None,
         write_failed: Callable[[BaseException], None] | None = None,
     ) -> None:
-        self.reassembly = reassembly
-        self.device = device
-        self.condition = condition
+        self.key = key
+        self._take = take  # the next batch, or [] until wake()
+        self._ready = asyncio.Event()
         self.data = data
         self.config = config
         self.digest = digest
@@ -59,9 +59,11 @@ class DeviceLoader:
         self._write_failed = write_failed  # a batch written in the background failed
         self._in_flight: set[asyncio.Future[None]] = set()
         self.write_error: BaseException | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
-        self.completed_at = 0.0  # monotonic, once the device is complete
-        self.log = log.bind(device=str(device.key))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{key}")
+        self.next_idx = 0  # the idx this loader takes next
+        self.bytes_written = 0
+        self.chunks_written = 0
+        self.log = log.bind(device=str(key))
         self._debug = debug_enabled(self.log)
 
     async def open(self) -> None:
@@ -69,31 +71,36 @@ class DeviceLoader:
         await loop.run_in_executor(self.executor, self.data.open)
         await loop.run_in_executor(self.executor, self.config.open)
 
+    def wake(self) -> None:
+        """The chunk this loader needs next is there."""
+        self._ready.set()
+
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        device = self.device
+        key = self.key
         self.log.info("load_thread_start")
         while True:
-            async with self.condition:
-                if not device.ready:
-                    if self._debug:
-                        self.log.debug("load_starved", next_idx=device.next_idx)
-                    await self.condition.wait_for(lambda: device.ready)
-                chunks = self.reassembly.take(device, BATCH_BYTES)
+            self._ready.clear()
+            chunks = self._take(key, BATCH_BYTES)
+            if not chunks:
+                if self._debug:
+                    self.log.debug("load_starved", next_idx=self.next_idx)
+                await self._ready.wait()
+                continue
+            self.next_idx = chunks[-1].idx + 1
             if chunks[0].config:
                 if self._in_flight:
                     await asyncio.gather(*self._in_flight)  # every data chunk is written
                 if self.write_error is not None:
                     raise self.write_error
                 await self._load_config(loop, chunks[0])
-                self._release(chunks)
+                self._release(key, chunks)
                 break
             self._submit(loop, chunks)
-        self.completed_at = time.monotonic()
         self.log.info(
             "load_thread_end",
-            bytes=device.bytes_written,
-            chunks=device.chunks_written,
+            bytes=self.bytes_written,
+            chunks=self.chunks_written,
             digest=self.digest_text,
         )
 
@@ -121,7 +128,9 @@ class DeviceLoader:
                 return
             error = done.exception()
             if error is None:
-                self._release(chunks)
+                self.bytes_written += sum(chunk.size for chunk in chunks)
+                self.chunks_written += len(chunks)
+                self._release(self.key, chunks)
                 return
             # Whatever it was, the batch is not on disk: the device can never complete.
             self.write_error = error
@@ -167,7 +176,7 @@ class DeviceLoader:
             else:
                 blob = chunk.data
             try:
-                check_config_blob(blob, self.device.key, chunk.idx)
+                check_config_blob(blob, self.key, chunk.idx)
             except MultifdError as error:
                 raise error.with_context(channel=chunk.channel) from None
             self.config.write([blob])

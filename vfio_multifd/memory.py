@@ -3,7 +3,8 @@
 Pure, in the manner of aioquic's connection object: given the reassembly
 buffer's state, the arriving packet and ``now``, :meth:`MemoryPolicy.admit`
 returns a decision and changes nothing but its own bookkeeping. It never
-waits and never touches a file; ``admission.py`` carries the decisions out.
+waits and never touches a file; the migration core (``core/migration.py``, with
+its ``core/ledger.py``) carries the decisions out.
 
 Why the decisions cannot deadlock: a channel is told to :class:`Wait` without
 a deadline only while some memory is *drainable* (being written by a loader,

@@ -1,9 +1,8 @@
 """``receive --metrics-listen tcp:HOST:PORT``: ``GET /metrics`` in Prometheus' text format.
 
-The metrics are read at scrape time from counters the daemon keeps anyway
-(the registry's channels and refusals, the reassembly buffer's memory and
-per-device progress, the admission's paused time, the session's status), as
-``query-migrate`` reads them: the data path does not know a scrape exists.
+The metrics are rendered at scrape time from the migration core's snapshot,
+the one ``query-migrate`` renders too: the data path does not know a scrape
+exists.
 
 The responder is a small asyncio server in the session's own event loop
 rather than ``prometheus_client``'s HTTP server, which serves from a thread of
@@ -21,14 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterable, Iterator
 
 import structlog
 
-from .channel import ChannelState
 from .clients import Clients
 from .config import Address
+from .core.snapshot import MigrationSnapshot
+from .core.state import ChannelState
 from .errors import UsageError
 from .results import SessionStatus
 from .session import Session
@@ -76,19 +75,58 @@ class _Family:
         return self
 
 
-def collect(session: Session, now: float) -> Iterator[_Family]:
-    """Every metric family of ``session``, read now (``now`` is ``time.monotonic()``)."""
-    registry, reassembly = session.registry, session.reassembly
-
+def collect(snapshot: MigrationSnapshot) -> Iterator[_Family]:
+    """Every metric family of a migration's snapshot."""
     received = _Family(
         "vfio_multifd_received_bytes_total",
         "counter",
         "Bytes received on each accepted channel, its 64-byte handshake included.",
     )
-    for channel_id, protocol in sorted(registry.channels.items()):
-        received.add(protocol.decoder.bytes_received, channel=str(channel_id))
+    for channel in snapshot.channels:
+        if channel.id is not None:
+            received.add(channel.received_bytes, channel=str(channel.id))
     yield received
+    yield from _devices(snapshot)
+    yield _Family(
+        "vfio_multifd_queued_bytes",
+        "gauge",
+        "Bytes queued in memory for the writers (what counts against --max-queued-bytes).",
+    ).add(snapshot.queued_bytes)
+    yield _Family(
+        "vfio_multifd_peak_queued_bytes",
+        "gauge",
+        "The most bytes ever queued in memory at once in this migration.",
+    ).add(snapshot.peak_queued_bytes)
+    yield _Family(
+        "vfio_multifd_spilled_bytes_total",
+        "counter",
+        "Bytes of chunks that went to the spill file to keep memory under the bound.",
+    ).add(snapshot.spilled_bytes)
+    refused = _Family(
+        "vfio_multifd_refused_connections_total",
+        "counter",
+        "Connections refused before joining the migration, by reason.",
+    )
+    for reason, count in snapshot.refused_by_reason:
+        refused.add(count, reason=reason)
+    yield refused
+    yield _channel_states(snapshot)
+    status = _Family(
+        "vfio_multifd_migration_status",
+        "gauge",
+        "The migration's status: 1 for the current one, 0 for the others.",
+    )
+    for value in SessionStatus:
+        status.add(1 if snapshot.status is value else 0, status=value.value)
+    yield status
+    yield _Family(
+        "vfio_multifd_paused_seconds_total",
+        "counter",
+        "Seconds with at least one channel's reading paused, waiting for memory.",
+    ).add(snapshot.paused_seconds)
 
+
+def _devices(snapshot: MigrationSnapshot) -> Iterator[_Family]:
     written = _Family(
         "vfio_multifd_written_bytes_total",
         "counter",
@@ -99,44 +137,18 @@ def collect(session: Session, now: float) -> Iterator[_Family]:
         "counter",
         "Data chunks of each device written to its output file.",
     )
-    for device in reassembly.devices.values():
-        written.add(device.bytes_written, device=str(device.key))
-        chunks.add(device.chunks_written, device=str(device.key))
+    for device in snapshot.devices:
+        written.add(device.bytes_written, device=str(device.device))
+        chunks.add(device.chunks_written, device=str(device.device))
     yield written
     yield chunks
 
-    yield _Family(
-        "vfio_multifd_queued_bytes",
-        "gauge",
-        "Bytes queued in memory for the writers (what counts against --max-queued-bytes).",
-    ).add(reassembly.queued_bytes)
-    yield _Family(
-        "vfio_multifd_peak_queued_bytes",
-        "gauge",
-        "The most bytes ever queued in memory at once in this migration.",
-    ).add(reassembly.peak_queued_bytes)
-    yield _Family(
-        "vfio_multifd_spilled_bytes_total",
-        "counter",
-        "Bytes of chunks that went to the spill file to keep memory under the bound.",
-    ).add(reassembly.spilled_bytes)
 
-    refused = _Family(
-        "vfio_multifd_refused_connections_total",
-        "counter",
-        "Connections refused before joining the migration, by reason.",
-    )
-    for reason, count in sorted(session.refused_by_reason.items()):
-        refused.add(count, reason=reason)
-    yield refused
-
+def _channel_states(snapshot: MigrationSnapshot) -> _Family:
     states = dict.fromkeys(CHANNEL_STATES, 0)
-    for protocol in registry.channels.values():
-        if protocol.state in states:
-            states[protocol.state] += 1
-    for protocol in registry.connections:
-        if protocol.state is ChannelState.HANDSHAKE:
-            states[ChannelState.HANDSHAKE] += 1
+    for channel in snapshot.channels:
+        if channel.state in states:
+            states[channel.state] += 1
     channels = _Family(
         "vfio_multifd_channels",
         "gauge",
@@ -145,28 +157,12 @@ def collect(session: Session, now: float) -> Iterator[_Family]:
     )
     for state, count in states.items():
         channels.add(count, state=state.value)
-    yield channels
-
-    status = _Family(
-        "vfio_multifd_migration_status",
-        "gauge",
-        "The migration's status: 1 for the current one, 0 for the others.",
-    )
-    for value in SessionStatus:
-        status.add(1 if session.status is value else 0, status=value.value)
-    yield status
-
-    yield _Family(
-        "vfio_multifd_paused_seconds_total",
-        "counter",
-        "Seconds with at least one channel's reading paused, waiting for memory.",
-    ).add(session.admission.paused_total(now))
+    return channels
 
 
-def render(session: Session, now: float | None = None) -> str:
+def render(snapshot: MigrationSnapshot) -> str:
     """The whole exposition, as ``GET /metrics`` answers it."""
-    families = collect(session, time.monotonic() if now is None else now)
-    return "".join(line + "\n" for family in families for line in family.lines)
+    return "".join(line + "\n" for family in collect(snapshot) for line in family.lines)
 
 
 class MetricsServer:
@@ -237,7 +233,7 @@ class MetricsServer:
         elif path != "/metrics":
             reply = _response(404, "Not Found", "metrics are at /metrics\n")
         else:
-            body = render(self.session)
+            body = render(self.session.snapshot())
             reply = _response(200, "OK", body, content_type=CONTENT_TYPE, head=method == "HEAD")
         writer.write(reply)
         await writer.drain()

@@ -12,11 +12,11 @@ import asyncio
 import contextlib
 import os
 import socket
-import time
 from collections.abc import Mapping
 
 import structlog
 
+from .core.snapshot import MigrationSnapshot
 from .errors import UsageError
 from .results import SessionStatus
 from .session import Session
@@ -83,39 +83,41 @@ async def report_progress(session: Session, interval: float, *, notify: bool = F
     the summary at the end has the average. With ``notify``, the same goes to
     systemd as ``STATUS=`` (``systemctl status`` shows it).
     """
-    last_bytes, last_time = session.bytes_received, time.monotonic()
+    last = session.snapshot()
     while True:
         await asyncio.sleep(interval)
-        now = time.monotonic()
-        received = session.bytes_received
-        rate = (received - last_bytes) / 1e6 / (now - last_time)
-        last_bytes, last_time = received, now
-        if session.status is not SessionStatus.ACTIVE:
+        snapshot = session.snapshot()
+        rate = (snapshot.received_bytes - last.received_bytes) / (snapshot.now - last.now)
+        last = snapshot
+        if snapshot.status is not SessionStatus.ACTIVE:
             continue
-        session.log.info("migration_progress", mb_per_s=round(rate, 1), **_figures(session))
+        session.log.info("migration_progress", mb_per_s=round(rate / 1e6, 1), **_figures(snapshot))
         if notify:  # until a message is lost: then systemd is not listening
-            notify = sd_notify(f"STATUS=active: {received / 1e6:.0f} MB received, {rate:.1f} MB/s")
+            notify = sd_notify(
+                f"STATUS=active: {snapshot.received_bytes / 1e6:.0f} MB received, "
+                f"{rate / 1e6:.1f} MB/s"
+            )
 
 
-def _figures(session: Session) -> dict[str, object]:
+def _figures(snapshot: MigrationSnapshot) -> dict[str, object]:
     """What a progress or status line says about the migration."""
-    devices = session.reassembly.devices.values()
     return {
-        "bytes": session.bytes_received,
-        "bytes_written": sum(device.bytes_written for device in devices),
-        "queued_bytes": session.reassembly.queued_bytes,
-        "next_idx": {str(device.key): device.next_idx for device in devices},
-        "channels": len(session.registry.channels),
+        "bytes": snapshot.received_bytes,
+        "bytes_written": snapshot.written_bytes,
+        "queued_bytes": snapshot.queued_bytes,
+        "next_idx": {str(device.device): device.next_idx for device in snapshot.devices},
+        "channels": snapshot.connected,
     }
 
 
 def log_status(session: Session, why: str) -> None:
     """A ``status_report`` line, whatever the state (SIGUSR1 asks for one)."""
+    snapshot = session.snapshot()
     session.log.info(
         "status_report",
         why=why,
-        status=session.status.value,
-        **_figures(session),
-        pending_connections=len(session.registry.pending),
-        refused_connections=session.registry.refused_count,
+        status=snapshot.status.value,
+        **_figures(snapshot),
+        pending_connections=snapshot.pending_connections,
+        refused_connections=snapshot.refused_connections,
     )

@@ -1,33 +1,31 @@
 """Reader threads: accepted channels read on event loops of their own, one per thread.
 
-One event loop thread cannot receive faster than one core copies bytes out
-of the kernel: every ``read`` of every channel runs on it. So once a channel
-is accepted (its handshake read, checked and admitted on the main loop, as
-before), its socket moves to one of ``--reader-threads`` threads, each
-running its own event loop of the main loop's kind. There the channel's
-decoder reads payloads straight into their chunk buffers (the kernel's copy
-runs without the GIL, so several cores copy at once) and cuts the stream into
-packets. Everything else stays on the main loop: the memory bound, the
-reassembly buffer and its ``asyncio.Condition``, the loaders.
+The only module that knows about these threads. One event loop thread cannot
+receive faster than one core copies bytes out of the kernel: every ``read`` of
+every channel runs on it. So once a channel is accepted (its handshake read,
+checked and admitted on the main loop, as before), its socket moves to one of
+``--reader-threads`` threads, each running its own event loop of the main
+loop's kind. There the channel's decoder reads payloads straight into their
+chunk buffers (the kernel's copy runs without the GIL, so several cores copy
+at once) and cuts the stream into packets. Everything else stays on the main
+loop: the migration core, with its memory bound and reassembly, the loaders.
 
 The two sides talk in batches, each way with ``call_soon_threadsafe``:
 
 * reader -> main: the events one loop iteration decoded on a channel (at most
   a complete packet and the next header, since a header stops reading until
-  its buffer comes), its decoding error, its end of stream, its loss;
-* main -> reader: the payload buffer granted for a header, and "stop / go on
-  reading" when the channel's packets pile up unqueued.
+  its buffer comes), the bytes read meanwhile, its decoding error, its end of
+  stream, its loss (with the decoder's error if it was inside a packet): the
+  main loop hands them to the channel's owner, as a channel read there does;
+* main -> reader: the payload buffer granted for a header, "hold / go on",
+  and the hang-up that carries the verdict.
 
 Backpressure is what it was: a payload is read only into a buffer the main
-loop's admission granted (charged against --max-queued-bytes), and a channel
-whose complete packets wait for the main loop stops reading.
-
-:class:`HandedOffTransport` stands in, on the main loop, for the transport
-that now lives on the reader loop, so the channel's own code (pause, resume,
-close, reset) does not change. The handshake stays on the main loop: the
-registry's shedding, refusals and descriptor counting see only connections
-that are not yet channels. TLS channels are not handed off (their TLS state
-lives in the main loop's layer).
+loop's core granted (charged against --max-queued-bytes). Nothing on the main
+loop reads the reader's decoder: counts come with the batches. The handshake
+stays on the main loop: shedding, refusals and descriptor counting see only
+connections that are not yet channels. TLS channels are not handed off
+(their TLS state lives in the main loop's layer).
 """
 
 from __future__ import annotations
@@ -42,15 +40,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .channel import reset, switch_reading
-from .decoder import DecoderState
+from .channel import ChannelProtocol, reset, switch_reading
+from .decoder import ChannelDecoder, DecoderState
 from .errors import ProtocolError
 from .wire import DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
-
-    from .channel import ChannelProtocol
 
 log = structlog.get_logger("vfio_multifd.reader_threads")
 
@@ -106,26 +102,30 @@ class ReaderThreads:
             self._loops.append(loop)
             self._threads.append(thread)
 
-    def hand_off(self, channel: ChannelProtocol, transport: asyncio.Transport) -> None:
-        """Move an accepted channel's socket from ``transport`` (on the main loop) to
-        the reader thread with the fewest channels; if it cannot move, it stays."""
-        sock = transport.get_extra_info("socket")
-        if not self._loops or sock is None or self._main is None:
-            return
+    def hand_off(self, channel: ChannelProtocol) -> ReadElsewhere | None:
+        """Move an accepted channel's socket to the reader thread with the fewest
+        channels; returns what now stands for it on the main loop, or None if it
+        stays where it is (no threads, or no descriptor to spare)."""
+        transport = channel.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if not self._loops or sock is None or self._main is None or transport is None:
+            return None
         try:
             moved = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:  # out of descriptors: it is read where it is
-            return
+            return None
         n = self._channels.index(min(self._channels))
         self._channels[n] += 1
         loop = self._loops[n]
-        reader = ChannelReader(channel, self._main, loop)
-        extra = {name: transport.get_extra_info(name) for name in ("peername", "sockname")}
-        channel.handed_off(HandedOffTransport(reader, loop, extra))
+        reader = ChannelReader(channel.decoder, self._main, loop)
+        elsewhere = ReadElsewhere(channel, reader, loop)
+        reader.elsewhere = elsewhere
+        channel.detach()
         # Our descriptor keeps the connection open: closing the main loop's one
         # sends nothing to the peer (no shutdown, no reset).
         transport.abort()
         loop.call_soon_threadsafe(reader.start, moved)
+        return elsewhere
 
     async def stop(self) -> None:
         """Close what the readers still hold, stop their loops, wait for the threads."""
@@ -163,33 +163,37 @@ def _stop_soon(loop: asyncio.AbstractEventLoop) -> None:
     loop.call_soon(loop.call_soon, loop.stop)
 
 
+#: A reader thread in the middle of a long payload says how far it got at least
+#: every this many bytes (progress for the watchdog and the status socket).
+PROGRESS_BYTES = 4 << 20
+
+
 class ChannelReader(asyncio.BufferedProtocol):
     """The reader loop's side of one handed-off channel: it reads and decodes.
 
     Its decoder is the channel's own (mid-stream, just after the handshake);
-    from the handoff on, only this thread feeds it.
+    from the handoff on, only this thread touches it.
     """
 
     def __init__(
         self,
-        channel: ChannelProtocol,
+        decoder: ChannelDecoder,
         main: asyncio.AbstractEventLoop,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.channel = channel
-        self.decoder = channel.decoder
+        self.decoder = decoder
         self.main = main
         self.loop = loop
+        self.elsewhere: ReadElsewhere | None = None  # where batches go, on the main loop
         self.transport: asyncio.Transport | None = None
         self._events: list[Event] = []
+        self._received = 0  # bytes read since the last batch
         self._error: ProtocolError | None = None
         self._eof = False
         self._flush_scheduled = False
         self._reading = True
         self._held = False  # the main loop asked us to stop reading
-        self._awaiting = False  # a header waits for its buffer
         self._close: bool | None = None  # close(completed=) asked before connection_made
-        self._done = False  # the decoder stopped, or the stream ended
         self._connecting: asyncio.Task[None] | None = None
 
     # -- on the reader loop ----------------------------------------------------------
@@ -206,7 +210,7 @@ class ChannelReader(asyncio.BufferedProtocol):
             raise
         except Exception as error:  # the peer is gone already
             sock.close()
-            self._post(self.channel.lost_in_reader, error)
+            self._lost(error)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -221,8 +225,11 @@ class ChannelReader(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         decoder = self.decoder
         decoder.buffer_updated(nbytes)
+        self._received += nbytes
         # The fast path: in the middle of a payload there is nothing to decode.
         if decoder.state is DecoderState.PAYLOAD and not decoder.has_events:
+            if self._received >= PROGRESS_BYTES:
+                self._schedule_flush()
             return
         self._collect()
 
@@ -235,7 +242,13 @@ class ChannelReader(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._flush()
-        self._post(self.channel.lost_in_reader, exc)
+        self._lost(exc)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        decoder = self.decoder
+        truncated = decoder.truncated_error() if decoder.inside_unit else None
+        assert self.elsewhere is not None
+        self._post(self.elsewhere.lost, exc, truncated)
 
     def _collect(self) -> None:
         decoder = self.decoder
@@ -245,27 +258,28 @@ class ChannelReader(asyncio.BufferedProtocol):
                 self._events.append(event)
         except ProtocolError as error:
             self._error = error
-            self._done = True
-        if decoder.state is DecoderState.AWAITING_BUFFER:
-            self._awaiting = True
         self._update_reading()
         self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         # One batch per loop iteration: a payload's last read and the next header's
         # read usually come in the same one.
-        if not self._flush_scheduled and (self._events or self._error or self._eof):
+        if not self._flush_scheduled and (
+            self._events or self._error or self._eof or self._received
+        ):
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._events or self._error or self._eof):
+        if not (self._events or self._error or self._eof or self._received):
             return
         events, self._events = self._events, []
         error, self._error = self._error, None
         eof, self._eof = self._eof, False
-        self._post(self.channel.take_batch, events, error, eof)
+        received, self._received = self._received, 0
+        assert self.elsewhere is not None
+        self._post(self.elsewhere.take_batch, events, received, error, eof)
 
     def _post(self, callback: Callable[..., object], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the main loop is closed: nobody listens
@@ -275,7 +289,8 @@ class ChannelReader(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        wanted = not (self._held or self._awaiting or self._done)
+        state = self.decoder.state
+        wanted = not self._held and state in _READING
         self._reading = switch_reading(transport, reading=self._reading, wanted=wanted)
 
     # -- asked by the main loop (run on the reader loop) -------------------------------
@@ -283,7 +298,6 @@ class ChannelReader(asyncio.BufferedProtocol):
     def provide_buffer(self, buffer: PayloadBuffer) -> None:
         if self.decoder.state is not DecoderState.AWAITING_BUFFER:
             return  # the channel failed meanwhile
-        self._awaiting = False
         self.decoder.provide_buffer(buffer)
         self._collect()  # a payload of 0 bytes is complete at once
 
@@ -307,17 +321,47 @@ class ChannelReader(asyncio.BufferedProtocol):
             reset(transport)
 
 
-class HandedOffTransport(asyncio.Transport):
-    """On the main loop, the transport of a channel read by a reader thread: every
-    call is passed to that thread's loop, in order."""
+_READING = (DecoderState.HEADER, DecoderState.PAYLOAD)
+
+
+class ReadElsewhere:
+    """On the main loop, a channel read by a reader thread: its batches go to the
+    channel's owner as if decoded here, and what the session asks of the channel
+    (a buffer, hold, close) is passed to the thread, in order."""
 
     def __init__(
-        self, reader: ChannelReader, loop: asyncio.AbstractEventLoop, extra: dict[str, Any]
+        self, channel: ChannelProtocol, reader: ChannelReader, loop: asyncio.AbstractEventLoop
     ) -> None:
-        super().__init__(extra)
+        self.channel = channel
         self.reader = reader
         self.loop = loop
         self._closing = False
+
+    # -- from the reader thread ------------------------------------------------------
+
+    def take_batch(
+        self, events: list[Event], received: int, error: ProtocolError | None, eof: bool
+    ) -> None:
+        channel = self.channel
+        owner = channel.owner
+        if received:
+            owner.received(channel, received)
+        for event in events:
+            if isinstance(event, PacketHeader):
+                buffer = owner.header(channel, event)
+                if buffer is not None:
+                    self.provide_buffer(buffer)
+            else:
+                owner.packet(channel, event)
+        if error is not None:
+            owner.decode_error(channel, error)
+        elif eof:
+            owner.eof(channel)
+
+    def lost(self, exc: BaseException | None, truncated: ProtocolError | None) -> None:
+        self.channel.owner.lost(self.channel, exc, truncated)
+
+    # -- to the reader thread ----------------------------------------------------------
 
     def _call(self, callback: Callable[..., object], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the reader loop is stopped: it closed all
@@ -326,22 +370,10 @@ class HandedOffTransport(asyncio.Transport):
     def provide_buffer(self, buffer: PayloadBuffer) -> None:
         self._call(self.reader.provide_buffer, buffer)
 
-    def pause_reading(self) -> None:
-        self._call(self.reader.hold, True)
+    def hold(self, held: bool) -> None:
+        self._call(self.reader.hold, held)
 
-    def resume_reading(self) -> None:
-        self._call(self.reader.hold, False)
-
-    def is_closing(self) -> bool:
-        return self._closing
-
-    def close(self) -> None:
+    def close(self, *, completed: bool = False) -> None:
         if not self._closing:
             self._closing = True
-            self._call(self.reader.close, True)
-
-    def abort(self) -> None:
-        """A reset (the only way a channel aborts: see channel.reset)."""
-        if not self._closing:
-            self._closing = True
-            self._call(self.reader.close, False)
+            self._call(self.reader.close, completed)

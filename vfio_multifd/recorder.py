@@ -277,29 +277,21 @@ class RecordingDecoder(ChannelDecoder):
 
 
 class RecordingChannel(ChannelProtocol):
-    """A channel whose decoder records what it is fed, and which notes how it ended."""
+    """A channel whose decoder records what it is fed."""
 
     def __init__(
         self,
         recorder: Recorder,
         owner: ChannelOwner,
+        conn: int,
         *,
+        peer: str,
         max_packet_size: int,
-        handshake_timeout: float,
     ) -> None:
-        super().__init__(owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout)
+        super().__init__(owner, conn, peer=peer, max_packet_size=max_packet_size)
         self.recording = ChannelRecording(recorder)
+        self.recording.peer = peer
         self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self.recording.peer = self.peer
-
-    def lost_in_reader(self, exc: BaseException | None) -> None:
-        # (connection_lost ends here too; with reader threads only this is the real end)
-        if exc is not None:  # the peer broke it (our own abort reports None)
-            self.recording.ended(ChannelEnd.LOST)
-        super().lost_in_reader(exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,11 +347,15 @@ class Recorder:
         log.info("recording", directory=str(self.directory), max_queued_bytes=self.max_queued_bytes)
 
     def channel(
-        self, owner: ChannelOwner, *, max_packet_size: int, handshake_timeout: float
+        self, owner: ChannelOwner, conn: int, *, peer: str, max_packet_size: int
     ) -> RecordingChannel:
-        return RecordingChannel(
-            self, owner, max_packet_size=max_packet_size, handshake_timeout=handshake_timeout
-        )
+        return RecordingChannel(self, owner, conn, peer=peer, max_packet_size=max_packet_size)
+
+    def lost(self, channel: ChannelProtocol, exc: BaseException | None) -> None:
+        """The connection is gone (wherever it was read); ``exc``: the peer broke it
+        (our own hang-up reports None)."""
+        if exc is not None and isinstance(channel, RecordingChannel):
+            channel.recording.ended(ChannelEnd.LOST)
 
     def _take_pending(
         self, channel: ChannelProtocol

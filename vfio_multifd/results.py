@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from .wire import DeviceKey
 
 if TYPE_CHECKING:
+    from .core.snapshot import MigrationSnapshot
     from .loader import DeviceLoader
-    from .reassembly import ReassemblyBuffer
 
 
 class SessionStatus(enum.StrEnum):
@@ -100,38 +100,37 @@ class SessionResult:
 
 
 def summarize(
+    snapshot: MigrationSnapshot,
     loaders: Sequence[DeviceLoader],
-    reassembly: ReassemblyBuffer,
     *,
-    started: float,
-    bytes_received: int,
-    paused_seconds: float,
     tls_subjects: dict[int, str | None] | None = None,
-    buffers_allocated: int = 0,
-    reader_threads: int = 0,
 ) -> SessionResult:
-    """The result of a completed migration (``started``: monotonic, the first channel)."""
-    devices = tuple(
-        DeviceResult(
-            device=loader.device.key,
-            data_path=loader.data.path,
-            config_path=loader.config.path,
-            bytes=loader.device.bytes_written,
-            chunks=loader.device.chunks_written,
-            config_bytes=loader.config.bytes_written,
-            digest=loader.digest_text,
-            seconds=loader.completed_at - started,
+    """The result of a completed migration: the core's figures and each loader's files."""
+    started = snapshot.started or snapshot.now
+    figures = {device.device: device for device in snapshot.devices}
+    devices = []
+    for loader in loaders:
+        device = figures[loader.key]
+        devices.append(
+            DeviceResult(
+                device=loader.key,
+                data_path=loader.data.path,
+                config_path=loader.config.path,
+                bytes=device.bytes_written,
+                chunks=device.chunks_written,
+                config_bytes=loader.config.bytes_written,
+                digest=loader.digest_text,
+                seconds=(device.completed_at or snapshot.now) - started,
+            )
         )
-        for loader in loaders
-    )
     return SessionResult(
-        devices=devices,
-        seconds=max(loader.completed_at for loader in loaders) - started,
-        bytes_received=bytes_received,
-        peak_queued_bytes=reassembly.peak_queued_bytes,
-        spilled_bytes=reassembly.spilled_bytes,
-        paused_seconds=paused_seconds,
+        devices=tuple(devices),
+        seconds=max(device.seconds for device in devices),
+        bytes_received=snapshot.received_bytes,
+        peak_queued_bytes=snapshot.peak_queued_bytes,
+        spilled_bytes=snapshot.spilled_bytes,
+        paused_seconds=snapshot.paused_seconds,
         tls_subjects=tls_subjects,
-        buffers_allocated=buffers_allocated,
-        reader_threads=reader_threads,
+        buffers_allocated=snapshot.buffers_allocated,
+        reader_threads=snapshot.reader_threads,
     )

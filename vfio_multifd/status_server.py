@@ -1,7 +1,7 @@
 """The status socket: QMP-shaped answers about one session, on a unix socket.
 
 Like QEMU's monitor, :class:`StatusServer` greets each client with
-``{"QMP": ...}`` and answers ``query-migrate`` (a snapshot of the session,
+``{"QMP": ...}`` and answers ``query-migrate`` (the core's snapshot, rendered,
 built only when asked, so the data path never pays for it) and
 ``migrate_cancel``. It runs in the session's event loop.
 """
@@ -23,14 +23,12 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .channel import ChannelProtocol, ChannelState
 from .clients import Clients
+from .core.snapshot import ChannelSnapshot, DeviceSnapshot, MigrationSnapshot
 from .errors import UsageError
 from .listener import remove_own_socket
-from .reassembly import ChunkState, DeviceBuffer
 from .results import SessionStatus
 from .session import Session
-from .tls_channel import tls_of
 from .unix_path import claim_unix_path
 
 log = structlog.get_logger("vfio_multifd.status")
@@ -52,52 +50,42 @@ CLIENT_WRITE_TIMEOUT = 5.0
 COMMANDS = ("qmp_capabilities", "query-commands", "query-migrate", "migrate_cancel")
 
 
-def query_migrate(session: Session, now: float) -> JSON:
+def query_migrate(snapshot: MigrationSnapshot) -> JSON:
     """``query-migrate``'s answer: QEMU's MigrationInfo names, plus devices and channels.
 
-    ``now`` is ``time.monotonic()`` (a parameter, so tests can pin it). Times
-    count from the first channel accepted, as the session's own summary does.
+    Times count from the first channel accepted, as the session's own summary does.
     """
-    started, finished = session.started, session.finished
-    seconds = 0.0 if started is None else (finished or now) - started
-    transferred = session.bytes_received
+    seconds = snapshot.elapsed_seconds
     info: JSON = {
-        "status": session.status.value,
+        "status": snapshot.status.value,
         "total-time": round(seconds * 1000),
-        "transferred": transferred,
+        "transferred": snapshot.received_bytes,
         # QEMU's mbps is megabits per second; this is the average since the start.
-        "mbps": round(transferred * 8 / 1e6 / seconds, 3) if seconds > 0 else 0.0,
+        "mbps": round(snapshot.rate * 8 / 1e6, 3),
     }
-    if session.status is SessionStatus.FAILED and session.error is not None:
-        info["error-desc"] = str(session.error)
-    reassembly = session.reassembly
+    if snapshot.status is SessionStatus.FAILED and snapshot.error is not None:
+        info["error-desc"] = str(snapshot.error)
     info.update(
         {
-            "address": None if session.address is None else str(session.address),
-            "queued-bytes": reassembly.queued_bytes,
-            "peak-queued-bytes": reassembly.peak_queued_bytes,
-            "spilled-bytes": reassembly.spilled_bytes,
-            "paused-time": round(session.admission.paused_seconds * 1000),
-            "devices": [_device_info(device) for device in reassembly.devices.values()],
-            "channels": _channels_info(session),
-            "refused-connections": session.registry.refused_count,
-            "tls": session.tls is not None,
-            "reader-threads": session.readers.count,
+            "address": snapshot.address,
+            "queued-bytes": snapshot.queued_bytes,
+            "peak-queued-bytes": snapshot.peak_queued_bytes,
+            "spilled-bytes": snapshot.spilled_bytes,
+            "paused-time": round(snapshot.paused_seconds * 1000),
+            "devices": [_device_info(device) for device in snapshot.devices],
+            "channels": [_channel_info(channel, snapshot.tls) for channel in snapshot.channels],
+            "refused-connections": snapshot.refused_connections,
+            "tls": snapshot.tls,
+            "reader-threads": snapshot.reader_threads,
         }
     )
     return info
 
 
-def _device_info(device: DeviceBuffer) -> JSON:
-    queued = spilled = 0
-    for chunk in device.chunks.values():
-        if chunk.state is ChunkState.SPILLED:
-            spilled += chunk.size
-        else:
-            queued += chunk.size
+def _device_info(device: DeviceSnapshot) -> JSON:
     info: JSON = {
-        "device": str(device.key),
-        "instance-id": device.key.instance_id,
+        "device": str(device.device),
+        "instance-id": device.device.instance_id,
         "bytes-written": device.bytes_written,
         "chunks-written": device.chunks_written,
         "next-idx": device.next_idx,
@@ -106,38 +94,25 @@ def _device_info(device: DeviceBuffer) -> JSON:
         info["last-idx"] = device.last_idx
     info.update(
         {
-            "queued-chunks": len(device.chunks),
-            "queued-bytes": queued,
-            "spilled-bytes": spilled,
+            "queued-chunks": device.queued_chunks,
+            "queued-bytes": device.queued_bytes,
+            "spilled-bytes": device.spilled_bytes,
             "complete": device.complete,
         }
     )
     return info
 
 
-def _channels_info(session: Session) -> list[JSON]:
-    tls = session.tls is not None
-    registry = session.registry
-    accepted = sorted(registry.channels.items())
-    handshaking = [p for p in registry.connections if p.state is ChannelState.HANDSHAKE]
-    return [_channel_info(p, channel_id, tls) for channel_id, p in accepted] + [
-        _channel_info(p, None, tls) for p in handshaking
-    ]
-
-
-def _channel_info(protocol: ChannelProtocol, channel_id: int | None, tls: bool) -> JSON:
+def _channel_info(channel: ChannelSnapshot, tls: bool) -> JSON:
     info: JSON = {
-        "id": channel_id,
-        "state": protocol.state.value,
-        "bytes": protocol.decoder.bytes_received,
-        "packets": protocol.decoder.packets,
-        "peer": protocol.peer,
+        "id": channel.id,
+        "state": channel.state.value,
+        "bytes": channel.received_bytes,
+        "packets": channel.packets,
+        "peer": channel.peer,
     }
     if tls:  # the client certificate's subject as --tls-authz compares it (None: not verified)
-        transport = tls_of(protocol.transport)
-        info["tls-subject"] = (
-            None if transport is None else transport.get_extra_info("peer_subject")
-        )
+        info["tls-subject"] = channel.tls_subject
     return info
 
 
@@ -325,7 +300,7 @@ class StatusServer:
         elif command == "query-commands":
             reply = {"return": [{"name": name} for name in COMMANDS]}
         elif command == "query-migrate":
-            reply = {"return": query_migrate(self.session, time.monotonic())}
+            reply = {"return": query_migrate(self.session.snapshot())}
         elif command in ("migrate_cancel", "migrate-cancel"):
             self.log.info("migrate_cancel")
             self.session.cancel("cancelled by migrate_cancel")

@@ -25,7 +25,6 @@ from ..errors import Cancelled, HandshakeError, MultifdError, ProtocolError, Rea
 from ..memory import SPILL_GRACE, Fail, SpillIncoming, SpillVictim, Wait
 from ..reassembly import Chunk, ChunkState
 from ..results import SessionStatus
-from ..watchdog import PERIOD, Sample, Watchdog
 from ..wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 from .commands import (
     Accepted,
@@ -47,6 +46,7 @@ from .connections import EXPLAINED_BY_REFUSALS, Connection, Connections
 from .ledger import BufferSource, Ledger, MemoryLayout
 from .snapshot import MigrationSnapshot, build_snapshot
 from .state import ChannelState, Phase
+from .watchdog import PERIOD, Sample, Watchdog
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
@@ -160,9 +160,16 @@ class Migration:
         connections = self.connections
         if len(connections.pending) >= connections.max_pending:
             self.shed_oldest(f"more than {connections.max_pending} connections without a handshake")
-        c = connections.add(conn, peer, now + self.config.handshake_timeout)
-        if self.phase.ended:  # it came as the migration ended: no refusal of its own
-            self._hang_up(c, completed=self.phase is Phase.COMPLETED, why=self.error)
+        connections.add(conn, peer, now + self.config.handshake_timeout)
+
+    def dropped(self, conn: int) -> None:
+        """``conn``'s socket never became a connection (the peer left during its set-up,
+        or we stopped listening): forgotten, not refused."""
+        c = self.connections.by_conn.get(conn)
+        if c is not None and c.state is ChannelState.HANDSHAKE:
+            c.hung_up = True
+            self.connections.pending.pop(conn, None)
+            self.connections.forget(c)
 
     def shed_oldest(self, why: str) -> None:
         """Refuse the connection that has waited longest for its handshake."""
@@ -221,7 +228,12 @@ class Migration:
         if c is None:
             return
         c.state = ChannelState.CLOSED
-        if self.connections.all_closed:
+        self._check_all_closed(now)
+
+    def _check_all_closed(self, now: float) -> None:
+        """Once every channel ended, every device must be able to finish (an arrival
+        on its way to the spill file still counts: its check waits for ``spilled``)."""
+        if self.connections.all_closed and not self.ledger.staging_busy:
             error = self.reassembly.incomplete_error(f"all {self.config.channels} channels closed")
             if error is not None:
                 self._fail(error, now)
@@ -342,6 +354,7 @@ class Migration:
             arrived = DevicePacket(chunk.device, chunk.idx, chunk.config, b"", chunk.size)
             self.reassembly.insert_spilled(arrived, ref, chunk.channel)
             self.ledger.release_staging()
+            self._check_all_closed(now)
         else:
             self.ledger.spill_done(chunk, ref)
         if self.reassembly.devices[chunk.device].ready:
@@ -384,6 +397,9 @@ class Migration:
             old = self.status
             self.stopped = True
             self._status_changed(old, now)
+            # Whatever connected since the outcome was decided goes too.
+            for c in self.connections.live():
+                self._hang_up(c, completed=self.phase is Phase.COMPLETED, why=self.error)
 
     @property
     def status(self) -> SessionStatus:
@@ -603,6 +619,11 @@ class Migration:
         if missing:
             waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
         return tuple(waiting)
+
+    @property
+    def waiting_headers(self) -> int:
+        """Connections whose header waits for memory (their reading paused)."""
+        return len(self._waiting)
 
     def paused_seconds(self, now: float) -> float:
         """Time with at least one header waiting for memory, a wait going on included."""

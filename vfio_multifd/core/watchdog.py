@@ -1,18 +1,17 @@
 """The watchdog: --accept-timeout and --progress-timeout.
 
-:class:`Watchdog` is pure: :meth:`Watchdog.check` takes a sample of the
-migration's counters and ``now`` and returns the error that should end the
-migration, if any. :func:`watch` samples it periodically on the event loop.
+Pure: :meth:`Watchdog.check` takes a sample of the migration's counters and
+``now`` and returns the error that should end the migration, if any. The
+migration core samples it every :data:`PERIOD` seconds of the time it is given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import Reason, SessionError
+from ..errors import Reason, SessionError
 
-#: How often the watchdog looks.
+#: How often the core samples it.
 PERIOD = 0.25
 
 
@@ -69,17 +68,3 @@ class Watchdog:
                 f"waiting for {'; '.join(sample.waiting_for)})",
             )
         return None
-
-
-async def watch(
-    watchdog: Watchdog, sample: Callable[[], Sample], fail: Callable[[SessionError], None]
-) -> None:
-    """Check ``watchdog`` every :data:`PERIOD` seconds, reporting its errors to ``fail``."""
-    import asyncio  # here: the check above is pure, and the core imports it
-
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(PERIOD)
-        error = watchdog.check(sample(), loop.time())
-        if error is not None:
-            fail(error)
