@@ -16,7 +16,6 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from vfio_multifd import (
@@ -70,7 +69,7 @@ async def migrate(directory: Path, inject: str | None = None) -> SessionResult:
         result = await asyncio.wait_for(run, 60)
     finally:
         # What the status socket would answer, taken from the session itself.
-        info = query_migrate(session, time.monotonic())
+        info = query_migrate(session.snapshot())
         print(f"session ended {info['status']}: {info['transferred']} bytes transferred")
         await asyncio.gather(sending, return_exceptions=True)
     sent = sending.result()

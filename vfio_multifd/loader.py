@@ -1,10 +1,10 @@
 """One loader per device: takes chunks in ``idx`` order and writes them off the loop.
 
-The loader asks the migration core for every consecutive ready chunk
-(``take``), in one batch, and hands the batch to the device's own writer
-thread, which hashes and ``writev``s it; when nothing is ready it sleeps until
-:meth:`DeviceLoader.wake` (the core's ``WakeLoader``, a plain call from any
-callback). Channels keep reading meanwhile. After the last data chunk comes
+When the chunk it needs next is there (:meth:`DeviceLoader.wake`: the core's
+``WakeLoader``, a plain call from the callback that delivered it), the loader
+asks the migration core for every consecutive ready chunk (``take``), in
+batches, and hands each batch to the device's own writer thread, which hashes
+and ``writev``s it. Channels keep reading meanwhile. After the last data chunk comes
 the config state: its tags are checked, it is stored, and the device is
 complete (QEMU's ``vfio_load_bufs_thread``). Each batch written goes back to
 the core (``written``), which releases its memory.
@@ -49,7 +49,9 @@ class DeviceLoader:
     ) -> None:
         self.key = key
         self._take = take  # the next batch, or [] until wake()
-        self._ready = asyncio.Event()
+        self._config: list[Chunk] | None = None  # taken: every data chunk was before it
+        self._config_ready = asyncio.Event()
+        self._stopped = False  # run() ended: nothing more is taken
         self.data = data
         self.config = config
         self.digest = digest
@@ -72,31 +74,38 @@ class DeviceLoader:
         await loop.run_in_executor(self.executor, self.config.open)
 
     def wake(self) -> None:
-        """The chunk this loader needs next is there."""
-        self._ready.set()
+        """The chunk this loader needs next is there: queue every ready batch to the
+        writer thread now. A plain call (the core's WakeLoader, from any callback), so
+        a chunk goes from its socket to the writer thread without waiting for a task."""
+        if self._config is not None or self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        while chunks := self._take(self.key, BATCH_BYTES):
+            self.next_idx = chunks[-1].idx + 1
+            if chunks[0].config:  # the last chunk: run() completes the device
+                self._config = chunks
+                self._config_ready.set()
+                return
+            self._submit(loop, chunks)
+        if self._debug:
+            self.log.debug("load_starved", next_idx=self.next_idx)
 
     async def run(self) -> None:
+        """Load until the config chunk is written: the device is complete."""
         loop = asyncio.get_running_loop()
-        key = self.key
         self.log.info("load_thread_start")
-        while True:
-            self._ready.clear()
-            chunks = self._take(key, BATCH_BYTES)
-            if not chunks:
-                if self._debug:
-                    self.log.debug("load_starved", next_idx=self.next_idx)
-                await self._ready.wait()
-                continue
-            self.next_idx = chunks[-1].idx + 1
-            if chunks[0].config:
-                if self._in_flight:
-                    await asyncio.gather(*self._in_flight)  # every data chunk is written
-                if self.write_error is not None:
-                    raise self.write_error
-                await self._load_config(loop, chunks[0])
-                self._release(key, chunks)
-                break
-            self._submit(loop, chunks)
+        try:
+            self.wake()
+            await self._config_ready.wait()
+            assert self._config is not None
+            if self._in_flight:
+                await asyncio.gather(*self._in_flight)  # every data chunk is written
+            if self.write_error is not None:
+                raise self.write_error
+            await self._load_config(loop, self._config[0])
+        finally:
+            self._stopped = True
+        self._release(self.key, self._config)
         self.log.info(
             "load_thread_end",
             bytes=self.bytes_written,

@@ -85,20 +85,23 @@ class MemoryPolicy:
         now: float,
         others_reading: int,
         channel: int | None = None,
+        announced: bool = False,
     ) -> Decision:
         """Where ``packet``'s chunk goes. ``others_reading``: channels besides the
         arriving one (``channel``, whose header reserved its idx) that are reading and
         not themselves waiting for memory.
 
         Raises :class:`ProtocolError` for a chunk that may not be queued at all,
-        before anything is spilled for it.
+        before anything is spilled for it (``announced``: its header's reservation
+        checked it already).
         """
         reassembly = self.reassembly
         device = reassembly.device(packet.device, packet.idx)
         ahead = packet.idx != device.next_idx
         if reassembly.fits(packet.size, ahead=ahead):
             return INSERT
-        device.check(packet.idx, packet.config, channel)
+        if not announced:
+            device.check(packet.idx, packet.config, channel)
         if self.fail_when_full:
             return Fail(reassembly.queue_full_error(packet))
         if reassembly.drainable() or reassembly.spilling_bytes:

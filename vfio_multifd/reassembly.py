@@ -102,8 +102,13 @@ class DeviceBuffer:
         chunk = self.chunks.get(self.next_idx)
         return chunk is not None and chunk.state is not ChunkState.SPILLING
 
-    def insert(self, chunk: Chunk) -> None:
-        self.check(chunk.idx, chunk.config, chunk.channel)
+    def insert(self, chunk: Chunk, *, announced: bool = False) -> None:
+        """Queue ``chunk``. ``announced``: its header reserved its idx (and was checked
+        then: nothing since can have made it illegal), so it is not checked again."""
+        if announced:
+            assert self.announced.get(chunk.idx, -1) == chunk.channel, "not announced"
+        else:
+            self.check(chunk.idx, chunk.config, chunk.channel)
         if chunk.idx in self.announced:  # its own header's reservation (check said so)
             self.unannounce(chunk.idx)
         if chunk.config:
@@ -178,6 +183,8 @@ class DeviceBuffer:
         self.announced[idx] = channel
         if config:
             self.announced_last = idx
+        elif self.announced_last == idx:  # its own config reservation, announced again as data
+            self.announced_last = None
 
     def unannounce(self, idx: int) -> None:
         del self.announced[idx]
@@ -389,10 +396,16 @@ class ReassemblyBuffer:
         self.queued_bytes -= cost
 
     def insert(
-        self, packet: DevicePacket, channel: int | None = None, *, allocated: bool = False
+        self,
+        packet: DevicePacket,
+        channel: int | None = None,
+        *,
+        allocated: bool = False,
+        announced: bool = False,
     ) -> Chunk:
         """Queue a packet's chunk in memory. ``allocated``: its buffer was charged by
-        :meth:`allocate` (otherwise it is charged now; the caller has checked :meth:`fits`)."""
+        :meth:`allocate` (otherwise it is charged now; the caller has checked :meth:`fits`).
+        ``announced``: its header reserved its idx with :meth:`announce` (checked then)."""
         device = self.device(packet.device)
         cost = self.cost(packet.size)
         chunk = Chunk(
@@ -404,7 +417,7 @@ class ReassemblyBuffer:
             channel=channel,
             cost=cost,
         )
-        device.insert(chunk)
+        device.insert(chunk, announced=announced)
         if allocated:
             self.in_flight_bytes -= cost
         else:
@@ -412,7 +425,12 @@ class ReassemblyBuffer:
         return chunk
 
     def insert_spilled(
-        self, packet: DevicePacket, ref: object, channel: int | None = None
+        self,
+        packet: DevicePacket,
+        ref: object,
+        channel: int | None = None,
+        *,
+        announced: bool = False,
     ) -> Chunk:
         """Queue a chunk that went straight to the spill file (``ref`` says where)."""
         device = self.device(packet.device)
@@ -426,7 +444,7 @@ class ReassemblyBuffer:
             ref,
             channel,
         )
-        device.insert(chunk)
+        device.insert(chunk, announced=announced)
         self.spilled_bytes += chunk.size
         self.spilled_now += chunk.size
         return chunk

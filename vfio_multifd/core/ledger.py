@@ -113,8 +113,10 @@ class Ledger:
     def decide(
         self, header: PacketHeader, *, now: float, others_reading: int, channel: int | None
     ) -> Decision:
-        """What to do with a header that did not fit (see ``memory.py``)."""
-        return self.policy.admit(header, now=now, others_reading=others_reading, channel=channel)
+        """What to do with an announced header that did not fit (see ``memory.py``)."""
+        return self.policy.admit(
+            header, now=now, others_reading=others_reading, channel=channel, announced=True
+        )
 
     def wait_expired(self) -> None:
         self.policy.wait_expired()

@@ -322,7 +322,7 @@ class Migration:
             self._emit(Spill(chunk))
             return
         c.charged = 0  # the chunk holds the charge now
-        self.reassembly.insert(packet, c.channel, allocated=True)
+        self.reassembly.insert(packet, c.channel, allocated=True, announced=True)
         if self.reassembly.devices[packet.device].ready:
             self._wake(packet.device)
             if self._waiting:
@@ -351,9 +351,11 @@ class Migration:
     def spilled(self, chunk: Chunk, ref: object, now: float) -> None:
         """``chunk`` (a :class:`Spill`'s) is in the spill file at ``ref``."""
         if self.ledger.is_staging(chunk.buffer):
-            arrived = DevicePacket(chunk.device, chunk.idx, chunk.config, b"", chunk.size)
-            self.reassembly.insert_spilled(arrived, ref, chunk.channel)
             self.ledger.release_staging()
+            if self.phase.ended:  # its channel's reservation may be gone: so is the migration
+                return
+            arrived = DevicePacket(chunk.device, chunk.idx, chunk.config, b"", chunk.size)
+            self.reassembly.insert_spilled(arrived, ref, chunk.channel, announced=True)
             self._check_all_closed(now)
         else:
             self.ledger.spill_done(chunk, ref)
