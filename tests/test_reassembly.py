@@ -665,6 +665,15 @@ def test_a_config_header_below_an_announced_idx_is_refused() -> None:
     assert buffer.devices[KEY].announced == {7: 1}
 
 
+def test_a_second_header_for_an_announced_idx_is_refused_even_from_its_channel() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.announce(header(3, config=True), 1)
+    error = raises(Reason.VFIO_ALREADY_FILLED, buffer.announce, header(3), 1)
+    assert "channel 1 announced it first" in str(error)
+    device = buffer.devices[KEY]
+    assert (device.announced, device.announced_last) == ({3: 1}, 3)  # still the config's
+
+
 def test_a_refused_header_reserves_nothing() -> None:
     buffer = ReassemblyBuffer([KEY])
     buffer.insert(packet(0))

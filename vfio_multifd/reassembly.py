@@ -141,13 +141,7 @@ class DeviceBuffer:
             )
         own = idx in self.announced and self.announced[idx] == channel
         if idx in self.announced and not own:
-            raise ProtocolError(
-                Reason.VFIO_ALREADY_FILLED,
-                f"state buffer {idx} already filled: channel {self.announced[idx]} "
-                "announced it first (its payload is still on the way)",
-                device=str(self.key),
-                idx=idx,
-            )
+            raise self._announced_first(idx)
         last = self.last_idx
         if last is None and not (own and idx == self.announced_last):
             last = self.announced_last
@@ -179,12 +173,25 @@ class DeviceBuffer:
     def announce(self, idx: int, config: bool, channel: int | None) -> None:
         """A header of ``channel`` announced chunk ``idx``: raise if it may not be
         queued, else reserve ``idx`` until its chunk is inserted."""
+        if idx in self.announced:
+            # Even by ``channel`` itself: a channel's next header comes only after the
+            # payload its last header announced, so a second one is a second chunk.
+            raise self._announced_first(idx)
         self.check(idx, config, channel)
         self.announced[idx] = channel
         if config:
             self.announced_last = idx
         elif self.announced_last == idx:  # its own config reservation, announced again as data
             self.announced_last = None
+
+    def _announced_first(self, idx: int) -> ProtocolError:
+        return ProtocolError(
+            Reason.VFIO_ALREADY_FILLED,
+            f"state buffer {idx} already filled: channel {self.announced[idx]} "
+            "announced it first (its payload is still on the way)",
+            device=str(self.key),
+            idx=idx,
+        )
 
     def unannounce(self, idx: int) -> None:
         del self.announced[idx]
