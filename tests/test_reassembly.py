@@ -647,16 +647,6 @@ def test_an_announced_config_packet_counts_as_the_config() -> None:
     assert (device.last_idx, device.announced_last, device.announced) == (3, None, {2: 1})
 
 
-def test_a_config_reservation_announced_again_as_data_is_no_longer_the_config() -> None:
-    """Found by the model machine: the second announce replaced the reservation but
-    left it counting as the config packet, so idx 2 was refused as after the config."""
-    buffer = ReassemblyBuffer([KEY])
-    buffer.announce(header(1, config=True), 0)
-    buffer.announce(header(1), 0)  # its own reservation, as data this time
-    buffer.announce(header(2), 0)
-    assert buffer.devices[KEY].announced_last is None
-
-
 def test_a_config_header_below_an_announced_idx_is_refused() -> None:
     buffer = ReassemblyBuffer([KEY])
     buffer.announce(header(7), 1)

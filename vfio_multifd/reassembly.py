@@ -181,8 +181,6 @@ class DeviceBuffer:
         self.announced[idx] = channel
         if config:
             self.announced_last = idx
-        elif self.announced_last == idx:  # its own config reservation, announced again as data
-            self.announced_last = None
 
     def _announced_first(self, idx: int) -> ProtocolError:
         return ProtocolError(
