@@ -119,7 +119,7 @@ async def test_in_order_with_a_stalled_disk_pauses_instead_of_spilling(
     One channel, so that no chunk can arrive early (with two, one channel running
     ahead may rightly spill a chunk or two, after the grace, on a loaded machine).
     """
-    from vfio_multifd import output
+    from vfio_multifd.daemon import output
 
     real_writev = os.writev
     gate = threading.Event()
@@ -202,7 +202,7 @@ def send_quietly(address: str, streams: list[bytes]) -> None:
 
 async def test_zero_length_chunks_count_against_the_bound(tmp_path: Path) -> None:
     """Each chunk held costs memory besides its data: a flood of empty early chunks is bounded too."""
-    from vfio_multifd.reassembly import CHUNK_OVERHEAD
+    from vfio_multifd.core.reassembly import CHUNK_OVERHEAD
 
     count = 3 * BOUND // CHUNK_OVERHEAD  # three times what fits in memory
     packets = [qs.device_packet(IDSTR, 0, idx, b"") for idx in range(count)]

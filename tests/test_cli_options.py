@@ -19,7 +19,7 @@ from vfio_multifd.config import (
     ReceiveSettings,
 )
 from vfio_multifd.errors import UsageError
-from vfio_multifd.sender import SourceDevice, send
+from vfio_multifd.source.sender import SourceDevice, send
 
 
 def base_args(command: str, tmp_path: Path) -> list[str]:
@@ -301,7 +301,7 @@ def test_sizes_that_could_never_complete_are_usage_errors(
 
 @pytest.mark.parametrize("command", ["receive", "send"])
 def test_event_loop_defaults_to_uvloop_and_takes_asyncio(tmp_path: Path, command: str) -> None:
-    from vfio_multifd.cli_options import EventLoop
+    from vfio_multifd.cli.options import EventLoop
 
     assert parse(command, tmp_path).event_loop is EventLoop.UVLOOP
     assert parse(command, tmp_path, "--event-loop", "asyncio").event_loop is EventLoop.ASYNCIO
@@ -321,7 +321,7 @@ def test_run_loop_runs_the_loop_it_is_given(name: str) -> None:
     import uvloop
 
     from vfio_multifd.cli import run_loop
-    from vfio_multifd.cli_options import EventLoop
+    from vfio_multifd.cli.options import EventLoop
 
     async def which() -> type:
         return type(asyncio.get_running_loop())

@@ -17,15 +17,15 @@ import qemu_source as qs
 from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.core import commands as cmd
+from vfio_multifd.core.decoder import ASK, ChannelDecoder, DecoderState
+from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration, MigrationConfig
+from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
 from vfio_multifd.core.state import ChannelState, Phase
-from vfio_multifd.decoder import ASK, ChannelDecoder, DecoderState
+from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader
+from vfio_multifd.daemon.pool import BufferPool
 from vfio_multifd.errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
-from vfio_multifd.memory import SPILL_GRACE
-from vfio_multifd.pool import BufferPool
-from vfio_multifd.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
 from vfio_multifd.results import SessionStatus
-from vfio_multifd.wire import ChannelHandshake, DeviceKey, PacketHeader
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

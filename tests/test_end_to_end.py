@@ -28,7 +28,7 @@ from helpers import (
 )
 
 from vfio_multifd import Address, DeviceKey
-from vfio_multifd.sender import DeviceState, SourceDevice, send
+from vfio_multifd.source.sender import DeviceState, SourceDevice, send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -195,7 +195,7 @@ async def test_ipv6_loopback(tmp_path: Path) -> None:
 
 async def test_short_writes_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The data file's writev writes at most 777 bytes a call: every byte still lands, in order."""
-    from vfio_multifd import output
+    from vfio_multifd.daemon import output
 
     real_writev = os.writev
     calls = 0

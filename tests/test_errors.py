@@ -43,7 +43,7 @@ from vfio_multifd import (
     SessionError,
 )
 from vfio_multifd.core.connections import refusals_text
-from vfio_multifd.wire import PACKET_PREFIX_SIZE
+from vfio_multifd.core.wire import PACKET_PREFIX_SIZE
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
@@ -491,7 +491,7 @@ async def test_an_unexpected_writer_error_fails_the_migration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not an OSError, not ours: still a failure, never a short file renamed into place."""
-    from vfio_multifd import loader
+    from vfio_multifd.daemon import loader
 
     real = loader.DeviceLoader._write_batch
 
@@ -673,7 +673,7 @@ async def test_a_handshake_completed_while_the_migration_ends_is_refused(tmp_pat
     out of the protocol callback, depending on how far the shutdown had got.)"""
     from helpers import FakeTransport
 
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.daemon.channel import ChannelProtocol, ChannelState
 
     running = await start(settings(tmp_path, A, channels=2))
     session = running.session

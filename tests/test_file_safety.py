@@ -24,11 +24,11 @@ from cli_helpers import Daemon, one_device_daemon, receive_usage_error, send_to
 from helpers import IDSTR, assert_outputs, connect, random_bytes, settings, start, until
 
 from vfio_multifd import DeviceIOError, DeviceKey, UsageError
-from vfio_multifd import output as output_module
 from vfio_multifd.config import RecordSettings
-from vfio_multifd.output import Output
-from vfio_multifd.recorder import Recorder
-from vfio_multifd.spill import Spiller
+from vfio_multifd.daemon import output as output_module
+from vfio_multifd.daemon.output import Output
+from vfio_multifd.daemon.spill import Spiller
+from vfio_multifd.ops.recorder import Recorder
 
 A = DeviceKey(IDSTR, 0)
 STRANGER = (12345, 23456)  # uid, gid of nobody on this machine

@@ -65,10 +65,10 @@ from vfio_multifd import (
     Session,
     SessionStatus,
 )
-from vfio_multifd.channel import ChannelProtocol
 from vfio_multifd.core.connections import RECENT_REFUSALS
-from vfio_multifd.decoder import ASK, ChannelDecoder
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.core.decoder import ASK, ChannelDecoder
+from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.daemon.channel import ChannelProtocol
 
 MAGIC = 0x11223344
 #: The decoder's bound in these tests: far above any chunk generated here.

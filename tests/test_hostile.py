@@ -49,11 +49,11 @@ from vfio_multifd import (
     SessionError,
     logconfig,
 )
-from vfio_multifd.channel import ChannelProtocol, ChannelState
-from vfio_multifd.decoder import DecoderState
-from vfio_multifd.output import Output
-from vfio_multifd.status_client import query
-from vfio_multifd.status_server import StatusServer
+from vfio_multifd.core.decoder import DecoderState
+from vfio_multifd.daemon.channel import ChannelProtocol, ChannelState
+from vfio_multifd.daemon.output import Output
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.ops.status_server import StatusServer
 
 A = DeviceKey(IDSTR, 0)
 
@@ -455,7 +455,7 @@ async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path
 async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vfio_multifd import listener
+    from vfio_multifd.daemon import listener
 
     monkeypatch.setattr(listener, "descriptor_room", lambda reserve: 5)
     running = await start(settings(tmp_path, A, channels=2))
@@ -595,7 +595,7 @@ async def test_a_status_client_that_does_not_read_is_dropped(
     tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Item 6: 20,000 pipelined requests never read: the client goes, others are served."""
-    from vfio_multifd import status_server
+    from vfio_multifd.ops import status_server
 
     monkeypatch.setattr(status_server, "CLIENT_WRITE_TIMEOUT", 0.3)
     path = short_dir / "status"
@@ -855,7 +855,7 @@ async def test_a_cancel_during_slow_fsyncs_cleans_up_within_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three devices' writers stuck in fsync: the abort waits once, not once per device."""
-    from vfio_multifd import output
+    from vfio_multifd.daemon import output
 
     keys = [DeviceKey(f"dev{n}", 0) for n in range(3)]
     config = settings(tmp_path, *keys, channels=1)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from vfio_multifd.core import commands as cmd
 from vfio_multifd.core.ledger import Ledger, MemoryLayout
+from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration, MigrationConfig
-from vfio_multifd.memory import SPILL_GRACE
-from vfio_multifd.pool import BufferPool
-from vfio_multifd.reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
-from vfio_multifd.wire import ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
+from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
+from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
+from vfio_multifd.daemon.pool import BufferPool
 
 KEY = DeviceKey("dev", 0)
 CHUNK = 64 << 10

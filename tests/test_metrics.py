@@ -19,8 +19,8 @@ from helpers import IDSTR, IDSTR_B, ChannelGate, connect, settings, start
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_multifd import Address, DeviceKey
-from vfio_multifd.metrics import CONTENT_TYPE, MetricsServer, render
-from vfio_multifd.sender import SourceDevice, send
+from vfio_multifd.ops.metrics import CONTENT_TYPE, MetricsServer, render
+from vfio_multifd.source.sender import SourceDevice, send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

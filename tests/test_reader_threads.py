@@ -32,8 +32,8 @@ from helpers import (
 
 from vfio_multifd import Address, DeviceKey, ReceiveSettings
 from vfio_multifd.cli import main
+from vfio_multifd.daemon.reader_threads import ChannelReader, default_reader_threads
 from vfio_multifd.errors import Cancelled, MultifdError, Reason
-from vfio_multifd.reader_threads import ChannelReader, default_reader_threads
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -306,7 +306,7 @@ async def test_a_channel_that_cannot_move_is_read_where_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reading_threads: set[str]
 ) -> None:
     """Out of descriptors for the dup: the channel stays on the main loop, byte-exact."""
-    import vfio_multifd.reader_threads as reader_threads
+    import vfio_multifd.daemon.reader_threads as reader_threads
 
     def no_descriptor(fd: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")

@@ -49,22 +49,22 @@ from helpers import (
 )
 
 from vfio_multifd import Address, DeviceKey, ProtocolError, Reason
-from vfio_multifd import recorder as recorder_module
-from vfio_multifd.channel import ChannelProtocol
 from vfio_multifd.cli import main
 from vfio_multifd.config import RecordSettings, TlsSettings
-from vfio_multifd.decoder import ChannelDecoder
+from vfio_multifd.core.decoder import ChannelDecoder
+from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.daemon.channel import ChannelProtocol
 from vfio_multifd.errors import ProtocolError as DecodeError
-from vfio_multifd.manifest import (
+from vfio_multifd.ops import recorder as recorder_module
+from vfio_multifd.ops.manifest import (
     ChannelEnd,
     Manifest,
     RecordedChannel,
     channel_file,
 )
-from vfio_multifd.recorder import ByteRing, Recorder, RecordingChannel
-from vfio_multifd.replay import Recording, Replay, connection_order, timing
+from vfio_multifd.ops.recorder import ByteRing, Recorder, RecordingChannel
 from vfio_multifd.results import SessionStatus
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.source.replay import Recording, Replay, connection_order, timing
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

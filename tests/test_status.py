@@ -39,10 +39,10 @@ from cli_helpers import (
 from helpers import IDSTR, IDSTR_B, ChannelGate, final_files, settings, start
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
-from vfio_multifd.notify import sd_notify
-from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status_client import query
-from vfio_multifd.status_server import StatusServer, query_migrate
+from vfio_multifd.ops.notify import sd_notify
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.ops.status_server import StatusServer, query_migrate
+from vfio_multifd.source.sender import SourceDevice, send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -311,8 +311,8 @@ async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, short_
 def test_query_migrate_pins_time(tmp_path: Path) -> None:
     """The snapshot takes ``now``: total time and Mbit/s follow from it, not from a clock."""
     from vfio_multifd import Session, SessionError
+    from vfio_multifd.core.wire import ChannelHandshake
     from vfio_multifd.errors import Reason
-    from vfio_multifd.wire import ChannelHandshake
 
     core = Session(settings(tmp_path, A, channels=1)).core
     # transferred is what the accepted channels received: one that got 5 MB.
@@ -328,8 +328,8 @@ def test_query_migrate_pins_time(tmp_path: Path) -> None:
 def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
     """address, paused-time, peak-queued-bytes, refused-connections, instance-id... were not."""
     from vfio_multifd import Session, SessionError
+    from vfio_multifd.core.wire import ChannelHandshake
     from vfio_multifd.errors import Reason
-    from vfio_multifd.wire import ChannelHandshake
 
     core = Session(settings(tmp_path, A, channels=1)).core
     core.connection_made(0, "source", 100.0)

@@ -39,10 +39,10 @@ from vfio_multifd import (
     Reason,
     ReceiveSettings,
 )
-from vfio_multifd.channel import ChannelState
 from vfio_multifd.config import TlsSettings
-from vfio_multifd.sender import SendResult, SourceDevice, send
-from vfio_multifd.status_server import query_migrate
+from vfio_multifd.daemon.channel import ChannelState
+from vfio_multifd.ops.status_server import query_migrate
+from vfio_multifd.source.sender import SendResult, SourceDevice, send
 from vfio_multifd.tls import load_client, load_server, subject_dn
 
 A = DeviceKey(IDSTR, 0)

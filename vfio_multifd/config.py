@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core.reassembly import CHUNK_OVERHEAD, capacity_of
+from .core.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 from .errors import UsageError
-from .reassembly import CHUNK_OVERHEAD, capacity_of
-from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE | re.ASCII)
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses

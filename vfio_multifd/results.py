@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .wire import DeviceKey
+from .core.wire import DeviceKey
 
 if TYPE_CHECKING:
     from .core.snapshot import MigrationSnapshot
-    from .loader import DeviceLoader
+    from .daemon.loader import DeviceLoader
 
 
 class SessionStatus(enum.StrEnum):

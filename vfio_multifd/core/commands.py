@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import HandshakeError, MultifdError
-from ..reassembly import Chunk
 from ..results import SessionStatus
-from ..wire import DeviceKey
+from .reassembly import Chunk
 from .state import Phase
+from .wire import DeviceKey
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

@@ -13,9 +13,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..errors import HandshakeError, Reason
-from ..reassembly import Chunk
-from ..wire import ChannelHandshake, PacketHeader, check_handshake
+from .reassembly import Chunk
 from .state import ChannelState
+from .wire import ChannelHandshake, PacketHeader, check_handshake
 
 #: How many refusals are remembered with their reason (the count is kept for all).
 RECENT_REFUSALS = 16

@@ -17,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..memory import SPILL_GRACE, Decision, MemoryPolicy
-from ..reassembly import CHUNK_OVERHEAD, Chunk, ReassemblyBuffer, capacity_of
-from ..wire import DeviceKey, PacketHeader
+from .memory import SPILL_GRACE, Decision, MemoryPolicy
+from .reassembly import CHUNK_OVERHEAD, Chunk, ReassemblyBuffer, capacity_of
+from .wire import DeviceKey, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

@@ -22,10 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import Cancelled, HandshakeError, MultifdError, ProtocolError, Reason
-from ..memory import SPILL_GRACE, Fail, SpillIncoming, SpillVictim, Wait
-from ..reassembly import Chunk, ChunkState
 from ..results import SessionStatus
-from ..wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 from .commands import (
     Accepted,
     CloseConnection,
@@ -44,9 +41,12 @@ from .commands import (
 )
 from .connections import EXPLAINED_BY_REFUSALS, Connection, Connections
 from .ledger import BufferSource, Ledger, MemoryLayout
+from .memory import SPILL_GRACE, Fail, SpillIncoming, SpillVictim, Wait
+from .reassembly import Chunk, ChunkState
 from .snapshot import MigrationSnapshot, build_snapshot
 from .state import ChannelState, Phase
 from .watchdog import PERIOD, Sample, Watchdog
+from .wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

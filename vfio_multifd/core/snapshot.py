@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MultifdError
-from ..reassembly import ChunkState, DeviceBuffer
 from ..results import SessionStatus
-from ..wire import DeviceKey
 from .connections import Connection
+from .reassembly import ChunkState, DeviceBuffer
 from .state import ChannelState, Phase
+from .wire import DeviceKey
 
 if TYPE_CHECKING:
     from .migration import Migration

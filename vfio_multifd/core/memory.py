@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import SessionError
+from ..errors import SessionError
 from .reassembly import Chunk, ReassemblyBuffer
 from .wire import DevicePacket, PacketHeader
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 
-from .errors import DeviceIOError, MultifdError, Reason, SessionError, UsageError
+from ..errors import DeviceIOError, MultifdError, Reason, SessionError, UsageError
 from .loader import DeviceLoader
 from .output import Output
 

@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import HandshakeError, ProtocolError, Reason
+from ..errors import HandshakeError, ProtocolError, Reason
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

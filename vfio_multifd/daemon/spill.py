@@ -23,10 +23,10 @@ from pathlib import Path
 
 import structlog
 
-from .config import ReceiveSettings
-from .errors import DeviceIOError, Reason, SessionError, UsageError, os_error_text
-from .reassembly import Chunk
-from .wire import DeviceKey
+from ..config import ReceiveSettings
+from ..core.reassembly import Chunk
+from ..core.wire import DeviceKey
+from ..errors import DeviceIOError, Reason, SessionError, UsageError, os_error_text
 
 log = structlog.get_logger("vfio_multifd.spill")
 

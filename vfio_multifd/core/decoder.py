@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .errors import HandshakeError, ProtocolError, Reason
+from ..errors import HandshakeError, ProtocolError, Reason
 from .wire import (
     COMPRESSION_METHODS,
     DEFAULT_MAX_PACKET_SIZE,

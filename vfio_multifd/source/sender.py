@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .config import (
+from ..config import (
     Address,
     Digest,
     check_channels,
@@ -44,12 +44,12 @@ from .config import (
     parse_fields,
     parse_size,
 )
-from .digest import format_digest, new_hasher
-from .errors import Cancelled, Reason, SendError, UsageError, os_error_text
-from .wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
+from ..core.wire import ChannelHandshake, DeviceKey, encode_config_blob, encode_packet_prefix
+from ..digest import format_digest, new_hasher
+from ..errors import Cancelled, Reason, SendError, UsageError, os_error_text
 
 if TYPE_CHECKING:
-    from .tls import TlsClient
+    from ..tls import TlsClient
 
 ORDERS = ("round-robin", "reverse", "random")
 

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 import structlog
 
-from .core.snapshot import MigrationSnapshot
-from .errors import UsageError
-from .results import SessionStatus
-from .session import Session
+from ..core.snapshot import MigrationSnapshot
+from ..daemon.session import Session
+from ..errors import UsageError
+from ..results import SessionStatus
 
 log = structlog.get_logger("vfio_multifd.notify")
 

@@ -20,13 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
-from .config import Digest
-from .digest import format_digest, new_hasher
-from .errors import MultifdError
-from .logconfig import debug_enabled
+from ..config import Digest
+from ..core.reassembly import Chunk, ChunkState
+from ..core.wire import DeviceKey, check_config_blob
+from ..digest import format_digest, new_hasher
+from ..errors import MultifdError
+from ..logconfig import debug_enabled
 from .output import Output
-from .reassembly import Chunk, ChunkState
-from .wire import DeviceKey, check_config_blob
 
 log = structlog.get_logger("vfio_multifd.loader")
 

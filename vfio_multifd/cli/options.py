@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from . import __version__, logconfig
-from .config import (
+from .. import __version__, logconfig
+from ..config import (
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
     Address,
@@ -32,11 +32,11 @@ from .config import (
     parse_size,
     parse_uuid,
 )
-from .errors import UsageError
-from .replay import ORDERS as REPLAY_ORDERS
-from .replay import VERDICT_TIMEOUT
-from .sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
-from .wire import DEFAULT_MAX_PACKET_SIZE
+from ..core.wire import DEFAULT_MAX_PACKET_SIZE
+from ..errors import UsageError
+from ..source.replay import ORDERS as REPLAY_ORDERS
+from ..source.replay import VERDICT_TIMEOUT
+from ..source.sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.StrEnum)

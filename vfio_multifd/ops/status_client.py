@@ -27,7 +27,7 @@ from qemu.qmp import (
     StateError,
 )
 
-from .errors import os_error_text
+from ..errors import os_error_text
 
 JSON = dict[str, Any]
 #: ``query-migrate`` statuses after which nothing changes any more.

@@ -32,9 +32,9 @@ import enum
 import ssl
 from typing import TYPE_CHECKING, Any, cast
 
+from ..errors import HandshakeError, Reason
+from ..tls import MAX_PENDING_CIPHERTEXT, TlsServer
 from .channel import reset
-from .errors import HandshakeError, Reason
-from .tls import MAX_PENDING_CIPHERTEXT, TlsServer
 
 if TYPE_CHECKING:
     from .channel import ChannelProtocol

@@ -37,9 +37,9 @@ from collections.abc import Callable
 
 import structlog
 
+from ..config import Address
+from ..errors import HandshakeError, UsageError
 from .channel import ChannelProtocol
-from .config import Address
-from .errors import HandshakeError, UsageError
 from .unix_path import claim_unix_path
 
 log = structlog.get_logger("vfio_multifd.listener")

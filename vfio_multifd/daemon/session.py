@@ -24,30 +24,30 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..config import Address, ReceiveSettings
+from ..core import commands as cmd
+from ..core.migration import Migration, MigrationConfig
+from ..core.snapshot import MigrationSnapshot
+from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from ..errors import MultifdError, ProtocolError, Reason, SessionError
+from ..logconfig import debug_enabled
+from ..ops.recorder import Recorder
+from ..results import SessionResult, SessionStatus, summarize
 from . import commit as commit_module
 from .channel import ChannelProtocol
-from .config import Address, ReceiveSettings
-from .core import commands as cmd
-from .core.migration import Migration, MigrationConfig
-from .core.snapshot import MigrationSnapshot
-from .errors import MultifdError, ProtocolError, Reason, SessionError
 from .listener import Listener
 from .loader import DeviceLoader
-from .logconfig import debug_enabled
 from .output import device_outputs
 from .pool import BufferPool
 from .reader_threads import ReadElsewhere, ReaderThreads, default_reader_threads
-from .recorder import Recorder
-from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
-from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
-    from .reassembly import Chunk
-    from .tls import TlsServer
-    from .wire import DeviceKey
+    from ..core.reassembly import Chunk
+    from ..core.wire import DeviceKey
+    from ..tls import TlsServer
 
 log = structlog.get_logger("vfio_multifd.session")
 
@@ -66,7 +66,7 @@ class Session:
         # Credentials are read and checked now: a bad directory is a usage error (exit 2).
         self.tls: TlsServer | None = None
         if settings.tls is not None:
-            from .tls import load_server  # ssl: imported only for TLS channels
+            from ..tls import load_server  # ssl: imported only for TLS channels
 
             self.tls = load_server(settings.tls)
         # TLS channels stay on the main loop, where their TLS layer is.

@@ -50,12 +50,14 @@ from pathlib import Path
 
 import structlog
 
-from . import __version__
-from .channel import ChannelOwner, ChannelProtocol
-from .config import Address, ReceiveSettings
-from .decoder import ASK, ChannelDecoder
-from .digest import Hasher, format_digest, new_hasher
-from .errors import HandshakeError, MultifdError, UsageError, os_error_text
+from .. import __version__
+from ..config import Address, ReceiveSettings
+from ..core.decoder import ASK, ChannelDecoder
+from ..daemon.channel import ChannelOwner, ChannelProtocol
+from ..digest import Hasher, format_digest, new_hasher
+from ..errors import HandshakeError, MultifdError, UsageError, os_error_text
+from ..results import DeviceResult, SessionStatus
+from ..safe_files import check_private, create_new, open_private_directory
 from .manifest import (
     MANIFEST_NAME,
     ChannelEnd,
@@ -67,8 +69,6 @@ from .manifest import (
     channel_file,
     refused_file,
 )
-from .results import DeviceResult, SessionStatus
-from .safe_files import check_private, create_new, open_private_directory
 
 log = structlog.get_logger("vfio_multifd.recorder")
 

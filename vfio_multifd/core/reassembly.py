@@ -30,7 +30,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import ProtocolError, Reason, SessionError
+from ..errors import ProtocolError, Reason, SessionError
 from .wire import DeviceKey, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:

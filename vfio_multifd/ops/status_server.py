@@ -22,14 +22,14 @@ from typing import Any
 
 import structlog
 
-from . import __version__
+from .. import __version__
+from ..core.snapshot import ChannelSnapshot, DeviceSnapshot, MigrationSnapshot
+from ..daemon.listener import remove_own_socket
+from ..daemon.session import Session
+from ..daemon.unix_path import claim_unix_path
+from ..errors import UsageError
+from ..results import SessionStatus
 from .clients import Clients
-from .core.snapshot import ChannelSnapshot, DeviceSnapshot, MigrationSnapshot
-from .errors import UsageError
-from .listener import remove_own_socket
-from .results import SessionStatus
-from .session import Session
-from .unix_path import claim_unix_path
 
 log = structlog.get_logger("vfio_multifd.status")
 

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
-from .core.state import ChannelState
-from .decoder import ASK, ChannelDecoder, DecoderState
-from .errors import ProtocolError
-from .wire import ChannelHandshake, DevicePacket, PacketHeader
+from ..core.decoder import ASK, ChannelDecoder, DecoderState
+from ..core.state import ChannelState
+from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from ..errors import ProtocolError
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

@@ -28,8 +28,8 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .config import DeviceSpec
-from .errors import DeviceIOError, os_error_text
+from ..config import DeviceSpec
+from ..errors import DeviceIOError, os_error_text
 
 
 def _read_umask() -> int:

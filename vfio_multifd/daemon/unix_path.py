@@ -11,7 +11,7 @@ import contextlib
 import os
 import stat
 
-from .errors import UsageError
+from ..errors import UsageError
 
 #: How long a live socket may take to accept our probe.
 PROBE_TIMEOUT = 1.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import mmap
 from typing import TYPE_CHECKING
 
-from .reassembly import POOLED_MIN, capacity_of
+from ..core.reassembly import POOLED_MIN, capacity_of
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator
 
 import structlog
 
+from ..config import Address
+from ..core.snapshot import MigrationSnapshot
+from ..core.state import ChannelState
+from ..daemon.session import Session
+from ..errors import UsageError
+from ..results import SessionStatus
 from .clients import Clients
-from .config import Address
-from .core.snapshot import MigrationSnapshot
-from .core.state import ChannelState
-from .errors import UsageError
-from .results import SessionStatus
-from .session import Session
 
 log = structlog.get_logger("vfio_multifd.metrics")
 

@@ -40,10 +40,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..core.decoder import ChannelDecoder, DecoderState
+from ..core.wire import DevicePacket, PacketHeader
+from ..errors import ProtocolError
 from .channel import ChannelProtocol, reset, switch_reading
-from .decoder import ChannelDecoder, DecoderState
-from .errors import ProtocolError
-from .wire import DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer

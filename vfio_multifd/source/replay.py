@@ -43,14 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .config import Address, Digest
-from .digest import format_digest, new_hasher
-from .errors import Reason, SendError, UsageError, os_error_text
-from .manifest import MANIFEST_NAME, ChannelEnd, Manifest, ManifestError, RecordedChannel
+from ..config import Address, Digest
+from ..digest import format_digest, new_hasher
+from ..errors import Reason, SendError, UsageError, os_error_text
+from ..ops.manifest import MANIFEST_NAME, ChannelEnd, Manifest, ManifestError, RecordedChannel
 from .sender import ChannelStream, StreamEnd, _reset, run_channels
 
 if TYPE_CHECKING:
-    from .tls import TlsClient
+    from ..tls import TlsClient
 
 ORDERS = ("recorded", "reverse", "random")
 #: Bytes per sendfile call: what a stop (another channel failed, SIGINT) waits for at most.

@@ -16,7 +16,7 @@ same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
 nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
-options already converted and checked (:mod:`vfio_multifd.cli_options`);
+options already converted and checked (:mod:`vfio_multifd.cli.options`);
 :func:`main` parses, runs the handler and maps what it raises to an exit code.
 """
 
@@ -39,16 +39,18 @@ from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import structlog
 
-from . import cli_options, logconfig, notify
-from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
-from .errors import Cancelled, MultifdError, Reason, SendError, UsageError
-from .replay import ENDING_TEXT, Recording, Replay
-from .results import SessionResult
-from .sender import SendResult, Stopped, send
-from .session import Session
+from .. import logconfig
+from ..config import Address, ReceiveSettings, RecordSettings, TlsSettings
+from ..daemon.session import Session
+from ..errors import Cancelled, MultifdError, Reason, SendError, UsageError
+from ..ops import notify
+from ..results import SessionResult
+from ..source.replay import ENDING_TEXT, Recording, Replay
+from ..source.sender import SendResult, Stopped, send
+from . import options as cli_options
 
 if TYPE_CHECKING:
-    from .tls import TlsClient
+    from ..tls import TlsClient
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -185,7 +187,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                 listening.cancel()
                 return await run  # it failed before listening: raises why
             if options.status_socket is not None:
-                from . import status_server  # what a receive without it need not import
+                from ..ops import status_server  # what a receive without it need not import
 
                 server = status_server.StatusServer(session, options.status_socket)
                 try:
@@ -196,7 +198,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
                     raise
                 stack.push_async_callback(server.close)
             if options.metrics_listen is not None:
-                from . import metrics
+                from ..ops import metrics
 
                 scraped = metrics.MetricsServer(session, options.metrics_listen)
                 try:
@@ -298,7 +300,7 @@ def print_receive_summary(
 
 def _tls_client(args: argparse.Namespace) -> TlsClient | None:
     """``--tls-creds`` and ``--tls-hostname`` of ``send`` and ``replay``."""
-    from . import tls  # ssl contexts: only with TLS
+    from .. import tls  # ssl contexts: only with TLS
 
     if args.tls_creds is None and args.tls_hostname is not None:
         raise UsageError("--tls-hostname needs --tls-creds DIR")
@@ -308,7 +310,7 @@ def _tls_client(args: argparse.Namespace) -> TlsClient | None:
 
 
 def _send_command(args: argparse.Namespace) -> int:
-    from .send_progress import send_progress
+    from ..source.send_progress import send_progress
 
     _configure_logging(args)
     tls_client = _tls_client(args)
@@ -456,7 +458,7 @@ def print_replay_report(
 
 
 def _status_command(args: argparse.Namespace) -> int:
-    from . import status_client  # qemu.qmp: only the status command needs it
+    from ..ops import status_client  # qemu.qmp: only the status command needs it
 
     if args.watch is not None:
         return _watch_status(args)
@@ -477,7 +479,7 @@ def _status_command(args: argparse.Namespace) -> int:
 
 def _watch_status(args: argparse.Namespace) -> int:
     """``status --watch S``: every S seconds until the migration ends; 0 only if it completed."""
-    from . import status_client
+    from ..ops import status_client
 
     clear = sys.stdout.isatty() and not args.json
 
