@@ -17,9 +17,10 @@ import qemu_source as qs
 from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.core import commands as cmd
+from vfio_multifd.core.config import MigrationConfig
 from vfio_multifd.core.decoder import ASK, ChannelDecoder, DecoderState
 from vfio_multifd.core.memory import SPILL_GRACE
-from vfio_multifd.core.migration import Migration, MigrationConfig
+from vfio_multifd.core.migration import Migration
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
 from vfio_multifd.core.state import ChannelState, Phase
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader

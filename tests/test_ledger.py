@@ -12,9 +12,10 @@ import asyncio
 from pathlib import Path
 
 from vfio_multifd.core import commands as cmd
+from vfio_multifd.core.config import MigrationConfig
 from vfio_multifd.core.ledger import Ledger, MemoryLayout
 from vfio_multifd.core.memory import SPILL_GRACE
-from vfio_multifd.core.migration import Migration, MigrationConfig
+from vfio_multifd.core.migration import Migration
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 from vfio_multifd.daemon.pool import BufferPool

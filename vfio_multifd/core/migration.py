@@ -18,112 +18,28 @@ decode and pass it on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import Cancelled, HandshakeError, MultifdError, ProtocolError, Reason
-from ..results import SessionStatus
 from .commands import (
     Accepted,
-    CloseConnection,
     Command,
-    Commit,
     Finished,
     PauseReading,
-    ProvideBuffer,
-    Refuse,
-    ResetConnection,
-    ResumeReading,
     Spill,
-    StatusChanged,
-    WaitingForChannels,
-    WakeLoader,
 )
-from .connections import EXPLAINED_BY_REFUSALS, Connection, Connections
-from .ledger import BufferSource, Ledger, MemoryLayout
-from .memory import SPILL_GRACE, Fail, SpillIncoming, SpillVictim, Wait
 from .reassembly import Chunk, ChunkState
 from .snapshot import MigrationSnapshot, build_snapshot
 from .state import ChannelState, Phase
-from .watchdog import PERIOD, Sample, Watchdog
+from .watchdog import PERIOD, Watchdog
 from .wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
-
-    from ..config import ReceiveSettings
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationConfig:
-    devices: tuple[DeviceKey, ...]
-    channels: int
-    uuid: bytes = bytes(16)
-    max_payload_size: int = 1 << 20
-    max_queued_bytes: int | None = None
-    fail_when_full: bool = False
-    handshake_timeout: float = 10.0
-    max_pending: int = 64
-    accept_timeout: float | None = None
-    progress_timeout: float | None = None
-    tls: bool = False
-    reader_threads: int = 0
-    spill_grace: float = SPILL_GRACE
-
-    @classmethod
-    def from_settings(cls, settings: ReceiveSettings, *, reader_threads: int) -> MigrationConfig:
-        return cls(
-            devices=tuple(spec.key for spec in settings.devices),
-            channels=settings.channels,
-            uuid=settings.uuid,
-            max_payload_size=settings.max_payload_size,
-            max_queued_bytes=settings.max_queued_bytes,
-            fail_when_full=settings.on_queue_full.value == "fail",
-            handshake_timeout=settings.handshake_timeout,
-            max_pending=settings.max_pending_connections,
-            accept_timeout=settings.accept_timeout,
-            progress_timeout=settings.progress_timeout,
-            tls=settings.tls is not None,
-            reader_threads=reader_threads,
-        )
+from .rules import Rules
 
 
-class Migration:
-    def __init__(self, config: MigrationConfig, buffers: BufferSource) -> None:
-        self.config = config
-        self.layout = MemoryLayout.of(
-            config.max_queued_bytes,
-            max_payload_size=config.max_payload_size,
-            fail_when_full=config.fail_when_full,
-        )
-        self.reassembly = self.layout.reassembly(config.devices)
-        self.ledger = Ledger(
-            self.reassembly,
-            self.layout,
-            buffers,
-            fail_when_full=config.fail_when_full,
-            grace=config.spill_grace,
-        )
-        self.connections = Connections(
-            channels=config.channels, uuid=config.uuid, max_pending=config.max_pending
-        )
-        self.phase = Phase.SETUP
-        self.error: MultifdError | None = None
-        self.stopped = False  # the driver has cleaned up after the outcome
-        self.address: str | None = None
-        self.started: float | None = None  # the first channel accepted
-        self.finished: float | None = None
-        self._commands: list[Command] = []
-        # Connections whose header waits for memory, in the order they began to.
-        self._waiting: dict[int, Connection] = {}
-        self._pause_started = 0.0
-        self._paused_seconds = 0.0  # with at least one of them waiting
-        self._idle_loaders: set[DeviceKey] = set(config.devices)  # woken when ready
-        self._completed_at: dict[DeviceKey, float] = {}
-        self._told_missing = False
-        self._watchdog: Watchdog | None = None
-        self._next_sample = 0.0
-
+class Migration(Rules):
     # -- outputs ---------------------------------------------------------------------
 
     def pop_commands(self) -> list[Command]:
@@ -137,9 +53,7 @@ class Migration:
             for c in self.connections.pending.values()
             if c.handshake_deadline is not None
         ]
-        deadlines += [
-            c.wait_deadline for c in self._waiting.values() if c.wait_deadline is not None
-        ]
+        deadlines += self.admission.deadlines()
         if self._watched():
             deadlines.append(self._next_sample)
         return min(deadlines, default=None)
@@ -206,9 +120,7 @@ class Migration:
             self._refuse(c, error)
             return
         self._emit(Accepted(conn, handshake.channel_id))
-        if self.started is None:
-            self.started = now
-            self._set_phase(Phase.ACTIVE, now)
+        self.outcome.start(now)
         self._maybe_commit(now)
 
     def decode_error(self, conn: int, error: ProtocolError, now: float) -> None:
@@ -229,14 +141,6 @@ class Migration:
             return
         c.state = ChannelState.CLOSED
         self._check_all_closed(now)
-
-    def _check_all_closed(self, now: float) -> None:
-        """Once every channel ended, every device must be able to finish (an arrival
-        on its way to the spill file still counts: its check waits for ``spilled``)."""
-        if self.connections.all_closed and not self.ledger.staging_busy:
-            error = self.reassembly.incomplete_error(f"all {self.config.channels} channels closed")
-            if error is not None:
-                self._fail(error, now)
 
     def lost(
         self,
@@ -293,12 +197,12 @@ class Migration:
         try:
             self.reassembly.announce(header, c.channel)
             c.header = header
-            buffer = self._admit(c, now)
+            buffer = self.admission.admit(c, now)
         except MultifdError as error:
             self._channel_failed(c, error, now)
             return None
         if buffer is None and c.state is ChannelState.ACTIVE and self.phase.running:
-            self._start_waiting(c, now)
+            self.admission.start_waiting(c, now)
             self._emit(PauseReading(conn))
         return buffer
 
@@ -325,7 +229,7 @@ class Migration:
         self.reassembly.insert(packet, c.channel, allocated=True, announced=True)
         if self.reassembly.devices[packet.device].ready:
             self._wake(packet.device)
-            if self._waiting:
+            if self.admission.waiting:
                 self._memory_changed(now)  # memory just became drainable
 
     # -- loaders and the spill file ----------------------------------------------------------
@@ -344,7 +248,7 @@ class Migration:
         self.ledger.release_written(chunks)
         if any(chunk.config for chunk in chunks):
             self._completed_at[device] = now
-        if self._waiting:
+        if self.admission.waiting:
             self._memory_changed(now)
         self._maybe_commit(now)
 
@@ -361,9 +265,8 @@ class Migration:
             self.ledger.spill_done(chunk, ref)
         if self.reassembly.devices[chunk.device].ready:
             self._wake(chunk.device)
-        if self._waiting:
-            owner = next((c for c in self._waiting.values() if c.victim is chunk), None)
-            self._memory_changed(now, first=owner)
+        if self.admission.waiting:
+            self._memory_changed(now, first=self.admission.owner_of(chunk))
 
     # -- the outcome -----------------------------------------------------------------------
 
@@ -384,7 +287,7 @@ class Migration:
         """Every output is in place: only now does a source see a clean close."""
         if self.phase is not Phase.COMMITTING:
             return
-        self._set_phase(Phase.COMPLETED, now)
+        self.outcome.set_phase(Phase.COMPLETED, now)
         for c in self.connections.live():
             self._hang_up(c, completed=True)
         self._emit(Finished(Phase.COMPLETED, None))
@@ -395,17 +298,10 @@ class Migration:
 
     def stopped_at(self, now: float) -> None:
         """The driver has cleaned up (outputs discarded): a cancel is now ``cancelled``."""
-        if self.phase.ended and not self.stopped:
-            old = self.status
-            self.stopped = True
-            self._status_changed(old, now)
+        if self.outcome.stop(now):
             # Whatever connected since the outcome was decided goes too.
             for c in self.connections.live():
                 self._hang_up(c, completed=self.phase is Phase.COMPLETED, why=self.error)
-
-    @property
-    def status(self) -> SessionStatus:
-        return self.phase.status(stopped=self.stopped)
 
     def tick(self, now: float) -> None:
         """Time passed: handshakes and memory waits that ran out, and the watchdog."""
@@ -419,11 +315,8 @@ class Migration:
                         f"({c.received} of {HANDSHAKE.size} bytes)",
                     ),
                 )
-        for c in list(self._waiting.values()):
-            if c.waiting and c.wait_deadline is not None and c.wait_deadline <= now:
-                c.wait_deadline = None  # a grace ran out with nothing changed
-                self.ledger.wait_expired()
-                self._retry(c, now)
+        for c in self.admission.expired(now):  # a grace ran out with nothing changed
+            self._retry(c, now)
         if self._watched() and now >= self._next_sample:
             assert self._watchdog is not None
             self._next_sample = now + PERIOD
@@ -431,206 +324,19 @@ class Migration:
             if error is not None:
                 self._fail(error, now)
 
-    # -- inside -------------------------------------------------------------------------------
-
-    def _emit(self, command: Command) -> None:
-        self._commands.append(command)
-
-    def _reading(self, conn: int) -> Connection | None:
-        """``conn`` if it is an accepted channel still read (not ended, failed or hung up)."""
-        c = self.connections.by_conn.get(conn)
-        if c is None or c.state is not ChannelState.ACTIVE or c.hung_up:
-            return None
-        return c
-
-    def _refuse(self, c: Connection, error: HandshakeError) -> None:
-        if c.state is not ChannelState.HANDSHAKE:
-            return
-        self.connections.refuse(c, error, late=self.phase in (Phase.FAILED, Phase.CANCELLED))
-        c.hung_up = True
-        self._emit(Refuse(c.conn, error, self.phase in (Phase.FAILED, Phase.CANCELLED)))
-
-    def _channel_failed(self, c: Connection, error: MultifdError, now: float) -> None:
-        error.with_context(channel=c.channel)
-        c.state = ChannelState.FAILED
-        self._forget_payload(c, now)
-        if c.channel is not None:
-            self.reassembly.channel_failed(c.channel)
-        if not (c.hung_up or c.gone):
-            self._hang_up(c, completed=False, why=error)
-        self._fail(error, now)
-
-    def _forget_payload(self, c: Connection, now: float) -> None:
-        """The payload ``c`` was receiving will never come: release its charge."""
-        self._stop_waiting(c, now)
-        self.ledger.uncharge(c.charged)
-        c.charged = 0
-        c.header = None
-
-    def _hang_up(self, c: Connection, *, completed: bool, why: MultifdError | None = None) -> None:
-        c.hung_up = True
-        c.handshake_deadline = None
-        self.connections.pending.pop(c.conn, None)
-        self._emit(CloseConnection(c.conn) if completed else ResetConnection(c.conn, why))
-
-    def _fail(self, error: MultifdError, now: float) -> None:
-        """The first error decides; later ones (and those while committing) do not."""
-        if self.phase.running:
-            self._decide(error, now)
-
-    def _decide(self, error: MultifdError, now: float) -> None:
-        if error.reason in EXPLAINED_BY_REFUSALS:
-            refusals = self.connections.refusals_text()
-            if refusals:
-                error.message += f"; {refusals}"
-        self.error = error
-        self._set_phase(Phase.CANCELLED if isinstance(error, Cancelled) else Phase.FAILED, now)
-        for c in list(self._waiting.values()):
-            self._stop_waiting(c, now)
-        for c in self.connections.live():
-            self._hang_up(c, completed=False, why=error)
-        self._emit(Finished(self.phase, error))
-
-    def _set_phase(self, phase: Phase, now: float) -> None:
-        old = self.status
-        self.phase = phase
-        self._status_changed(old, now)
-
-    def _status_changed(self, old: SessionStatus, now: float) -> None:
-        new = self.status
-        if new is not old:
-            if new.final:
-                self.finished = now
-            self._emit(StatusChanged(old, new))
-
-    def _maybe_commit(self, now: float) -> None:
-        if self.phase is not Phase.ACTIVE or self.reassembly.incomplete_devices():
-            return
-        missing = self.connections.missing()
-        if missing:
-            if not self._told_missing:
-                self._told_missing = True
-                self._emit(WaitingForChannels(len(self.connections.channels), missing))
-            return
-        self._set_phase(Phase.COMMITTING, now)
-        self._emit(Commit())
-
-    def _wake(self, device: DeviceKey) -> None:
-        if device in self._idle_loaders:
-            self._idle_loaders.discard(device)
-            self._emit(WakeLoader(device))
-
-    # -- memory ----------------------------------------------------------------------------------
-
-    def _admit(self, c: Connection, now: float) -> PayloadBuffer | None:
-        """Carry out the memory policy for ``c``'s header until it has a buffer (returned)
-        or must wait (None, with ``c.wait_deadline`` set if the wait has one)."""
-        header = c.header
-        assert header is not None
-        while True:
-            charged = self.ledger.charge(header)
-            if charged is not None:
-                buffer, c.charged = charged
-                return buffer
-            waiting_others = len(self._waiting) - c.waiting
-            decision = self.ledger.decide(
-                header,
-                now=now,
-                others_reading=self.connections.reading - waiting_others - 1,
-                channel=c.channel,
-            )
-            c.wait_deadline = None
-            c.victim = None
-            if isinstance(decision, Wait):
-                c.wait_deadline = decision.deadline
-                return None
-            if isinstance(decision, SpillIncoming):
-                return self.ledger.take_staging()  # None: another arrival is in it
-            if isinstance(decision, SpillVictim):
-                c.victim = decision.chunk
-                self.ledger.spill_started(decision.chunk)
-                self._emit(Spill(decision.chunk))
-                return None
-            if isinstance(decision, Fail):
-                raise decision.error
-            # Insert: room was made meanwhile; take it
-
-    def _retry(self, c: Connection, now: float) -> None:
-        try:
-            buffer = self._admit(c, now)
-        except MultifdError as error:
-            self._channel_failed(c, error, now)
-            return
-        if buffer is not None:
-            self._stop_waiting(c, now)
-            self._emit(ProvideBuffer(c.conn, buffer))
-            self._emit(ResumeReading(c.conn))
-
-    def _memory_changed(self, now: float, first: Connection | None = None) -> None:
-        """Queued memory shrank or became drainable: every waiting header looks again."""
-        order = list(self._waiting.values())
-        if first is not None:
-            order.remove(first)
-            order.insert(0, first)
-        for c in order:
-            if c.waiting and self.phase.running:
-                self._retry(c, now)
-
-    def _start_waiting(self, c: Connection, now: float) -> None:
-        if not self._waiting:
-            self._pause_started = now
-        c.waiting = True
-        self._waiting[c.conn] = c
-
-    def _stop_waiting(self, c: Connection, now: float) -> None:
-        if not c.waiting:
-            return
-        c.waiting = False
-        c.wait_deadline = None
-        c.victim = None
-        del self._waiting[c.conn]
-        if not self._waiting:
-            self._paused_seconds += now - self._pause_started
-
     # -- what the watchdog and the outputs see --------------------------------------------------
-
-    def _watched(self) -> bool:
-        config = self.config
-        return (
-            self._watchdog is not None
-            and self.phase.running
-            and (config.accept_timeout is not None or config.progress_timeout is not None)
-        )
-
-    def _sample(self) -> Sample:
-        channels = self.connections.channels
-        return Sample(
-            connected=frozenset(channels),
-            received=sum(c.received for c in channels.values()),
-            written=self.reassembly.bytes_written,
-            active=self.phase is Phase.ACTIVE,
-            waiting_for=self.waiting_for(),
-        )
 
     def completed_at(self, device: DeviceKey) -> float | None:
         return self._completed_at.get(device)
 
-    def waiting_for(self) -> tuple[str, ...]:
-        waiting = [d.waiting_for for d in self.reassembly.incomplete_devices()]
-        missing = self.connections.missing()
-        if missing:
-            waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
-        return tuple(waiting)
-
     @property
     def waiting_headers(self) -> int:
         """Connections whose header waits for memory (their reading paused)."""
-        return len(self._waiting)
+        return len(self.admission.waiting)
 
     def paused_seconds(self, now: float) -> float:
         """Time with at least one header waiting for memory, a wait going on included."""
-        ongoing = now - self._pause_started if self._waiting else 0.0
-        return self._paused_seconds + ongoing
+        return self.admission.paused_seconds(now)
 
     def snapshot(self, now: float) -> MigrationSnapshot:
         return build_snapshot(self, now)

@@ -86,7 +86,7 @@ class MigrationSnapshot:
 def build_snapshot(migration: Migration, now: float) -> MigrationSnapshot:
     """``migration`` as every output shows it, at ``now``."""
     m = migration
-    started, finished = m.started, m.finished
+    started, finished = m.outcome.started, m.outcome.finished
     channels = m.connections.channels
     accepted = [_channel(c) for _, c in sorted(channels.items())]
     handshaking = [

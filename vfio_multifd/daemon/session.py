@@ -26,7 +26,8 @@ import structlog
 
 from ..config import Address, ReceiveSettings
 from ..core import commands as cmd
-from ..core.migration import Migration, MigrationConfig
+from ..core.config import MigrationConfig
+from ..core.migration import Migration
 from ..core.snapshot import MigrationSnapshot
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
 from ..errors import MultifdError, ProtocolError, Reason, SessionError
