@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
-PURE = ("core/wire", "core/decoder", "core/reassembly", "core/memory", "ops/manifest")
+PURE = ("core/wire", "core/decoder", "core/queue", "core/reassembly", "core/memory", "ops/manifest")
 #: Modules a pure module may import from inside the package (paths under it).
 PURE_CLOSURE = {*PURE, "errors"}
 #: Never in sys.modules after importing only the pure modules.
@@ -64,7 +64,7 @@ sys.modules["vfio_multifd"] = package
 import vfio_multifd.core.wire, vfio_multifd.core.reassembly
 assert vfio_multifd.core.wire.__file__.startswith({str(PACKAGE_DIR)!r})
 loaded = sorted(m.split(".", 1)[1] for m in sys.modules if m.startswith("vfio_multifd."))
-assert loaded == ["core", "core.reassembly", "core.wire", "errors"], loaded
+assert loaded == ["core", "core.queue", "core.reassembly", "core.wire", "errors"], loaded
 """ + _REPORT
     loaded = _run(code, "-I", "-S")
     assert loaded == {name: False for name in IO_MODULES}
