@@ -54,7 +54,7 @@ from replay import Replay
 from report import median_range, progress
 from vfio_multifd.config import DEFAULT_MAX_QUEUED_BYTES, parse_size
 from vfio_multifd.core.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
-from vfio_multifd.source.sender import Packet
+from vfio_multifd.source.plan import Packet
 from workload import CHUNK, Buffer, Workload, build_workload, device_states, encode
 
 MIB = 1 << 20

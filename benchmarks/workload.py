@@ -17,7 +17,7 @@ from functools import cached_property
 
 from vfio_multifd.config import Digest
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, encode_packet_prefix
-from vfio_multifd.source.sender import (
+from vfio_multifd.source.plan import (
     DEFAULT_CHUNK_SIZE,
     DeviceState,
     Packet,

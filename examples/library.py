@@ -29,7 +29,8 @@ from vfio_multifd import (
     logconfig,
 )
 from vfio_multifd.ops.status_server import query_migrate
-from vfio_multifd.source.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 DEVICES = (DeviceKey("0000:00:02.0/vfio", 0), DeviceKey("0000:00:03.0/vfio", 0))
 

@@ -19,7 +19,8 @@ from vfio_multifd.config import (
     ReceiveSettings,
 )
 from vfio_multifd.errors import UsageError
-from vfio_multifd.source.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 
 def base_args(command: str, tmp_path: Path) -> list[str]:

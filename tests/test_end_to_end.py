@@ -28,7 +28,8 @@ from helpers import (
 )
 
 from vfio_multifd import Address, DeviceKey
-from vfio_multifd.source.sender import DeviceState, SourceDevice, send
+from vfio_multifd.source.plan import DeviceState, SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

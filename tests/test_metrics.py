@@ -20,7 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_multifd import Address, DeviceKey
 from vfio_multifd.ops.metrics import CONTENT_TYPE, MetricsServer, render
-from vfio_multifd.source.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

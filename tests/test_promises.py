@@ -46,7 +46,9 @@ from vfio_multifd import (
 )
 from vfio_multifd.errors import SendError
 from vfio_multifd.ops.status_client import query
-from vfio_multifd.source.sender import FAULTS, SourceDevice, send
+from vfio_multifd.source.faults import FAULTS
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -595,7 +597,7 @@ def test_a_non_zero_uuid_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> No
     send_to(daemon, "--uuid", uuid, "--device", f"idstr={IDSTR},size=300K,seed=3")
     code, _, stderr = daemon.finish()
     assert code == 0, stderr
-    from vfio_multifd.source.sender import DeviceState
+    from vfio_multifd.source.plan import DeviceState
 
     state = DeviceState(SourceDevice(A, size=300 * 1024, seed=3), 65536)
     expected = b"".join(bytes(state.chunk(idx)) for idx in range(state.chunks))
@@ -695,7 +697,8 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
 def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None:
     """It used to be sent last on channel 0: a device whose other packets were all in
     could complete first, and the migration succeed (exit 0) with the fault unseen."""
-    from vfio_multifd.source.sender import DeviceState, _plan_fault, plan
+    from vfio_multifd.source.faults import plan_fault as _plan_fault
+    from vfio_multifd.source.plan import DeviceState, plan
 
     states = [DeviceState(SourceDevice(A, size=65536), 65536)]
     try:

@@ -42,7 +42,8 @@ from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageErro
 from vfio_multifd.ops.notify import sd_notify
 from vfio_multifd.ops.status_client import query
 from vfio_multifd.ops.status_server import StatusServer, query_migrate
-from vfio_multifd.source.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

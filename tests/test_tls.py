@@ -42,7 +42,8 @@ from vfio_multifd import (
 from vfio_multifd.config import TlsSettings
 from vfio_multifd.daemon.channel import ChannelState
 from vfio_multifd.ops.status_server import query_migrate
-from vfio_multifd.source.sender import SendResult, SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import SendResult, send
 from vfio_multifd.tls import load_client, load_server, subject_dn
 
 A = DeviceKey(IDSTR, 0)

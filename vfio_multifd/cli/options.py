@@ -34,9 +34,10 @@ from ..config import (
 )
 from ..core.wire import DEFAULT_MAX_PACKET_SIZE
 from ..errors import UsageError
+from ..source.faults import FAULTS
+from ..source.plan import DEFAULT_CHUNK_SIZE, ORDERS, SourceDevice
 from ..source.replay import ORDERS as REPLAY_ORDERS
 from ..source.replay import VERDICT_TIMEOUT
-from ..source.sender import DEFAULT_CHUNK_SIZE, FAULTS, ORDERS, SourceDevice
 
 T = TypeVar("T")
 E = TypeVar("E", bound=enum.StrEnum)

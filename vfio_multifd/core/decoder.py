@@ -34,6 +34,7 @@ from .wire import (
     MULTIFD_MAGIC,
     MULTIFD_VERSION,
     PACKET_HEADER,
+    PACKET_PREFIX,
     PACKET_PREFIX_SIZE,
     QEMU_VM_FILE_MAGIC,
     VFIO_HEADER,
@@ -51,9 +52,6 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
 
-#: The whole 288-byte packet prefix in one unpack (the fast path of _check_prefix).
-_PREFIX = struct.Struct(">III256sIIIII")
-assert _PREFIX.size == PACKET_PREFIX_SIZE
 _DEVICE_STATE_ONLY = int(PacketFlag.DEVICE_STATE)
 _CONFIG_STATE = int(VfioFlag.CONFIG_STATE)
 
@@ -322,7 +320,7 @@ class ChannelDecoder:
         """The fast path: a whole prefix that passes every check at once (the common
         case) is taken in one unpack; False leaves it to the checks one by one."""
         magic, version, flags, raw_idstr, instance_id, size, vfio_version, idx, vfio_flags = (
-            _PREFIX.unpack_from(self._prefix)
+            PACKET_PREFIX.unpack_from(self._prefix)
         )
         if not (
             magic == MULTIFD_MAGIC

@@ -74,12 +74,28 @@ CONFIG_TAG = struct.Struct(">Q")
 #: Bytes before a device-state packet's data: the 276-byte device-state header
 #: and the 12-byte VFIO header. Every valid packet is at least this long.
 PACKET_PREFIX_SIZE = DEVICE_STATE_HEADER.size + VFIO_HEADER.size
+#: The whole packet prefix in one layout, and its fields by name, in order.
+PACKET_PREFIX = struct.Struct(DEVICE_STATE_HEADER.format + VFIO_HEADER.format.lstrip(">"))
+PACKET_PREFIX_FIELDS = (
+    "magic",
+    "version",
+    "flags",
+    "idstr",
+    "instance_id",
+    "next_packet_size",
+    "vfio_version",
+    "idx",
+    "vfio_flags",
+)
+#: The handshake's fields by name, in order (the unused bytes are padding).
+HANDSHAKE_FIELDS = ("magic", "version", "uuid", "channel_id")
 
 # Offsets in the packet prefix by which a field is complete and can be checked.
 IDSTR_END = PACKET_HEADER.size + IDSTR_SIZE  # 268: byte 255 of idstr
 VFIO_IDX_END = DEVICE_STATE_HEADER.size + 8  # 284
 
 assert HANDSHAKE.size == 64
+assert PACKET_PREFIX.size == PACKET_PREFIX_SIZE
 assert DEVICE_STATE_HEADER.size == 276
 assert PACKET_PREFIX_SIZE == 288
 

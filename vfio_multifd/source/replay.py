@@ -47,7 +47,7 @@ from ..config import Address, Digest
 from ..digest import format_digest, new_hasher
 from ..errors import Reason, SendError, UsageError, os_error_text
 from ..ops.manifest import MANIFEST_NAME, ChannelEnd, Manifest, ManifestError, RecordedChannel
-from .sender import ChannelStream, StreamEnd, _reset, run_channels
+from .channels import ChannelStream, StreamEnd, reset_on_close, run_channels
 
 if TYPE_CHECKING:
     from ..tls import TlsClient
@@ -302,6 +302,6 @@ class Replay:
             self._timed_out = True
         self._stop.set()  # run_channels takes what follows as our own stop, not an error
         for sock in self._socks:
-            _reset(sock)
+            reset_on_close(sock)
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RD)

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
-from .sender import SourceDevice
+from .plan import SourceDevice
 
 log = structlog.get_logger("vfio_multifd.send_progress")
 
