@@ -62,7 +62,9 @@ from vfio_multifd.ops.manifest import (
     RecordedChannel,
     channel_file,
 )
-from vfio_multifd.ops.recorder import ByteRing, Recorder, RecordingChannel
+from vfio_multifd.ops.record_channel import RecordingChannel
+from vfio_multifd.ops.record_ring import ByteRing
+from vfio_multifd.ops.recorder import Recorder
 from vfio_multifd.results import SessionStatus
 from vfio_multifd.source.replay import Recording, Replay, connection_order, timing
 

@@ -37,22 +37,18 @@ import concurrent.futures
 import contextlib
 import datetime
 import itertools
-import mmap
 import os
 import queue
 import threading
 import time
-import uuid as uuid_module
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
-from .. import __version__
 from ..config import Address, ReceiveSettings
-from ..core.decoder import ASK, ChannelDecoder
 from ..daemon.channel import ChannelOwner, ChannelProtocol
 from ..digest import Hasher, format_digest, new_hasher
 from ..errors import HandshakeError, MultifdError, UsageError, os_error_text
@@ -62,19 +58,15 @@ from .manifest import (
     MANIFEST_NAME,
     ChannelEnd,
     Manifest,
-    RecordedChannel,
-    RecordedDevice,
-    RecordedError,
-    RefusedConnection,
     channel_file,
     refused_file,
 )
+from .record_channel import ChannelRecording, RecordingChannel, Refusal
+from .record_manifest import Build, Recorded, manifest_builder
+from .record_ring import ByteRing
 
 log = structlog.get_logger("vfio_multifd.recorder")
 
-#: Bytes of a connection kept while its handshake is undecided (the decoder reads
-#: at most the 64-byte handshake before that; this only bounds the unexpected).
-MAX_PENDING_BYTES = 64 << 10
 #: How long the end of a migration waits for the recording to reach the disk.
 FINISH_TIMEOUT = 60.0
 
@@ -127,49 +119,6 @@ def _append(fd: int, data: memoryview) -> None:
         data = data[os.write(fd, data) :]
 
 
-class ByteRing:
-    """Where the loop thread copies each read and the writer thread writes it from,
-    first in, first out.
-
-    A fresh ``bytes`` per read would cost more than the copy itself (measured:
-    reads average about 0.5 MiB, and a new object that large is new pages, each
-    faulted in and zeroed: about 0.4 CPU s per GB recorded, against 0.1 for the
-    copy). Here the pages are reused, and only those written are resident: when
-    the writer has caught up (nothing queued) the next read starts over at the
-    beginning, so a recording that keeps up touches little more than its largest
-    read. The ring's size is the bound on what may wait for the disk.
-
-    Not thread-safe: the recorder's lock guards :meth:`reserve` and :meth:`free`;
-    the copy into a reserved place, and the write from it, need no lock.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.view = memoryview(mmap.mmap(-1, max(capacity, 1)))
-        self._produced = 0  # bytes reserved so far, padding at the end included
-        self._consumed = 0  # bytes freed so far
-
-    @property
-    def queued(self) -> int:
-        return self._produced - self._consumed
-
-    def reserve(self, size: int) -> tuple[int, int] | None:
-        """``(offset, padding)`` of ``size`` contiguous bytes (``padding``: the end of
-        the ring skipped to start over at 0), or None if they do not fit now."""
-        if self._produced == self._consumed:
-            self._produced = self._consumed = 0  # empty: back to the warm beginning
-        offset = self._produced % self.capacity if self.capacity else 0
-        padding = self.capacity - offset if offset + size > self.capacity else 0
-        if self.queued + padding + size > self.capacity:
-            return None
-        self._produced += padding + size
-        return (0 if padding else offset), padding
-
-    def free(self, size: int) -> None:
-        """The oldest ``size`` bytes reserved (with their padding) are written."""
-        self._consumed += size
-
-
 # -- what the loop thread hands the writer thread --------------------------------------
 
 
@@ -184,122 +133,17 @@ class _Close:
     sink: int
 
 
-#: The manifest, given what the writer wrote to each sink, its digest, and why it stopped.
-_Build = Callable[[dict[int, int], dict[int, str], str | None], Manifest]
 
 
 @dataclass(frozen=True, slots=True)
 class _Finish:
-    build: _Build
+    build: Build
     done: concurrent.futures.Future[None]
 
 
 #: Bytes to write: (sink, offset in the ring, size, padding before them to free with them).
 _Data = tuple[int, int, int, int]
 _Item = _Data | _Open | _Close | _Finish
-
-
-class ChannelRecording:
-    """One connection's recording, on the loop thread: pending until its handshake is
-    decided, then a sink of the writer thread (accepted), or a refused file, or nothing."""
-
-    __slots__ = (
-        "channel_id",
-        "end",
-        "first_byte",
-        "last_byte",
-        "peer",
-        "pending",
-        "received",
-        "recorder",
-        "sink",
-    )
-
-    def __init__(self, recorder: Recorder) -> None:
-        self.recorder = recorder
-        self.pending: bytearray | None = bytearray()  # None once decided
-        self.sink: int | None = None  # the writer's file, once accepted
-        self.channel_id: int | None = None
-        self.peer = "?"
-        self.received = 0
-        self.first_byte: float | None = None  # monotonic
-        self.last_byte: float | None = None
-        self.end: ChannelEnd | None = None
-
-    def data(self, view: memoryview) -> None:
-        now = time.monotonic()
-        if self.first_byte is None:
-            self.first_byte = now
-        self.last_byte = now
-        self.received += len(view)
-        if self.sink is not None:
-            self.recorder.write(self.sink, view)
-        elif self.pending is not None and len(self.pending) + len(view) <= MAX_PENDING_BYTES:
-            self.pending += view
-
-    def ended(self, end: ChannelEnd) -> None:
-        if self.end is None and not self.recorder.decided:
-            self.end = end
-
-
-_NOTHING = memoryview(b"")
-
-
-class RecordingDecoder(ChannelDecoder):
-    """A channel's decoder that hands every byte it is given to the recording first.
-
-    The hook is here rather than in the protocol so that whoever feeds the
-    decoder is recorded alike: the channel's own ``buffer_updated`` on the
-    event loop, TLS decrypting into it, or anything else that reads the socket
-    for the channel with ``get_buffer`` / ``buffer_updated``. The bytes of
-    ``buffer_updated(n)`` are the first ``n`` of the last buffer handed out.
-    """
-
-    def __init__(self, recording: ChannelRecording, *, max_packet_size: int) -> None:
-        super().__init__(max_packet_size=max_packet_size, allocate=ASK)
-        self.recording = recording
-        self._given = _NOTHING  # the buffer handed out last
-
-    def get_buffer(self) -> memoryview:
-        self._given = buffer = super().get_buffer()
-        return buffer
-
-    def buffer_updated(self, nbytes: int) -> None:
-        # Not kept past this call: a view would keep a released chunk's mmap alive.
-        given, self._given = self._given, _NOTHING
-        self.recording.data(given[:nbytes])  # first: these bytes may complete the handshake
-        super().buffer_updated(nbytes)
-
-    def eof(self) -> None:
-        self._given = _NOTHING
-        self.recording.ended(ChannelEnd.EOF)
-        super().eof()
-
-
-class RecordingChannel(ChannelProtocol):
-    """A channel whose decoder records what it is fed."""
-
-    def __init__(
-        self,
-        recorder: Recorder,
-        owner: ChannelOwner,
-        conn: int,
-        *,
-        peer: str,
-        max_packet_size: int,
-    ) -> None:
-        super().__init__(owner, conn, peer=peer, max_packet_size=max_packet_size)
-        self.recording = ChannelRecording(recorder)
-        self.recording.peer = peer
-        self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size)
-
-
-@dataclass(frozen=True, slots=True)
-class _Refusal:
-    recording: ChannelRecording
-    sink: int
-    file: str
-    error: HandshakeError
 
 
 class Recorder:
@@ -326,7 +170,7 @@ class Recorder:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._sinks = itertools.count()
         self._channels: list[ChannelRecording] = []  # accepted, in order
-        self._refusals: list[_Refusal] = []
+        self._refusals: list[Refusal] = []
         self._refused_not_kept = 0
         self._thread: threading.Thread | None = None
         self._directory_fd = -1  # DIR, opened by start(); closed by the writer thread
@@ -392,7 +236,7 @@ class Recorder:
         if len(self._refusals) >= self.max_refused:
             self._refused_not_kept += 1
             return
-        refusal = _Refusal(
+        refusal = Refusal(
             recording, next(self._sinks), refused_file(len(self._refusals)), error
         )
         self._refusals.append(refusal)
@@ -473,98 +317,23 @@ class Recorder:
         error: MultifdError | None,
         address: Address | None,
         devices: Sequence[DeviceResult],
-    ) -> _Build:
+    ) -> Build:
         """The manifest as the loop thread knows it now; the writer adds its byte counts
         and digests."""
-        settings = self.settings
-        digests = {result.device: result.digest for result in devices}
-
-        def since(moment: float | None) -> float | None:
-            return None if moment is None else round(moment - self._origin, 6)
-
-        channels: list[RecordedChannel] = []
-        channel_sinks: list[int] = []
-        for r in self._channels:
-            assert r.channel_id is not None and r.sink is not None
-            channels.append(
-                RecordedChannel(
-                    id=r.channel_id,
-                    file=channel_file(r.channel_id),
-                    peer=r.peer,
-                    bytes=0,
-                    received=r.received,
-                    first_byte_s=since(r.first_byte),
-                    last_byte_s=since(r.last_byte),
-                    end=r.end or ChannelEnd.OPEN,
-                    digest="",  # the writer's
-                )
-            )
-            channel_sinks.append(r.sink)
-        refused = [
-            RefusedConnection(
-                file=refusal.file,
-                peer=refusal.recording.peer,
-                reason=refusal.error.reason.value,
-                message=str(refusal.error),
-                bytes=0,
-                first_byte_s=since(refusal.recording.first_byte),
-            )
-            for refusal in self._refusals
-        ]
-        refused_sinks = [refusal.sink for refusal in self._refusals]
-        outcome = {
-            SessionStatus.COMPLETED: "completed",
-            SessionStatus.CANCELLED: "cancelled",
-            SessionStatus.CANCELLING: "cancelled",
-        }.get(status, "failed")
-        base = Manifest(
-            tool=f"vfio-multifd {__version__}",
-            started_at=self._started_at,
-            uuid=str(uuid_module.UUID(bytes=settings.uuid)),
-            channels=settings.channels,
-            tls=settings.tls is not None,
-            listen=str(address or settings.listen),
-            devices=tuple(
-                RecordedDevice(spec.key.idstr, spec.key.instance_id, digests.get(spec.key))
-                for spec in settings.devices
+        return manifest_builder(
+            Recorded(
+                settings=self.settings,
+                started_at=self._started_at,
+                origin=self._origin,
+                channels=self._channels,
+                refusals=self._refusals,
+                refused_not_kept=self._refused_not_kept,
             ),
-            outcome=outcome,
-            error=None
-            if error is None
-            else RecordedError(
-                reason=error.reason.value,
-                message=str(error),
-                channel=error.channel,
-                device=error.device,
-                idx=error.idx,
-            ),
-            complete=True,
-            stopped=None,
-            recorded_channels=(),
-            refused=(),
-            refused_not_kept=self._refused_not_kept,
+            status,
+            error,
+            address,
+            devices,
         )
-
-        nothing = format_digest(settings.digest, new_hasher(settings.digest))
-
-        def build(
-            written: dict[int, int], digests: dict[int, str], stopped: str | None
-        ) -> Manifest:
-            return replace(
-                base,
-                complete=stopped is None,
-                stopped=stopped,
-                recorded_channels=tuple(
-                    replace(c, bytes=written.get(s, 0), digest=digests.get(s, nothing))
-                    for c, s in zip(channels, channel_sinks, strict=True)
-                ),
-                refused=tuple(
-                    replace(r, bytes=written.get(s, 0))
-                    for r, s in zip(refused, refused_sinks, strict=True)
-                ),
-            )
-
-        return build
 
     # -- the writer thread --------------------------------------------------------------
 
