@@ -10,289 +10,56 @@ For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
 failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
 ``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
 
-Signals (``receive``): every signal whose default action would end the
-process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
-same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
-nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
-
-Each subcommand is one handler, ``_<name>_command(args) -> int``, given
+Each subcommand is one handler, ``<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli.options`);
 :func:`main` parses, runs the handler and maps what it raises to an exit code.
+``receive``'s handler and its signals are ``receive.py``'s; what the
+subcommands print when they end, ``report.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import functools
-import gc
 import json
 import os
 import signal
 import sys
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from .. import logconfig
-from ..config import Address, ReceiveSettings, RecordSettings, TlsSettings
-from ..daemon.session import Session
-from ..errors import Cancelled, MultifdError, Reason, SendError, UsageError
-from ..ops import notify
-from ..results import SessionResult
-from ..source.replay import ENDING_TEXT, Recording, Replay
-from ..source.sender import SendResult, Stopped, send
+from ..errors import Cancelled, MultifdError, Reason, UsageError
+from ..source.replay import Recording, Replay
+from ..source.sender import Stopped, send
 from . import options as cli_options
+from .receive import receive_command, receive_settings
+from .report import print_replay_plan, print_replay_report, print_send_summary
+from .runner import (
+    EXIT_FAILED,
+    EXIT_NO_VERDICT,
+    EXIT_OK,
+    EXIT_USAGE,
+    configure_logging,
+    run_loop,
+)
 
 if TYPE_CHECKING:
     from ..tls import TlsClient
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_NO_VERDICT = 3  # replay: the daemon neither closed nor reset the channels in time
+__all__ = ["build_parser", "console_main", "main", "receive_settings", "run_loop"]
 
 log = structlog.get_logger("vfio_multifd.cli")
 
-#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
-STOPPING_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGTERM",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGXCPU",
-        "SIGPWR",
-    )
-    if hasattr(signal, name)
-)
-#: Signals that report: SIGUSR1 logs a status_report line.
-REPORTING_SIGNALS = (signal.SIGUSR1,)
-
-T = TypeVar("T")
-
-
 def build_parser() -> argparse.ArgumentParser:
     return cli_options.build_parser(
-        receive=_receive_command,
+        receive=receive_command,
         send=_send_command,
         status=_status_command,
         replay=_replay_command,
     )
-
-
-# -- receive ------------------------------------------------------------------------
-
-
-def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
-    """The session's settings from ``receive``'s options (converted and checked)."""
-    return ReceiveSettings(
-        devices=tuple(args.device),
-        listen=args.listen,
-        channels=args.channels,
-        uuid=args.uuid,
-        max_packet_size=args.max_packet_size,
-        max_queued_bytes=args.max_queued_bytes,
-        on_queue_full=args.on_queue_full,
-        spill_dir=args.spill_dir,
-        max_spill_bytes=args.max_spill_bytes,
-        accept_timeout=args.accept_timeout,
-        handshake_timeout=args.handshake_timeout,
-        max_pending_connections=args.max_pending_connections,
-        progress_timeout=args.progress_timeout,
-        digest=args.digest,
-        fsync=not args.no_fsync,
-        tls=receive_tls(args),
-        reader_threads=args.reader_threads,
-        record=None if args.record is None else RecordSettings(args.record),
-    )
-
-
-def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
-    """``--tls-creds``, ``--tls-verify-peer``, ``--tls-authz``: TLS settings, or None."""
-    if args.tls_creds is None:
-        given = [
-            name
-            for name, value in (
-                ("--tls-verify-peer", args.tls_verify_peer),
-                ("--tls-authz", args.tls_authz),
-            )
-            if value is not None
-        ]
-        if given:
-            raise UsageError(f"{' and '.join(given)} need --tls-creds DIR")
-        return None
-    return TlsSettings(
-        creds_dir=args.tls_creds,
-        verify_peer=args.tls_verify_peer != "no",
-        authz=tuple(args.tls_authz or ()),
-    )
-
-
-def _receive_command(args: argparse.Namespace) -> int:
-    _configure_logging(args)
-    settings = receive_settings(args)
-    if args.status_socket is not None:  # before anything starts, as for the other paths
-        settings.check_paths((f"--status-socket {args.status_socket}", Path(args.status_socket)))
-    if args.ready_fd is not None:
-        notify.check_ready_fd(args.ready_fd)
-    options = DaemonOptions(
-        status_socket=args.status_socket,
-        metrics_listen=args.metrics_listen,
-        ready_fd=args.ready_fd,
-        progress_interval=args.progress_interval,
-    )
-    result = run_loop(_receive(settings, options), args.event_loop)
-    print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
-    return EXIT_OK
-
-
-@dataclass(frozen=True, slots=True)
-class DaemonOptions:
-    """What the daemon does around the session: status socket, readiness, progress."""
-
-    status_socket: str | None = None
-    metrics_listen: Address | None = None
-    ready_fd: int | None = None
-    progress_interval: float | None = 5.0
-
-
-async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
-    session = Session(settings)
-    # Everything allocated so far lives for the whole run: keep the collector
-    # from walking it again and again while packets stream through.
-    gc.freeze()
-    loop = asyncio.get_running_loop()
-    for signum in STOPPING_SIGNALS:
-        name = signal.Signals(signum).name
-        loop.add_signal_handler(
-            signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
-        )
-    for signum in REPORTING_SIGNALS:
-        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
-    run = asyncio.create_task(session.run(), name="session")
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            listening = asyncio.create_task(session.listening.wait())
-            await asyncio.wait([run, listening], return_when=asyncio.FIRST_COMPLETED)
-            if not listening.done():
-                listening.cancel()
-                return await run  # it failed before listening: raises why
-            if options.status_socket is not None:
-                from ..ops import status_server  # what a receive without it need not import
-
-                server = status_server.StatusServer(session, options.status_socket)
-                try:
-                    await server.start()
-                except BaseException:
-                    run.cancel()  # the session discards its outputs
-                    await asyncio.gather(run, return_exceptions=True)
-                    raise
-                stack.push_async_callback(server.close)
-            if options.metrics_listen is not None:
-                from ..ops import metrics
-
-                scraped = metrics.MetricsServer(session, options.metrics_listen)
-                try:
-                    await scraped.start()
-                except BaseException:
-                    run.cancel()
-                    await asyncio.gather(run, return_exceptions=True)
-                    raise
-                stack.push_async_callback(scraped.close)
-            _notify_ready(session, options)
-            if options.progress_interval is not None:
-                reporter = asyncio.create_task(
-                    notify.report_progress(
-                        session,
-                        options.progress_interval,
-                        notify=bool(os.environ.get("NOTIFY_SOCKET")),
-                    ),
-                    name="progress",
-                )
-                stack.push_async_callback(_stop, reporter)
-            return await run
-    finally:
-        if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
-            run.cancel()
-            await asyncio.gather(run, return_exceptions=True)
-        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
-            loop.remove_signal_handler(signum)
-
-
-async def _stop(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-
-
-def _notify_ready(session: Session, options: DaemonOptions) -> None:
-    """The channel socket (and the status socket) accept connections: say so."""
-    if options.ready_fd is not None:
-        notify.notify_ready_fd(options.ready_fd)
-    notify.sd_notify(
-        f"READY=1\nSTATUS=waiting for {session.settings.channels} channel(s) on {session.address}"
-    )
-
-
-def run_loop(
-    main: Coroutine[Any, Any, T], event_loop: cli_options.EventLoop = cli_options.EventLoop.UVLOOP
-) -> T:
-    """Run ``main`` to the end on ``event_loop``: the one place the event loop is chosen."""
-    if event_loop is cli_options.EventLoop.ASYNCIO:
-        return asyncio.run(main)
-    try:
-        import uvloop
-    except ImportError as error:
-        main.close()
-        raise UsageError(
-            f"--event-loop uvloop: cannot import uvloop ({error}); --event-loop asyncio needs nothing"
-        ) from None
-    return uvloop.run(main)
-
-
-def printable(text: object) -> str:
-    """``str(text)`` that any UTF-8 stream can print: a path's bytes that are not
-    UTF-8 (surrogate escapes) are shown as ``\\xNN``, as device names are."""
-    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def print_receive_summary(
-    result: SessionResult, out: TextIO, *, max_queued_bytes: int | None = None
-) -> None:
-    """One line per device, one for the migration (MB/s: 10^6 bytes a second)."""
-    for d in result.devices:
-        print(
-            f"device {d.device}: {d.bytes} bytes in {d.chunks} chunks, "
-            f"config {d.config_bytes} bytes, {d.seconds:.3f} s "
-            f"({d.bytes / 1e6 / d.seconds if d.seconds > 0 else 0.0:.1f} MB/s), "
-            f"{d.digest} -> {printable(d.data_path)}",
-            file=out,
-        )
-    spilled = f"spilled {result.spilled_bytes} bytes"
-    if result.spilled_bytes:
-        spilled += (
-            " (chunks that came early went to disk and were read back in their turn, "
-            f"to keep queued memory under --max-queued-bytes {max_queued_bytes})"
-        )
-    print(
-        f"received {result.data_bytes} bytes in {result.seconds:.3f} s "
-        f"({result.mb_per_s:.1f} MB/s); peak queued {result.peak_queued_bytes} bytes, "
-        f"{spilled}, paused {result.paused_seconds:.3f} s",
-        file=out,
-    )
-    if result.reader_threads:
-        print(f"channels read on {result.reader_threads} reader threads", file=out)
-    tls = result.tls_summary()
-    if tls is not None:
-        print(tls, file=out)
 
 
 # -- send ---------------------------------------------------------------------------
@@ -312,7 +79,7 @@ def _tls_client(args: argparse.Namespace) -> TlsClient | None:
 def _send_command(args: argparse.Namespace) -> int:
     from ..source.send_progress import send_progress
 
-    _configure_logging(args)
+    configure_logging(args)
     tls_client = _tls_client(args)
     with _sigterm_stops_sending(), send_progress(args.device, args.progress_interval) as progress:
         result = send(
@@ -347,32 +114,11 @@ def _stop_sending(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
 
-def print_send_summary(
-    result: SendResult, out: TextIO, address: Address, *, tls: bool = False
-) -> None:
-    """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
-    what the daemon's clean close of every channel means over this transport (over a
-    unix socket, only TLS's close_notify proves it: a failure there cannot reset)."""
-    for key, size, chunks, digest in result.devices:
-        print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
-    verdict = (
-        "the daemon closed every channel cleanly: it completed the migration"
-        if address.kind == "tcp" or tls
-        else "the daemon closed every channel (over a unix socket that does not prove it "
-        "completed: its exit code says)"
-    )
-    print(
-        f"sent {sum(d[1] for d in result.devices)} bytes in {result.seconds:.3f} s "
-        f"({result.mb_per_s:.1f} MB/s) over {len(result.channel_bytes)} channels; {verdict}",
-        file=out,
-    )
-
-
 # -- replay -------------------------------------------------------------------------
 
 
 def _replay_command(args: argparse.Namespace) -> int:
-    _configure_logging(args)
+    configure_logging(args)
     recording = Recording.load(args.directory)
     tls_client = _tls_client(args)
     replay = Replay(
@@ -393,65 +139,6 @@ def _replay_command(args: argparse.Namespace) -> int:
     if error is not None:
         raise error
     return EXIT_OK
-
-
-def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
-    """What was recorded, what the daemon must be told, and the connection order."""
-    manifest = replay.recording.manifest
-    outcome = manifest.outcome
-    if manifest.error is not None:
-        outcome += f": {manifest.error.message}"
-    print(
-        f"replaying {printable(replay.recording.directory)}: recorded {manifest.started_at} "
-        f"by {manifest.tool}, {len(manifest.recorded_channels)} of {manifest.channels} "
-        f"channels, outcome {outcome}",
-        file=out,
-    )
-    devices = " ".join(
-        f"--device idstr={device.idstr.replace(',', ',,')},instance={device.instance},data=..."
-        for device in manifest.devices
-    )
-    print(
-        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid} {devices}",
-        file=out,
-    )
-    if manifest.tls:
-        print(
-            "the channels used TLS: the recording holds their plaintext (replay it to a daemon "
-            "without --tls-creds, or give --tls-creds)",
-            file=out,
-        )
-    if not manifest.complete:
-        print(
-            f"the recording is incomplete ({manifest.stopped}): only what was recorded is sent",
-            file=out,
-        )
-    ids = ", ".join(str(channel.id) for channel in replay.channels)
-    print(f"connection order ({order}): channel ids {ids}", file=out, flush=True)
-
-
-def print_replay_report(
-    replay: Replay, out: TextIO, address: Address, error: SendError | None, *, tls: bool = False
-) -> None:
-    """One line per channel (bytes sent, how it ended), one for the whole (which says
-    what a clean close means over this transport, as :func:`print_send_summary`)."""
-    for channel, sent in zip(replay.channels, replay.sent, strict=True):
-        ending = ENDING_TEXT[channel.end] if sent == channel.bytes else "then stopped"
-        print(f"channel {channel.id}: sent {sent} of {channel.bytes} bytes, {ending}", file=out)
-    if error is not None:
-        verdict = "not every channel ended cleanly (the error below says which, and why)"
-    elif address.kind == "tcp" or tls:
-        verdict = "the daemon closed every channel cleanly"
-    else:
-        verdict = (
-            "the daemon closed every channel (over a unix socket that does not prove it "
-            "completed: its exit code says)"
-        )
-    print(
-        f"replayed {sum(replay.sent)} of {replay.total} bytes over {len(replay.channels)} "
-        f"channels in {replay.seconds:.3f} s to {address}; {verdict}",
-        file=out,
-    )
 
 
 # -- status -------------------------------------------------------------------------
@@ -525,10 +212,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
-
-
-def _configure_logging(args: argparse.Namespace) -> None:
-    logconfig.configure(log_format=args.log_format, level=args.log_level)
 
 
 def console_main() -> None:
