@@ -214,16 +214,7 @@ class Migration(Rules):
         c.packets += 1
         c.header = None
         if self.ledger.is_staging(packet.buffer):  # bound straight for the spill file
-            chunk = Chunk(
-                packet.device,
-                packet.idx,
-                packet.size,
-                packet.config,
-                packet.buffer,
-                ChunkState.SPILLING,
-                channel=c.channel,
-            )
-            self._emit(Spill(chunk))
+            self._emit(Spill(Chunk.of(packet, c.channel, state=ChunkState.SPILLING)))
             return
         c.charged = 0  # the chunk holds the charge now
         self.reassembly.insert(packet, c.channel, allocated=True, announced=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ProtocolError, Reason
-from .wire import DeviceKey
+from .wire import DeviceKey, DevicePacket
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
@@ -53,6 +53,27 @@ class Chunk:
     spill_ref: object | None = None
     channel: int | None = None  # which channel brought it, for error messages
     cost: int = 0  # what it counts against the bound while in memory
+
+    @classmethod
+    def of(
+        cls,
+        packet: DevicePacket,
+        channel: int | None,
+        *,
+        state: ChunkState = ChunkState.MEMORY,
+        cost: int = 0,
+    ) -> Chunk:
+        """The chunk ``packet`` brought (on ``channel``), its buffer still the packet's."""
+        return cls(
+            packet.device,
+            packet.idx,
+            packet.size,
+            packet.config,
+            packet.buffer,
+            state,
+            channel=channel,
+            cost=cost,
+        )
 
     @property
     def data(self) -> memoryview:

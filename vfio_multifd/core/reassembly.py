@@ -149,15 +149,7 @@ class ReassemblyBuffer:
         ``announced``: its header reserved its idx with :meth:`announce` (checked then)."""
         device = self.device(packet.device)
         cost = self.cost(packet.size)
-        chunk = Chunk(
-            packet.device,
-            packet.idx,
-            packet.size,
-            packet.config,
-            packet.buffer,
-            channel=channel,
-            cost=cost,
-        )
+        chunk = Chunk.of(packet, channel, cost=cost)
         device.insert(chunk, announced=announced)
         if allocated:
             self.in_flight_bytes -= cost

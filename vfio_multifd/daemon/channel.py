@@ -30,7 +30,14 @@ from ..errors import ProtocolError
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
 
-__all__ = ["ChannelOwner", "ChannelProtocol", "ChannelState", "reset", "switch_reading"]
+__all__ = [
+    "ChannelOwner",
+    "ChannelProtocol",
+    "ChannelState",
+    "hang_up",
+    "reset",
+    "switch_reading",
+]
 
 log = structlog.get_logger("vfio_multifd.channel")
 
@@ -185,10 +192,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
 
     def _hang_up(self, completed: bool) -> None:
         assert self.transport is not None
-        if completed:
-            self.transport.close()
-        else:
-            reset(self.transport)
+        hang_up(self.transport, completed=completed)
 
 
 def switch_reading(transport: asyncio.ReadTransport, *, reading: bool, wanted: bool) -> bool:
@@ -199,6 +203,15 @@ def switch_reading(transport: asyncio.ReadTransport, *, reading: bool, wanted: b
         else:
             transport.pause_reading()
     return wanted
+
+
+def hang_up(transport: asyncio.Transport, *, completed: bool) -> None:
+    """The verdict a channel carries: a clean close once the migration ``completed``,
+    a reset otherwise."""
+    if completed:
+        transport.close()
+    else:
+        reset(transport)
 
 
 def reset(transport: asyncio.Transport) -> None:

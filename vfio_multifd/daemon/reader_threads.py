@@ -43,7 +43,7 @@ import structlog
 from ..core.decoder import ChannelDecoder, DecoderState
 from ..core.wire import DevicePacket, PacketHeader
 from ..errors import ProtocolError
-from .channel import ChannelProtocol, reset, switch_reading
+from .channel import ChannelProtocol, hang_up, switch_reading
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
@@ -313,12 +313,8 @@ class ChannelReader(asyncio.BufferedProtocol):
         self._apply_close(completed)
 
     def _apply_close(self, completed: bool) -> None:
-        transport = self.transport
-        assert transport is not None
-        if completed:
-            transport.close()
-        else:
-            reset(transport)
+        assert self.transport is not None
+        hang_up(self.transport, completed=completed)
 
 
 _READING = (DecoderState.HEADER, DecoderState.PAYLOAD)
