@@ -11,8 +11,9 @@ failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
 ``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
 
 Signals (``receive``): every signal whose default action would end the
-process (:data:`~vfio_multifd.daemon_signals.STOPPING_SIGNALS`) stops the
-migration like SIGTERM, with the same cleanup: temporary files removed, sockets
+process, real-time signals included
+(:data:`~vfio_multifd.daemon_signals.STOPPING_SIGNALS`), stops the migration
+like SIGTERM, with the same cleanup: temporary files removed, sockets
 unlinked. SIGUSR1 ends nothing: it logs a ``status_report`` line. SIGKILL
 cannot be caught. Once the outcome is decided they are all ignored until the
 process exits: after the commit, the exit status is 0 whatever arrives.

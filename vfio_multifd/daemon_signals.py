@@ -27,27 +27,36 @@ if TYPE_CHECKING:
     from .session import Session
 
 
-#: Signals that stop the migration as SIGTERM does: cancelled, cleaned up, exit 128+N.
-STOPPING_SIGNALS: tuple[int, ...] = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGTERM",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGXCPU",
-        "SIGPWR",
-    )
-    if hasattr(signal, name)
+def _existing(*names: str) -> set[int]:
+    return {getattr(signal, name) for name in names if hasattr(signal, name)}
+
+
+#: Signals left at their disposition, with why.
+LEFT_ALONE = frozenset(
+    _existing("SIGKILL", "SIGSTOP")  # cannot be caught
+    # their default action ignores, stops or continues the process
+    | _existing("SIGCHLD", "SIGURG", "SIGWINCH", "SIGCONT", "SIGTSTP", "SIGTTIN", "SIGTTOU")
+    # Python ignores them from start-up: the write that raised one fails with
+    # EPIPE or EFBIG instead, and that error names the output
+    | _existing("SIGPIPE", "SIGXFSZ")
+    # synchronous faults of the process itself: handling them would only hide them
+    | _existing("SIGSEGV", "SIGBUS", "SIGFPE", "SIGILL", "SIGABRT", "SIGTRAP", "SIGSYS")
 )
 #: Signals that report: SIGUSR1 logs a status_report line.
 REPORTING_SIGNALS: tuple[int, ...] = (signal.SIGUSR1,)
+#: Signals that stop the migration as SIGTERM does (cancelled, cleaned up, exit
+#: 128+N): every other one the system has, real-time signals included.
+STOPPING_SIGNALS: tuple[int, ...] = tuple(
+    sorted(set(signal.valid_signals()) - LEFT_ALONE - set(REPORTING_SIGNALS))
+)
 
 
 def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
+    """``SIGTERM``; a real-time signal without a name of its own as ``SIGRTMIN+3``."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 class DaemonSignals:
