@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
@@ -21,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import qemu_source as qs
@@ -32,7 +30,9 @@ from helpers import (
     assert_outputs,
     connect,
     final_files,
+    json_stream,
     random_bytes,
+    send_json,
     settings,
     start,
 )
@@ -726,26 +726,6 @@ def test_spills_go_beside_the_first_data_file_unless_spill_dir(tmp_path: Path) -
     # /dev/null's directory is no place for a file: the temporary directory instead.
     null = (DeviceSpec(A, Path("/dev/null"), Path("/dev/null")),)
     assert spill_directory(ReceiveSettings(devices=null)) == Path(tempfile.gettempdir())
-
-
-def send_json(connection: socket.socket, message: object) -> None:
-    connection.sendall(json.dumps(message).encode() + b"\r\n")
-
-
-def json_stream(connection: socket.socket) -> Iterator[dict[str, Any]]:
-    """The JSON objects a peer sends, with or without anything between them."""
-    decoder = json.JSONDecoder()
-    pending = ""
-    while data := connection.recv(4096):
-        pending += data.decode()
-        while pending.strip():
-            try:
-                value, end = decoder.raw_decode(pending.lstrip())
-            except ValueError:
-                break  # incomplete: wait for more
-            pending = pending.lstrip()[end:]
-            yield value
-
 
 
 def test_status_command_against_a_qemu_style_qmp_socket(short_dir: Path) -> None:

@@ -237,6 +237,18 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
             await running.result()
 
 
+async def status_command(path: Path) -> tuple[int, str]:
+    """``vfio-multifd status --json`` run while this loop serves the socket: its exit
+    code and the status it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        *TOOL, "status", "--socket", str(path), "--json",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None and not err, err
+    return proc.returncode, json.loads(out)["status"]
+
+
 async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> None:
     config = settings(tmp_path, A, channels=2)
     running = await start(config)
@@ -261,6 +273,13 @@ async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> Non
             # QEMU's MIGRATION event for each change, after the answer to migrate_cancel.
             assert [e["event"] for e in client.events] == ["MIGRATION"] * 2
             assert [e["data"]["status"] for e in client.events] == ["cancelling", "cancelled"]
+            # The final one carries the figures at the end: the daemon exits right after.
+            assert "info" not in client.events[0]["data"]
+            final = client.events[1]["data"]["info"]
+            assert final["status"] == "cancelled"
+            assert final["devices"][0]["bytes-written"] == 2 * 4096
+            assert final["total-time"] == info["total-time"]  # the clock stopped there
+            assert await status_command(path) == (1, "cancelled")
         finally:
             for sock in socks:
                 sock.close()
@@ -279,6 +298,8 @@ async def test_failed_status_has_error_desc(tmp_path: Path, short_dir: Path) -> 
         with pytest.raises(ProtocolError):
             await running.result()
         info = await query_migrate_over(path)
+        # `vfio-multifd status` tells the outcome by its exit code, as --watch does
+        assert await status_command(path) == (1, "failed")
     assert info["status"] == "failed"
     assert info["error-desc"] == f"channel 0: device {IDSTR}: state buffer 0 already filled"
     assert info["channels"][0]["state"] == "failed"

@@ -8,7 +8,9 @@ SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
 For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
 (which it does only once its outputs are in place) and 1 that a connection
 failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
-``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
+``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered
+or that the migration failed or is being or was cancelled (with ``--watch``:
+that it ended otherwise than completed).
 
 Signals (``receive``): every signal whose default action would end the
 process, real-time signals included
@@ -446,11 +448,14 @@ def _status_command(args: argparse.Namespace) -> int:
     if "error" in reply:
         print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)
         return EXIT_FAILED
+    info = reply["return"]
     if args.json:
-        print(json.dumps(reply["return"], indent=2))
+        print(json.dumps(info, indent=2))
     else:
-        print(status_client.format_table(reply["return"]))
-    return EXIT_OK
+        print(status_client.format_table(info))
+    # As --watch: 1 for a migration that did not or will not complete.
+    failed = isinstance(info, dict) and info.get("status") in status_client.UNSUCCESSFUL_STATUSES
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _watch_status(args: argparse.Namespace) -> int:

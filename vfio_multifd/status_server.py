@@ -191,12 +191,19 @@ class StatusServer:
 
     def _announce(self, status: SessionStatus) -> None:
         """QEMU's ``MIGRATION`` event to every client, after the answer being written
-        (a ``migrate_cancel``'s ``{"return": {}}`` comes first, as from QEMU)."""
+        (a ``migrate_cancel``'s ``{"return": {}}`` comes first, as from QEMU).
+
+        A final status's event also carries ``info``, ``query-migrate``'s answer at
+        that moment: the daemon exits right after, too soon to be asked again.
+        """
         now = time.time()
+        data: JSON = {"status": status.value}
+        if status.final:
+            data["info"] = query_migrate(self.session, time.monotonic())
         event = {
             "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
             "event": "MIGRATION",
-            "data": {"status": status.value},
+            "data": data,
         }
         line = json.dumps(event).encode() + b"\r\n"
 
