@@ -18,7 +18,7 @@ from cli_helpers import Daemon, receive_usage_error, send_to, wait_for
 from helpers import IDSTR, IDSTR_B, ChannelGate, connect, settings, start
 from prometheus_client.parser import text_string_to_metric_families
 
-from vfio_multifd import Address, DeviceKey
+from vfio_multifd import Address, Cancelled, DeviceKey
 from vfio_multifd.metrics import CONTENT_TYPE, MetricsServer, render
 from vfio_multifd.sender import SourceDevice, send
 
@@ -34,6 +34,18 @@ async def http_get(address: Address, path: str = "/metrics", method: str = "GET"
     try:
         writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\nAccept: text/plain\r\n\r\n".encode())
         return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def exchange(address: Address, request: bytes, timeout: float = 5) -> bytes:
+    """Send ``request`` as it is; everything the server sends until it closes."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(address.host, address.port), 5
+    )
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
 
@@ -178,6 +190,29 @@ async def test_other_paths_and_methods(tmp_path: Path) -> None:
         assert (await http_get(server.bound)).startswith(b"HTTP/1.1 200 ")
     running.session.cancel()
     with pytest.raises(Exception, match="cancelled"):
+        await running.result()
+
+
+async def test_a_request_with_bare_lf_line_ends_is_answered(tmp_path: Path) -> None:
+    """Issue 20 item 12: LF-only line ends (or mixed with CRLF), as most servers accept
+    them, get an answer at once; they used to wait for CRLF CRLF until the 5 s timeout
+    and be dropped unanswered."""
+    running = await start(settings(tmp_path, A, channels=1))
+    async with MetricsServer(running.session, Address("tcp", "127.0.0.1", 0)) as server:
+        assert server.bound is not None
+        for request in (
+            b"GET /metrics HTTP/1.1\nHost: x\n\n",
+            b"GET /metrics HTTP/1.0\r\nHost: x\n\r\n",
+            b"GET /metrics HTTP/1.1\nHost: x\r\n\n",
+        ):
+            response = await exchange(server.bound, request, timeout=2)  # well under 5 s
+            assert status_of(parse(response)) == "setup", request
+        head = await exchange(server.bound, b"HEAD /metrics HTTP/1.1\n\n", timeout=2)
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+        missing = await exchange(server.bound, b"GET /nothing HTTP/1.1\n\n", timeout=2)
+        assert missing.startswith(b"HTTP/1.1 404 ")
+    running.session.cancel()
+    with pytest.raises(Cancelled):
         await running.result()
 
 

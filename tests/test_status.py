@@ -224,6 +224,21 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
             assert [(await client.read())["id"] for _ in range(2)] == [3, 4]
             await client.send_raw(b"this is not json\n")
             assert (await client.read())["error"]["class"] == "GenericError"
+            # As QEMU's monitor: a request framed by its JSON, not by lines, whatever
+            # lines it spans and however many reads it takes (issue 20 item 12).
+            await client.send_raw(b'{"execute":\n')
+            await asyncio.sleep(0.05)  # the server reads this half on its own
+            await client.send_raw(b' "query-migrate",\r\n "id": [5,\n"}{"]}')
+            reply = await client.read()
+            assert "id" in reply, reply
+            assert (reply["id"], reply["return"]["status"]) == ([5, "}{"], "setup")
+            await client.send_raw(b'{"execute": "query-commands",\n "id": "x\\"{"}\n')
+            assert (await client.read())["id"] == 'x"{'
+            await client.send_raw(b'{"execute":\n oops}  {"execute": "qmp_capabilities", "id": 6}')
+            bad = await client.read()
+            assert bad["error"]["class"] == "GenericError", bad
+            assert bad["error"]["desc"].startswith("JSON parse error"), bad
+            assert await client.read() == {"return": {}, "id": 6}  # the next one is read
             await client.send_raw(b'["execute"]\n')
             assert (await client.read())["error"]["class"] == "GenericError"
             assert (await client.execute("query-migrate"))["return"]["status"] == "setup"
