@@ -8,7 +8,9 @@ import json
 import socket
 import subprocess
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import TOOL, Daemon, send_to, wait_for
@@ -62,22 +64,28 @@ def _watch(path: Path, *extra: str) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("outcome", ["completed", "failed"])
-def test_watch_until_the_end_then_exit_by_outcome(
-    tmp_path: Path, short_dir: Path, daemons: list[Daemon], outcome: str
-) -> None:
+@dataclass
+class Watched:
+    """A migration watched to its end by ``status --watch 0.2 --json``."""
+
+    sent: subprocess.CompletedProcess[str]
+    code: int  # the watcher's exit code
+    answers: list[dict[str, Any]]  # one per line it printed
+    stderr: str  # the watcher's
+    daemon: tuple[int, str, str]  # the daemon's exit code, stdout and stderr
+
+
+def watch_a_migration(
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon], device: str, *send_options: str
+) -> Watched:
+    """A daemon with a status socket, a watcher started before ``send`` of ``device``."""
     path = short_dir / "status.sock"
     out = tmp_path / "out"
     out.mkdir()
     daemon = Daemon(
-        tmp_path,
-        "--channels",
-        "2",
-        "--status-socket",
-        str(path),
-        "--device",
-        f"idstr={IDSTR},data={out / 'a.bin'}",
-    )
+        tmp_path, "--channels", "2", "--status-socket", str(path),
+        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
+    )  # fmt: skip
     daemons.append(daemon)
     watcher = _watch(path, "--json")
     lines: list[str] = []
@@ -85,8 +93,7 @@ def test_watch_until_the_end_then_exit_by_outcome(
     reader.start()
     try:
         wait_for(lambda: lines, what="the watcher's first answer")  # then send
-        extra = ["--inject", "duplicate"] if outcome == "failed" else []
-        send_to(daemon.address, 2, f"idstr={IDSTR},size=400000,seed=5", *extra)
+        sent = send_to(daemon.address, 2, device, *send_options)
         code = watcher.wait(30)
         reader.join(5)
         stderr = watcher.stderr.read() if watcher.stderr else ""
@@ -94,11 +101,22 @@ def test_watch_until_the_end_then_exit_by_outcome(
         if watcher.poll() is None:
             watcher.kill()
             watcher.wait(5)
-    daemon.finish()
     answers = [json.loads(line) for line in lines]
+    return Watched(sent, code, answers, stderr, daemon.finish())
+
+
+@pytest.mark.parametrize("outcome", ["completed", "failed"])
+def test_watch_until_the_end_then_exit_by_outcome(
+    tmp_path: Path, short_dir: Path, daemons: list[Daemon], outcome: str
+) -> None:
+    extra = ["--inject", "duplicate"] if outcome == "failed" else []
+    run = watch_a_migration(
+        tmp_path, short_dir, daemons, f"idstr={IDSTR},size=400000,seed=5", *extra
+    )
+    answers, stderr = run.answers, run.stderr
     assert answers and answers[0]["status"] in ("setup", "active", outcome), (answers, stderr)
     assert answers[-1]["status"] == outcome, (answers, stderr)
-    assert code == (0 if outcome == "completed" else 1), stderr
+    assert run.code == (0 if outcome == "completed" else 1), stderr
 
 
 def test_watch_where_nothing_answers_says_why(short_dir: Path) -> None:
@@ -117,34 +135,13 @@ def test_watch_ends_with_the_figures_the_daemon_reported_at_the_end(
     still be the daemon's final figures, not the last poll with its status replaced
     (which showed a 64 MiB migration completed with 0 bytes written)."""
     size = 64 << 20
-    path = short_dir / "status.sock"
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path, "--channels", "2", "--status-socket", str(path),
-        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
-    )  # fmt: skip
-    daemons.append(daemon)
-    watcher = _watch(path, "--json")
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(watcher.stdout or []), daemon=True)
-    reader.start()
-    try:
-        wait_for(lambda: lines, what="the watcher's first answer")  # then send
-        sent = send_to(daemon.address, 2, f"idstr={IDSTR},size={size},seed=5")
-        assert sent.returncode == 0, sent.stderr
-        code = watcher.wait(30)
-        reader.join(5)
-        stderr = watcher.stderr.read() if watcher.stderr else ""
-    finally:
-        if watcher.poll() is None:
-            watcher.kill()
-            watcher.wait(5)
-    daemon_code, summary, _ = daemon.finish()
+    run = watch_a_migration(tmp_path, short_dir, daemons, f"idstr={IDSTR},size={size},seed=5")
+    assert run.sent.returncode == 0, run.sent.stderr
+    daemon_code, summary, _ = run.daemon
     assert daemon_code == 0
     assert summary.startswith(f"device {IDSTR}: {size} bytes in 64 chunks"), summary
-    assert code == 0, stderr
-    final = json.loads(lines[-1])
+    assert run.code == 0, run.stderr
+    final = run.answers[-1]
     assert final["status"] == "completed", final
     [device] = final["devices"]
     assert (device["bytes-written"], device["complete"]) == (size, True), final
