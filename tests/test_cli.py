@@ -35,6 +35,7 @@ from cli_helpers import (
 )
 from helpers import IDSTR, IDSTR_B, connect, random_bytes
 
+from vfio_multifd.daemon_signals import signal_name
 from vfio_multifd.status_client import query
 
 # -- end to end ------------------------------------------------------------------
@@ -411,8 +412,24 @@ def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
         (signal.SIGQUIT, 131),
         (signal.SIGUSR2, 140),
         (signal.SIGALRM, 142),
+        # issue 20 item 10: these used to kill the daemon, leaving .part files and sockets
+        (signal.SIGVTALRM, 154),
+        (signal.SIGPROF, 155),
+        (signal.SIGIO, 157),
+        (signal.SIGRTMIN + 1, 163),
     ],
-    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR2", "SIGALRM"],
+    ids=[
+        "SIGTERM",
+        "SIGINT",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGIO",
+        "SIGRTMIN+1",
+    ],
 )
 def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], signum: int, code: int
@@ -452,7 +469,7 @@ def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
             sock.close()
     exit_code, summary, stderr = daemon.finish()
     assert exit_code == code, stderr
-    assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal.Signals(signum).name}"
+    assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal_name(signum)}"
     assert TRACEBACK not in stderr
     assert summary == ""
     assert not data_path.exists()

@@ -8,12 +8,17 @@ SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
 For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
 (which it does only once its outputs are in place) and 1 that a connection
 failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
-``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
+``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered
+or that the migration failed or is being or was cancelled (with ``--watch``:
+that it ended otherwise than completed).
 
 Signals (``receive``): every signal whose default action would end the
-process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
-same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
-nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
+process, real-time signals included
+(:data:`~vfio_multifd.daemon_signals.STOPPING_SIGNALS`), stops the migration
+like SIGTERM, with the same cleanup: temporary files removed, sockets
+unlinked. SIGUSR1 ends nothing: it logs a ``status_report`` line. SIGKILL
+cannot be caught. Once the outcome is decided they are all ignored until the
+process exits: after the commit, the exit status is 0 whatever arrives.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli_options`);
@@ -25,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -41,6 +45,7 @@ import structlog
 
 from . import cli_options, logconfig, notify
 from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
+from .daemon_signals import REPORTING_SIGNALS, STOPPING_SIGNALS, DaemonSignals
 from .errors import Cancelled, MultifdError, Reason, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
 from .results import SessionResult
@@ -56,24 +61,6 @@ EXIT_USAGE = 2
 EXIT_NO_VERDICT = 3  # replay: the daemon neither closed nor reset the channels in time
 
 log = structlog.get_logger("vfio_multifd.cli")
-
-#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
-STOPPING_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGTERM",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGXCPU",
-        "SIGPWR",
-    )
-    if hasattr(signal, name)
-)
-#: Signals that report: SIGUSR1 logs a status_report line.
-REPORTING_SIGNALS = (signal.SIGUSR1,)
 
 T = TypeVar("T")
 
@@ -168,14 +155,8 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
     # Everything allocated so far lives for the whole run: keep the collector
     # from walking it again and again while packets stream through.
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    for signum in STOPPING_SIGNALS:
-        name = signal.Signals(signum).name
-        loop.add_signal_handler(
-            signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
-        )
-    for signum in REPORTING_SIGNALS:
-        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
+    signals = DaemonSignals(asyncio.get_running_loop(), session)
+    signals.install()
     run = asyncio.create_task(session.run(), name="session")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -222,8 +203,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
         if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
-            loop.remove_signal_handler(signum)
+        signals.ignore_until_exit()  # the outcome is decided: nothing may change it now
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -468,11 +448,14 @@ def _status_command(args: argparse.Namespace) -> int:
     if "error" in reply:
         print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)
         return EXIT_FAILED
+    info = reply["return"]
     if args.json:
-        print(json.dumps(reply["return"], indent=2))
+        print(json.dumps(info, indent=2))
     else:
-        print(status_client.format_table(reply["return"]))
-    return EXIT_OK
+        print(status_client.format_table(info))
+    # As --watch: 1 for a migration that did not or will not complete.
+    failed = isinstance(info, dict) and info.get("status") in status_client.UNSUCCESSFUL_STATUSES
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _watch_status(args: argparse.Namespace) -> int:
@@ -501,6 +484,19 @@ def _watch_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """:func:`run_command` for a caller that goes on running in this process: the
+    signals ``receive`` ignores once its outcome is decided are given back."""
+    taken = (*STOPPING_SIGNALS, *REPORTING_SIGNALS)
+    saved = {signum: signal.getsignal(signum) for signum in taken}
+    try:
+        return run_command(argv)
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: not set from Python, left as it is
+                signal.signal(signum, handler)
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code."""
     try:
         args = build_parser().parse_args(argv)
@@ -530,13 +526,15 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def console_main() -> None:
-    """The console script: :func:`main`, then exit even past a stuck writer thread.
+    """The console script: :func:`run_command`, then exit even past a stuck writer thread.
 
     A write to a FIFO that nobody reads cannot be interrupted; the session
     abandons such a thread after a short wait (and has already removed its
     temporary files), and the process must not then hang at exit joining it.
+    The signals ``receive`` ignores once its outcome is decided stay ignored
+    until the process is gone (Python's finalization keeps ``SIG_IGN``).
     """
-    code = main()
+    code = run_command()
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if stuck:
         sys.stdout.flush()

@@ -356,10 +356,10 @@ class Session:
         if status is not self.status:
             self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
+            if status.final:  # before the listeners: the status socket reports the figures
+                self.finished = time.monotonic()
             for listener in list(self.status_listeners):
                 listener(status)
-            if status.final:
-                self.finished = time.monotonic()
 
     # -- what channels ask of the session (channel.ChannelOwner) --------------------
 
