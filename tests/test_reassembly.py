@@ -799,6 +799,8 @@ class ReassemblyMachine(RuleBasedStateMachine):
     def announce(self, key: DeviceKey, idx: int, config: bool, channel: int) -> None:
         model = self.models[key]
         expected = model.outcome(idx, config, channel)
+        if idx in model.announced:  # a second header for it, even from its own channel
+            expected = Reason.VFIO_ALREADY_FILLED
         if expected is None:
             self.buffer.announce(header(idx, config=config, key=key), channel)
             model.announced[idx] = (channel, config)
