@@ -51,16 +51,16 @@ def configuration(machine: str, capabilities: Sequence[str] = ()) -> bytes:
     raw = machine.encode()
     out = bytes([Record.CONFIGURATION]) + struct.pack(">I", len(raw)) + raw
     if capabilities:
-        out += _subsection("configuration/capabilities") + struct.pack(">I", len(capabilities))
-        out += b"".join(_name(capability) for capability in capabilities)
+        out += subsection("configuration/capabilities") + struct.pack(">I", len(capabilities))
+        out += b"".join(u8_string(capability) for capability in capabilities)
     return out
 
 
-def _subsection(name: str) -> bytes:
-    return bytes([Record.SUBSECTION]) + _name(name) + struct.pack(">I", 1)
+def subsection(name: str) -> bytes:
+    return bytes([Record.SUBSECTION]) + u8_string(name) + struct.pack(">I", 1)
 
 
-def _name(name: str) -> bytes:
+def u8_string(name: str) -> bytes:
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) > 255:
         raise ValueError(f"{name!r} does not fit a u8 length")
@@ -72,7 +72,7 @@ def section_header(kind: Record, section_id: int, idstr: str = "", instance_id: 
     """START and FULL name the device; PART and END only the section id."""
     out = bytes([kind]) + struct.pack(">I", section_id)
     if kind in (Record.SECTION_START, Record.SECTION_FULL):
-        out += _name(idstr) + struct.pack(">II", instance_id, version_id)
+        out += u8_string(idstr) + struct.pack(">II", instance_id, version_id)
     return out
 
 
@@ -97,7 +97,7 @@ def ram_block_list(blocks: Mapping[str, int]) -> bytes:
     """MEM_SIZE with the total, then each block's name and used length."""
     out = ram_record(sum(blocks.values()), RamFlag.MEM_SIZE)
     for name, used_length in blocks.items():
-        out += _name(name) + struct.pack(">Q", used_length)
+        out += u8_string(name) + struct.pack(">Q", used_length)
     return out
 
 
@@ -105,13 +105,13 @@ def ram_zero(offset: int, block: str | None, fill: int = 0) -> bytes:
     """A ZERO record; ``block`` None means CONTINUE (the block named last)."""
     if block is None:
         return ram_record(offset, RamFlag.ZERO | RamFlag.CONTINUE) + bytes([fill])
-    return ram_record(offset, RamFlag.ZERO) + _name(block) + bytes([fill])
+    return ram_record(offset, RamFlag.ZERO) + u8_string(block) + bytes([fill])
 
 
 def ram_page(offset: int, block: str | None, data: bytes) -> bytes:
     if block is None:
         return ram_record(offset, RamFlag.PAGE | RamFlag.CONTINUE) + data
-    return ram_record(offset, RamFlag.PAGE) + _name(block) + data
+    return ram_record(offset, RamFlag.PAGE) + u8_string(block) + data
 
 
 def vfio_tag(tag: ConfigTag) -> bytes:
