@@ -540,3 +540,28 @@ def test_errors_come_after_the_events_before_them_and_again() -> None:
 def test_page_size_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         MainStreamParser(page_size=3000)
+
+
+# -- purity ------------------------------------------------------------------------------
+
+PURE_NEW = ("core/mainstream", "core/ram", "source/qemu_like")
+
+
+@pytest.mark.parametrize("module", PURE_NEW)
+def test_the_parsers_and_the_encoder_import_nothing_that_does_io(module: str) -> None:
+    from test_purity import DYNAMIC_IMPORTS, FORBIDDEN_IMPORTS, PACKAGE_DIR, _imports_of
+
+    absolute, relative = _imports_of((PACKAGE_DIR / f"{module}.py").read_text(), module)
+    assert absolute, f"{module} parsed to no imports at all"
+    assert not absolute & (FORBIDDEN_IMPORTS | DYNAMIC_IMPORTS), absolute
+    assert relative <= {"errors", "wire", "core", "mainstream", "ram"}, relative
+
+
+def test_importing_them_loads_no_io_modules() -> None:
+    from test_purity import _REPORT, IO_MODULES, _run
+
+    loaded = _run(
+        "import vfio_multifd.core.mainstream, vfio_multifd.core.ram, vfio_multifd.source.qemu_like"
+        + _REPORT
+    )
+    assert loaded == {name: False for name in IO_MODULES}
