@@ -24,13 +24,8 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from test_mainstream import merged
 
-from vfio_multifd.core.mainstream import (
-    Command,
-    Ended,
-    MainStreamParser,
-    RamFlag,
-    Record,
-)
+from vfio_multifd.core.mainstream import MainStreamParser
+from vfio_multifd.core.savevm import Command, Ended, RamFlag, Record
 from vfio_multifd.errors import ProtocolError, Reason
 from vfio_multifd.source import qemu_like as q
 from vfio_multifd.wire import ConfigTag

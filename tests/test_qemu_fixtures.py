@@ -18,13 +18,14 @@ from qemu.fixtures import NAMES, Recorded, load
 from qemu.harness import BLOB_ADDR, PAGE_SIZE, make_blob, page_digests
 from qemu.reconstruct import channel_units, reconstruct
 
-from vfio_multifd.core.mainstream import (
+from vfio_multifd.core.mainstream import MainStreamParser
+from vfio_multifd.core.ram import MAIN
+from vfio_multifd.core.savevm import (
     BlockList,
     Command,
     CommandEvent,
     Configuration,
     Ended,
-    MainStreamParser,
     Record,
     Section,
     SyncPoint,
@@ -32,7 +33,6 @@ from vfio_multifd.core.mainstream import (
     ZeroPage,
     description_problem,
 )
-from vfio_multifd.core.ram import MAIN
 from vfio_multifd.daemon.ram_images import RamImages
 from vfio_multifd.wire import (
     DEVICE_STATE_HEADER,

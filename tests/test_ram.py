@@ -17,7 +17,6 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from qemu.reconstruct import reconstruct
 
-from vfio_multifd.core.mainstream import RamBlock
 from vfio_multifd.core.ram import (
     MAIN,
     RAM_FIELDS,
@@ -26,6 +25,7 @@ from vfio_multifd.core.ram import (
     parse_ram_packet,
     ram_header_size,
 )
+from vfio_multifd.core.savevm import RamBlock
 from vfio_multifd.errors import ProtocolError, Reason
 from vfio_multifd.source.qemu_like import qemu10_migration
 

@@ -5,30 +5,22 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import test_file_safety
 
-from vfio_multifd.core.mainstream import RamBlock
+from vfio_multifd.core.savevm import RamBlock
 from vfio_multifd.daemon.ram_images import RamImages, image_name, image_names
 from vfio_multifd.errors import DeviceIOError, ProtocolError, Reason, SessionError, UsageError
 
 PAGE = 4096
+victim = test_file_safety.victim  # the fixture: a file that a planted link must not reach
 BLOCKS = (
     RamBlock("pc.ram", 256 * PAGE),
     RamBlock("/rom@etc/acpi/tables", 32 * PAGE),
     RamBlock("100%/x", PAGE),
 )
-VICTIM = b"a file the daemon must never write\n"
-
-
-@pytest.fixture
-def victim(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "victim"
-    path.write_bytes(VICTIM)
-    yield path
-    assert path.read_bytes() == VICTIM, "written through a planted link"
 
 
 def images_in(tmp_path: Path, **options: object) -> RamImages:

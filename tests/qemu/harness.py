@@ -256,6 +256,7 @@ class SourceVm:
     blob: bytes = b""
     running: bool = False
     uuid: str | None = None
+    dirty: tuple[int, int] = (DIRTY_START, DIRTY_END)  # what the running guest rewrites
     rounds: int = 0
     process: subprocess.Popen[bytes] | None = None
     qmp: Qmp | None = None
@@ -281,7 +282,7 @@ class SourceVm:
             args += ["-device", f"loader,file={blob_path},addr={BLOB_ADDR:#x}"]
         if self.running:
             disk = self.workdir / "boot.img"
-            disk.write_bytes(boot_sector() + bytes(512 * 7))
+            disk.write_bytes(boot_sector(*self.dirty) + bytes(512 * 7))
             args += ["-drive", f"file={disk},format=raw,if=ide"]
         else:
             args += ["-S"]
@@ -339,16 +340,18 @@ class SourceVm:
             parameters["zero-page-detection"] = zero_page_detection
         self.execute("migrate-set-parameters", **parameters)
 
-    def migrate(self, port: int, host: str = "127.0.0.1", *, rounds: int = 0) -> None:
+    def migrate(
+        self, port: int, host: str = "127.0.0.1", *, rounds: int = 0, max_bandwidth: int = 16 << 20
+    ) -> None:
         """Start migrating. ``rounds``: keep the migration from converging until it has
         synchronised the dirty bitmap that many times (a running guest's pages are
         then sent several times): a 1 ms downtime limit, lifted in :meth:`wait_migration`,
-        and 16 MiB/s, so that a pass outlasts QEMU's first bandwidth estimate (before
-        it, QEMU completes as soon as one pass is done)."""
+        and ``max_bandwidth`` (bytes/s) low enough that the first pass outlasts QEMU's
+        first bandwidth estimate (before it, QEMU completes as soon as one pass is done)."""
         self.rounds = rounds
         if rounds:
             self.execute(
-                "migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": 16 << 20}
+                "migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": max_bandwidth}
             )
         self.execute("migrate", uri=f"tcp:{host}:{port}")
 

@@ -13,17 +13,9 @@ import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from vfio_multifd.core.mainstream import (
-    BlockList,
-    Ended,
-    MainStreamParser,
-    Page,
-    RamBlock,
-    SyncPoint,
-    VfioData,
-    ZeroPage,
-)
+from vfio_multifd.core.mainstream import MainStreamParser
 from vfio_multifd.core.ram import MAIN, SyncBarrier, parse_ram_packet, ram_header_size
+from vfio_multifd.core.savevm import BlockList, Ended, Page, RamBlock, SyncPoint, VfioData, ZeroPage
 from vfio_multifd.wire import DEVICE_STATE_HEADER, HANDSHAKE, PacketFlag
 
 PAGE = 4096

@@ -2,9 +2,9 @@
 
 Pure: no sockets, no files, no event loop. Like the channel decoder, feeding
 never raises a protocol error: :meth:`MainStreamParser.next_event` raises it
-once every event before it has been taken. Layouts are in PROTOCOL.md
-section 7 (QEMU's ``savevm.c``, ``ram.c`` and ``hw/vfio/migration.c``); all
-integers are big-endian.
+once every event before it has been taken. The records, flags, bounds and
+events are ``savevm.py``'s (PROTOCOL.md section 7; QEMU's ``savevm.c``,
+``ram.c`` and ``hw/vfio/migration.c``).
 
 What is followed: the file header, ``QEMU_VM_CONFIGURATION`` (with its known
 subsections), ``QEMU_VM_COMMAND``, the ``ram`` section (block list, ZERO and
@@ -22,216 +22,47 @@ can then not be told complete, and is an error.
 from __future__ import annotations
 
 import enum
-import json
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import ProtocolError, Reason
 from ..wire import QEMU_VM_FILE_MAGIC, ConfigTag
-
-# --- the stream's format -------------------------------------------------------------
-
-QEMU_VM_FILE_VERSION = 3
-DEFAULT_PAGE_SIZE = 4096
-
-
-class Record(enum.IntEnum):
-    """The byte that starts every top-level record (``savevm.c``)."""
-
-    EOF = 0x00
-    SECTION_START = 0x01
-    SECTION_PART = 0x02
-    SECTION_END = 0x03
-    SECTION_FULL = 0x04
-    SUBSECTION = 0x05
-    VMDESCRIPTION = 0x06
-    CONFIGURATION = 0x07
-    COMMAND = 0x08
-    SECTION_FOOTER = 0x7E
-
-
-class RamFlag(enum.IntFlag):
-    """The low bits of a ram record's be64 ``offset | flags`` (``ram.c``)."""
-
-    FULL = 0x01  # obsolete since 2009
-    ZERO = 0x02
-    MEM_SIZE = 0x04
-    PAGE = 0x08
-    EOS = 0x10
-    CONTINUE = 0x20
-    XBZRLE = 0x40
-    HOOK = 0x80  # RDMA
-    COMPRESS_PAGE = 0x100
-    MULTIFD_FLUSH = 0x200
-
-
-#: Ram record flags refused by name: features this destination does not implement.
-_REFUSED_RAM_FLAGS = {
-    RamFlag.FULL: "the obsolete FULL flag",
-    RamFlag.XBZRLE: "XBZRLE compression (capability xbzrle)",
-    RamFlag.HOOK: "RDMA (an rdma: URI)",
-    RamFlag.COMPRESS_PAGE: "compressed pages (capability compress)",
-}
-_KNOWN_RAM_FLAGS = int(
-    RamFlag.ZERO | RamFlag.MEM_SIZE | RamFlag.PAGE | RamFlag.EOS | RamFlag.CONTINUE
-    | RamFlag.MULTIFD_FLUSH
+from .savevm import (
+    DEFAULT_MAX_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    DESCRIPTION_HEADER_SIZE,
+    KNOWN_RAM_FLAGS,
+    MAX_CAPABILITIES,
+    MAX_MACHINE_NAME,
+    MAX_RAM_BLOCKS,
+    QEMU_VM_FILE_VERSION,
+    REFUSED_CAPABILITIES,
+    REFUSED_COMMANDS,
+    REFUSED_RAM_FLAGS,
+    BlockList,
+    Command,
+    CommandEvent,
+    Configuration,
+    Ended,
+    Event,
+    Page,
+    RamBlock,
+    RamFlag,
+    Record,
+    Section,
+    SyncPoint,
+    Unfollowed,
+    VfioData,
+    ZeroPage,
+    description_problem,
+    is_vfio_idstr,
 )
-
-
-class Command(enum.IntEnum):
-    """``QEMU_VM_COMMAND`` numbers (``savevm.c`` ``enum qemu_vm_cmd``)."""
-
-    OPEN_RETURN_PATH = 1
-    PING = 2
-    POSTCOPY_ADVISE = 3
-    POSTCOPY_LISTEN = 4
-    POSTCOPY_RUN = 5
-    POSTCOPY_RAM_DISCARD = 6
-    PACKAGED = 7
-    ENABLE_COLO = 8
-    POSTCOPY_RESUME = 9
-    RECV_BITMAP = 10
-    SWITCHOVER_START = 11
-
-
-_REFUSED_COMMANDS = {
-    Command.OPEN_RETURN_PATH: "a return path (capability return-path): this destination "
-    "never answers on the main channel",
-    Command.POSTCOPY_ADVISE: "postcopy (capability postcopy-ram)",
-    Command.POSTCOPY_LISTEN: "postcopy",
-    Command.POSTCOPY_RUN: "postcopy",
-    Command.POSTCOPY_RAM_DISCARD: "postcopy",
-    Command.PACKAGED: "postcopy (a packaged stream)",
-    Command.ENABLE_COLO: "COLO (capability x-colo)",
-    Command.POSTCOPY_RESUME: "postcopy recovery",
-    Command.RECV_BITMAP: "postcopy recovery",
-}
-
-#: Capabilities named in the configuration that change the stream in ways not followed here.
-REFUSED_CAPABILITIES = {
-    "x-ignore-shared": "x-ignore-shared (the block list then carries addresses)",
-    "mapped-ram": "mapped-ram (a file migration format)",
-}
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_COMMAND = struct.Struct(">HH")
-_FOOTER_SIZE = 5  # 0x7e + be32 section id
-_DESCRIPTION_HEADER = 6  # QEMU_VM_EOF, QEMU_VM_VMDESCRIPTION, be32 length
-
-#: Bounds checked before anything is buffered.
-MAX_MACHINE_NAME = 256
-MAX_CAPABILITIES = 64
-MAX_RAM_BLOCKS = 1024
-DEFAULT_MAX_DESCRIPTION = 16 << 20
-
-
-def is_vfio_idstr(idstr: str) -> bool:
-    """VFIO registers its sections as ``<device path>/vfio`` (or ``vfio`` alone)."""
-    return idstr == "vfio" or idstr.endswith("/vfio")
-
-
-# --- events --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RamBlock:
-    """One RAMBlock of the block list: its name (``pc.ram``) and used length in bytes."""
-
-    name: str
-    used_length: int
-
-
-@dataclass(frozen=True, slots=True)
-class Configuration:
-    machine: str
-    capabilities: tuple[str, ...] = ()
-    uuid: bytes | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Section:
-    """A section header: ``kind`` is a SECTION_* record; START and FULL name the device."""
-
-    kind: Record
-    section_id: int
-    idstr: str
-    instance_id: int
-    version_id: int
-
-
-@dataclass(frozen=True, slots=True)
-class BlockList:
-    blocks: tuple[RamBlock, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ZeroPage:
-    """A page of ``block`` at ``offset`` whose every byte is ``fill`` (QEMU 7.2 allows any)."""
-
-    block: str
-    offset: int
-    fill: int
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    block: str
-    offset: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class SyncPoint:
-    """Every multifd channel sends one SYNC packet for each of these (``number`` from 1)."""
-
-    number: int
-
-
-@dataclass(frozen=True, slots=True)
-class VfioData:
-    """Bytes of a VFIO device's pre-copy state (a piece of a DEV_DATA_STATE block)."""
-
-    idstr: str
-    instance_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class CommandEvent:
-    command: Command
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Unfollowed:
-    """From ``offset`` on (the data of this section) the stream is kept raw, not parsed."""
-
-    section: Section
-    offset: int
-    why: str
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    """The stream closed at a verified end. ``followed``: parsed to the end, not recognised
-    by its tail. ``description`` is the VM description's JSON text (None if none was sent)."""
-
-    followed: bool
-    description: bytes | None
-
-
-Event = (
-    Configuration | Section | BlockList | ZeroPage | Page | SyncPoint | VfioData
-    | CommandEvent | Unfollowed | Ended
-)
-
-
-# --- the parser ----------------------------------------------------------------------
 
 
 class _NeedMore(Exception):
@@ -319,7 +150,7 @@ class MainStreamParser:
         self._pos = 0  # where the unit being parsed starts in _buffer
         self._configuration = Configuration("")
         self._tail = bytearray()  # UNFOLLOWED: the last bytes of the stream
-        self._tail_keep = max_description + _DESCRIPTION_HEADER
+        self._tail_keep = max_description + DESCRIPTION_HEADER_SIZE
         self._sections: dict[int, Section] = {}  # by section id, from START/FULL
         self._section: Section | None = None  # the section whose data is being parsed
         self.blocks: dict[str, RamBlock] = {}
@@ -566,10 +397,10 @@ class MainStreamParser:
             command = Command(number)
         except ValueError:
             raise self._error(Reason.MAIN_RECORD, f"unknown QEMU_VM_COMMAND {number}") from None
-        if command in _REFUSED_COMMANDS:
+        if command in REFUSED_COMMANDS:
             raise self._error(
                 Reason.MAIN_UNSUPPORTED,
-                f"QEMU_VM_COMMAND {command.name}: the source uses {_REFUSED_COMMANDS[command]}, "
+                f"QEMU_VM_COMMAND {command.name}: the source uses {REFUSED_COMMANDS[command]}, "
                 "which this destination does not take",
             )
         self._emit(CommandEvent(command, data))
@@ -604,16 +435,16 @@ class MainStreamParser:
         header = cursor.unpack(_U64)
         flags = header & (self.page_size - 1)
         address = header - flags
-        for flag, what in _REFUSED_RAM_FLAGS.items():
+        for flag, what in REFUSED_RAM_FLAGS.items():
             if flags & flag:
                 raise self._error(
                     Reason.MAIN_UNSUPPORTED,
                     f"ram record with flags {flags:#x}: the source uses {what}, which this "
                     "destination does not take",
                 )
-        if flags & ~_KNOWN_RAM_FLAGS:
+        if flags & ~KNOWN_RAM_FLAGS:
             raise self._error(
-                Reason.MAIN_RAM, f"ram record with unknown flags {flags & ~_KNOWN_RAM_FLAGS:#x}"
+                Reason.MAIN_RAM, f"ram record with unknown flags {flags & ~KNOWN_RAM_FLAGS:#x}"
             )
         kind = flags & ~RamFlag.CONTINUE
         if kind == RamFlag.MEM_SIZE:
@@ -756,7 +587,7 @@ class MainStreamParser:
         marker = bytes([Record.EOF, Record.VMDESCRIPTION])
         start = tail.find(marker)
         while start != -1:
-            body_at = start + _DESCRIPTION_HEADER
+            body_at = start + DESCRIPTION_HEADER_SIZE
             if body_at <= len(tail):
                 (size,) = _U32.unpack_from(tail, start + 2)
                 if body_at + size == len(tail):
@@ -780,14 +611,3 @@ class MainStreamParser:
             "unfinished record"
             + ("" if self.state is not State.VFIO_DATA else f" ({self._vfio_left} VFIO data bytes missing)"),
         )
-
-
-def description_problem(body: bytes) -> str:
-    """What is wrong with a VM description's text as QEMU writes it, or '' if nothing."""
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        return f"not JSON ({error})"
-    if not isinstance(value, dict) or not isinstance(value.get("devices"), list):
-        return "not a JSON object with a devices list"
-    return ""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 from ..errors import ProtocolError, Reason
 from ..wire import COMPRESSION_METHODS, PACKET_HEADER, PacketFlag
-from .mainstream import DEFAULT_PAGE_SIZE, RamBlock
+from .savevm import DEFAULT_PAGE_SIZE, RamBlock
 
 #: Bytes of pages one packet can carry (MULTIFD_PACKET_SIZE): sets the offset array's size.
 MULTIFD_PACKET_SIZE = 512 * 1024

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..commit import commit_all
-from ..core.mainstream import DEFAULT_PAGE_SIZE, RamBlock
+from ..core.savevm import DEFAULT_PAGE_SIZE, RamBlock
 from ..errors import DeviceIOError, ProtocolError, Reason, SessionError, os_error_text
 from ..output import Output
 from ..safe_files import open_private_directory

@@ -23,14 +23,8 @@ import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..core.mainstream import (
-    DEFAULT_PAGE_SIZE,
-    QEMU_VM_FILE_VERSION,
-    Command,
-    RamFlag,
-    Record,
-)
 from ..core.ram import encode_ram_packet, pages_per_packet
+from ..core.savevm import DEFAULT_PAGE_SIZE, QEMU_VM_FILE_VERSION, Command, RamFlag, Record
 from ..wire import (
     QEMU_VM_FILE_MAGIC,
     ChannelHandshake,
