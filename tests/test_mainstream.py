@@ -311,7 +311,16 @@ def test_a_stream_without_vm_description_ends_at_qemu_vm_eof() -> None:
         (b"QEVX" + bytes(4), Reason.MAIN_MAGIC, "file magic 51455658, expected 5145564d"),
         (b"QEVM" + struct.pack(">I", 2), Reason.MAIN_VERSION, "file version 2, expected 3"),
         (q.file_header() + b"\x09", Reason.MAIN_RECORD, "offset 8: unknown record type 0x09"),
-        (q.file_header() + b"\x05", Reason.MAIN_RECORD, "unknown record type 0x05"),
+        (
+            q.file_header() + b"\x05",
+            Reason.MAIN_RECORD,
+            "record type 0x05 (SUBSECTION) where a top-level record must be",
+        ),
+        (
+            q.file_header() + q.vm_description(b"{}")[1:],
+            Reason.MAIN_RECORD,
+            "record type 0x06 (VMDESCRIPTION) where a top-level record must be",
+        ),
         (
             q.file_header() + bytes([Record.CONFIGURATION]) + struct.pack(">I", 257),
             Reason.MAIN_RECORD,

@@ -12,6 +12,10 @@ sector that keeps rewriting a few MiB (see :func:`boot_sector`).
 Which QEMUs: ``QEMU_7_2`` / ``QEMU_10_0`` in the environment (what
 ``tests/qemu/get-qemu.sh`` prints), else ``qemu-system-x86_64`` on PATH and the
 checkout's ``.qemu/10.0`` that the script unpacks.
+
+``tests/qemu/`` has no ``__init__.py`` on purpose: tests import ``qemu.harness``
+as a portion of the namespace package ``qemu`` that the ``qemu.qmp`` library
+also lives in; a regular package here would hide ``qemu.qmp``.
 """
 
 from __future__ import annotations

@@ -63,6 +63,10 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+# Plain ints for the per-record path (IntFlag arithmetic costs a microsecond a go).
+_ZERO, _PAGE, _CONTINUE = int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.CONTINUE)
+_MEM_SIZE, _EOS, _MULTIFD_FLUSH = int(RamFlag.MEM_SIZE), int(RamFlag.EOS), int(RamFlag.MULTIFD_FLUSH)
+_NOT_TAKEN = ~KNOWN_RAM_FLAGS  # refused or unknown bits
 
 
 class _NeedMore(Exception):
@@ -139,6 +143,7 @@ class MainStreamParser:
         if page_size <= 0 or page_size & (page_size - 1):
             raise ValueError(f"page_size must be a power of two, not {page_size}")
         self.page_size = page_size
+        self._flag_mask = page_size - 1
         self.max_description = max_description
         self.sync_at_eos = sync_at_eos
         self._is_vfio = vfio
@@ -272,7 +277,13 @@ class MainStreamParser:
         elif kind == Record.EOF:
             self.state = State.AFTER_EOF
         else:
-            raise self._error(Reason.MAIN_RECORD, f"unknown record type {kind:#04x}")
+            known = kind in Record._value2member_map_
+            raise self._error(
+                Reason.MAIN_RECORD,
+                f"record type {kind:#04x} ({Record(kind).name}) where a top-level record must be"
+                if known
+                else f"unknown record type {kind:#04x}",
+            )
 
     def _configuration_record(self, cursor: _Cursor) -> None:
         size = cursor.unpack(_U32)
@@ -433,25 +444,14 @@ class MainStreamParser:
 
     def _ram_record(self, cursor: _Cursor) -> None:
         header = cursor.unpack(_U64)
-        flags = header & (self.page_size - 1)
+        flags = header & self._flag_mask
         address = header - flags
-        for flag, what in REFUSED_RAM_FLAGS.items():
-            if flags & flag:
-                raise self._error(
-                    Reason.MAIN_UNSUPPORTED,
-                    f"ram record with flags {flags:#x}: the source uses {what}, which this "
-                    "destination does not take",
-                )
-        if flags & ~KNOWN_RAM_FLAGS:
-            raise self._error(
-                Reason.MAIN_RAM, f"ram record with unknown flags {flags & ~KNOWN_RAM_FLAGS:#x}"
-            )
-        kind = flags & ~RamFlag.CONTINUE
-        if kind == RamFlag.MEM_SIZE:
-            self._block_list(cursor, address)
-        elif kind in (RamFlag.ZERO, RamFlag.PAGE):
+        if flags & _NOT_TAKEN:
+            self._refuse_ram_flags(flags)
+        kind = flags & ~_CONTINUE
+        if kind in (_ZERO, _PAGE):
             block = self._block_of(cursor, flags, address)
-            if kind == RamFlag.ZERO:
+            if kind == _ZERO:
                 fill = cursor.unpack(_U8)
                 self._last_block = block
                 self._emit(ZeroPage(block.name, address, fill))
@@ -459,7 +459,9 @@ class MainStreamParser:
                 data = cursor.take(self.page_size)
                 self._last_block = block
                 self._emit(Page(block.name, address, data))
-        elif kind == RamFlag.MULTIFD_FLUSH:
+        elif kind == _MEM_SIZE:
+            self._block_list(cursor, address)
+        elif kind == _MULTIFD_FLUSH:
             if self.sync_at_eos:
                 raise self._error(
                     Reason.MAIN_RAM,
@@ -467,7 +469,7 @@ class MainStreamParser:
                 )
             self.sync_at_eos = False
             self._sync_point()
-        elif kind == RamFlag.EOS:
+        elif kind == _EOS:
             if self.sync_at_eos is None:
                 self.sync_at_eos = True
             if self.sync_at_eos:
@@ -475,6 +477,18 @@ class MainStreamParser:
             self.state = State.FOOTER
         else:
             raise self._error(Reason.MAIN_RAM, f"ram record with flags {flags:#x}")
+
+    def _refuse_ram_flags(self, flags: int) -> None:
+        for flag, what in REFUSED_RAM_FLAGS.items():
+            if flags & flag:
+                raise self._error(
+                    Reason.MAIN_UNSUPPORTED,
+                    f"ram record with flags {flags:#x}: the source uses {what}, which this "
+                    "destination does not take",
+                )
+        raise self._error(
+            Reason.MAIN_RAM, f"ram record with unknown flags {flags & ~KNOWN_RAM_FLAGS:#x}"
+        )
 
     def _sync_point(self) -> None:
         self.sync_points += 1
@@ -509,7 +523,7 @@ class MainStreamParser:
         self._emit(BlockList(tuple(blocks.values())))
 
     def _block_of(self, cursor: _Cursor, flags: int, offset: int) -> RamBlock:
-        if flags & RamFlag.CONTINUE:
+        if flags & _CONTINUE:
             block = self._last_block
             if block is None:
                 raise self._error(
