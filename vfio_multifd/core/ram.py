@@ -117,15 +117,7 @@ def parse_ram_packet(
             Reason.RAM_BLOCK,
             f"RAM packet {packet_num}: RAMBlock {name!r} is not in the main stream's block list",
         )
-    first = PACKET_HEADER.size + RAM_FIELDS.size
-    offsets = struct.unpack_from(f">{normal_pages + zero_pages}Q", header, first)
-    for offset in offsets:
-        if offset % page_size or offset + page_size > block.used_length:
-            raise ProtocolError(
-                Reason.RAM_OFFSET,
-                f"RAM packet {packet_num}: page offset {offset:#x} of RAMBlock {name} is "
-                f"not a {page_size}-byte page within its used length {block.used_length:#x}",
-            )
+    offsets = _offsets(header, normal_pages + zero_pages, block, page_size, packet_num)
     return RamPacket(
         flags,
         packet_num,
@@ -136,6 +128,24 @@ def parse_ram_packet(
         offsets[normal_pages:],
         normal_pages * page_size,
     )
+
+
+def _offsets(
+    header: bytes | bytearray | memoryview, count: int, block: RamBlock, page_size: int,
+    packet_num: int,
+) -> tuple[int, ...]:
+    """The first ``count`` page offsets, each a page within the block."""
+    offsets: tuple[int, ...] = struct.unpack_from(
+        f">{count}Q", header, PACKET_HEADER.size + RAM_FIELDS.size
+    )
+    for offset in offsets:
+        if offset % page_size or offset + page_size > block.used_length:
+            raise ProtocolError(
+                Reason.RAM_OFFSET,
+                f"RAM packet {packet_num}: page offset {offset:#x} of RAMBlock {block.name} is "
+                f"not a {page_size}-byte page within its used length {block.used_length:#x}",
+            )
+    return offsets
 
 
 def _check_flags(flags: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..core.ram import encode_ram_packet, pages_per_packet
@@ -197,6 +197,16 @@ class _Builder:
         self.packet_num += 1
         self.ram_packets += 1
 
+    def send_image(self, image: Mapping[str, bytes], previous: Mapping[str, bytes] | None) -> None:
+        """A round: every page of ``image``, or those changed since ``previous``."""
+        for name, data in image.items():
+            self.send_pages(name, _pages(data, None if previous is None else previous[name], self.page_size))
+
+    def end_ram_section(self) -> None:
+        """A sync point, then EOS and the ram section's footer."""
+        self.sync()
+        self.main += ram_record(0, RamFlag.EOS) + footer(RAM_SECTION)
+
     def sync(self) -> None:
         """A sync point: MULTIFD_FLUSH on the main stream, an empty SYNC packet on every channel."""
         for channel in range(self.channels):
@@ -206,11 +216,17 @@ class _Builder:
         self.sync_points += 1
 
 
-def _pages(image: bytes, previous: bytes | None, page_size: int) -> Iterator[tuple[int, bytes]]:
-    for offset in range(0, len(image), page_size):
-        page = image[offset : offset + page_size]
-        if previous is None or previous[offset : offset + page_size] != page:
-            yield offset, page
+def _pages(image: bytes, previous: bytes | None, page_size: int) -> list[tuple[int, bytes]]:
+    """Every page of ``image``, or only those that differ from ``previous``."""
+    return [
+        (offset, image[offset : offset + page_size])
+        for offset in range(0, len(image), page_size)
+        if previous is None
+        or previous[offset : offset + page_size] != image[offset : offset + page_size]
+    ]
+
+
+RAM_SECTION = 1  # the ram section's id; VFIO devices' follow, the opaque device's is 0
 
 
 def qemu10_migration(
@@ -229,71 +245,44 @@ def qemu10_migration(
     (QEMU 10's default) or ``legacy``. ``opaque_device``: also send a device
     section that is vmstate (``timer``), as every real VM has: the parser then
     recognises the end by the stream's tail."""
-    if not images:
-        raise ValueError("at least one image of the RAM")
+    blocks = _check_images(images, page_size)
     if zero_pages not in ("multifd", "legacy"):
         raise ValueError(f"zero_pages is multifd or legacy, not {zero_pages!r}")
-    blocks = {name: len(data) for name, data in images[0].items()}
-    for image in images:
-        if {name: len(data) for name, data in image.items()} != blocks:
-            raise ValueError("every image has the same blocks and sizes")
-    if any(size == 0 or size % page_size for size in blocks.values()):
-        raise ValueError(f"block sizes are non-zero multiples of {page_size}")
     build = _Builder(channels, page_size, zero_pages, uuid)
-    ram_id = 1
-    device_ids = {device.key: ram_id + 1 + n for n, device in enumerate(devices)}
+    ids = {device.key: RAM_SECTION + 1 + n for n, device in enumerate(devices)}
     main = build.main
     main += file_header() + configuration(machine)
     # setup: the block list, a sync point; each VFIO device's setup marker
-    main += section_header(Record.SECTION_START, ram_id, "ram", 0, 4) + ram_block_list(blocks)
-    build.sync()
-    main += ram_record(0, RamFlag.EOS) + footer(ram_id)
+    main += section_header(Record.SECTION_START, RAM_SECTION, "ram", 0, 4)
+    main += ram_block_list(blocks)
+    build.end_ram_section()
     for device in devices:
-        section_id = device_ids[device.key]
-        main += section_header(Record.SECTION_START, section_id, device.key.idstr,
-                               device.key.instance_id, 1)
+        main += _device_section(Record.SECTION_START, ids[device.key], device)
         main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
-        main += footer(section_id)
+        main += footer(ids[device.key])
     # pre-copy rounds: all but the last image; the VFIO devices' pre-copy data beside them
     previous: Mapping[str, bytes] | None = None
     for number, image in enumerate(images[:-1]):
-        main += section_header(Record.SECTION_PART, ram_id)
-        for name, data in image.items():
-            build.send_pages(name, list(_pages(data, None if previous is None else previous[name], page_size)))
-        build.sync()
-        main += ram_record(0, RamFlag.EOS) + footer(ram_id)
+        main += section_header(Record.SECTION_PART, RAM_SECTION)
+        build.send_image(image, previous)
+        build.end_ram_section()
         for device in devices:
             if number < len(device.precopy):
-                section_id = device_ids[device.key]
-                main += section_header(Record.SECTION_PART, section_id)
+                main += section_header(Record.SECTION_PART, ids[device.key])
                 main += vfio_data(device.precopy[number]) + vfio_tag(ConfigTag.END_OF_STATE)
-                main += footer(section_id)
+                main += footer(ids[device.key])
         previous = image
     # stop-copy: the last image's changes, the devices' chunks among them
     main += command(Command.SWITCHOVER_START)
-    main += section_header(Record.SECTION_END, ram_id)
-    last = images[-1]
-    for name, data in last.items():
-        build.send_pages(name, list(_pages(data, None if previous is None else previous[name], page_size)))
+    main += section_header(Record.SECTION_END, RAM_SECTION)
+    build.send_image(images[-1], previous)
     _send_device_state(build, devices)
-    build.sync()
-    main += ram_record(0, RamFlag.EOS) + footer(ram_id)
+    build.end_ram_section()
     for device in devices:
-        section_id = device_ids[device.key]
         # Multifd device state transfer leaves only the end markers on the main channel.
-        main += section_header(Record.SECTION_END, section_id)
-        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(section_id)
-    described = [{"name": "ram", "instance_id": 0, "vmsd_name": "ram", "version": 4}]
-    if opaque_device:
-        main += section_header(Record.SECTION_FULL, 0, "timer", 0, 2) + bytes(range(24)) + footer(0)
-        described.append({"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2})
-    for device in devices:
-        section_id = device_ids[device.key]
-        main += section_header(Record.SECTION_FULL, section_id, device.key.idstr,
-                               device.key.instance_id, 1)
-        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(section_id)
-    description = json.dumps({"page_size": page_size, "devices": described}).encode()
-    main += vm_description(description)
+        main += section_header(Record.SECTION_END, ids[device.key])
+        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    description = _end(build, devices, ids, opaque_device)
     return QemuLikeStreams(
         bytes(main),
         [b"".join(packets) for packets in build.packets],
@@ -302,6 +291,41 @@ def qemu10_migration(
         build.device_packets,
         description,
     )
+
+
+def _check_images(images: Sequence[Mapping[str, bytes]], page_size: int) -> dict[str, int]:
+    """The block list the images share."""
+    if not images:
+        raise ValueError("at least one image of the RAM")
+    blocks = {name: len(data) for name, data in images[0].items()}
+    for image in images:
+        if {name: len(data) for name, data in image.items()} != blocks:
+            raise ValueError("every image has the same blocks and sizes")
+    if any(size == 0 or size % page_size for size in blocks.values()):
+        raise ValueError(f"block sizes are non-zero multiples of {page_size}")
+    return blocks
+
+
+def _device_section(kind: Record, section_id: int, device: VfioDevice) -> bytes:
+    return section_header(kind, section_id, device.key.idstr, device.key.instance_id, 1)
+
+
+def _end(
+    build: _Builder, devices: Sequence[VfioDevice], ids: Mapping[DeviceKey, int], opaque: bool
+) -> bytes:
+    """The devices sent whole (an opaque one if asked, each VFIO device's end marker),
+    QEMU_VM_EOF and the VM description; returns the description."""
+    described = [{"name": "ram", "instance_id": 0, "vmsd_name": "ram", "version": 4}]
+    if opaque:
+        build.main += section_header(Record.SECTION_FULL, 0, "timer", 0, 2)
+        build.main += bytes(range(24)) + footer(0)
+        described.append({"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2})
+    for device in devices:
+        build.main += _device_section(Record.SECTION_FULL, ids[device.key], device)
+        build.main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    description = json.dumps({"page_size": build.page_size, "devices": described}).encode()
+    build.main += vm_description(description)
+    return description
 
 
 def _send_device_state(build: _Builder, devices: Sequence[VfioDevice]) -> None:
