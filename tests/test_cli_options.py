@@ -328,3 +328,50 @@ def test_run_loop_runs_the_loop_it_is_given(name: str) -> None:
 
     loop_type = run_loop(which(), EventLoop(name))
     assert issubclass(loop_type, uvloop.Loop) == (name == "uvloop")
+
+
+# -- options spelled in full ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["receive", "send"])
+def test_an_abbreviated_option_is_refused_naming_the_whole_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """argparse took --chan 4 for --channels 4: a script would break once another
+    --chan... option came."""
+    for argv in (["--chan", "4"], ["--chan=4"]):
+        line = usage_error(capsys, [*base_args(command, tmp_path), *argv])
+        assert line == (
+            "vfio-multifd: error: unrecognized option '--chan' (did you mean --channels?)"
+        )
+
+
+def test_a_misspelled_required_option_is_named_before_the_missing_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was answered "the following arguments are required: --connect"."""
+    line = usage_error(capsys, ["send", "--conect", "tcp:127.0.0.1:9", "--device", "idstr=a,size=1"])
+    assert line == "vfio-multifd: error: unrecognized option '--conect' (did you mean --connect?)"
+    line = usage_error(capsys, ["--verison"])
+    assert line == "vfio-multifd: error: unrecognized option '--verison' (did you mean --version?)"
+    line = usage_error(capsys, ["receive", "--zzz", "1"])
+    assert line == "vfio-multifd: error: unrecognized option '--zzz' (see --help)"
+
+
+def test_no_parser_takes_any_option_abbreviated(tmp_path: Path) -> None:
+    """Every long option of every subcommand, less its last letter, is refused (unless
+    that is an option of its own), and the refusal suggests it."""
+    parsers = {"vfio-multifd": build_parser(), **subparsers()}
+    checked = 0
+    for name, parser in parsers.items():
+        assert not parser.allow_abbrev, name
+        options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+        for option in sorted(options):
+            prefix = option[:-1]
+            if prefix in options or prefix == "-":
+                continue
+            with pytest.raises(UsageError, match="unrecognized option") as refused:
+                parser.parse_args([prefix, "1"])
+            assert option in str(refused.value), (name, option)
+            checked += 1
+    assert checked > 60

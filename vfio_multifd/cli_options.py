@@ -11,11 +11,13 @@ nothing of sessions or sockets.
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import functools
 import math
 import platform
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -55,7 +57,42 @@ class EventLoop(enum.StrEnum):
 
 
 class _Parser(argparse.ArgumentParser):
-    """A usage error goes through :func:`main` like any other: one line, exit 2."""
+    """A usage error goes through :func:`main` like any other: one line, exit 2.
+
+    Options are spelled in full: argparse's abbreviations would make ``--chan 4``
+    mean ``--channels 4`` today and an error once another ``--chan...`` option is
+    added, so scripts could break with no change of theirs. A misspelled option
+    is named, with the options it may have meant, before anything else is checked.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        arguments = list(sys.argv[1:] if args is None else args)
+        self._check_option_names(arguments)
+        return super().parse_known_args(arguments, namespace)
+
+    def _check_option_names(self, arguments: list[str]) -> None:
+        """Refuse a ``--name`` this parser does not know, suggesting the closest ones.
+
+        Without this, ``send --conect ADDR`` is answered "the following arguments
+        are required: --connect", which hides the typo. A parser with subcommands
+        looks only at what comes before the subcommand (the rest is its own)."""
+        has_subcommands = self._subparsers is not None
+        known = sorted(name for name in self._option_string_actions if name.startswith("--"))
+        for argument in arguments:
+            if argument == "--":
+                return
+            if has_subcommands and not argument.startswith("-"):
+                return
+            name = argument.partition("=")[0]
+            if not name.startswith("--") or name in self._option_string_actions:
+                continue
+            self.error(f"unrecognized option {name!r}{_did_you_mean(name, known)}")
 
     def error(self, message: str) -> NoReturn:
         # "argument --channels: --channels must be 1..256 ...": a message shared
@@ -64,6 +101,15 @@ class _Parser(argparse.ArgumentParser):
         if prefix.startswith("argument ") and rest.startswith(prefix.split()[-1] + " "):
             message = rest
         raise UsageError(message)
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """`` (did you mean --channels?)``: the options ``name`` starts, else the closest."""
+    guesses = [option for option in known if option.startswith(name)]
+    guesses = guesses or difflib.get_close_matches(name, known, n=1)
+    if not guesses:
+        return " (see --help)"
+    return f" (did you mean {' or '.join(guesses)}?)"
 
 
 def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
