@@ -232,7 +232,16 @@ def build_parser(
     """``vfio-multifd``'s parser; each subcommand sets ``handler`` to the one given."""
     parser = _Parser(
         prog="vfio-multifd",
-        description="QEMU-format multifd device-state migration: destination and source.",
+        description="The destination of a QEMU multifd migration's device state: it receives "
+        "QEMU 10.x's VFIO multifd device-state packets (vfio-pci's "
+        "x-migration-multifd-transfer) on several channels, out of order, and writes each "
+        "device's data and config state to files, in place only when complete. A sender that "
+        "behaves like QEMU's source, a status client and a replay of recordings come with it. "
+        "A real QEMU's main channel, RAM and SYNC packets are not received yet.",
+        epilog="Documentation: README.md and docs/ in the source tree (docs/receiving.md, "
+        "docs/sending.md, docs/operating.md, docs/qemu.md...), and the manual page "
+        "docs/vfio-multifd.1 (man ./docs/vfio-multifd.1 there). Each subcommand's --help "
+        "lists its options and exit codes.",
     )
     parser.add_argument(
         "--version",
@@ -240,7 +249,7 @@ def build_parser(
         help="print the versions of vfio-multifd, Python, uvloop and structlog, and exit",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, help="what to do"
+        title="commands", dest="command", required=True, parser_class=_Parser, help="what to do"
     )
     _add_receive(sub, receive)
     _add_send(sub, send)
@@ -354,6 +363,13 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
     rx = sub.add_parser(
         "receive",
         help="run the destination daemon",
+        description="Listen for the migration's --channels channels, write each --device's "
+        "data and config state to temporary files as its chunks come, and put them all in "
+        "place once every device is complete. Exit 0: every device is complete and its files "
+        "are in place; 1: the migration failed (a protocol error, a device I/O error, an "
+        "incomplete stream, missing channels, a timeout) or was cancelled with migrate_cancel; "
+        "2: usage error; 128+N: stopped by signal N (130 SIGINT, 143 SIGTERM...). On failure "
+        "or a signal nothing is put in place.",
         parents=[
             _migration_parent(),
             _reporting_parent(
@@ -657,7 +673,14 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
 
 
 def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:
-    st = sub.add_parser("status", help="ask a running daemon (or QEMU's QMP) for query-migrate")
+    st = sub.add_parser(
+        "status",
+        help="ask a running daemon (or QEMU's QMP) for query-migrate",
+        description="Ask a daemon's --status-socket (or QEMU's QMP socket) for query-migrate "
+        "and print the answer as a table, or as JSON. Exit 0: an answer (with --watch: the "
+        "migration completed); 1: no answer (the error says which socket and why), or with "
+        "--watch the migration ended otherwise; 2: usage error.",
+    )
     st.set_defaults(handler=handler)
     st.add_argument(
         "--socket",
