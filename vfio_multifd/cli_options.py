@@ -426,6 +426,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="serve GET /metrics (Prometheus text format) on this address "
         "(port 0 picks a free port: the metrics_listening log line says which)",
     )
+    _add_result(rx, "docs/receiving.md")
     rx.add_argument(
         "--ready-fd",
         type=_ready_fd,
@@ -433,6 +434,19 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="N",
         help="once listening, write a newline to file descriptor N and close it "
         "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
+    )
+
+
+def _add_result(parser: argparse.ArgumentParser, page: str) -> None:
+    """``--result PATH``: how the command ended, as one JSON document."""
+    parser.add_argument(
+        "--result",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="at exit (success, failure or cancel alike) write one JSON document to PATH, "
+        "atomically: outcome, exit code, reason, devices, channels... (every field: "
+        f"{page})",
     )
 
 
@@ -586,6 +600,7 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="packet order: round-robin as QEMU, or reverse / random",
     )
     tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    _add_result(tx, "docs/sending.md")
     tx.add_argument(
         "--inject",
         choices=sorted(FAULTS),

@@ -286,6 +286,18 @@ class SendResult:
         return sum(d[1] for d in self.devices) / 1e6 / self.seconds if self.seconds else 0.0
 
 
+@dataclass(slots=True)
+class SendTally:
+    """What :func:`send` has done so far, kept up to date as it goes, so that what a
+    failed or stopped send did can be told too (``send --result``)."""
+
+    chunks: list[int] = field(default_factory=list)  # each device's data chunks
+    digests: list[str] = field(default_factory=list)  # each device's, once computed
+    channel_bytes: list[int] = field(default_factory=list)  # sent on each channel so far
+    started: float | None = None  # monotonic: the first connection was attempted
+    ended: float | None = None  # monotonic: every channel ended (or failed)
+
+
 def connect(address: Address, timeout: float, *, channel: int | None = None) -> socket.socket:
     """Connect, retrying while nothing listens at ``address`` yet (for ``timeout`` seconds;
     a log line says so, and until when). Raises :class:`SendError` naming the address."""
@@ -610,26 +622,31 @@ def send(
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     tls: TlsClient | None = None,
+    tally: SendTally | None = None,
 ) -> SendResult:
     """Send ``devices`` over ``channels`` connections to ``address``, and wait for the
     daemon's verdict (see :func:`run_channels`).
 
     ``progress(device_index, nbytes)`` is called after each data chunk is sent,
-    from the channel's own thread (so it must be thread-safe). Raises
+    from the channel's own thread (so it must be thread-safe). ``tally``, if given,
+    is kept up to date as the send goes. Raises
     :class:`SendError` when a channel fails, and :class:`Cancelled` saying what
     was sent when stopped by SIGINT (or a :class:`Stopped` signal).
     """
     check_channels(channels)
     if chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
+    tally = SendTally() if tally is None else tally
+    tally.channel_bytes = [0] * channels
     states = [DeviceState(device, chunk_size) for device in devices]
+    tally.chunks = [state.chunks for state in states]
     # What each channel sent so far, each written by its own channel's thread only.
     data_sent = [0] * channels
     packets_sent = [0] * channels
     per_channel: list[list[Packet]] = []
     stop = threading.Event()
     try:
-        digests = [state.digest(digest) for state in states]
+        digests = tally.digests = [state.digest(digest) for state in states]
         per_channel = plan(states, channels, order, seed)
         if inject is not None and inject not in FAULTS:
             raise UsageError(f"unknown --inject {inject!r} (one of {', '.join(FAULTS)})")
@@ -641,6 +658,7 @@ def send(
                 fault = inject if channel_id == 0 else None
                 handshake = ChannelHandshake(channel_id, uuid)
                 total = send_all(sock, [_handshake_bytes(handshake, fault, channels)])
+                tally.channel_bytes[channel_id] = total
                 for n, (d, idx) in enumerate(per_channel[channel_id]):
                     if stop.is_set():  # another channel failed
                         break
@@ -648,9 +666,12 @@ def send(
                     prefix = encode_packet_prefix(key, idx, len(data), config)
                     if n == 0 and fault is not None:
                         if fault == "truncate":
-                            return total + send_all(sock, [prefix[: len(prefix) // 2]])
+                            total += send_all(sock, [prefix[: len(prefix) // 2]])
+                            tally.channel_bytes[channel_id] = total
+                            return total
                         prefix, data = _corrupt(fault, prefix, data)
                     total += send_all(sock, [prefix, data])
+                    tally.channel_bytes[channel_id] = total
                     packets_sent[channel_id] += 1
                     if d >= 0 and idx < states[d].chunks:
                         data_sent[channel_id] += len(data)
@@ -660,11 +681,14 @@ def send(
 
             return run
 
-        started = time.monotonic()
-        sent = run_channels(
-            address, [stream(n) for n in range(channels)], connect_timeout, stop=stop, tls=tls
-        )
-        seconds = time.monotonic() - started
+        started = tally.started = time.monotonic()
+        try:
+            sent = run_channels(
+                address, [stream(n) for n in range(channels)], connect_timeout, stop=stop, tls=tls
+            )
+        finally:
+            tally.ended = time.monotonic()
+        seconds = tally.ended - started
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signal_number", signal.SIGINT)
         what = _what_was_sent(
