@@ -107,6 +107,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         handshake_timeout=args.handshake_timeout,
         max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
+        missing_channels_grace=args.missing_channels_grace,
         digest=args.digest,
         fsync=not args.no_fsync,
         tls=receive_tls(args),

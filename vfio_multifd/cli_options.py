@@ -25,6 +25,7 @@ from . import __version__, logconfig
 from .config import (
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MISSING_CHANNELS_GRACE,
     Address,
     DeviceSpec,
     Digest,
@@ -546,6 +547,16 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         "cores copy from the kernel at once; 0: the main loop reads them all (default: half "
         "the cores, at most --channels, 0 below 4 cores; TLS channels are read on the main "
         "loop)",
+    )
+    rx.add_argument(
+        "--missing-channels-grace",
+        type=_seconds_or_off,
+        default=DEFAULT_MISSING_CHANNELS_GRACE,
+        metavar="SECONDS",
+        help="once every channel that connected has ended while others never came (the "
+        "source has fewer channels than --channels), log missing_channels and fail this "
+        f"much later unless they come (default {DEFAULT_MISSING_CHANNELS_GRACE:g}; 0: wait "
+        "for --accept-timeout or --progress-timeout)",
     )
     rx.add_argument(
         "--progress-timeout",

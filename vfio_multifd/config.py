@@ -217,6 +217,11 @@ class Digest(enum.StrEnum):
     SHA256 = "sha256"
 
 
+#: --missing-channels-grace: long enough for a source's slow channel to connect
+#: after the others have sent everything, short enough that a --channels mismatch
+#: fails while its operator is still looking.
+DEFAULT_MISSING_CHANNELS_GRACE = 5.0
+
 #: Connections without a complete handshake held at once; a real migration has at
 #: most 256 channels, each handshaking for a round trip.
 DEFAULT_MAX_PENDING_CONNECTIONS = 512
@@ -270,6 +275,9 @@ class ReceiveSettings:
     handshake_timeout: float = 10.0
     max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
     progress_timeout: float | None = 150.0  # KubeVirt's default
+    #: Once every connected channel has ended while others never came: fail this
+    #: much later unless they come (None: wait for the timeouts above).
+    missing_channels_grace: float | None = DEFAULT_MISSING_CHANNELS_GRACE
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
     tls: TlsSettings | None = None  # None: plaintext channels

@@ -393,6 +393,7 @@ def run_channels(
     tls: TlsClient | None = None,
     channel_ids: Sequence[int] | None = None,
     ends: Sequence[StreamEnd] | None = None,
+    reset_hint: str = "",
 ) -> list[int]:
     """Connect every channel, run each stream on its own thread, then wait for the
     daemon's verdict; returns the bytes each channel sent.
@@ -411,6 +412,7 @@ def run_channels(
     Streams connect in the order given; ``channel_ids`` names them in errors and
     logs (default 0, 1...: their place). ``ends`` says how each ends once sent
     (default: all :attr:`StreamEnd.CLOSE`); a replay ends each as it was recorded.
+    ``reset_hint`` is added to the message of a reset: what else could explain it.
     """
     stop = stop or threading.Event()
     ids = list(range(len(streams))) if channel_ids is None else list(channel_ids)
@@ -444,7 +446,9 @@ def run_channels(
                 sent[n] = streams[n](sock)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=None, sock=sock) from None
+                    raise _channel_error(
+                        ids[n], address, error, sent=None, sock=sock, hint=reset_hint
+                    ) from None
                 return
             if stop.is_set():
                 return
@@ -468,7 +472,9 @@ def run_channels(
                 _await_verdict(sock, tls=tls is not None and endings[n] is StreamEnd.KEEP_OPEN)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=sent[n], sock=sock) from None
+                    raise _channel_error(
+                        ids[n], address, error, sent=sent[n], sock=sock, hint=reset_hint
+                    ) from None
         except BaseException as error:  # reported by the caller
             with lock:
                 errors.append(error)
@@ -568,6 +574,7 @@ def _channel_error(
     *,
     sent: int | None,
     sock: socket.socket | None = None,
+    hint: str = "",
 ) -> SendError:
     """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
     when = (
@@ -575,7 +582,9 @@ def _channel_error(
         if sent is None
         else f"after this channel sent all its {sent} bytes"
     )
-    verdict = "it refused this channel or the migration failed (the daemon's error says which)"
+    verdict = (
+        f"it refused this channel or the migration failed (the daemon's error says which{hint})"
+    )
     # Over TLS a reset is mostly reported as an end without close_notify: TCP says which.
     if isinstance(error, ssl.SSLEOFError) and (sock is None or not _was_reset(sock)):
         return SendError(
@@ -684,7 +693,14 @@ def send(
         started = tally.started = time.monotonic()
         try:
             sent = run_channels(
-                address, [stream(n) for n in range(channels)], connect_timeout, stop=stop, tls=tls
+                address,
+                [stream(n) for n in range(channels)],
+                connect_timeout,
+                stop=stop,
+                tls=tls,
+                # A daemon expecting more channels fails once these ended; one expecting
+                # fewer refuses the ids it does not know.
+                reset_hint=f"; a daemon whose --channels is not {channels}, as here, does either",
             )
         finally:
             tally.ended = time.monotonic()

@@ -35,7 +35,7 @@ from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .recorder import Recorder
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
-from .watchdog import Sample, Watchdog, watch
+from .watchdog import MissingChannels, Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
@@ -216,8 +216,10 @@ class Session:
                     accept_timeout=settings.accept_timeout,
                     progress_timeout=settings.progress_timeout,
                     now=asyncio.get_running_loop().time(),
+                    missing_channels_grace=settings.missing_channels_grace,
                 )
-                self._spawn(watch(watchdog, self._sample, self.fail), "watchdog")
+                warn = self._warn_missing_channels
+                self._spawn(watch(watchdog, self._sample, self.fail, warn), "watchdog")
                 loads = [
                     group.create_task(self._load(loader), name=f"loader {loader.device.key}")
                     for loader in self.loaders
@@ -251,6 +253,15 @@ class Session:
             why="every device is complete, but a migration needs all its channels",
         )
         await self._all_connected.wait()
+
+    def _warn_missing_channels(self, warning: MissingChannels) -> None:
+        self.log.warning(
+            "missing_channels",
+            channels=warning.channels,
+            missing=list(warning.missing),
+            fail_in=warning.grace,
+            why=warning.text,
+        )
 
     def _missing_channels(self) -> list[int]:
         return sorted(set(range(self.settings.channels)) - set(self.registry.channels))
@@ -415,6 +426,8 @@ class Session:
             written=self.reassembly.bytes_written,
             active=self.status is SessionStatus.ACTIVE,
             waiting_for=self._waiting_for(),
+            reading=self.registry.reading,
+            handshaking=len(self.registry.pending),
         )
 
     def _waiting_for(self) -> tuple[str, ...]:
