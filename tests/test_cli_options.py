@@ -277,13 +277,20 @@ def test_send_log_level_help_does_not_name_receiver_events() -> None:
         (["--max-packet-size", "0"], "--max-packet-size 0 is below 12"),
         (["--max-packet-size", "11"], "--max-packet-size 11 is below 12"),
         (
-            ["--max-queued-bytes", "4M"],
-            "--max-queued-bytes 4194304 is too small for --max-packet-size 4194304: "
-            "the smallest bound that works is 8388864",
+            ["--max-queued-bytes", "2M"],
+            "--max-queued-bytes 2097152 is too small for --max-packet-size 1048588: "
+            "the smallest bound that works is 2097408 (a reserve for the chunk a loader needs "
+            "next, and a buffer to spill from, each as large as the largest chunk); give "
+            "--max-queued-bytes 3MiB or more",
         ),
         (
-            ["--max-queued-bytes", "1M", "--max-packet-size", "1M"],
-            "the smallest bound that works is 2097408",
+            ["--max-queued-bytes", "1M", "--max-packet-size", "4M"],
+            "the smallest bound that works is 8388864 (a reserve",
+        ),
+        (
+            ["--max-queued-bytes", "4M", "--max-packet-size", "4M", "--on-queue-full", "fail"],
+            "the smallest bound that works is 4194560 (the largest chunk and its bookkeeping); "
+            "give --max-queued-bytes 5MiB or more",
         ),
     ],
 )
@@ -375,3 +382,19 @@ def test_no_parser_takes_any_option_abbreviated(tmp_path: Path) -> None:
             assert option in str(refused.value), (name, option)
             checked += 1
     assert checked > 60
+
+
+@pytest.mark.parametrize("bound", ["3M", "4M", "8M", "64M"])
+def test_round_bounds_work_with_the_default_packet_size(tmp_path: Path, bound: str) -> None:
+    """--max-queued-bytes 8M was refused by 256 bytes with the default --max-packet-size 4M."""
+    settings = receive_settings(parse("receive", tmp_path, "--max-queued-bytes", bound))
+    assert settings.max_queued_bytes == int(bound[:-1]) << 20
+
+
+def test_the_defaults_fit_qemu_and_our_sender() -> None:
+    """QEMU's largest device-state packet is a 1 MiB chunk and its 12-byte VFIO header:
+    the default --max-packet-size takes it, and our sender's default chunk size makes it."""
+    from vfio_multifd.sender import DEFAULT_CHUNK_SIZE
+    from vfio_multifd.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
+
+    assert DEFAULT_MAX_PACKET_SIZE == (1 << 20) + 12 == DEFAULT_CHUNK_SIZE + VFIO_HEADER.size

@@ -485,7 +485,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         type=_size,
         default=DEFAULT_MAX_PACKET_SIZE,
         metavar="SIZE",
-        help="largest next_packet_size accepted (default 4M)",
+        help="largest next_packet_size accepted (default 1048588: QEMU's largest packet, "
+        "a 1 MiB chunk and its 12-byte VFIO header)",
     )
     rx.add_argument(
         "--max-queued-bytes",

@@ -141,6 +141,8 @@ class OutputSet:
             if not self.committing:
                 # Even if the discard itself was cancelled: no .part file stays.
                 loader.discard_quietly()
+            for output in loader.outputs:
+                output.unlock()
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

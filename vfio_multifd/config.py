@@ -200,6 +200,8 @@ def _shareable(path: Path) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
+MiB = 1 << 20
+
 #: The CLI's default --max-queued-bytes. Bounded by default: a daemon's memory
 #: should not depend on the order a source happens to send in, and a bounded
 #: queue keeps buffers recycled and the completion lag short when the disk is
@@ -316,7 +318,8 @@ class ReceiveSettings:
             )
             raise UsageError(
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
-                f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
+                f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why}); "
+                f"give --max-queued-bytes {-(-smallest // MiB)}MiB or more"
             )
 
     def check_paths(self, *extra: tuple[str, Path]) -> None:

@@ -25,7 +25,14 @@ from .admission import Admission
 from .channel import ChannelProtocol, read_channel
 from .commit import OutputSet
 from .config import Address, QueueFullPolicy, ReceiveSettings
-from .errors import Cancelled, HandshakeError, MultifdError, Reason, SessionError
+from .errors import (
+    Cancelled,
+    HandshakeError,
+    MultifdError,
+    Reason,
+    SessionError,
+    UsageError,
+)
 from .listener import EXPLAINED_BY_REFUSALS, ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
@@ -153,7 +160,10 @@ class Session:
                     error.message += f"; {refusals}"
             self.error = error
             cancelled = isinstance(error, Cancelled)
-            self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
+            self._set_status(
+                SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED,
+                quiet=isinstance(error, UsageError),
+            )
             raise
         finally:
             if self.recorder is not None:  # for failed and cancelled migrations too
@@ -345,15 +355,24 @@ class Session:
         # Show it at once (status socket), not only once the abort is done.
         if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
             cancelled = isinstance(error, Cancelled)
-            self._set_status(SessionStatus.CANCELLING if cancelled else SessionStatus.FAILED)
+            self._set_status(
+                SessionStatus.CANCELLING if cancelled else SessionStatus.FAILED,
+                quiet=isinstance(error, UsageError),
+            )
 
     def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
-        """Stop the migration; too late once every device is complete (then it is ignored)."""
-        if self.outputs.committing or self.status not in (
-            SessionStatus.SETUP,
-            SessionStatus.ACTIVE,
-        ):
-            self.log.info("cancel_ignored", status=self.status.value, why=why)
+        """Stop the migration; too late once every device is complete (then it is ignored,
+        and said so), needless once it is failing or being cancelled already (a source
+        stopped by the same Ctrl-C may have reset its channels first: no line then)."""
+        if self.outputs.committing or self.status is SessionStatus.COMPLETED:
+            self.log.info(
+                "cancel_ignored",
+                status=SessionStatus.COMPLETED.value,
+                why=f"{why}: every device is complete, its outputs are being put in place",
+            )
+            return
+        if self.status not in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            self.log.debug("cancel_ignored", status=self.status.value, why=why)
             return
         self.fail(Cancelled(why, signal_number=signal_number))
 
@@ -363,9 +382,12 @@ class Session:
         else:  # a bug rather than an I/O error: fail loudly, still cleanly
             self.fail(SessionError(Reason.INTERNAL, f"writer failed: {error!r}"))
 
-    def _set_status(self, status: SessionStatus) -> None:
+    def _set_status(self, status: SessionStatus, *, quiet: bool = False) -> None:
+        """``quiet``: a usage error, which the command line reports itself (exit 2):
+        no migration had started, so no state_change line says it failed."""
         if status is not self.status:
-            self.log.info("state_change", old=self.status.value, new=status.value)
+            if not quiet:
+                self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
             for listener in list(self.status_listeners):
                 listener(status)
