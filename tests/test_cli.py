@@ -404,7 +404,7 @@ def test_a_channels_mismatch_fails_in_seconds_naming_the_option(
     tmp_path: Path, daemons: list[Daemon]
 ) -> None:
     """Daemon 4 channels, sender 2: it took the 150 s progress timeout, and the sender
-    printed mb_per_s=0.0 lines all along."""
+    printed rate-0 send_progress lines all along."""
     daemon, out = receiver(tmp_path, daemons, "--channels", "4", "--missing-channels-grace", "1")
     started = time.monotonic()
     sent = run(["send", "--connect", daemon.address, "--channels", "2",

@@ -398,3 +398,33 @@ def test_the_defaults_fit_qemu_and_our_sender() -> None:
     from vfio_multifd.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
 
     assert DEFAULT_MAX_PACKET_SIZE == (1 << 20) + 12 == DEFAULT_CHUNK_SIZE + VFIO_HEADER.size
+
+
+# -- sizes: decimal and binary suffixes --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096), ("4096B", 4096),
+        ("64K", 64 << 10), ("64KiB", 64 << 10), ("64k", 64 << 10), ("64KB", 64_000),
+        ("64M", 64 << 20), ("64MiB", 64 << 20), ("64mib", 64 << 20), ("64MB", 64_000_000),
+        ("2G", 2 << 30), ("2GiB", 2 << 30), ("2GB", 2_000_000_000),
+        ("1T", 1 << 40), ("1TB", 10**12),
+    ],
+)  # fmt: skip
+def test_a_size_is_binary_unless_it_says_decimal(tmp_path: Path, text: str, size: int) -> None:
+    """--max-queued-bytes 64MB was read as 64 MiB: MB is 10^6 bytes, MiB (and M, as QEMU
+    reads it) 2^20."""
+    assert parse("receive", tmp_path, "--max-spill-bytes", text).max_spill_bytes == size
+
+
+@pytest.mark.parametrize("text", ["1Mi", "1.5M", "M", "1 M B", "1KiBs", "-1"])
+def test_a_size_in_no_known_unit_is_refused_saying_which_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    line = usage_error(capsys, [*base_args("receive", tmp_path), f"--max-spill-bytes={text}"])
+    assert line == (
+        f"vfio-multifd: error: argument --max-spill-bytes: not a size: {text!r} (expected e.g. "
+        "4096, 64K or 64KiB, 1M or 1MiB, 2G; 1MB is 1000000 bytes)"
+    )

@@ -332,7 +332,10 @@ def _send_command(args: argparse.Namespace) -> int:
         report.check()
         report.describe = SendFacts(args.uuid, args.connect, args.device, tally).document
     tls_client = _tls_client(args)
-    with _sigterm_stops_sending(), send_progress(args.device, args.progress_interval) as progress:
+    with (
+        _sigterm_stops_sending(),
+        send_progress(args.device, args.progress_interval, tally) as progress,
+    ):
         result = send(
             args.connect,
             args.device,

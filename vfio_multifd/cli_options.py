@@ -494,7 +494,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_QUEUED_BYTES,
         metavar="SIZE",
         help="bound on the memory chunk payloads take from the moment their headers "
-        "arrive, all devices together (default 64M; 0: no bound)",
+        "arrive, all devices together (default 64M; 0: no bound); sizes: 64M or 64MiB is "
+        "64 x 2^20 bytes, 64MB 64 x 10^6",
     )
     rx.add_argument(
         "--on-queue-full",
