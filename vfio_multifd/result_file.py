@@ -67,6 +67,19 @@ def reason_of(error: BaseException | None) -> tuple[str | None, str | None]:
     return Reason.INTERNAL.value, repr(error)
 
 
+def _how_it_ended(command: str, exit_code: int, error: BaseException | None, uuid: bytes) -> JSON:
+    """The fields both documents begin with."""
+    reason, message = reason_of(error)
+    return {
+        "command": command,
+        "outcome": outcome_of(exit_code, error).value,
+        "exit_code": exit_code,
+        "reason": reason,
+        "message": message,
+        "uuid": str(uuid_module.UUID(bytes=uuid)),
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceFacts:
     """One device of the daemon: where its files are (None unless put in place)."""
@@ -101,14 +114,8 @@ def receive_document(
     peak_queued_bytes: int,
 ) -> JSON:
     """``receive --result``'s document (docs/receiving.md lists every field)."""
-    reason, message = reason_of(error)
     return {
-        "command": "receive",
-        "outcome": outcome_of(exit_code, error).value,
-        "exit_code": exit_code,
-        "reason": reason,
-        "message": message,
-        "uuid": str(uuid_module.UUID(bytes=uuid)),
+        **_how_it_ended("receive", exit_code, error, uuid),
         "duration_s": round(duration_s, 3),
         "devices": [
             {
@@ -145,14 +152,8 @@ def send_document(
 ) -> JSON:
     """``send --result``'s document (docs/sending.md lists every field); ``devices``:
     each device with its chunk count and digest (None if not computed yet)."""
-    reason, message = reason_of(error)
     return {
-        "command": "send",
-        "outcome": outcome_of(exit_code, error).value,
-        "exit_code": exit_code,
-        "reason": reason,
-        "message": message,
-        "uuid": str(uuid_module.UUID(bytes=uuid)),
+        **_how_it_ended("send", exit_code, error, uuid),
         "address": address,
         "duration_s": round(duration_s, 3),
         "devices": [
