@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -398,6 +399,34 @@ def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
     assert (code, summary) == (1, ""), stderr
     assert re.fullmatch(f"vfio-multifd: error: {expected}", stderr.splitlines()[-1]), stderr
     assert os.listdir(out) == []
+
+
+def test_a_channels_mismatch_fails_in_seconds_naming_the_option(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Daemon 4 channels, sender 2: it took the 150 s progress timeout, and the sender
+    printed rate-0 send_progress lines all along."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "4", "--missing-channels-grace", "1")
+    started = time.monotonic()
+    sent = run(["send", "--connect", daemon.address, "--channels", "2",
+                "--device", f"idstr={IDSTR},size=1M", "--log-format", "json"])  # fmt: skip
+    code, summary, stderr = daemon.finish()
+    assert time.monotonic() - started < 15  # 1 s of grace, and starting two processes
+    assert (code, summary) == (1, ""), stderr
+    # The last: channel 1 may be accepted only after channel 0 has ended.
+    warning = [e for e in daemon.events() if e["event"] == "missing_channels"][-1]
+    assert (warning["missing"], warning["channels"], warning["fail_in"]) == ([2, 3], 4, 1.0)
+    assert "--channels 4" in str(warning["why"])
+    assert stderr.splitlines()[-1] == (
+        "vfio-multifd: error: only 2 of 4 channels connected, and they ended 1 s ago "
+        "(--missing-channels-grace): every channel that connected has ended, and channel ids "
+        "2, 3 never came: does the source use --channels 4 (QEMU's multifd-channels) too?"
+    )
+    assert os.listdir(out) == []
+    assert sent.returncode == 1, sent.stderr
+    last = sent.stderr.splitlines()[-1]
+    assert re.fullmatch(SENDER_RESET.format(address=re.escape(daemon.address)), last), last
+    assert "a daemon whose --channels is not 2, as here, does either" in last
 
 
 # -- signals -----------------------------------------------------------------------

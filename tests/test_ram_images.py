@@ -68,7 +68,11 @@ def test_images_are_sized_sparse_and_appear_only_when_committed(tmp_path: Path) 
     directory = tmp_path / "ram"
     assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
     temporary = listing(directory)
-    assert len(temporary) == 3 and all(n.startswith(".") and n.endswith(".part") for n in temporary)
+    parts = [n for n in temporary if n.endswith(".part")]
+    assert len(parts) == 3 and all(n.startswith(".") for n in parts)
+    # Each final path is locked for the run (a second daemon is refused), by a dot file.
+    locks = {".pc.ram.lock", ".%2From@etc%2Facpi%2Ftables.lock", ".100%25%2Fx.lock"}
+    assert set(temporary) - set(parts) == locks
     page = bytes(range(256)) * 16
     images.write_page("pc.ram", 7 * PAGE, page)
     images.write_page("/rom@etc/acpi/tables", 31 * PAGE, page)

@@ -380,7 +380,7 @@ def test_unknown_device_is_refused() -> None:
     error = info.value
     assert error.reason is Reason.UNKNOWN_DEVICE
     assert error.device == str(stranger)
-    assert "0000:00:09.0/vfio" in str(error) and "instance_id 2" in str(error)
+    assert "(idstr '0000:00:09.0/vfio', instance 2)" in str(error)
     assert IDSTR in str(error) and IDSTR_B in str(error)  # what was expected
     assert buffer.queued_bytes == 0
     assert set(buffer.devices) == {KEY, KEY_B}

@@ -716,7 +716,7 @@ def test_progress_lines_and_trace_events(tmp_path: Path, daemons: list[Daemon]) 
     assert code == 143
     events = daemon.events()
     progress = [e for e in events if e["event"] == "migration_progress"]
-    assert all({"bytes", "bytes_written", "mb_per_s", "next_idx"} <= set(e) for e in progress)
+    assert all({"bytes", "bytes_written", "bytes_per_s", "next_idx"} <= set(e) for e in progress)
     incoming = [e for e in events if e["event"] == "buffer_incoming"]
     assert [(e["channel"], e["device"], e["idx"]) for e in incoming] == [
         (0, IDSTR, 0),

@@ -48,8 +48,9 @@ from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
 from .daemon_signals import REPORTING_SIGNALS, STOPPING_SIGNALS, DaemonSignals
 from .errors import Cancelled, MultifdError, Reason, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
+from .result_file import ReceiveFacts, ResultFile, SendFacts
 from .results import SessionResult
-from .sender import SendResult, Stopped, send
+from .sender import SendResult, SendTally, Stopped, send
 from .session import Session
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         handshake_timeout=args.handshake_timeout,
         max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
+        missing_channels_grace=args.missing_channels_grace,
         digest=args.digest,
         fsync=not args.no_fsync,
         tls=receive_tls(args),
@@ -124,9 +126,18 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 
 def _receive_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    facts = ReceiveFacts(args.uuid, args.device)
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        report.check()
+        report.describe = facts.document
     settings = receive_settings(args)
+    extra_paths = []
     if args.status_socket is not None:  # before anything starts, as for the other paths
-        settings.check_paths((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+        extra_paths.append((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+    if args.result is not None:
+        extra_paths.append((f"--result {args.result}", args.result))
+    settings.check_paths(*extra_paths)
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
@@ -135,7 +146,7 @@ def _receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    result = run_loop(_receive(settings, options), args.event_loop)
+    result = facts.result = run_loop(_receive(settings, options, facts), args.event_loop)
     print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
@@ -150,8 +161,12 @@ class DaemonOptions:
     progress_interval: float | None = 5.0
 
 
-async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
+async def _receive(
+    settings: ReceiveSettings, options: DaemonOptions, facts: ReceiveFacts | None = None
+) -> SessionResult:
     session = Session(settings)
+    if facts is not None:
+        facts.session = session
     # Everything allocated so far lives for the whole run: keep the collector
     # from walking it again and again while packets stream through.
     gc.freeze()
@@ -291,8 +306,16 @@ def _send_command(args: argparse.Namespace) -> int:
     from .send_progress import send_progress
 
     _configure_logging(args)
+    tally = SendTally()
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        report.check()
+        report.describe = SendFacts(args.uuid, args.connect, args.device, tally).document
     tls_client = _tls_client(args)
-    with _sigterm_stops_sending(), send_progress(args.device, args.progress_interval) as progress:
+    with (
+        _sigterm_stops_sending(),
+        send_progress(args.device, args.progress_interval, tally) as progress,
+    ):
         result = send(
             args.connect,
             args.device,
@@ -306,6 +329,7 @@ def _send_command(args: argparse.Namespace) -> int:
             inject=args.inject,
             progress=progress,
             tls=tls_client,
+            tally=tally,
         )
     print_send_summary(result, sys.stdout, args.connect, tls=tls_client is not None)
     return EXIT_OK
@@ -497,28 +521,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code."""
+    """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code
+    (then write ``--result``, which says that exit code)."""
+    report: ResultFile | None = None
+    error: BaseException | None = None
     try:
         args = build_parser().parse_args(argv)
+        result_path = getattr(args, "result", None)
+        report = args.result_file = None if result_path is None else ResultFile(result_path)
         handler: cli_options.Handler = args.handler
-        return handler(args)
-    except UsageError as error:
+        code = handler(args)
+    except (MultifdError, OSError, KeyboardInterrupt) as raised:
+        error = raised
+        code = _exit_code(raised)
+    if report is not None:
+        code = report.write(code, error)
+    return code
+
+
+def _exit_code(error: MultifdError | OSError | KeyboardInterrupt) -> int:
+    """Say why the command ended (one line on stderr), and return its exit code."""
+    if isinstance(error, UsageError):
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except Cancelled as error:
+    if isinstance(error, Cancelled):
         print(f"vfio-multifd: {error}", file=sys.stderr)
         if error.signal_number is not None:
             return 128 + error.signal_number
         return EXIT_FAILED  # migrate_cancel: not a signal, and not complete
-    except MultifdError as error:
+    if isinstance(error, MultifdError):
         log.error("migration_failed", error=str(error), reason=error.reason.value)
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_NO_VERDICT if error.reason is Reason.NO_VERDICT else EXIT_FAILED
-    except OSError as error:
+    if isinstance(error, OSError):
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+    return 128 + signal.SIGINT
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

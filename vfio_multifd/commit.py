@@ -109,6 +109,8 @@ class OutputSet:
             if not self.committing:
                 # Even if the discard itself was cancelled: no .part file stays.
                 loader.discard_quietly()
+            for output in loader.outputs:
+                output.unlock()
 
 
 def commit_all(outputs: Sequence[Output]) -> None:

@@ -78,6 +78,7 @@ class Reason(enum.StrEnum):
     INCOMPLETE = "incomplete"
     ACCEPT_TIMEOUT = "accept-timeout"
     PROGRESS_TIMEOUT = "progress-timeout"
+    MISSING_CHANNELS = "missing-channels"  # the connected channels ended, others never came
     CANCELLED = "cancelled"
     INTERNAL = "internal"  # a bug: reported cleanly all the same
     # usage

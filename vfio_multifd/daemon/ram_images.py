@@ -207,13 +207,22 @@ class RamImages:
             image.output.finish()
 
     def commit(self) -> None:
-        """Alone (no other outputs): every image into place, all or none."""
-        commit_all(self.outputs)
+        """Alone (no other outputs): every image into place, all or none; the paths'
+        locks are let go either way (the run is over)."""
+        try:
+            commit_all(self.outputs)
+        finally:
+            self._unlock()
 
     def discard(self) -> None:
         """Remove every temporary file; the final paths stay as they were. Never raises."""
         for image in self._images.values():
             image.output.discard()
+        self._unlock()
+
+    def _unlock(self) -> None:
+        for image in self._images.values():
+            image.output.unlock()
 
     def _error(self, block: str, doing: str, error: OSError) -> DeviceIOError:
         path = self._images[block].output.path if block in self._images else self.directory
