@@ -451,6 +451,50 @@ def test_channels_that_never_connect_time_out() -> None:
     assert "only 1 of 3 channels connected within 2 s (missing channel ids 0, 2)" in str(error)
 
 
+def test_a_channels_mismatch_warns_then_fails_after_the_grace() -> None:
+    """--missing-channels-grace, the core's own rule: once every channel that connected
+    has ended (and none is handshaking), one warning naming the missing ids, then the
+    failure ``missing-channels`` the grace later, instead of the progress timeout."""
+    data = random_bytes(2 * CHUNK, 8)
+    driver = Driver.start(config(channels=4, progress_timeout=150.0, missing_channels_grace=1.0))
+    conns = [driver.connect(f"source:{n}") for n in range(2)]
+    sent = streams([(IDSTR, data, b"c")], 2)
+    driver.send(conns[0], sent[0])
+    driver.send(conns[1], sent[1])
+    stray = driver.connect("stray")  # handshaking: a channel may still come
+    driver.eof(conns[0])
+    driver.eof(conns[1])
+    driver.load()
+    driver.advance(5.0)
+    assert not driver.of(cmd.MissingChannels) and driver.core.phase.running
+    driver.lose(stray)  # nothing else may come now
+    driver.advance(0.25)
+    assert driver.of(cmd.MissingChannels) == [cmd.MissingChannels(4, (2, 3), 1.0)]
+    assert driver.core.phase.running
+    driver.advance(1.0)
+    assert driver.core.phase.running  # exactly the grace: not yet
+    driver.advance(0.25)
+    error = driver.finished.error
+    assert isinstance(error, SessionError) and error.reason is Reason.MISSING_CHANNELS
+    assert str(error) == (
+        "only 2 of 4 channels connected, and they ended 1 s ago (--missing-channels-grace): "
+        "every channel that connected has ended, and channel ids 2, 3 never came: does the "
+        "source use --channels 4 (QEMU's multifd-channels) too?; 1 connection refused: "
+        "connection closed inside the handshake (reset)"  # a refusal may explain it
+    )
+    assert len(driver.of(cmd.MissingChannels)) == 1
+    assert sorted(c.conn for c in driver.of(cmd.ResetConnection)) == conns
+
+
+def test_without_a_grace_a_channels_mismatch_is_left_to_the_timeouts() -> None:
+    driver = Driver.start(config(channels=4, progress_timeout=None))
+    conn = driver.connect()
+    driver.send(conn, qs.handshake(0))
+    driver.eof(conn)
+    driver.advance(1e6)
+    assert not driver.of(cmd.MissingChannels) and driver.core.phase.running
+
+
 def test_a_channel_lost_mid_payload_releases_its_charge() -> None:
     bound = 4 * smallest_bound()
     driver = Driver.start(config(channels=2, max_queued_bytes=bound, max_payload_size=CHUNK))

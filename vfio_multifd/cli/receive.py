@@ -4,10 +4,13 @@ The session (``daemon/session.py``) receives; around it, for as long as it
 runs, come the signal handlers, the status socket, the metrics, readiness and
 the progress lines, in that order once it listens.
 
-Signals: every signal whose default action would end the process
-(:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the same
-cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends nothing: it
-logs a ``status_report`` line. SIGKILL cannot be caught.
+Signals (``signals.py``): every signal whose default action would end the
+process, real-time signals included (:data:`~.signals.STOPPING_SIGNALS`),
+stops the migration like SIGTERM, with the same cleanup: temporary files
+removed, sockets unlinked. SIGUSR1 ends nothing: it logs a ``status_report``
+line. SIGKILL cannot be caught. Once the outcome is decided they are all
+ignored until the process exits: after the commit, the exit status is 0
+whatever arrives.
 """
 
 from __future__ import annotations
@@ -15,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import gc
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,25 +31,9 @@ from ..errors import UsageError
 from ..ops import notify
 from ..results import SessionResult
 from .report import print_receive_summary
+from .result_file import ReceiveFacts, ResultFile
 from .runner import EXIT_OK, configure_logging, run_loop
-
-#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
-STOPPING_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGTERM",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGXCPU",
-        "SIGPWR",
-    )
-    if hasattr(signal, name)
-)
-#: Signals that report: SIGUSR1 logs a status_report line.
-REPORTING_SIGNALS = (signal.SIGUSR1,)
+from .signals import DaemonSignals
 
 
 def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
@@ -67,6 +52,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         handshake_timeout=args.handshake_timeout,
         max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
+        missing_channels_grace=args.missing_channels_grace,
         digest=args.digest,
         fsync=not args.no_fsync,
         tls=receive_tls(args),
@@ -98,9 +84,18 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 
 def receive_command(args: argparse.Namespace) -> int:
     configure_logging(args)
+    facts = ReceiveFacts(args.uuid, args.device)
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        report.check()
+        report.describe = facts.document
     settings = receive_settings(args)
+    extra_paths = []
     if args.status_socket is not None:  # before anything starts, as for the other paths
-        settings.check_paths((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+        extra_paths.append((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+    if args.result is not None:
+        extra_paths.append((f"--result {args.result}", args.result))
+    settings.check_paths(*extra_paths)
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
@@ -109,7 +104,7 @@ def receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    result = run_loop(_receive(settings, options), args.event_loop)
+    result = facts.result = run_loop(_receive(settings, options, facts), args.event_loop)
     print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
@@ -124,19 +119,17 @@ class DaemonOptions:
     progress_interval: float | None = 5.0
 
 
-async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
+async def _receive(
+    settings: ReceiveSettings, options: DaemonOptions, facts: ReceiveFacts | None = None
+) -> SessionResult:
     session = Session(settings)
+    if facts is not None:
+        facts.session = session
     # Everything allocated so far lives for the whole run: keep the collector
     # from walking it again and again while packets stream through.
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    for signum in STOPPING_SIGNALS:
-        name = signal.Signals(signum).name
-        loop.add_signal_handler(
-            signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
-        )
-    for signum in REPORTING_SIGNALS:
-        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
+    signals = DaemonSignals(asyncio.get_running_loop(), session)
+    signals.install()
     run = asyncio.create_task(session.run(), name="session")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -151,8 +144,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
         if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
-            loop.remove_signal_handler(signum)
+        signals.ignore_until_exit()  # the outcome is decided: nothing may change it now
 
 
 async def _serve(

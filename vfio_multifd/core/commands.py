@@ -14,6 +14,7 @@ from ..errors import HandshakeError, MultifdError
 from ..results import SessionStatus
 from .reassembly import Chunk
 from .state import Phase
+from .watchdog import MissingChannels
 from .wire import DeviceKey
 
 if TYPE_CHECKING:
@@ -128,6 +129,7 @@ Command = (
     | WakeLoader
     | Spill
     | WaitingForChannels
+    | MissingChannels  # the watchdog's warning: say it (it fails the migration if they never come)
     | Commit
     | StatusChanged
     | Finished

@@ -24,6 +24,7 @@ class MigrationConfig:
     max_pending: int = 64
     accept_timeout: float | None = None
     progress_timeout: float | None = None
+    missing_channels_grace: float | None = None
     tls: bool = False
     reader_threads: int = 0
     spill_grace: float = SPILL_GRACE
@@ -41,6 +42,7 @@ class MigrationConfig:
             max_pending=settings.max_pending_connections,
             accept_timeout=settings.accept_timeout,
             progress_timeout=settings.progress_timeout,
+            missing_channels_grace=settings.missing_channels_grace,
             tls=settings.tls is not None,
             reader_threads=reader_threads,
         )

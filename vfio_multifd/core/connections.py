@@ -29,6 +29,7 @@ EXPLAINED_BY_REFUSALS = frozenset(
         Reason.INCOMPLETE,
         Reason.ACCEPT_TIMEOUT,
         Reason.PROGRESS_TIMEOUT,
+        Reason.MISSING_CHANNELS,
         Reason.CANCELLED,
         Reason.PACKET_TRUNCATED,
     }

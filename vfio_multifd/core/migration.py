@@ -31,7 +31,7 @@ from .commands import (
 from .reassembly import Chunk, ChunkState
 from .snapshot import MigrationSnapshot, build_snapshot
 from .state import ChannelState, Phase
-from .watchdog import PERIOD, Watchdog
+from .watchdog import PERIOD, MissingChannels, Watchdog
 from .wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ class Migration(Rules):
             accept_timeout=self.config.accept_timeout,
             progress_timeout=self.config.progress_timeout,
             now=now,
+            missing_channels_grace=self.config.missing_channels_grace,
         )
         self._next_sample = now + PERIOD
 
@@ -311,9 +312,11 @@ class Migration(Rules):
         if self._watched() and now >= self._next_sample:
             assert self._watchdog is not None
             self._next_sample = now + PERIOD
-            error = self._watchdog.check(self._sample(), now)
-            if error is not None:
-                self._fail(error, now)
+            found = self._watchdog.check(self._sample(), now)
+            if isinstance(found, MissingChannels):
+                self._emit(found)
+            elif found is not None:
+                self._fail(found, now)
 
     # -- what the watchdog and the outputs see --------------------------------------------------
 

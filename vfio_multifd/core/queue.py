@@ -179,8 +179,15 @@ class DeviceBuffer:
         """A header of ``channel`` announced chunk ``idx``: raise if it may not be
         queued, else reserve ``idx`` until its chunk is inserted."""
         if idx in self.announced:
-            # Even by ``channel`` itself: a channel's next header comes only after the
-            # payload its last header announced, so a second one is a second chunk.
+            # Even by ``channel`` itself: its first chunk ``idx`` is complete and on its
+            # way to the queue, so this header announces a second chunk ``idx``.
+            if self.announced[idx] == channel:
+                raise ProtocolError(
+                    Reason.VFIO_ALREADY_FILLED,
+                    f"state buffer {idx} already filled",
+                    device=str(self.key),
+                    idx=idx,
+                )
             raise self._announced_first(idx)
         self.check(idx, config, channel)
         self.announced[idx] = channel

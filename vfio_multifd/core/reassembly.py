@@ -87,12 +87,12 @@ class ReassemblyBuffer:
         try:
             return self.devices[key]
         except KeyError:
-            known = ", ".join(str(k) for k in self.devices) or "none"
+            known = ", ".join(_key_text(k) for k in self.devices) or "none"
             at = "" if idx is None else f" in state buffer {idx}"
             raise ProtocolError(
                 Reason.UNKNOWN_DEVICE,
-                f"unknown device (idstr {key.idstr!r}, instance_id {key.instance_id}){at}; "
-                f"expected one of: {known}",
+                f"unknown device {_key_text(key)}{at}; expected one of (the --device "
+                f"idstr= and instance= given): {known}",
                 device=str(key),
                 idx=idx,
             ) from None
@@ -276,3 +276,8 @@ class ReassemblyBuffer:
 
     def incomplete_devices(self) -> list[DeviceBuffer]:
         return [device for device in self.devices.values() if not device.complete]
+
+
+def _key_text(key: DeviceKey) -> str:
+    """``(idstr '0000:00:02.0/vfio', instance 0)``: both halves, the instance even when 0."""
+    return f"(idstr {key.idstr!r}, instance {key.instance_id})"

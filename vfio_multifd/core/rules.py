@@ -170,7 +170,11 @@ class Rules:
         return (
             self._watchdog is not None
             and self.phase.running
-            and (config.accept_timeout is not None or config.progress_timeout is not None)
+            and (
+                config.accept_timeout is not None
+                or config.progress_timeout is not None
+                or config.missing_channels_grace is not None
+            )
         )
 
     def _sample(self) -> Sample:
@@ -181,6 +185,8 @@ class Rules:
             written=self.reassembly.bytes_written,
             active=self.phase is Phase.ACTIVE,
             waiting_for=self.waiting_for(),
+            reading=sum(c.state is ChannelState.ACTIVE for c in channels.values()),
+            handshaking=len(self.connections.pending),
         )
 
     @property

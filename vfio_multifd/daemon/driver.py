@@ -22,8 +22,9 @@ import structlog
 from ..config import ReceiveSettings
 from ..core import commands as cmd
 from ..core.migration import Migration
+from ..core.watchdog import MissingChannels
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
-from ..errors import MultifdError, ProtocolError, Reason, SessionError
+from ..errors import MultifdError, ProtocolError, Reason, SessionError, UsageError
 from ..logconfig import debug_enabled
 from ..ops.recorder import Recorder
 from ..results import SessionStatus
@@ -93,6 +94,7 @@ class Driver:
             cmd.WakeLoader: lambda c: self.loaders[c.device].wake(),
             cmd.Spill: self._spill,
             cmd.WaitingForChannels: self._waiting_for_channels,
+            MissingChannels: self._missing_channels,
             cmd.Commit: self._commit_now,
             cmd.StatusChanged: self._status_changed,
             cmd.Finished: self._finished,
@@ -249,7 +251,7 @@ class Driver:
         channel = self._connections.get(command.conn)
         if channel is None:
             return
-        self.listener.log_refusal(channel, command.error)
+        self.listener.log_refusal(channel, command.error, late=command.late)
         if self.recorder is not None:
             self.recorder.refused(channel, command.error)
         self._hang_up(command.conn, completed=False)
@@ -274,12 +276,24 @@ class Driver:
             why="every device is complete, but a migration needs all its channels",
         )
 
+    def _missing_channels(self, warning: MissingChannels) -> None:
+        self.log.warning(
+            "missing_channels",
+            channels=warning.channels,
+            missing=list(warning.missing),
+            fail_in=warning.grace,
+            why=warning.text,
+        )
+
     def _commit_now(self, command: cmd.Commit) -> None:
         if self._commit is not None and not self._commit.done():
             self._commit.set_result(None)
 
     def _status_changed(self, command: cmd.StatusChanged) -> None:
-        self.log.info("state_change", old=command.old.value, new=command.new.value)
+        # A usage error is reported by the command line itself (exit 2): no migration
+        # had started, so no state_change line says it failed.
+        if not isinstance(self.core.error, UsageError):
+            self.log.info("state_change", old=command.old.value, new=command.new.value)
         for listener in list(self.status_listeners):
             listener(command.new)
 

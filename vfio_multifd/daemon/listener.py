@@ -292,7 +292,14 @@ class Listener:
 
     # -- refusals' log lines ----------------------------------------------------------
 
-    def log_refusal(self, channel: ChannelProtocol, error: HandshakeError) -> None:
+    def log_refusal(
+        self, channel: ChannelProtocol, error: HandshakeError, *, late: bool = False
+    ) -> None:
+        """``late``: the migration was ending already (its error says why; a channel
+        turned away then is no news, so only a debug line)."""
+        if late:
+            channel.log.debug("channel_refused", error=str(error), reason=error.reason.value)
+            return
         if self._refusal_log.allow():
             channel.log.warning(
                 "channel_refused",

@@ -24,6 +24,7 @@ from ..config import Address, ReceiveSettings
 from ..core.config import MigrationConfig
 from ..core.migration import Migration
 from ..core.snapshot import MigrationSnapshot
+from ..core.state import Phase
 from ..errors import MultifdError, Reason, SessionError
 from ..ops.recorder import Recorder
 from ..results import SessionResult, SessionStatus, summarize
@@ -255,10 +256,19 @@ class Session(Driver):
     # -- what outside asks -------------------------------------------------------------
 
     def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
-        """Stop the migration; too late once every device is complete (then it is ignored)."""
-        if not self.core.cancel(why, clock(), signal_number=signal_number):
-            self.log.info("cancel_ignored", status=self.status.value, why=why)
-        self._act()
+        """Stop the migration; too late once every device is complete (then it is ignored,
+        and said so), needless once it is failing or being cancelled already (a source
+        stopped by the same Ctrl-C may have reset its channels first: no line then)."""
+        if self.core.cancel(why, clock(), signal_number=signal_number):
+            self._act()
+        elif self.core.phase in (Phase.COMMITTING, Phase.COMPLETED):
+            self.log.info(
+                "cancel_ignored",
+                status=SessionStatus.COMPLETED.value,
+                why=f"{why}: every device is complete, its outputs are being put in place",
+            )
+        else:
+            self.log.debug("cancel_ignored", status=self.status.value, why=why)
 
     # -- the result ---------------------------------------------------------------------------
 

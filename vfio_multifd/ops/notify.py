@@ -79,9 +79,9 @@ def notify_ready_fd(fd: int) -> None:
 async def report_progress(session: Session, interval: float, *, notify: bool = False) -> None:
     """Log ``migration_progress`` every ``interval`` seconds while the session is active.
 
-    MB/s is over the last interval (what an operator watching wants to know);
-    the summary at the end has the average. With ``notify``, the same goes to
-    systemd as ``STATUS=`` (``systemctl status`` shows it).
+    ``bytes_per_s`` is over the last interval (what an operator watching wants to
+    know); the summary at the end has the average. With ``notify``, the same goes
+    to systemd as ``STATUS=`` (``systemctl status`` shows it, in MB and MB/s).
     """
     last = session.snapshot()
     while True:
@@ -91,7 +91,7 @@ async def report_progress(session: Session, interval: float, *, notify: bool = F
         last = snapshot
         if snapshot.status is not SessionStatus.ACTIVE:
             continue
-        session.log.info("migration_progress", mb_per_s=round(rate / 1e6, 1), **_figures(snapshot))
+        session.log.info("migration_progress", bytes_per_s=round(rate), **_figures(snapshot))
         if notify:  # until a message is lost: then systemd is not listening
             notify = sd_notify(
                 f"STATUS=active: {snapshot.received_bytes / 1e6:.0f} MB received, "

@@ -124,6 +124,7 @@ def run_channels(
     tls: TlsClient | None = None,
     channel_ids: Sequence[int] | None = None,
     ends: Sequence[StreamEnd] | None = None,
+    reset_hint: str = "",
 ) -> list[int]:
     """Connect every channel, run each stream on its own thread, then wait for the
     daemon's verdict; returns the bytes each channel sent.
@@ -142,11 +143,13 @@ def run_channels(
     Streams connect in the order given; ``channel_ids`` names them in errors and
     logs (default 0, 1...: their place). ``ends`` says how each ends once sent
     (default: all :attr:`StreamEnd.CLOSE`); a replay ends each as it was recorded.
+    ``reset_hint`` is added to the message of a reset: what else could explain it.
     """
     ids = list(range(len(streams))) if channel_ids is None else list(channel_ids)
     socks = _connect_all(address, timeout, ids, tls)
     endings = [StreamEnd.CLOSE] * len(streams) if ends is None else list(ends)
     run = _ChannelRun(address, socks, streams, ids, endings, stop or threading.Event(), tls)
+    run.reset_hint = reset_hint
     return run.join()
 
 
@@ -191,6 +194,7 @@ class _ChannelRun:
         self.errors: list[BaseException] = []
         self.finished: list[int] = []  # channels that sent their whole stream
         self.lock = threading.Lock()
+        self.reset_hint = ""  # added to a reset's message: what else could explain it
 
     def join(self) -> list[int]:
         """Run every channel to its verdict; the bytes each sent, or the first error."""
@@ -230,7 +234,7 @@ class _ChannelRun:
             except OSError as error:
                 if not self.stop.is_set():
                     raise channel_error(
-                        self.ids[n], self.address, error, sent=None, sock=sock
+                        self.ids[n], self.address, error, sent=None, sock=sock, hint=self.reset_hint
                     ) from None
                 return
             if not self.stop.is_set():
@@ -270,7 +274,7 @@ class _ChannelRun:
             if not self.stop.is_set():
                 sent = self.sent[n]
                 raise channel_error(
-                    self.ids[n], self.address, error, sent=sent, sock=sock
+                    self.ids[n], self.address, error, sent=sent, sock=sock, hint=self.reset_hint
                 ) from None
 
 
@@ -346,6 +350,7 @@ def channel_error(
     *,
     sent: int | None,
     sock: socket.socket | None = None,
+    hint: str = "",
 ) -> SendError:
     """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
     when = (
@@ -353,7 +358,9 @@ def channel_error(
         if sent is None
         else f"after this channel sent all its {sent} bytes"
     )
-    verdict = "it refused this channel or the migration failed (the daemon's error says which)"
+    verdict = (
+        f"it refused this channel or the migration failed (the daemon's error says which{hint})"
+    )
     # Over TLS a reset is mostly reported as an end without close_notify: TCP says which.
     if isinstance(error, ssl.SSLEOFError) and (sock is None or not _was_reset(sock)):
         return SendError(

@@ -40,6 +40,18 @@ class SendResult:
         return sum(d[1] for d in self.devices) / 1e6 / self.seconds if self.seconds else 0.0
 
 
+@dataclass(slots=True)
+class SendTally:
+    """What :func:`send` has done so far, kept up to date as it goes, so that what a
+    failed or stopped send did can be told too (``send --result``)."""
+
+    chunks: list[int] = field(default_factory=list)  # each device's data chunks
+    digests: list[str] = field(default_factory=list)  # each device's, once computed
+    channel_bytes: list[int] = field(default_factory=list)  # sent on each channel so far
+    started: float | None = None  # monotonic: the first connection was attempted
+    ended: float | None = None  # monotonic: every channel ended (or failed)
+
+
 class Stopped(KeyboardInterrupt):
     """A signal that stops the sender (SIGTERM; SIGINT is a plain KeyboardInterrupt)."""
 
@@ -58,6 +70,7 @@ class _Source:
     uuid: bytes
     inject: str | None
     progress: Callable[[int, int], None] | None
+    tally: SendTally
     stop: threading.Event = field(default_factory=threading.Event)
     data_sent: list[int] = field(default_factory=list)
     packets_sent: list[int] = field(default_factory=list)
@@ -70,6 +83,7 @@ class _Source:
             fault = self.inject if channel_id == 0 else None
             handshake = ChannelHandshake(channel_id, self.uuid)
             total = send_all(sock, [handshake_bytes(handshake, fault, channels)])
+            self.tally.channel_bytes[channel_id] = total
             for n, (d, idx) in enumerate(self.per_channel[channel_id]):
                 if self.stop.is_set():  # another channel failed
                     break
@@ -77,9 +91,12 @@ class _Source:
                 prefix = encode_packet_prefix(key, idx, len(data), config)
                 if n == 0 and fault is not None:
                     if fault == "truncate":
-                        return total + send_all(sock, [prefix[: len(prefix) // 2]])
+                        total += send_all(sock, [prefix[: len(prefix) // 2]])
+                        self.tally.channel_bytes[channel_id] = total
+                        return total
                     prefix, data = corrupt(fault, prefix, data)
                 total += send_all(sock, [prefix, data])
+                self.tally.channel_bytes[channel_id] = total
                 self._sent(channel_id, d, idx, len(data))
             return total
 
@@ -116,32 +133,49 @@ def send(
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     tls: TlsClient | None = None,
+    tally: SendTally | None = None,
 ) -> SendResult:
     """Send ``devices`` over ``channels`` connections to ``address``, and wait for the
     daemon's verdict (see :func:`~.channels.run_channels`).
 
     ``progress(device_index, nbytes)`` is called after each data chunk is sent,
-    from the channel's own thread (so it must be thread-safe). Raises
+    from the channel's own thread (so it must be thread-safe). ``tally``, if given,
+    is kept up to date as the send goes. Raises
     :class:`SendError` when a channel fails, and :class:`Cancelled` saying what
     was sent when stopped by SIGINT (or a :class:`Stopped` signal).
     """
     check_channels(channels)
     if chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
+    tally = SendTally() if tally is None else tally
+    tally.channel_bytes = [0] * channels
     states = [DeviceState(device, chunk_size) for device in devices]
-    source = _Source(states, [], uuid, inject, progress, data_sent=[0] * channels,
+    tally.chunks = [state.chunks for state in states]
+    source = _Source(states, [], uuid, inject, progress, tally, data_sent=[0] * channels,
                      packets_sent=[0] * channels)  # fmt: skip
     try:
-        digests = [state.digest(digest) for state in states]
+        digests = tally.digests = [state.digest(digest) for state in states]
         source.per_channel = plan(states, channels, order, seed)
         if inject is not None and inject not in FAULTS:
             raise UsageError(f"unknown --inject {inject!r} (one of {', '.join(FAULTS)})")
         if inject is not None:
             source.per_channel = plan_fault(inject, states, source.per_channel)
-        started = time.monotonic()
+        started = tally.started = time.monotonic()
         streams = [source.stream(n) for n in range(channels)]
-        sent = run_channels(address, streams, connect_timeout, stop=source.stop, tls=tls)
-        seconds = time.monotonic() - started
+        try:
+            sent = run_channels(
+                address,
+                streams,
+                connect_timeout,
+                stop=source.stop,
+                tls=tls,
+                # A daemon expecting more channels fails once these ended; one expecting
+                # fewer refuses the ids it does not know.
+                reset_hint=f"; a daemon whose --channels is not {channels}, as here, does either",
+            )
+        finally:
+            tally.ended = time.monotonic()
+        seconds = tally.ended - started
     except KeyboardInterrupt as interrupt:
         raise source.stopped(address, interrupt) from None
     finally:
