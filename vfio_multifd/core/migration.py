@@ -170,7 +170,11 @@ class Migration(Rules):
                         f"connection closed inside the handshake ({exc or 'reset'})",
                     ),
                 )
-        elif c.state is ChannelState.ACTIVE and not c.hung_up:
+        elif c.state is ChannelState.ACTIVE and c.hung_up:
+            # We hung up on it when the outcome was decided: cleanly once completed,
+            # reset otherwise. It reads no more either way.
+            c.state = ChannelState.CLOSED if self.phase is Phase.COMPLETED else ChannelState.FAILED
+        elif c.state is ChannelState.ACTIVE:
             if truncated is not None:
                 truncated.message += f" (connection lost: {exc or 'reset'})"
                 error = truncated

@@ -185,7 +185,7 @@ class Rules:
             written=self.reassembly.bytes_written,
             active=self.phase is Phase.ACTIVE,
             waiting_for=self.waiting_for(),
-            reading=sum(c.state is ChannelState.ACTIVE for c in channels.values()),
+            reading=self.connections.reading,
             handshaking=len(self.connections.pending),
         )
 
