@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import qemu_source as qs
 import structlog
@@ -24,9 +26,6 @@ from vfio_multifd import (
     SessionResult,
     logconfig,
 )
-from vfio_multifd.channel import ChannelProtocol
-from vfio_multifd.errors import HandshakeError
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -204,36 +203,6 @@ class FakeTransport:
         return True
 
 
-class FakeOwner:
-    """What a ``ChannelProtocol`` needs of its owner (the session), for tests that feed
-    a channel by hand: it accepts every handshake, grants every payload a buffer, and
-    keeps the errors it is told of."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        pass
-
-    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
-        self.errors.append(error)
-
-    def fail(self, error: Exception) -> None:
-        self.errors.append(error)
-
-    def allocate_now(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def allocate(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
-        pass
-
-    def closed(self, channel: ChannelProtocol) -> None:
-        pass
-
-
 class ChannelGate:
     """A ``send(progress=...)`` callback that holds each channel's thread after its
     ``after``-th chunk until :meth:`open`: a migration really in flight, for a test to
@@ -267,3 +236,23 @@ class ChannelGate:
 
     def open(self) -> None:
         self._gate.set()
+
+
+def send_json(connection: socket.socket, message: object) -> None:
+    """One JSON message as QEMU's monitor writes it, CRLF-terminated."""
+    connection.sendall(json.dumps(message).encode() + b"\r\n")
+
+
+def json_stream(connection: socket.socket) -> Iterator[dict[str, Any]]:
+    """The JSON objects a peer sends, with or without anything between them."""
+    decoder = json.JSONDecoder()
+    pending = ""
+    while data := connection.recv(4096):
+        pending += data.decode()
+        while pending.strip():
+            try:
+                value, end = decoder.raw_decode(pending.lstrip())
+            except ValueError:
+                break  # incomplete: wait for more
+            pending = pending.lstrip()[end:]
+            yield value

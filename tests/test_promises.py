@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import os
 import re
 import signal
@@ -21,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import qemu_source as qs
@@ -32,7 +30,9 @@ from helpers import (
     assert_outputs,
     connect,
     final_files,
+    json_stream,
     random_bytes,
+    send_json,
     settings,
     start,
 )
@@ -45,8 +45,10 @@ from vfio_multifd import (
     Reason,
 )
 from vfio_multifd.errors import SendError
-from vfio_multifd.sender import FAULTS, SourceDevice, send
-from vfio_multifd.status_client import query
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.source.faults import FAULTS
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -371,8 +373,9 @@ def test_max_packet_size_on_the_command_line(
     else:
         assert code == 1, stderr
         assert last_line(stderr) == (
-            f"vfio-multifd: error: channel 0: device {IDSTR}: next_packet_size 5001, "
-            "expected 1..5000"
+            f"vfio-multifd: error: channel 0: device {IDSTR}: next_packet_size 5001 is over "
+            "--max-packet-size 5000 (QEMU's largest is 1048588: a 1 MiB chunk and its VFIO "
+            "header; for a source that sends larger ones, raise --max-packet-size)"
         )
         assert not (tmp_path / "a.bin").exists()
 
@@ -523,7 +526,10 @@ def test_status_lines_under_systemd(
         for sock in socks:
             sock.close()
     assert code == 143
-    assert round(received / 1e6) == 3
+    # The "3 MB" waited for is the daemon's own count: every byte sent, in MB.
+    progress = [e for e in daemon.events() if e["event"] == "migration_progress"]
+    assert progress and progress[-1]["bytes"] == received, progress[-1:]
+    assert messages[-1] == f"STATUS=active: {received / 1e6:.0f} MB received, 0.0 MB/s"
     status = messages[1:]
     for message in status:
         assert re.fullmatch(r"STATUS=active: \d+ MB received, \d+\.\d MB/s", message), message
@@ -585,7 +591,7 @@ def test_a_non_zero_uuid_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> No
     send_to(daemon, "--uuid", uuid, "--device", f"idstr={IDSTR},size=300K,seed=3")
     code, _, stderr = daemon.finish()
     assert code == 0, stderr
-    from vfio_multifd.sender import DeviceState
+    from vfio_multifd.source.plan import DeviceState
 
     state = DeviceState(SourceDevice(A, size=300 * 1024, seed=3), 65536)
     expected = b"".join(bytes(state.chunk(idx)) for idx in range(state.chunks))
@@ -650,12 +656,12 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
     try:
         if fault.startswith("handshake") or fault == "main-channel":
             # Refused: only that connection; the migration keeps waiting for channel 0.
-            registry = running.session.registry
+            connections = running.session.core.connections
             for _ in range(1000):
-                if registry.refused:
+                if connections.refused:
                     break
                 await asyncio.sleep(0.01)
-            [(_, refusal)] = registry.refused
+            [(_, refusal)] = connections.refused
             assert isinstance(refusal, HandshakeError) and refusal.reason is reason, refusal
             # The source, reset on its refused channel, resets its others (issue 16): the
             # migration may have failed already; if not, it is waiting, and is cancelled.
@@ -685,7 +691,8 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
 def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None:
     """It used to be sent last on channel 0: a device whose other packets were all in
     could complete first, and the migration succeed (exit 0) with the fault unseen."""
-    from vfio_multifd.sender import DeviceState, _plan_fault, plan
+    from vfio_multifd.source.faults import plan_fault as _plan_fault
+    from vfio_multifd.source.plan import DeviceState, plan
 
     states = [DeviceState(SourceDevice(A, size=65536), 65536)]
     try:
@@ -703,7 +710,7 @@ def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None
 
 def test_spills_go_beside_the_first_data_file_unless_spill_dir(tmp_path: Path) -> None:
     from vfio_multifd import DeviceSpec, ReceiveSettings
-    from vfio_multifd.spill import spill_directory
+    from vfio_multifd.daemon.spill import spill_directory
 
     first, second = tmp_path / "one", tmp_path / "two"
     devices = (
@@ -716,26 +723,6 @@ def test_spills_go_beside_the_first_data_file_unless_spill_dir(tmp_path: Path) -
     # /dev/null's directory is no place for a file: the temporary directory instead.
     null = (DeviceSpec(A, Path("/dev/null"), Path("/dev/null")),)
     assert spill_directory(ReceiveSettings(devices=null)) == Path(tempfile.gettempdir())
-
-
-def send_json(connection: socket.socket, message: object) -> None:
-    connection.sendall(json.dumps(message).encode() + b"\r\n")
-
-
-def json_stream(connection: socket.socket) -> Iterator[dict[str, Any]]:
-    """The JSON objects a peer sends, with or without anything between them."""
-    decoder = json.JSONDecoder()
-    pending = ""
-    while data := connection.recv(4096):
-        pending += data.decode()
-        while pending.strip():
-            try:
-                value, end = decoder.raw_decode(pending.lstrip())
-            except ValueError:
-                break  # incomplete: wait for more
-            pending = pending.lstrip()[end:]
-            yield value
-
 
 
 def test_status_command_against_a_qemu_style_qmp_socket(short_dir: Path) -> None:

@@ -39,10 +39,11 @@ from cli_helpers import (
 from helpers import IDSTR, IDSTR_B, ChannelGate, final_files, settings, start
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
-from vfio_multifd.notify import sd_notify
-from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status_client import query
-from vfio_multifd.status_server import StatusServer, query_migrate
+from vfio_multifd.ops.notify import sd_notify
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.ops.status_server import StatusServer, query_migrate
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -218,6 +219,21 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
             assert [(await client.read())["id"] for _ in range(2)] == [3, 4]
             await client.send_raw(b"this is not json\n")
             assert (await client.read())["error"]["class"] == "GenericError"
+            # As QEMU's monitor: a request framed by its JSON, not by lines, whatever
+            # lines it spans and however many reads it takes (issue 20 item 12).
+            await client.send_raw(b'{"execute":\n')
+            await asyncio.sleep(0.05)  # the server reads this half on its own
+            await client.send_raw(b' "query-migrate",\r\n "id": [5,\n"}{"]}')
+            reply = await client.read()
+            assert "id" in reply, reply
+            assert (reply["id"], reply["return"]["status"]) == ([5, "}{"], "setup")
+            await client.send_raw(b'{"execute": "query-commands",\n "id": "x\\"{"}\n')
+            assert (await client.read())["id"] == 'x"{'
+            await client.send_raw(b'{"execute":\n oops}  {"execute": "qmp_capabilities", "id": 6}')
+            bad = await client.read()
+            assert bad["error"]["class"] == "GenericError", bad
+            assert bad["error"]["desc"].startswith("JSON parse error"), bad
+            assert await client.read() == {"return": {}, "id": 6}  # the next one is read
             await client.send_raw(b'["execute"]\n')
             assert (await client.read())["error"]["class"] == "GenericError"
             assert (await client.execute("query-migrate"))["return"]["status"] == "setup"
@@ -229,6 +245,18 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
         running.session.cancel()
         with pytest.raises(Cancelled):
             await running.result()
+
+
+async def status_command(path: Path) -> tuple[int, str]:
+    """``vfio-multifd status --json`` run while this loop serves the socket: its exit
+    code and the status it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        *TOOL, "status", "--socket", str(path), "--json",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None and not err, err
+    return proc.returncode, json.loads(out)["status"]
 
 
 async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> None:
@@ -255,6 +283,13 @@ async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> Non
             # QEMU's MIGRATION event for each change, after the answer to migrate_cancel.
             assert [e["event"] for e in client.events] == ["MIGRATION"] * 2
             assert [e["data"]["status"] for e in client.events] == ["cancelling", "cancelled"]
+            # The final one carries the figures at the end: the daemon exits right after.
+            assert "info" not in client.events[0]["data"]
+            final = client.events[1]["data"]["info"]
+            assert final["status"] == "cancelled"
+            assert final["devices"][0]["bytes-written"] == 2 * 4096
+            assert final["total-time"] == info["total-time"]  # the clock stopped there
+            assert await status_command(path) == (1, "cancelled")
         finally:
             for sock in socks:
                 sock.close()
@@ -273,6 +308,8 @@ async def test_failed_status_has_error_desc(tmp_path: Path, short_dir: Path) -> 
         with pytest.raises(ProtocolError):
             await running.result()
         info = await query_migrate_over(path)
+        # `vfio-multifd status` tells the outcome by its exit code, as --watch does
+        assert await status_command(path) == (1, "failed")
     assert info["status"] == "failed"
     assert info["error-desc"] == f"channel 0: device {IDSTR}: state buffer 0 already filled"
     assert info["channels"][0]["state"] == "failed"
@@ -304,37 +341,33 @@ async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, short_
 
 def test_query_migrate_pins_time(tmp_path: Path) -> None:
     """The snapshot takes ``now``: total time and Mbit/s follow from it, not from a clock."""
-    from vfio_multifd import Session
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd import Session, SessionError
+    from vfio_multifd.core.wire import ChannelHandshake
+    from vfio_multifd.errors import Reason
 
-    session = Session(settings(tmp_path, A, channels=1))
+    core = Session(settings(tmp_path, A, channels=1)).core
     # transferred is what the accepted channels received: one that got 5 MB.
-    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
-    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
-    channel.decoder.bytes_received = 5_000_000
-    session.registry.channels[0] = channel
-    session.started = 100.0
-    info = query_migrate(session, now=102.0)
+    core.connection_made(0, "source", 100.0)
+    core.handshake(0, ChannelHandshake(0), 100.0)
+    core.received(0, 5_000_000)
+    info = query_migrate(core.snapshot(102.0))
     assert (info["total-time"], info["transferred"], info["mbps"]) == (2000, 5_000_000, 20.0)
-    session.finished = 101.0
-    assert query_migrate(session, now=500.0)["total-time"] == 1000
+    core.fail(SessionError(Reason.INTERNAL, "x"), 101.0)  # finished
+    assert query_migrate(core.snapshot(500.0))["total-time"] == 1000
 
 
 def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
     """address, paused-time, peak-queued-bytes, refused-connections, instance-id... were not."""
     from vfio_multifd import Session, SessionError
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.core.wire import ChannelHandshake
     from vfio_multifd.errors import Reason
-    from vfio_multifd.results import SessionStatus
 
-    session = Session(settings(tmp_path, A, channels=1))
-    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
-    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
-    session.registry.channels[0] = channel
-    session.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
-    session.status, session.error = SessionStatus.FAILED, SessionError(Reason.INTERNAL, "x")
-    session.started = 100.0
-    info = query_migrate(session, now=101.0)
+    core = Session(settings(tmp_path, A, channels=1)).core
+    core.connection_made(0, "source", 100.0)
+    core.handshake(0, ChannelHandshake(0), 100.0)
+    core.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
+    core.fail(SessionError(Reason.INTERNAL, "x"), 100.5)
+    info = query_migrate(core.snapshot(101.0))
     fields = set(info) | set(info["devices"][0]) | set(info["channels"][0])
     page = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
     start = page.index("## Status socket")
@@ -342,6 +375,7 @@ def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
     undocumented = sorted(f for f in fields if f"`{f}`" not in status_section)
     assert not undocumented, undocumented
     assert "`mbps` is **megabits** per second" in status_section
+    assert "error-desc" in fields
 
 
 # -- the CLI: status command and cancel over the socket -----------------------------
@@ -675,7 +709,7 @@ def test_progress_lines_and_trace_events(tmp_path: Path, daemons: list[Daemon]) 
     assert code == 143
     events = daemon.events()
     progress = [e for e in events if e["event"] == "migration_progress"]
-    assert all({"bytes", "bytes_written", "mb_per_s", "next_idx"} <= set(e) for e in progress)
+    assert all({"bytes", "bytes_written", "bytes_per_s", "next_idx"} <= set(e) for e in progress)
     incoming = [e for e in events if e["event"] == "buffer_incoming"]
     assert [(e["channel"], e["device"], e["idx"]) for e in incoming] == [
         (0, IDSTR, 0),

@@ -1,4 +1,4 @@
-"""The pure codec (vfio_multifd.wire): exact bytes, round trips, the incremental
+"""The pure codec (vfio_multifd.core.wire): exact bytes, round trips, the incremental
 decoder fed whole / byte by byte / split at every point / through get_buffer,
 and every error the decoder owns (PROTOCOL.md section 4), raised as soon as the
 offending bytes are there and before any payload is allocated.
@@ -16,9 +16,8 @@ from collections.abc import Callable
 import pytest
 import qemu_source as qs
 
-from vfio_multifd.decoder import ChannelDecoder, DecoderState
-from vfio_multifd.errors import HandshakeError, ProtocolError, Reason
-from vfio_multifd.wire import (
+from vfio_multifd.core.decoder import ChannelDecoder, DecoderState
+from vfio_multifd.core.wire import (
     DEFAULT_MAX_PACKET_SIZE,
     HANDSHAKE,
     INVALID_IDX,
@@ -33,6 +32,7 @@ from vfio_multifd.wire import (
     encode_device_packet,
     encode_idstr,
 )
+from vfio_multifd.errors import HandshakeError, ProtocolError, Reason
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .wire import DeviceKey
+from .core.wire import DeviceKey
 
 if TYPE_CHECKING:
-    from .loader import DeviceLoader
-    from .reassembly import ReassemblyBuffer
+    from .core.snapshot import MigrationSnapshot
+    from .daemon.loader import DeviceLoader
 
 
 class SessionStatus(enum.StrEnum):
@@ -64,14 +64,21 @@ class SessionResult:
         return sum(device.bytes for device in self.devices)
 
     @property
+    def bytes_per_s(self) -> float:
+        """Data bytes a second, from the first byte received to the last device complete."""
+        return self.data_bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def mb_per_s(self) -> float:
-        return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        """:attr:`bytes_per_s` in MB/s (10^6 bytes), for the summary people read."""
+        return self.bytes_per_s / 1e6
 
     def log_fields(self) -> dict[str, object]:
-        """The ``migration_completed`` log line's fields (benchmarks parse them)."""
+        """The ``migration_completed`` log line's fields (benchmarks parse them): bytes,
+        seconds and bytes a second, as every log line."""
         fields: dict[str, object] = {
             "seconds": round(self.seconds, 3),
-            "mb_per_s": round(self.mb_per_s, 1),
+            "bytes_per_s": round(self.bytes_per_s),
             "bytes": self.data_bytes,
             "peak_queued_bytes": self.peak_queued_bytes,
             "spilled_bytes": self.spilled_bytes,
@@ -100,38 +107,37 @@ class SessionResult:
 
 
 def summarize(
+    snapshot: MigrationSnapshot,
     loaders: Sequence[DeviceLoader],
-    reassembly: ReassemblyBuffer,
     *,
-    started: float,
-    bytes_received: int,
-    paused_seconds: float,
     tls_subjects: dict[int, str | None] | None = None,
-    buffers_allocated: int = 0,
-    reader_threads: int = 0,
 ) -> SessionResult:
-    """The result of a completed migration (``started``: monotonic, the first channel)."""
-    devices = tuple(
-        DeviceResult(
-            device=loader.device.key,
-            data_path=loader.data.path,
-            config_path=loader.config.path,
-            bytes=loader.device.bytes_written,
-            chunks=loader.device.chunks_written,
-            config_bytes=loader.config.bytes_written,
-            digest=loader.digest_text,
-            seconds=loader.completed_at - started,
+    """The result of a completed migration: the core's figures and each loader's files."""
+    started = snapshot.started or snapshot.now
+    figures = {device.device: device for device in snapshot.devices}
+    devices = []
+    for loader in loaders:
+        device = figures[loader.key]
+        devices.append(
+            DeviceResult(
+                device=loader.key,
+                data_path=loader.data.path,
+                config_path=loader.config.path,
+                bytes=device.bytes_written,
+                chunks=device.chunks_written,
+                config_bytes=loader.config.bytes_written,
+                digest=loader.digest_text,
+                seconds=(device.completed_at or snapshot.now) - started,
+            )
         )
-        for loader in loaders
-    )
     return SessionResult(
-        devices=devices,
-        seconds=max(loader.completed_at for loader in loaders) - started,
-        bytes_received=bytes_received,
-        peak_queued_bytes=reassembly.peak_queued_bytes,
-        spilled_bytes=reassembly.spilled_bytes,
-        paused_seconds=paused_seconds,
+        devices=tuple(devices),
+        seconds=max(device.seconds for device in devices),
+        bytes_received=snapshot.received_bytes,
+        peak_queued_bytes=snapshot.peak_queued_bytes,
+        spilled_bytes=snapshot.spilled_bytes,
+        paused_seconds=snapshot.paused_seconds,
         tls_subjects=tls_subjects,
-        buffers_allocated=buffers_allocated,
-        reader_threads=reader_threads,
+        buffers_allocated=snapshot.buffers_allocated,
+        reader_threads=snapshot.reader_threads,
     )

@@ -1,0 +1,1 @@
+"""The receiving daemon's drivers: sockets, channels, loaders, the spill file, the commit."""

@@ -1,0 +1,1 @@
+"""The migration source: ``vfio-multifd send`` and ``replay``."""
