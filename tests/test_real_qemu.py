@@ -34,7 +34,7 @@ from qemu.reconstruct import reconstruct
 QEMUS = find_qemus()
 BLOB = make_blob(256 << 10)
 UUID = "6b8e1a52-3c1d-4f8e-9b1a-22c0ffee0022"
-INTEGRATED = False  # the daemon takes --main-stream / --ram (issue 22 integration)
+INTEGRATED = True  # the daemon takes --main-stream / --ram (issue 22)
 
 
 def qemu(label: str) -> Qemu:
