@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench man clean
+.PHONY: install test lint qemu demo bench man clean
 
 # Installs, then says how to run the command (other targets install silently).
 install: $(STAMP)
@@ -25,10 +25,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check vfio_multifd tests examples benchmarks tools
 	$(BIN)/mypy vfio_multifd benchmarks tools
 
+# QEMU 7.2 (apt-get install qemu-system-x86 when missing) and 10.0.2 (unpacked into
+# .qemu/10.0) for tests/test_real_qemu.py; quick when both are there.
+qemu:
+	sh tests/qemu/get-qemu.sh >/dev/null
+
 # -n auto: one pytest worker per core (pytest-xdist), tests stolen by whichever is idle.
 # PYTHONDONTWRITEBYTECODE emptied: the suite starts some 270 Pythons, and each would
 # compile again every module whose bytecode is not cached (up to 0.5 s of CPU each).
-test: lint
+test: lint qemu
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist worksteal
 
 demo: $(STAMP)

@@ -18,7 +18,7 @@ from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.core import commands as cmd
 from vfio_multifd.core.config import MigrationConfig
-from vfio_multifd.core.decoder import ASK, ChannelDecoder, DecoderState
+from vfio_multifd.core.decoder import ASK, ChannelDecoder, DecoderState, MainBytes, MainChannel
 from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
@@ -116,6 +116,10 @@ class Driver:
             while (event := decoder.next_event()) is not None:
                 if isinstance(event, ChannelHandshake):
                     core.handshake(conn, event, self.now)
+                elif isinstance(event, MainChannel):
+                    core.main_channel(conn, self.now)
+                elif isinstance(event, MainBytes):
+                    core.main_data(conn, event.data, self.now)
                 elif isinstance(event, PacketHeader):
                     buffer = core.header(conn, event, self.now)
                     if buffer is not None:
@@ -316,6 +320,35 @@ def test_refusals_leave_the_migration_going() -> None:
         "handshake-duplicate-channel": 1,
         "handshake-channel-id": 1,
     }
+
+
+def test_a_stray_qevm_is_refused_naming_main_stream_and_the_migration_goes_on() -> None:
+    data = random_bytes(2 * CHUNK, 5)
+    driver = Driver.start(config(channels=2))
+    good = streams([(IDSTR, data, b"c")], 2)
+    stray = driver.connect("stray")
+    driver.send(stray, b"QEVM\x00\x00\x00\x03")
+    (refusal,) = driver.of(cmd.Refuse)
+    assert refusal.conn == stray
+    assert refusal.error.reason is Reason.HANDSHAKE_MAIN_CHANNEL
+    assert "--main-stream PATH" in str(refusal.error)
+    run_whole(driver, good)
+    driver.load()
+    assert bytes(driver.data[A]) == data
+    assert driver.finished.outcome is Phase.COMPLETED
+
+
+def test_with_main_stream_one_qevm_is_the_main_channel_and_a_second_is_refused() -> None:
+    driver = Driver.start(config(channels=2, main_stream=True))
+    main = driver.connect("main")
+    driver.send(main, b"QEVM\x00\x00\x00\x03")
+    assert driver.of(cmd.AcceptedMain) == [cmd.AcceptedMain(main)]
+    second = driver.connect("second")
+    driver.send(second, b"QEVM\x00\x00\x00\x03")
+    (refusal,) = driver.of(cmd.Refuse)
+    assert (refusal.conn, refusal.error.reason) == (second, Reason.HANDSHAKE_DUPLICATE_CHANNEL)
+    assert driver.core.main_bytes == 8  # the second one's bytes are nobody's
+    assert driver.core.phase is Phase.ACTIVE
 
 
 def test_too_many_handshaking_connections_shed_the_oldest() -> None:

@@ -67,7 +67,7 @@ from vfio_multifd import (
     SessionStatus,
 )
 from vfio_multifd.core.connections import RECENT_REFUSALS
-from vfio_multifd.core.decoder import ASK, ChannelDecoder
+from vfio_multifd.core.decoder import ASK, ChannelDecoder, MainBytes, MainChannel
 from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
 from vfio_multifd.daemon.channel import ChannelProtocol
 
@@ -192,6 +192,13 @@ def decode(stream: bytes, cuts: list[int]) -> tuple[list[Event], ProtocolError |
         while (event := decoder.next_event()) is not None:
             if isinstance(event, ChannelHandshake):
                 events.append(("handshake", event.channel_id, event.uuid))
+            elif isinstance(event, MainChannel):
+                events.append(("main",))
+            elif isinstance(event, MainBytes):  # however cut, one run of the stream's bytes
+                if events and events[-1][0] == "main-bytes":
+                    events[-1] = ("main-bytes", events[-1][1] + event.data)
+                else:
+                    events.append(("main-bytes", event.data))
             elif isinstance(event, PacketHeader):
                 events.append(("header", event.device, event.idx, event.config, event.size))
                 given.append(bytearray(b"\xee" * (event.size + 5)))
@@ -319,6 +326,11 @@ def test_any_valid_stream_split_anywhere(
 Outcome = tuple[list[Event], Reason | None]
 
 
+#: The outcome of a stream that starts with ``QEVM``: QEMU's main channel, every byte
+#: of it (these four included) passed on as it came; the core decides whether to take it.
+MAIN_CHANNEL = "main channel"
+
+
 @dataclass(frozen=True)
 class FieldClass:
     """A class of values for one field, and what a stream carrying one must give."""
@@ -328,7 +340,7 @@ class FieldClass:
     values: Callable[[Packet | None], st.SearchStrategy[bytes]]
     #: The outcome from (the events of the unmutated stream up to the mutated unit,
     #: the events of the rest, the mutated value, the mutated packet) - or a Reason.
-    outcome: Reason | Callable[..., list[Event]]
+    outcome: Reason | Callable[..., list[Event]] | str
 
 
 def _same(
@@ -384,7 +396,7 @@ DECODER_CLASSES: dict[str, FieldClass] = {
         "handshake", "magic", lambda _: _u32_other_than(MAGIC, 0x5145564D), Reason.HANDSHAKE_MAGIC
     ),
     "handshake of a QEMU main channel": FieldClass(
-        "handshake", "magic", lambda _: st.just(b"QEVM"), Reason.HANDSHAKE_MAIN_CHANNEL
+        "handshake", "magic", lambda _: st.just(b"QEVM"), MAIN_CHANNEL
     ),
     "handshake version": FieldClass(
         "handshake", "version", lambda _: _u32_other_than(1), Reason.HANDSHAKE_VERSION
@@ -507,8 +519,12 @@ def test_one_field_mutated_gives_its_exact_outcome(name: str, data: st.DataObjec
         assert error is not None and error.reason is kind.outcome, error
         assert isinstance(error, HandshakeError) == (kind.unit == "handshake")
         assert events == (prefix if unit >= 0 else []), "only the units before it came out"
+    elif kind.outcome == MAIN_CHANNEL:
+        assert error is None, error
+        assert events == [("main",), ("main-bytes", stream)]
     else:
         assert error is None, error
+        assert callable(kind.outcome)
         assert events == kind.outcome(prefix, rest, value, packet)
 
 

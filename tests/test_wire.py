@@ -595,8 +595,6 @@ def _bad_handshake(offset: int, value: bytes) -> bytes:
 
 HANDSHAKE_ERRORS = [
     pytest.param(_bad_handshake(0, b"\x11\x22\x33\x45"), 4, Reason.HANDSHAKE_MAGIC, "0x11223345", id="magic"),
-    pytest.param(_bad_handshake(0, b"QEVM"), 4, Reason.HANDSHAKE_MAIN_CHANNEL, "QEVM", id="qemu-main-channel"),
-    pytest.param(b"QEVM\x00\x00\x00\x03" + bytes(56), 4, Reason.HANDSHAKE_MAIN_CHANNEL, "main", id="real-qevm-header"),
     pytest.param(b"GET / HTTP/1.1\r\n" + bytes(48), 4, Reason.HANDSHAKE_MAGIC, "0x47455420", id="stray-http-client"),
     pytest.param(_bad_handshake(4, b"\0\0\0\x02"), 8, Reason.HANDSHAKE_VERSION, "version 2", id="version-2"),
     pytest.param(_bad_handshake(4, b"\0\0\0\0"), 8, Reason.HANDSHAKE_VERSION, "version 0", id="version-0"),
@@ -930,3 +928,22 @@ def test_decoded_handshake_passes_the_session_checks() -> None:
 def test_handshake_struct_is_64_bytes() -> None:
     assert HANDSHAKE.size == 64
     assert PACKET_PREFIX_SIZE == 288
+
+
+@pytest.mark.parametrize("step", [1, 3, 64, 1000])
+def test_a_qevm_connection_is_a_main_channel_whose_bytes_go_up_as_they_come(step: int) -> None:
+    """The decoder only says what the connection is; the core takes or refuses it."""
+    from vfio_multifd.core.decoder import MainBytes, MainChannel
+
+    stream = b"QEVM\x00\x00\x00\x03" + bytes(range(256)) * 3
+    decoder = ChannelDecoder()
+    events = []
+    for start in range(0, len(stream), step):
+        decoder.receive_data(stream[start : start + step])
+        while (event := decoder.next_event()) is not None:
+            events.append(event)
+    decoder.eof()
+    assert decoder.next_event() is None
+    assert events[0] == MainChannel()
+    assert all(isinstance(event, MainBytes) for event in events[1:])
+    assert b"".join(event.data for event in events[1:]) == stream

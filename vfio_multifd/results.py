@@ -132,7 +132,11 @@ def summarize(
         )
     return SessionResult(
         devices=tuple(devices),
-        seconds=max(device.seconds for device in devices),
+        # RAM only (no --device): the migration's own time
+        seconds=max(
+            (device.seconds for device in devices),
+            default=(snapshot.finished or snapshot.now) - started,
+        ),
         bytes_received=snapshot.received_bytes,
         peak_queued_bytes=snapshot.peak_queued_bytes,
         spilled_bytes=snapshot.spilled_bytes,

@@ -134,6 +134,11 @@ _address = _option_type(Address.parse)
 _receive_device = _option_type(DeviceSpec.parse)
 
 
+def _ram_target(text: str) -> Path | str:
+    """``--ram``: a directory, or ``discard``."""
+    return "discard" if text == "discard" else Path(text)
+
+
 @_option_type
 def _metrics_address(text: str) -> Address:
     """``tcp:HOST:PORT`` only (port 0 picks a free one)."""
@@ -393,10 +398,28 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         "--device",
         type=_receive_device,
         action="append",
-        required=True,
         metavar="idstr=ID,instance=I,data=PATH[,config=PATH]",
         help="a device to receive (repeatable); instance defaults to 0, config to PATH.config; "
-        "a comma inside a value is written twice (data=a,,b.bin)",
+        "a comma inside a value is written twice (data=a,,b.bin); at least one, unless --ram",
+    )
+    rx.add_argument(
+        "--main-stream",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="take QEMU's main migration channel (the connection that begins with QEVM) and "
+        "keep its bytes as received at PATH, in place only when the migration completed "
+        "(/dev/null drops them); without it a main channel is refused",
+    )
+    rx.add_argument(
+        "--ram",
+        type=_ram_target,
+        default=None,
+        metavar="DIR|discard",
+        help="take QEMU's RAM and SYNC packets (needs --main-stream, whose block list names "
+        "the RAMBlocks): one sparse file per RAMBlock in DIR (pc.ram...), in place only when "
+        "the migration completed; discard reads and counts the pages and keeps none "
+        "(a directory named discard: ./discard)",
     )
     _add_receive_limits(rx)
     rx.add_argument(

@@ -39,7 +39,7 @@ from .signals import DaemonSignals
 def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
     """The session's settings from ``receive``'s options (converted and checked)."""
     return ReceiveSettings(
-        devices=tuple(args.device),
+        devices=tuple(args.device or ()),
         listen=args.listen,
         channels=args.channels,
         uuid=args.uuid,
@@ -58,6 +58,8 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         tls=receive_tls(args),
         reader_threads=args.reader_threads,
         record=None if args.record is None else RecordSettings(args.record),
+        main_stream=args.main_stream,
+        ram=args.ram,
     )
 
 

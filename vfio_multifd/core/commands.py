@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import HandshakeError, MultifdError
 from ..results import SessionStatus
 from .reassembly import Chunk
+from .savevm import RamBlock
 from .state import Phase
 from .watchdog import MissingChannels
 from .wire import DeviceKey
@@ -47,6 +48,32 @@ class Accepted:
 
     conn: int
     channel: int
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedMain:
+    """``conn`` is QEMU's main channel (--main-stream): parse what it sends."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class CreateRamImages:
+    """The main stream's block list came: create the RAM images (on the RAM writer)."""
+
+    blocks: tuple[RamBlock, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRam:
+    """Queue to the one RAM writer, first in first out: ``pages`` (block, offset,
+    data or a fill byte), then ``main`` bytes of the main stream; then call
+    ``ram_written(conn, nbytes)``. One writer keeps the order the sync points decided."""
+
+    conn: int
+    pages: tuple[tuple[str, int, memoryview | int], ...]
+    main: bytes
+    nbytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +150,9 @@ Command = (
     | PauseReading
     | ResumeReading
     | Accepted
+    | AcceptedMain
+    | CreateRamImages
+    | WriteRam
     | Refuse
     | ResetConnection
     | CloseConnection

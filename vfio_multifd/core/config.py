@@ -28,6 +28,9 @@ class MigrationConfig:
     tls: bool = False
     reader_threads: int = 0
     spill_grace: float = SPILL_GRACE
+    main_stream: bool = False  # --main-stream: QEMU's main channel is taken
+    ram: bool = False  # --ram: RAM and SYNC packets are taken
+    page_size: int = 4096  # the source's target page size (x86)
 
     @classmethod
     def from_settings(cls, settings: ReceiveSettings, *, reader_threads: int) -> MigrationConfig:
@@ -45,4 +48,6 @@ class MigrationConfig:
             missing_channels_grace=settings.missing_channels_grace,
             tls=settings.tls is not None,
             reader_threads=reader_threads,
+            main_stream=settings.main_stream is not None,
+            ram=settings.ram is not None,
         )

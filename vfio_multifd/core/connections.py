@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import HandshakeError, Reason
 from .reassembly import Chunk
@@ -57,11 +57,22 @@ class Connection:
     victim: Chunk | None = None  # the chunk spilled to make room for its header
     hung_up: bool = False  # the core asked the driver to close or reset it
     gone: bool = False  # its socket is closed
+    main: bool = False  # QEMU's main channel (--main-stream), not a multifd channel
+    #: Why its reading is paused besides a header waiting for memory: "sync" (held at a
+    #: sync point), "blocks" (a RAM packet before the block list), "writes" (too much
+    #: RAM queued for the writer).
+    holds: set[str] = field(default_factory=set)
+    ram_raw: bytes | None = None  # a RAM header held until the block list comes
+    ram_packet: object | None = None  # the RamPacket whose page data is being read
 
 
 class Connections:
-    def __init__(self, *, channels: int, uuid: bytes, max_pending: int) -> None:
+    def __init__(
+        self, *, channels: int, uuid: bytes, max_pending: int, main_stream: bool = False
+    ) -> None:
         self.expected = channels
+        self.main_stream = main_stream  # --main-stream: one main channel is taken
+        self.main: Connection | None = None
         self.uuid = uuid
         self.max_pending = max_pending
         self.by_conn: dict[int, Connection] = {}
@@ -100,6 +111,27 @@ class Connections:
         connection.handshake_deadline = None
         self.channels[handshake.channel_id] = connection
 
+    def accept_main(self, connection: Connection) -> None:
+        """The one place a connection's kind is decided: a ``QEVM`` connection is the
+        main channel only when asked for (--main-stream), and only once. A refusal
+        refuses that connection only: a stray ``QEVM`` never takes a migration down."""
+        if not self.main_stream:
+            raise HandshakeError(
+                Reason.HANDSHAKE_MAIN_CHANNEL,
+                "a QEMU main migration channel (QEVM) connected; give --main-stream PATH "
+                "to take it (without it this destination receives only multifd channels)",
+            )
+        if self.main is not None:
+            raise HandshakeError(
+                Reason.HANDSHAKE_DUPLICATE_CHANNEL,
+                "a second QEMU main channel (QEVM) connected; a migration has one",
+            )
+        self.pending.pop(connection.conn, None)
+        connection.state = ChannelState.ACTIVE
+        connection.main = True
+        connection.handshake_deadline = None
+        self.main = connection
+
     def refuse(self, connection: Connection, error: HandshakeError, *, late: bool) -> None:
         self.pending.pop(connection.conn, None)
         connection.state = ChannelState.REFUSED
@@ -117,7 +149,7 @@ class Connections:
         """Its socket is closed: only an accepted channel is still remembered."""
         connection.gone = True
         self.pending.pop(connection.conn, None)
-        if connection.channel is None:
+        if connection.channel is None and not connection.main:
             self.by_conn.pop(connection.conn, None)
 
     def refusals_text(self) -> str:
@@ -126,14 +158,23 @@ class Connections:
     @property
     def all_closed(self) -> bool:
         """Every expected channel connected and reached a clean end of stream."""
-        return len(self.channels) == self.expected and all(
-            c.state is ChannelState.CLOSED for c in self.channels.values()
+        return (
+            len(self.channels) == self.expected
+            and all(c.state is ChannelState.CLOSED for c in self.channels.values())
+            and (
+                not self.main_stream
+                or (self.main is not None and self.main.state is ChannelState.CLOSED)
+            )
         )
 
     @property
     def reading(self) -> int:
         """Accepted channels still reading."""
         return sum(c.state is ChannelState.ACTIVE for c in self.channels.values())
+
+    @property
+    def main_missing(self) -> bool:
+        return self.main_stream and self.main is None
 
     def missing(self) -> tuple[int, ...]:
         return tuple(sorted(set(range(self.expected)) - set(self.channels)))

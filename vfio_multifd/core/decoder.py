@@ -19,9 +19,12 @@ import enum
 import struct
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import HandshakeError, ProtocolError, Reason
+from .ram import ram_header_size
+from .savevm import DEFAULT_PAGE_SIZE
 from .wire import (
     COMPRESSION_METHODS,
     DEFAULT_MAX_PACKET_SIZE,
@@ -59,13 +62,46 @@ _CONFIG_STATE = int(VfioFlag.CONFIG_STATE)
 class DecoderState(enum.Enum):
     HANDSHAKE = "handshake"
     HEADER = "header"  # the 288-byte packet prefix
+    RAM_HEADER = "ram-header"  # the rest of a RAM packet's header (--ram)
+    MAIN = "main"  # QEMU's main channel: its bytes go up as they come
     AWAITING_BUFFER = "awaiting-buffer"  # PacketHeader emitted; see provide_buffer()
     PAYLOAD = "payload"
     CLOSED = "closed"  # clean end of stream at a packet boundary
     ERROR = "error"  # terminal; the decoder raised
 
 
-Event = ChannelHandshake | PacketHeader | DevicePacket
+@dataclass(frozen=True, slots=True)
+class MainChannel:
+    """The connection began with ``QEVM``: QEMU's main channel. Its bytes (these first
+    ones included) come next as :class:`MainBytes`; the core decides whether to take it."""
+
+
+@dataclass(frozen=True, slots=True)
+class MainBytes:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RamHeader:
+    """A RAM (or SYNC) packet's whole header (``ram_header_size`` bytes), not parsed here:
+    its fields mean something only against the main stream's block list. The decoder
+    waits for :meth:`ChannelDecoder.provide_buffer` with the size of its page data."""
+
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RamData:
+    """The page data of the last :class:`RamHeader` (``size`` bytes of ``buffer``)."""
+
+    buffer: PayloadBuffer
+    size: int
+
+
+Event = ChannelHandshake | PacketHeader | DevicePacket | MainChannel | MainBytes | RamHeader | RamData
+
+#: Bytes of the main channel read at once.
+MAIN_READ_SIZE = 256 * 1024
 
 
 def _default_allocate(size: int) -> bytearray:
@@ -97,11 +133,18 @@ class ChannelDecoder:
         *,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         allocate: Callable[[int], PayloadBuffer] | None = _default_allocate,
+        ram: bool = False,
+        page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         if max_packet_size < VFIO_HEADER.size:
             raise ValueError(f"max_packet_size must be at least {VFIO_HEADER.size}")
         self.max_packet_size = max_packet_size
         self._allocate = allocate
+        #: RAM and SYNC packets are taken (--ram); otherwise they are an error naming it.
+        self.ram = ram
+        self._ram_header = bytearray(ram_header_size(page_size)) if ram else bytearray()
+        self._ram_packet = False  # the payload awaited is a RAM packet's page data
+        self._main_buffer: bytearray | None = None
         self.state = DecoderState.HANDSHAKE
         self._events: deque[Event] = deque()
         self._handshake = bytearray(HANDSHAKE.size)
@@ -133,10 +176,15 @@ class ChannelDecoder:
             raise RuntimeError(f"decoder is {self.state.value}")
         return self._unit[self._filled :]
 
-    def provide_buffer(self, buffer: PayloadBuffer) -> None:
-        """The payload buffer a :class:`PacketHeader` asked for (at least ``size`` bytes)."""
+    def provide_buffer(self, buffer: PayloadBuffer, size: int | None = None) -> None:
+        """The payload buffer a :class:`PacketHeader` asked for (at least ``size`` bytes);
+        for a :class:`RamHeader`, ``size`` is its page data's (the owner parsed it)."""
         if self.state is not DecoderState.AWAITING_BUFFER:
             raise RuntimeError(f"decoder is {self.state.value}, not awaiting a buffer")
+        if self._ram_packet:
+            if size is None:
+                raise ValueError("a RAM packet's buffer comes with its data size")
+            self._payload_size = size
         self._start_payload(buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -149,6 +197,10 @@ class ChannelDecoder:
                     self._finish_packet()
             elif self.state is DecoderState.HEADER:
                 self._check_prefix()
+            elif self.state is DecoderState.MAIN:
+                self._main_bytes()
+            elif self.state is DecoderState.RAM_HEADER:
+                self._check_ram_header()
             else:
                 self._check_handshake()
         except ProtocolError as error:
@@ -194,7 +246,9 @@ class ChannelDecoder:
         :meth:`next_event` raises why."""
         if self.state in (DecoderState.ERROR, DecoderState.CLOSED):
             return
-        if self.state is DecoderState.HANDSHAKE:
+        if self.state is DecoderState.MAIN:
+            self.state = DecoderState.CLOSED  # the main stream's parser says if it was complete
+        elif self.state is DecoderState.HANDSHAKE:
             self._stop(
                 HandshakeError(
                     Reason.HANDSHAKE_CLOSED,
@@ -211,11 +265,17 @@ class ChannelDecoder:
     def inside_unit(self) -> bool:
         """Part of a handshake or packet has been received, not all of it."""
         return self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or (
-            self.state is DecoderState.HEADER and self._filled > 0
+            self.state in (DecoderState.HEADER, DecoderState.RAM_HEADER) and self._filled > 0
         )
 
     def truncated_error(self) -> ProtocolError:
         """The error for a stream that ends here (see :meth:`eof`)."""
+        if self._ram_packet or self.state is DecoderState.RAM_HEADER:
+            return ProtocolError(
+                Reason.PACKET_TRUNCATED,
+                f"stream closed inside a RAM packet ({self.state.value}, {self._filled} bytes "
+                "of it received)",
+            )
         if self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER):
             received = self._filled if self.state is DecoderState.PAYLOAD else 0
             return ProtocolError(
@@ -239,11 +299,14 @@ class ChannelDecoder:
         filled = self._filled
         if filled >= 4 and self._checked < 4:
             if bytes(buf[:4]) == QEMU_VM_FILE_MAGIC:
-                raise HandshakeError(
-                    Reason.HANDSHAKE_MAIN_CHANNEL,
-                    "a QEMU main migration channel (QEVM) connected; this destination "
-                    "receives only multifd channels",
-                )
+                # Whether it is taken is the core's decision (Connections.accept_main).
+                self._events.append(MainChannel())
+                self.state = DecoderState.MAIN
+                self._main_buffer = bytearray(MAIN_READ_SIZE)
+                self._unit = memoryview(self._main_buffer)
+                self._events.append(MainBytes(bytes(buf[:filled])))
+                self._filled = 0
+                return
             (magic,) = struct.unpack_from(">I", buf, 0)
             if magic != MULTIFD_MAGIC:
                 raise HandshakeError(
@@ -264,7 +327,19 @@ class ChannelDecoder:
             self._events.append(ChannelHandshake(channel_id, uuid))
             self._start_header()
 
+    def _main_bytes(self) -> None:
+        assert self._main_buffer is not None
+        self._events.append(MainBytes(bytes(self._main_buffer[: self._filled])))
+        self._filled = 0
+
+    def _check_ram_header(self) -> None:
+        if self._filled == len(self._ram_header):
+            self._ram_packet = True
+            self.state = DecoderState.AWAITING_BUFFER
+            self._events.append(RamHeader(bytes(self._ram_header)))
+
     def _start_header(self) -> None:
+        self._ram_packet = False
         self.state = DecoderState.HEADER
         self._unit = memoryview(self._prefix)
         self._filled = 0
@@ -282,6 +357,9 @@ class ChannelDecoder:
         # so that the first bad field is the one reported.
         if self._checked < PACKET_HEADER.size and filled >= 4:
             self._check_packet_header(filled)
+            if self.state is DecoderState.RAM_HEADER:
+                self._check_ram_header()
+                return
         if filled >= IDSTR_END and self._checked < IDSTR_END:
             if buf[IDSTR_END - 1] != 0:
                 raise ProtocolError(
@@ -385,10 +463,16 @@ class ChannelDecoder:
         if filled >= 12 and self._checked < 12:
             (flags,) = struct.unpack_from(">I", buf, 8)
             if not flags & _DEVICE_STATE_ONLY:
+                if self.ram:  # the rest of its header goes where RAM headers are read
+                    self._ram_header[:filled] = buf[:filled]
+                    self._unit = memoryview(self._ram_header)
+                    self.state = DecoderState.RAM_HEADER
+                    return
                 kind = "SYNC" if flags & PacketFlag.SYNC else "RAM"
                 raise ProtocolError(
                     Reason.PACKET_RAM,
-                    f"{kind} packet (flags {flags:#x}); this destination receives only "
+                    f"{kind} packet (flags {flags:#x}); give --ram DIR (or --ram discard) to "
+                    "take QEMU's RAM pages: without it this destination receives only "
                     f"device-state packets (flag {PacketFlag.DEVICE_STATE:#x})",
                 )
             if flags & PacketFlag.SYNC:
@@ -440,6 +524,11 @@ class ChannelDecoder:
 
     def _finish_packet(self) -> None:
         payload = self._payload
+        if self._ram_packet:
+            assert payload is not None
+            self._events.append(RamData(payload, self._payload_size))
+            self._start_header()
+            return
         device = self._device
         assert payload is not None and device is not None
         self._events.append(

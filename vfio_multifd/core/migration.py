@@ -36,10 +36,17 @@ from .wire import HANDSHAKE, ChannelHandshake, DeviceKey, DevicePacket, PacketHe
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
-from .rules import Rules
+
+    from .config import MigrationConfig
+    from .ledger import BufferSource
+from .qemu_streams import QemuStreams
 
 
-class Migration(Rules):
+class Migration(QemuStreams):
+    def __init__(self, config: MigrationConfig, buffers: BufferSource) -> None:
+        super().__init__(config, buffers)
+        self._init_qemu_streams()
+
     # -- outputs ---------------------------------------------------------------------
 
     def pop_commands(self) -> list[Command]:
@@ -141,7 +148,10 @@ class Migration(Rules):
         if c is None:
             return
         c.state = ChannelState.CLOSED
+        if not c.main:
+            self._channel_closed(c, now)
         self._check_all_closed(now)
+        self._maybe_commit(now)
 
     def lost(
         self,

@@ -50,7 +50,10 @@ class Rules:
             grace=config.spill_grace,
         )
         self.connections = Connections(
-            channels=config.channels, uuid=config.uuid, max_pending=config.max_pending
+            channels=config.channels,
+            uuid=config.uuid,
+            max_pending=config.max_pending,
+            main_stream=config.main_stream,
         )
         self._commands: list[Command] = []
         self.outcome = Outcome(self._emit)
@@ -121,8 +124,14 @@ class Rules:
             self._hang_up(c, completed=False, why=error)
         self._emit(Finished(self.phase, error))
 
+    def _streams_done(self) -> bool:
+        """Whatever besides device state must end before the commit has (qemu_streams.py)."""
+        return True
+
     def _maybe_commit(self, now: float) -> None:
         if self.phase is not Phase.ACTIVE or self.reassembly.incomplete_devices():
+            return
+        if not self._streams_done():
             return
         missing = self.connections.missing()
         if missing:
@@ -181,7 +190,8 @@ class Rules:
         channels = self.connections.channels
         return Sample(
             connected=frozenset(channels),
-            received=sum(c.received for c in channels.values()),
+            received=sum(c.received for c in channels.values())
+            + (0 if self.connections.main is None else self.connections.main.received),
             written=self.reassembly.bytes_written,
             active=self.phase is Phase.ACTIVE,
             waiting_for=self.waiting_for(),
@@ -206,4 +216,6 @@ class Rules:
         missing = self.connections.missing()
         if missing:
             waiting.append(f"channel ids {', '.join(map(str, missing))} to connect")
+        if self.connections.main_missing:
+            waiting.append("the main channel (QEVM) to connect")
         return tuple(waiting)

@@ -22,7 +22,15 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import structlog
 
-from ..core.decoder import ASK, ChannelDecoder, DecoderState
+from ..core.decoder import (
+    ASK,
+    ChannelDecoder,
+    DecoderState,
+    MainBytes,
+    MainChannel,
+    RamData,
+    RamHeader,
+)
 from ..core.state import ChannelState
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
 from ..errors import ProtocolError
@@ -42,7 +50,13 @@ __all__ = [
 log = structlog.get_logger("vfio_multifd.channel")
 
 #: The decoder states in which the stream is read.
-_READING = (DecoderState.HANDSHAKE, DecoderState.HEADER, DecoderState.PAYLOAD)
+_READING = (
+    DecoderState.HANDSHAKE,
+    DecoderState.HEADER,
+    DecoderState.PAYLOAD,
+    DecoderState.RAM_HEADER,
+    DecoderState.MAIN,
+)
 
 
 class ChannelOwner(Protocol):
@@ -56,6 +70,16 @@ class ChannelOwner(Protocol):
         """The payload's buffer now, or None: :meth:`ChannelProtocol.provide_buffer` later."""
 
     def packet(self, channel: ChannelProtocol, packet: DevicePacket) -> None: ...
+
+    def main_channel(self, channel: ChannelProtocol) -> None:
+        """The connection began with QEVM (its bytes follow as ``main_data``)."""
+
+    def main_data(self, channel: ChannelProtocol, data: bytes) -> None: ...
+
+    def ram_header(self, channel: ChannelProtocol, raw: bytes) -> bytearray | None:
+        """The buffer for the RAM packet's page data now, or None: ``provide_buffer`` later."""
+
+    def ram_data(self, channel: ChannelProtocol, data: RamData) -> None: ...
 
     def decode_error(self, channel: ChannelProtocol, error: ProtocolError) -> None: ...
 
@@ -79,12 +103,13 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         *,
         peer: str = "?",
         max_packet_size: int,
+        ram: bool = False,
     ) -> None:
         self.owner = owner
         self.conn = conn  # the session's name for this connection
         self.peer = peer
         # Each payload buffer is asked of the owner when its header is complete.
-        self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=ASK)
+        self.decoder = ChannelDecoder(max_packet_size=max_packet_size, allocate=ASK, ram=ram)
         self.channel_id: int | None = None
         self.transport: asyncio.Transport | None = None
         self.log = log.bind(peer=peer)
@@ -139,6 +164,16 @@ class ChannelProtocol(asyncio.BufferedProtocol):
                     # The fast path: memory allows it, the payload is read at once.
                     if buffer is not None and decoder.state is DecoderState.AWAITING_BUFFER:
                         decoder.provide_buffer(buffer)
+                elif isinstance(event, MainBytes):
+                    owner.main_data(self, event.data)
+                elif isinstance(event, RamHeader):
+                    ram = owner.ram_header(self, event.raw)
+                    if ram is not None and decoder.state is DecoderState.AWAITING_BUFFER:
+                        decoder.provide_buffer(ram, len(ram))
+                elif isinstance(event, RamData):
+                    owner.ram_data(self, event)
+                elif isinstance(event, MainChannel):
+                    owner.main_channel(self)
                 else:
                     owner.handshake(self, event)
         except ProtocolError as error:
@@ -172,7 +207,7 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         """The buffer the last header waited for: the payload can be read now."""
         if self.decoder.state is not DecoderState.AWAITING_BUFFER:
             return  # hung up on meanwhile
-        self.decoder.provide_buffer(buffer)
+        self.decoder.provide_buffer(buffer, len(memoryview(buffer)))
         self._take_events()  # a payload of 0 bytes is complete at once
 
     def hold(self, held: bool) -> None:

@@ -14,13 +14,16 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..errors import DeviceIOError, MultifdError, Reason, SessionError, UsageError
 from .loader import DeviceLoader
 from .output import Output
+
+if TYPE_CHECKING:
+    from .ram_sink import RamSink
 
 log = structlog.get_logger("vfio_multifd.commit")
 
@@ -31,8 +34,9 @@ FIFO_NOTICE_AFTER = 0.1
 
 
 class OutputSet:
-    def __init__(self, loaders: Sequence[DeviceLoader]) -> None:
+    def __init__(self, loaders: Sequence[DeviceLoader], ram: RamSink | None = None) -> None:
         self.loaders = loaders
+        self.ram = ram  # QEMU's main stream and RAM images (--main-stream, --ram)
         self.committing = False  # from here on the outputs are the migration's result
         # True if a writer thread was stuck (a FIFO nobody reads) and left behind:
         # the process must then exit without waiting for it.
@@ -40,7 +44,10 @@ class OutputSet:
 
     @property
     def outputs(self) -> list[Output]:
-        return [output for loader in self.loaders for output in loader.outputs]
+        outputs = [output for loader in self.loaders for output in loader.outputs]
+        if self.ram is not None:
+            outputs += self.ram.outputs
+        return outputs
 
     async def open(
         self, failed: asyncio.Future[MultifdError], timeout: float | None = None
@@ -82,6 +89,8 @@ class OutputSet:
 
     def commit(self) -> None:
         """On a worker thread: rename every output into place, all or none (:func:`commit_all`)."""
+        if self.ram is not None:
+            self.ram.finish()
         commit_all(self.outputs)
 
     async def discard(self) -> None:
@@ -92,10 +101,19 @@ class OutputSet:
         is abandoned, not awaited.
         """
         loop = asyncio.get_running_loop()
+        if self.ram is not None:
+            ram = self.ram
+            ram_discard = loop.run_in_executor(ram.executor, ram.discard)
+            _, stuck_ram = await asyncio.wait([ram_discard], timeout=ABANDON_WRITER_AFTER)
+            if stuck_ram:
+                self.abandoned_writers = True
+                log.warning("writer_abandoned", device="RAM")
         discarding: dict[asyncio.Future[None], DeviceLoader] = {}
         for loader in self.loaders:
             loader.stop()
             discarding[loop.run_in_executor(loader.executor, loader.discard)] = loader
+        if not discarding:
+            return
         # All at once: however many devices, the wait is at most ABANDON_WRITER_AFTER.
         _, stuck = await asyncio.wait(discarding, timeout=ABANDON_WRITER_AFTER)
         for future in stuck:
@@ -104,6 +122,8 @@ class OutputSet:
 
     def close(self) -> None:
         """Stop the writer threads; unless committing, no temporary file stays (never raises)."""
+        if self.ram is not None and not self.abandoned_writers:
+            self.ram.close(committed=self.committing)
         for loader in self.loaders:
             loader.close(wait=not self.abandoned_writers)
             if not self.committing:

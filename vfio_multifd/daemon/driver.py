@@ -21,6 +21,8 @@ import structlog
 
 from ..config import ReceiveSettings
 from ..core import commands as cmd
+from ..core.decoder import RamData
+from ..core.mainstream import MainStreamParser
 from ..core.migration import Migration
 from ..core.watchdog import MissingChannels
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from ..core.reassembly import Chunk
     from ..core.wire import DeviceKey
     from ..tls import TlsServer
+    from .ram_sink import RamSink
 
 
 
@@ -67,6 +70,7 @@ class Driver:
     tls: TlsServer | None
     status_listeners: list[Callable[[SessionStatus], None]]
     channels: dict[int, ChannelProtocol]
+    ram_sink: RamSink | None
     log: Any
 
     def _start_driving(self) -> None:
@@ -83,11 +87,19 @@ class Driver:
         # QEMU's trace point vfio_load_state_device_buffer_incoming, per packet:
         # decided once here, so a disabled debug level costs one test per packet.
         self._trace_incoming = debug_enabled(log)
+        # QEMU's main channel (--main-stream): its parser, like a channel's decoder.
+        self._main_conn: int | None = None
+        self._main_parser: MainStreamParser | None = None
+        self._main_eof = False  # its end came; the core hears it once its events are in
+        self._draining = False
         self._handlers: dict[type, Callable[[Any], None]] = {
             cmd.ProvideBuffer: self._provide_buffer,
             cmd.PauseReading: lambda c: self._endpoint_do(c.conn, "hold", True),
-            cmd.ResumeReading: lambda c: self._endpoint_do(c.conn, "hold", False),
+            cmd.ResumeReading: self._resume_reading,
             cmd.Accepted: self._accepted,
+            cmd.AcceptedMain: self._accepted_main,
+            cmd.CreateRamImages: self._create_ram_images,
+            cmd.WriteRam: self._write_ram,
             cmd.Refuse: self._refused,
             cmd.ResetConnection: lambda c: self._hang_up(c.conn, completed=False),
             cmd.CloseConnection: lambda c: self._hang_up(c.conn, completed=True),
@@ -153,11 +165,60 @@ class Driver:
             )
         self._feed(self.core.packet, channel.conn, packet, clock())
 
+    def main_channel(self, channel: ChannelProtocol) -> None:
+        self._feed(self.core.main_channel, channel.conn, clock())
+
+    def main_data(self, channel: ChannelProtocol, data: bytes) -> None:
+        if channel.conn != self._main_conn:
+            return  # refused: its bytes are nobody's
+        self._feed(self.core.main_data, channel.conn, data, clock())
+        assert self._main_parser is not None
+        self._main_parser.receive_data(data)
+        self._drain_main()
+
+    def _drain_main(self) -> None:
+        """Hand the main stream's events to the core while it is not held at a sync point;
+        then, once its end came and every event is in, that end."""
+        parser, conn = self._main_parser, self._main_conn
+        if parser is None or conn is None or self._draining:
+            return
+        self._draining = True
+        try:
+            while not self.core.main_held:
+                try:
+                    event = parser.next_event()
+                except ProtocolError as error:
+                    self._feed(self.core.decode_error, conn, error, clock())
+                    return
+                if event is None:
+                    break
+                self._feed(self.core.main_event, conn, event, clock())
+            else:
+                return
+            if self._main_eof:
+                self._main_eof = False
+                self._feed(self.core.eof, conn, clock())
+        finally:
+            self._draining = False
+
+    def ram_header(self, channel: ChannelProtocol, raw: bytes) -> bytearray | None:
+        buffer: bytearray | None = self._feed(self.core.ram_header, channel.conn, raw, clock())
+        return buffer
+
+    def ram_data(self, channel: ChannelProtocol, data: RamData) -> None:
+        assert isinstance(data.buffer, bytearray)
+        self._feed(self.core.ram_data, channel.conn, data.buffer, clock())
+
     def decode_error(self, channel: ChannelProtocol, error: ProtocolError) -> None:
         self._feed(self.core.decode_error, channel.conn, error, clock())
 
     def eof(self, channel: ChannelProtocol) -> None:
-        self._feed(self.core.eof, channel.conn, clock())
+        if channel.conn == self._main_conn and self._main_parser is not None:
+            self._main_parser.eof()
+            self._main_eof = True
+            self._drain_main()
+        else:
+            self._feed(self.core.eof, channel.conn, clock())
         connection = self.core.connections.by_conn.get(channel.conn)
         if connection is not None and connection.state.value == "closed":
             channel.log.info(
@@ -238,6 +299,45 @@ class Driver:
             self.recorder.accepted(channel, command.channel)
         if self.readers.count:  # once this read's events are in: its socket moves
             channel.after_accept = self._hand_off
+
+    def _resume_reading(self, command: cmd.ResumeReading) -> None:
+        self._endpoint_do(command.conn, "hold", False)
+        if command.conn == self._main_conn:
+            self._drain_main()
+
+    def _accepted_main(self, command: cmd.AcceptedMain) -> None:
+        channel = self._connections[command.conn]
+        channel.log = channel.log.bind(channel="main")
+        channel.log.info("channel_accepted", kind="main")
+        self._main_conn = command.conn
+        self._main_parser = MainStreamParser(page_size=self.core.config.page_size)
+
+    def _create_ram_images(self, command: cmd.CreateRamImages) -> None:
+        sink = self.ram_sink
+        assert sink is not None and self._loop is not None
+        future = self._loop.run_in_executor(sink.executor, sink.create, command.blocks)
+        future.add_done_callback(self._ram_done)
+
+    def _write_ram(self, command: cmd.WriteRam) -> None:
+        sink = self.ram_sink
+        assert sink is not None and self._loop is not None
+        future = self._loop.run_in_executor(sink.executor, sink.write, command.pages, command.main)
+        future.add_done_callback(
+            functools.partial(self._ram_written, command.conn, command.nbytes)
+        )
+
+    def _ram_done(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.fail(future.exception())  # type: ignore[arg-type]
+
+    def _ram_written(self, conn: int, nbytes: int, future: asyncio.Future[None]) -> None:
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            self.fail(error)
+            return
+        self._feed(self.core.ram_written, conn, nbytes, clock())
 
     def _hand_off(self, channel: ChannelProtocol) -> None:
         connection = self.core.connections.by_conn.get(channel.conn)

@@ -35,6 +35,7 @@ from .listener import Listener
 from .loader import DeviceLoader
 from .output import device_outputs
 from .pool import BufferPool
+from .ram_sink import RamSink
 from .reader_threads import ReaderThreads, default_reader_threads
 from .spill import Spiller, spill_directory
 
@@ -60,7 +61,9 @@ class Session(Driver):
         threads = settings.reader_threads
         if threads is None:
             threads = default_reader_threads(settings.channels)
-        self.readers = ReaderThreads(0 if self.tls is not None else threads)
+        # QEMU's main channel and RAM packets are read on the main loop.
+        qemu = settings.main_stream is not None or settings.ram is not None
+        self.readers = ReaderThreads(0 if self.tls is not None or qemu else threads)
         self.core = Migration(
             MigrationConfig.from_settings(settings, reader_threads=self.readers.count),
             BufferPool(),
@@ -78,7 +81,8 @@ class Session(Driver):
             )
             for spec in settings.devices
         }
-        self.outputs = commit_module.OutputSet(list(self.loaders.values()))
+        self.ram_sink = RamSink(settings) if qemu else None
+        self.outputs = commit_module.OutputSet(list(self.loaders.values()), self.ram_sink)
         self.listener = Listener(expected=settings.channels, shed=self._shed)
         self.listening = asyncio.Event()
         #: Called with each new status (the status socket announces it as QMP's MIGRATION event).
@@ -131,8 +135,11 @@ class Session(Driver):
 
     async def _run(self) -> SessionResult:
         assert self._failed is not None and self._commit is not None
+        loop = asyncio.get_running_loop()
         try:
             await self.outputs.open(self._failed, timeout=self.settings.accept_timeout)
+            if self.ram_sink is not None:
+                await loop.run_in_executor(self.ram_sink.executor, self.ram_sink.open)
             if self.core.layout.staging:
                 self.spiller.check_directory()
             await self._listen()
@@ -231,13 +238,14 @@ class Session(Driver):
         """A new connection's protocol (the listener's factory), known to the core."""
         conn = next(self._conn_ids)
         settings = self.settings
+        ram = settings.ram is not None
         if self.recorder is None:
             channel = ChannelProtocol(
-                self, conn, peer=peer, max_packet_size=settings.max_packet_size
+                self, conn, peer=peer, max_packet_size=settings.max_packet_size, ram=ram
             )
         else:
             channel = self.recorder.channel(
-                self, conn, peer=peer, max_packet_size=settings.max_packet_size
+                self, conn, peer=peer, max_packet_size=settings.max_packet_size, ram=ram
             )
         self._connections[conn] = channel
         self._endpoints[conn] = channel

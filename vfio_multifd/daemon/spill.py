@@ -134,6 +134,8 @@ def spill_directory(settings: ReceiveSettings) -> Path:
     """--spill-dir, or the first data file's directory (never /dev: /dev/null's)."""
     if settings.spill_dir is not None:
         return settings.spill_dir
+    if not settings.devices:  # RAM only: nothing is ever spilled
+        return Path(tempfile.gettempdir())
     parent = settings.devices[0].data_path.resolve().parent
     return parent if parent != Path("/dev") else Path(tempfile.gettempdir())
 

@@ -85,8 +85,10 @@ class RecordingDecoder(ChannelDecoder):
     ``buffer_updated(n)`` are the first ``n`` of the last buffer handed out.
     """
 
-    def __init__(self, recording: ChannelRecording, *, max_packet_size: int) -> None:
-        super().__init__(max_packet_size=max_packet_size, allocate=ASK)
+    def __init__(
+        self, recording: ChannelRecording, *, max_packet_size: int, ram: bool = False
+    ) -> None:
+        super().__init__(max_packet_size=max_packet_size, allocate=ASK, ram=ram)
         self.recording = recording
         self._given = _NOTHING  # the buffer handed out last
 
@@ -117,11 +119,12 @@ class RecordingChannel(ChannelProtocol):
         *,
         peer: str,
         max_packet_size: int,
+        ram: bool = False,
     ) -> None:
-        super().__init__(owner, conn, peer=peer, max_packet_size=max_packet_size)
+        super().__init__(owner, conn, peer=peer, max_packet_size=max_packet_size, ram=ram)
         self.recording = ChannelRecording(recorder)
         self.recording.peer = peer
-        self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size)
+        self.decoder = RecordingDecoder(self.recording, max_packet_size=max_packet_size, ram=ram)
 
 
 @dataclass(frozen=True, slots=True)

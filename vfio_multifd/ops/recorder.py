@@ -191,9 +191,11 @@ class Recorder:
         log.info("recording", directory=str(self.directory), max_queued_bytes=self.max_queued_bytes)
 
     def channel(
-        self, owner: ChannelOwner, conn: int, *, peer: str, max_packet_size: int
+        self, owner: ChannelOwner, conn: int, *, peer: str, max_packet_size: int, ram: bool = False
     ) -> RecordingChannel:
-        return RecordingChannel(self, owner, conn, peer=peer, max_packet_size=max_packet_size)
+        return RecordingChannel(
+            self, owner, conn, peer=peer, max_packet_size=max_packet_size, ram=ram
+        )
 
     def lost(self, channel: ChannelProtocol, exc: BaseException | None) -> None:
         """The connection is gone (wherever it was read); ``exc``: the peer broke it
