@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from counters import Counts, SyscallCounter, process_cpu
 from replay import Replay, replay
 from vfio_multifd.config import Address
 from workload import Workload
@@ -126,6 +127,7 @@ class Finished:
     error: str  # why the run failed: start-up, replay, exit status ("" if none)
     idle_rss: int = 0  # bytes: VmHWM when it logged ``listening`` (0: it never did)
     exited: float = 0.0  # wall clock: the process had exited
+    counts: Counts = field(default_factory=Counts)  # its CPU, faults, switches, syscalls
 
     def named(self, name: str) -> list[Event]:
         return _named(self.events, name)
@@ -137,12 +139,16 @@ def run_receiver(
     timeout: float = RUN_TIMEOUT,
     send: Sender = replay_to,
     started: Callable[[int], object] | None = None,
+    *,
+    count_syscalls: bool = False,
 ) -> Finished:
     """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it.
-    ``started`` is called with the process id at once (profile_receive.py watches it)."""
+    ``started`` is called with the process id at once (profile_receive.py watches it);
+    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf)."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    counter = SyscallCounter(proc.pid) if count_syscalls else None
     if started is not None:
         started(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
@@ -162,6 +168,7 @@ def run_receiver(
     sent: Replay | None = None
     error = ""
     idle = 0
+    startup_cpu = 0.0
     try:
         wait = min(LISTEN_TIMEOUT, timeout)
         listening.wait(wait)
@@ -171,6 +178,7 @@ def run_receiver(
         if address is None:
             raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
         idle = vm_hwm(proc.pid) or 0
+        startup_cpu = process_cpu(proc.pid)
         receiver = Listening(proc.pid, Address.parse(str(address)), (out_events, err_events))
         sent = send(receiver, workload, timeout)
     except (OSError, RuntimeError) as exc:
@@ -192,6 +200,7 @@ def run_receiver(
     if proc.returncode != 0:
         tail = " | ".join(outputs[1].lines[-2:])  # stderr: where both say why they failed
         error = "; ".join(filter(None, [error, f"exit status {proc.returncode}: {tail}"]))
+    syscalls = {} if counter is None else counter.result()
     return Finished(
         exit_code=proc.returncode,
         cpu=usage.ru_utime + usage.ru_stime,
@@ -201,6 +210,7 @@ def run_receiver(
         error=error,
         idle_rss=idle,
         exited=exited,
+        counts=Counts.of(usage, startup_cpu, syscalls),
     )
 
 
@@ -253,6 +263,10 @@ class DaemonRun:
     lag: float = 0.0  # wall clock: the replay's last sendmsg -> the last load_thread_end
     exit_lag: float = 0.0  # wall clock: the replay's last sendmsg -> the process exited
     digests: dict[str, str] = field(default_factory=dict)  # device -> digest
+    counts: Counts = field(default_factory=Counts)
+    finished: float = 0.0  # wall clock: the last device complete (its load_thread_end)
+    exited: float = 0.0  # wall clock: the process had exited
+    events: list[Event] = field(default_factory=list)  # its JSON log
 
 
 def run_daemon(
@@ -261,17 +275,21 @@ def run_daemon(
     *options: str,
     timeout: float = RUN_TIMEOUT,
     send: Sender = replay_to,
+    count_syscalls: bool = False,
 ) -> DaemonRun:
     """One daemon run; ``send`` feeds it (the replay by default; a TLS replay with
     ``--tls-creds`` among ``options``)."""
     command = daemon_command(workload, out_dir, *options)
-    finished = run_receiver(command, workload, timeout, send)
+    finished = run_receiver(command, workload, timeout, send, count_syscalls=count_syscalls)
     run = DaemonRun(
         ok=False,
         error=finished.error,
         cpu=finished.cpu,
         peak_rss=finished.peak_rss,
         idle_rss=finished.idle_rss,
+        counts=finished.counts,
+        exited=finished.exited,
+        events=finished.events,
     )
     ends = finished.named("load_thread_end")
     run.digests = {str(e.get("device")): str(e.get("digest")) for e in ends}
@@ -290,7 +308,8 @@ def run_daemon(
     run.paused_seconds = float(summary["paused_seconds"])
     run.reader_threads = int(summary.get("reader_threads", 0))
     run.buffers_allocated = int(summary.get("buffers_allocated", 0))
-    run.lag = max(timestamp(e) for e in ends) - finished.replay.sent if ends else 0.0
+    run.finished = max(timestamp(e) for e in ends) if ends else 0.0
+    run.lag = run.finished - finished.replay.sent if ends else 0.0
     run.exit_lag = finished.exited - finished.replay.sent
     expected = workload.expected_digests
     if run.digests != expected or run.bytes != workload.size:

@@ -17,6 +17,7 @@ import memory
 import plain_copy
 import record_cost
 import throughput
+from counters import SYSCALLS, perf_command
 from daemon import run_receiver
 from vfio_multifd.config import Digest
 from vfio_multifd.digest import digest_of
@@ -118,6 +119,11 @@ def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
         threads = config.options[1] if config.options else None
         expected = int(threads) if threads is not None else run.daemon.reader_threads
         assert run.daemon.reader_threads == expected
+        for counts in (run.counts, config.baseline[0].counts):
+            assert counts.faults > 0 and counts.ctx_switches > 0 and counts.sender is not None
+            assert 0 < counts.startup < counts.cpu
+            if perf_command() is not None:  # perf counted each receiver's reads
+                assert counts.syscalls["reads"] > 0 and set(counts.syscalls) == set(SYSCALLS)
     targets = throughput.assess_targets(results)
     assert [line.split()[0] for line in targets[:4]] != ["n/a"] * 4
     assert all(("met" in line or "NOT MET" in line) for line in targets[:4])
@@ -144,6 +150,7 @@ def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "daemon MB/s" in out and "took" in out
     assert "Headline: the throughput issue's targets" in out and "Matrix" in out
     assert "CPU s/GB ratio, /dev/null <= 1.5" in out
+    assert "per GB (medians)" in out and "daemon/baseline" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
 
