@@ -74,9 +74,7 @@ class SyscallCounter:
         handle, name = tempfile.mkstemp(prefix="vfio-multifd-perf-", suffix=".csv")
         os.close(handle)
         self.output = Path(name)
-        events = [
-            f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls
-        ]
+        events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
         available = [event for event in events if _tracepoint_exists(event)]
         command = [self.perf, "stat", "-x", ",", "-o", str(self.output), "-p", str(pid)]
         command += [arg for event in available for arg in ("-e", event)]
@@ -111,7 +109,9 @@ class SyscallCounter:
                 by_call[fields[2].removeprefix("syscalls:sys_enter_")] = int(fields[0])
         if not by_call:
             return {}
-        return {name: sum(by_call.get(call, 0) for call in calls) for name, calls in SYSCALLS.items()}
+        return {
+            name: sum(by_call.get(call, 0) for call in calls) for name, calls in SYSCALLS.items()
+        }
 
 
 @functools.cache

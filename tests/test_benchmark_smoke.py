@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import downtime
 import memory
 import plain_copy
 import record_cost
@@ -153,6 +154,37 @@ def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "per GB (medians)" in out and "daemon/baseline" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+def test_downtime_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both cases, both sinks, one pair each: every run exact, its phases in order."""
+    argv = ["--size", "6M", "--reps", "1", "--tmpdir", str(tmp_path), "--json", str(tmp_path / "r")]
+    assert downtime.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if "MiB, 4 ch" in line and not line.startswith(("met", "NOT"))]
+    assert [row.split("  ")[0].strip() for row in rows[::3]] == [
+        "4 x 1 MiB, 4 ch, file", "4 x 1 MiB, 4 ch, null",
+        "1 x 6 MiB, 4 ch, file", "1 x 6 MiB, 4 ch, null",
+    ]  # fmt: skip
+    assert all(row.endswith("1/1") for i, row in enumerate(rows) if i % 3 != 2)
+    verdicts = [line for line in out if line.startswith(("met", "NOT MET"))]
+    assert len(verdicts) == 5 and verdicts[-1].startswith("met") and "(0 failed" in verdicts[-1]
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # every output removed
+
+
+def test_downtime_phases_are_in_order(tmp_path: Path) -> None:
+    workload = build_workload([3 << 20, 2 << 20], channels=4)
+    for sink in (tmp_path, None):
+        plain = downtime.run_plain(workload, sink)
+        daemon = downtime.run_the_daemon(workload, sink)
+        for run in (plain, daemon):
+            assert run.ok, run.error
+            ends = [run.ends[phase] for phase in downtime.PHASES]
+            assert ends[0] > 0 and ends == sorted(ends), (run.kind, run.ends)
+        assert "commit" not in plain.durations() and "commit" in daemon.durations()
+        if sink is not None:
+            for entry in tmp_path.iterdir():
+                entry.unlink()
 
 
 def test_record_cost_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -60,7 +60,10 @@ class DeviceLoader:
         self._in_flight: set[asyncio.Future[None]] = set()
         self.write_error: BaseException | None = None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{device.key}")
-        self.completed_at = 0.0  # monotonic, once the device is complete
+        # Monotonic times of the device's last steps (the summary's phases):
+        self.received_at = 0.0  # its config chunk taken: every byte of it received
+        self.written_at = 0.0  # its last data batch written (on the writer thread)
+        self.completed_at = 0.0  # its files finished (synced): the device is complete
         self.log = log.bind(device=str(device.key))
         self._debug = debug_enabled(self.log)
 
@@ -81,6 +84,7 @@ class DeviceLoader:
                     await self.condition.wait_for(lambda: device.ready)
                 chunks = self.reassembly.take(device, BATCH_BYTES)
             if chunks[0].config:
+                self.received_at = time.monotonic()
                 if self._in_flight:
                     await asyncio.gather(*self._in_flight)  # every data chunk is written
                 if self.write_error is not None:
@@ -157,6 +161,7 @@ class DeviceLoader:
             views.append(view)
         if views:
             self.data.write(views)
+        self.written_at = time.monotonic()
 
     async def _load_config(self, loop: asyncio.AbstractEventLoop, chunk: Chunk) -> None:
         def load() -> None:

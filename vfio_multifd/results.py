@@ -43,6 +43,21 @@ class DeviceResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Phases:
+    """When the migration's last steps ended, in seconds from its first byte: every
+    device received, its data written, its files synced, every output renamed into place."""
+
+    received: float
+    written: float
+    synced: float
+    committed: float
+
+    def log_fields(self) -> dict[str, float]:
+        names = ("received", "written", "synced", "committed")
+        return {name: round(getattr(self, name), 4) for name in names}
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     devices: tuple[DeviceResult, ...]
     seconds: float  # first byte received to the last device complete
@@ -58,6 +73,7 @@ class SessionResult:
     buffers_allocated: int = 0
     #: Threads whose event loops read the channels (0: the main loop reads them).
     reader_threads: int = 0
+    phases: Phases | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -79,6 +95,8 @@ class SessionResult:
             "buffers_allocated": self.buffers_allocated,
             "reader_threads": self.reader_threads,
         }
+        if self.phases is not None:
+            fields["phases"] = self.phases.log_fields()
         if self.tls_subjects is not None:
             fields["tls"] = True
             fields["tls_subjects"] = {str(k): v for k, v in self.tls_subjects.items()}
@@ -109,8 +127,10 @@ def summarize(
     tls_subjects: dict[int, str | None] | None = None,
     buffers_allocated: int = 0,
     reader_threads: int = 0,
+    committed: float | None = None,
 ) -> SessionResult:
-    """The result of a completed migration (``started``: monotonic, the first channel)."""
+    """The result of a completed migration (``started``: monotonic, the first channel;
+    ``committed``: monotonic, every output in place)."""
     devices = tuple(
         DeviceResult(
             device=loader.device.key,
@@ -124,9 +144,20 @@ def summarize(
         )
         for loader in loaders
     )
+    completed = max(loader.completed_at for loader in loaders)
+    # Each phase ends no earlier than the one before it (a batch can be written
+    # before the device's last chunk comes in).
+    received = max(loader.received_at for loader in loaders)
+    written = max(received, *(loader.written_at for loader in loaders))
+    phases = Phases(
+        received=received - started,
+        written=written - started,
+        synced=completed - started,
+        committed=(completed if committed is None else committed) - started,
+    )
     return SessionResult(
         devices=devices,
-        seconds=max(loader.completed_at for loader in loaders) - started,
+        seconds=completed - started,
         bytes_received=bytes_received,
         peak_queued_bytes=reassembly.peak_queued_bytes,
         spilled_bytes=reassembly.spilled_bytes,
@@ -134,4 +165,5 @@ def summarize(
         tls_subjects=tls_subjects,
         buffers_allocated=buffers_allocated,
         reader_threads=reader_threads,
+        phases=phases,
     )

@@ -114,6 +114,7 @@ class Session:
             self.status_listeners.append(self.recorder.status_changed)
         self.started: float | None = None  # monotonic, first channel accepted
         self.finished: float | None = None  # monotonic, completed, failed or cancelled
+        self.committed: float | None = None  # monotonic, every output in place
         self._first_error: asyncio.Future[MultifdError] | None = None  # set by fail()
         self._pending_error: MultifdError | None = None  # failed before run()
         self._group: asyncio.TaskGroup | None = None  # while channels may join
@@ -170,6 +171,7 @@ class Session:
             # Every device is complete: from here on the outcome is success, and
             # the channels we now hang up on (QEMU keeps them open) are no error.
             await self._commit()
+            self.committed = time.monotonic()
             # Only now, with every output in place, does a source see a clean close.
             self.registry.close(completed=True)
             self._set_status(SessionStatus.COMPLETED)
@@ -444,6 +446,7 @@ class Session:
             tls_subjects=None if self.tls is None else self.peer_subjects(),
             buffers_allocated=self.admission.pool.misses,
             reader_threads=self.readers.count,
+            committed=self.committed,
         )
         self.log.info("migration_completed", **result.log_fields())
         return result
