@@ -49,7 +49,7 @@ import plain_copy
 from counters import process_cpu
 from daemon import Listening, Sender, replay_to, run_daemon, run_receiver, timestamp
 from replay import Replay
-from report import median_range, progress
+from report import median_range, progress, quiet_sender
 from vfio_multifd.config import parse_size
 from workload import Workload, build_workload
 
@@ -342,4 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    quiet_sender()
     raise SystemExit(main())

@@ -57,7 +57,7 @@ from counters import Counts, format_per_gb, sender_cpu
 from credentials import loopback_credentials
 from daemon import DaemonRun, Listening, Sender, replay_to, run_daemon, run_receiver
 from replay import Replay, replay
-from report import median_range, progress
+from report import median_range, progress, quiet_sender
 from vfio_multifd.config import Address, parse_size
 from vfio_multifd.tls import TlsClient, load_client
 from workload import Workload, build_workload
@@ -695,4 +695,5 @@ def print_tls(comparison: TlsComparison) -> None:
 
 
 if __name__ == "__main__":
+    quiet_sender()
     raise SystemExit(main())
