@@ -276,10 +276,12 @@ def run_daemon(
     timeout: float = RUN_TIMEOUT,
     send: Sender = replay_to,
     count_syscalls: bool = False,
+    prefix: Sequence[str] = (),
 ) -> DaemonRun:
     """One daemon run; ``send`` feeds it (the replay by default; a TLS replay with
-    ``--tls-creds`` among ``options``)."""
-    command = daemon_command(workload, out_dir, *options)
+    ``--tls-creds`` among ``options``); ``prefix`` goes before the command (an ``env``
+    that execs it: compare.py runs another version of the package so)."""
+    command = [*prefix, *daemon_command(workload, out_dir, *options)]
     finished = run_receiver(command, workload, timeout, send, count_syscalls=count_syscalls)
     run = DaemonRun(
         ok=False,

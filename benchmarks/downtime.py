@@ -160,9 +160,7 @@ class Case:
         """Daemon / plain copy of the time to ``phase`` in each pair where both succeeded."""
         pairs = zip(self.runs["plain"], self.runs["daemon"], strict=False)
         return [
-            d.ends[phase] / p.ends[phase]
-            for p, d in pairs
-            if p.ok and d.ok and p.ends[phase] > 0
+            d.ends[phase] / p.ends[phase] for p, d in pairs if p.ok and d.ok and p.ends[phase] > 0
         ]
 
 
@@ -205,7 +203,14 @@ def run_downtime(
 
 
 def format_report(results: Sequence[Case]) -> list[str]:
-    header = ("case", "receiver", *(f"{d} ms" for d in DURATIONS), "in place ms", "to exit ms", "ok")
+    header = (
+        "case",
+        "receiver",
+        *(f"{d} ms" for d in DURATIONS),
+        "in place ms",
+        "to exit ms",
+        "ok",
+    )
     rows: list[tuple[str, ...]] = []
     for case in results:
         for kind in ("plain", "daemon"):

@@ -182,6 +182,7 @@ def run_the_daemon(
     send: Sender = replay_to,
     kind: str = "daemon",
     count_syscalls: bool = False,
+    prefix: Sequence[str] = (),
 ) -> Run:
     spent: list[float] = []
     result = run_daemon(
@@ -191,6 +192,7 @@ def run_the_daemon(
         *options,
         send=sender_cpu(send, spent.append),
         count_syscalls=count_syscalls,
+        prefix=prefix,
     )
     result.counts.sender = spent[0] if spent else None
     return Run(

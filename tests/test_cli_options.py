@@ -279,11 +279,11 @@ def test_send_log_level_help_does_not_name_receiver_events() -> None:
         (
             ["--max-queued-bytes", "4M"],
             "--max-queued-bytes 4194304 is too small for --max-packet-size 4194304: "
-            "the smallest bound that works is 8388864",
+            "the smallest bound that works is 8397056",
         ),
         (
             ["--max-queued-bytes", "1M", "--max-packet-size", "1M"],
-            "the smallest bound that works is 2097408",
+            "the smallest bound that works is 2105600",
         ),
     ],
 )
