@@ -260,7 +260,7 @@ def test_help_shows_enum_choices_as_values(
         main([command, "--help"])
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # help wraps lines
-    assert "--digest {xxh3-128,sha256}" in out
+    assert "--digest {xxh3-128,sha256,none}" in out
     if command == "receive":
         assert "--on-queue-full {spill,fail}" in out
     assert "Digest." not in out and "QueueFullPolicy." not in out
