@@ -25,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,35 @@ def _tracepoint_exists(event: str) -> bool:
 
 def process_cpu(pid: int) -> float:
     """User + system seconds the process (all its threads) has used so far; 0 if gone."""
+    return process_usage(pid)[0]
+
+
+def process_usage(pid: int) -> tuple[float, int]:
+    """The process's CPU seconds (user + system) and page faults (minor + major) so far."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
+        return 0.0, 0
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[7]) + int(fields[9])
+
+
+#: A receiver counts as idle once its CPU time has not grown for this long.
+IDLE_FOR = 0.05
+IDLE_TIMEOUT = 10.0
+
+
+def wait_idle(pid: int) -> None:
+    """Until the process has used no CPU for :data:`IDLE_FOR` seconds (its start-up,
+    and what it does while waiting for its channels, done), at most :data:`IDLE_TIMEOUT`."""
+    deadline = time.monotonic() + IDLE_TIMEOUT
+    cpu = process_cpu(pid)
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < IDLE_FOR and time.monotonic() < deadline:
+        time.sleep(0.01)
+        now = process_cpu(pid)
+        if now != cpu:
+            cpu, quiet_since = now, time.monotonic()
 
 
 @dataclass
@@ -139,18 +163,23 @@ class Counts:
 
     user: float = 0.0
     system: float = 0.0
-    startup: float = 0.0  # CPU seconds when it logged ``listening``
+    startup: float = 0.0  # CPU seconds used before the first byte was sent to it
     faults: int = 0  # minor + major page faults
+    startup_faults: int = 0  # of which before the first byte
     ctx_switches: int = 0  # voluntary + involuntary
     syscalls: dict[str, int] = field(default_factory=dict)  # SYSCALLS' figures (perf)
     sender: float | None = None  # CPU seconds of the sender meanwhile (None: not measured)
 
     @classmethod
-    def of(cls, usage: resource.struct_rusage, startup: float, syscalls: dict[str, int]) -> Counts:
+    def of(
+        cls, usage: resource.struct_rusage, startup: tuple[float, int], syscalls: dict[str, int]
+    ) -> Counts:
+        """From ``wait4``'s usage, the (CPU, faults) before the first byte, perf's counts."""
         return cls(
             user=usage.ru_utime,
             system=usage.ru_stime,
-            startup=startup,
+            startup=startup[0],
+            startup_faults=startup[1],
             faults=usage.ru_minflt + usage.ru_majflt,
             ctx_switches=usage.ru_nvcsw + usage.ru_nivcsw,
             syscalls=syscalls,
@@ -184,13 +213,14 @@ COLUMNS: tuple[tuple[str, Callable[[Counts], float | None]], ...] = (
     ("writes", lambda c: c.syscalls.get("writes")),
     ("ctx sw", lambda c: c.ctx_switches),
     ("faults", lambda c: c.faults),
+    ("faults w/o start", lambda c: c.faults - c.startup_faults),
     ("user s", lambda c: c.user),
     ("sys s", lambda c: c.system),
     ("CPU s", lambda c: c.cpu),
-    ("w/o start", lambda c: c.cpu - c.startup),
+    ("CPU w/o start", lambda c: c.cpu - c.startup),
     ("+sender", lambda c: None if c.sender is None else c.cpu + c.sender),
 )
-_SECONDS = {"user s", "sys s", "CPU s", "w/o start", "+sender"}
+_SECONDS = {"user s", "sys s", "CPU s", "CPU w/o start", "+sender"}
 
 
 def per_gb_medians(runs: Sequence[Counts], data_bytes: int) -> dict[str, float | None]:
@@ -239,9 +269,10 @@ def format_per_gb(rows: Sequence[tuple[str, Sequence[Counts], int]]) -> list[str
 LEGEND = (
     "reads = read/readv/recvfrom/recvmsg syscalls, writes = write/writev, futex and epoll "
     "= their syscalls (perf stat on syscall tracepoints; '-': perf unusable here); ctx sw = "
-    "voluntary + involuntary context switches, faults = minor + major page faults, user s / "
-    "sys s / CPU s = the receiving process's CPU seconds, start to exit (wait4); w/o start = "
-    "CPU s less what it had used when it logged 'listening'; +sender = CPU s plus the "
+    "voluntary + involuntary context switches, faults = minor + major page faults (faults w/o "
+    "start: those from the first byte on), user s / sys s / CPU s = the receiving process's CPU "
+    "seconds, start to exit (wait4); CPU w/o start = CPU s less what it had used before the "
+    "first byte (it was listening and idle then); +sender = CPU s plus the "
     "sender's CPU while it sent (this process). All per 1e9 data bytes, medians of the runs; "
     "the ratio rows divide by the first row's medians."
 )

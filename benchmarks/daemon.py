@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from counters import Counts, SyscallCounter, process_cpu
+from counters import Counts, SyscallCounter, process_usage, wait_idle
 from replay import Replay, replay
 from vfio_multifd.config import Address
 from workload import Workload
@@ -141,10 +141,13 @@ def run_receiver(
     started: Callable[[int], object] | None = None,
     *,
     count_syscalls: bool = False,
+    settle: bool = False,
 ) -> Finished:
     """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it.
     ``started`` is called with the process id at once (profile_receive.py watches it);
-    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf)."""
+    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf);
+    ``settle``: the first byte goes out only once it is idle (as a destination is
+    before a real stop-copy: started, listening, waiting)."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
@@ -168,7 +171,7 @@ def run_receiver(
     sent: Replay | None = None
     error = ""
     idle = 0
-    startup_cpu = 0.0
+    startup = (0.0, 0)
     try:
         wait = min(LISTEN_TIMEOUT, timeout)
         listening.wait(wait)
@@ -178,7 +181,9 @@ def run_receiver(
         if address is None:
             raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
         idle = vm_hwm(proc.pid) or 0
-        startup_cpu = process_cpu(proc.pid)
+        if settle:
+            wait_idle(proc.pid)
+        startup = process_usage(proc.pid)
         receiver = Listening(proc.pid, Address.parse(str(address)), (out_events, err_events))
         sent = send(receiver, workload, timeout)
     except (OSError, RuntimeError) as exc:
@@ -210,7 +215,7 @@ def run_receiver(
         error=error,
         idle_rss=idle,
         exited=exited,
-        counts=Counts.of(usage, startup_cpu, syscalls),
+        counts=Counts.of(usage, startup, syscalls),
     )
 
 
@@ -283,12 +288,15 @@ def run_daemon(
     send: Sender = replay_to,
     count_syscalls: bool = False,
     prefix: Sequence[str] = (),
+    settle: bool = False,
 ) -> DaemonRun:
     """One daemon run; ``send`` feeds it (the replay by default; a TLS replay with
     ``--tls-creds`` among ``options``); ``prefix`` goes before the command (an ``env``
     that execs it: compare.py runs another version of the package so)."""
     command = [*prefix, *daemon_command(workload, out_dir, *options)]
-    finished = run_receiver(command, workload, timeout, send, count_syscalls=count_syscalls)
+    finished = run_receiver(
+        command, workload, timeout, send, count_syscalls=count_syscalls, settle=settle
+    )
     run = DaemonRun(
         ok=False,
         error=finished.error,

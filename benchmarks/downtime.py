@@ -46,9 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import plain_copy
-from counters import process_cpu
-from daemon import Listening, Sender, replay_to, run_daemon, run_receiver, timestamp
-from replay import Replay
+from daemon import run_daemon, run_receiver, timestamp
 from report import median_range, progress, quiet_sender
 from vfio_multifd.config import parse_size
 from workload import Workload, build_workload
@@ -58,29 +56,9 @@ CHANNELS = 4
 CASES = {"4x": 4, "1x": 1}
 #: Targets of the speed issue: daemon / plain copy, first byte to in place, 400 MiB, 4 channels.
 TARGETS = {"file": 1.2, "null": 1.3}
-#: The receiver counts as idle once its CPU time stops growing for this long.
-IDLE_FOR = 0.05
-IDLE_TIMEOUT = 10.0
 PHASES = ("received", "written", "synced", "committed", "exited")
 #: The report's name for the time each phase of PHASES takes.
 DURATIONS = ("receive", "last write", "fsync", "commit", "exit")
-
-
-def when_idle(send: Sender) -> Sender:
-    """``send`` once the receiver has been idle for :data:`IDLE_FOR` (its start-up done)."""
-
-    def run(receiver: Listening, workload: Workload, timeout: float) -> Replay:
-        deadline = time.monotonic() + IDLE_TIMEOUT
-        cpu = process_cpu(receiver.pid)
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < IDLE_FOR and time.monotonic() < deadline:
-            time.sleep(0.01)
-            now = process_cpu(receiver.pid)
-            if now != cpu:
-                cpu, quiet_since = now, time.monotonic()
-        return send(receiver, workload, timeout)
-
-    return run
 
 
 @dataclass
@@ -112,7 +90,7 @@ def run_plain(workload: Workload, sink: Path | None) -> Timed:
     files = len(workload.devices)
     target = os.devnull if sink is None else str(sink / "plain.bin")
     command = plain_copy.command(workload.channels, target, files=files if sink else 1)
-    finished = run_receiver(command, workload, send=when_idle(replay_to))
+    finished = run_receiver(command, workload, settle=True)
     done = finished.named(plain_copy.DONE)
     if finished.error or not done:
         return Timed("plain", ok=False, error=finished.error or "no report")
@@ -131,7 +109,7 @@ def run_plain(workload: Workload, sink: Path | None) -> Timed:
 
 
 def run_the_daemon(workload: Workload, sink: Path | None) -> Timed:
-    run = run_daemon(workload, sink, send=when_idle(replay_to))
+    run = run_daemon(workload, sink, settle=True)
     if not run.ok:
         return Timed("daemon", ok=False, error=run.error)
     completed = [e for e in run.events if e.get("event") == "migration_completed"][-1]

@@ -155,6 +155,7 @@ def run_baseline(workload: Workload, sink: str, fsync: bool, *, count_syscalls: 
         workload,
         send=sender_cpu(replay_to, spent.append),
         count_syscalls=count_syscalls,
+        settle=True,
     )
     finished.counts.sender = spent[0] if spent else None
     done = finished.named(plain_copy.DONE)
@@ -193,6 +194,7 @@ def run_the_daemon(
         send=sender_cpu(send, spent.append),
         count_syscalls=count_syscalls,
         prefix=prefix,
+        settle=True,
     )
     result.counts.sender = spent[0] if spent else None
     return Run(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vfio_multifd.admission import Admission
 from vfio_multifd.memory import MemoryPolicy
+from vfio_multifd.pool import QEMU_CHUNK
 from vfio_multifd.reassembly import ReassemblyBuffer, capacity_of
 from vfio_multifd.spill import Spiller
 from vfio_multifd.wire import DeviceKey, DevicePacket, PacketHeader
@@ -92,3 +93,42 @@ async def test_written_buffers_are_reused_not_mapped_anew(tmp_path: Path) -> Non
     assert result.devices[0].chunks == 64
     misses = running.session.admission.pool.misses
     assert misses <= 20, f"{misses} of 64 chunks got a new buffer"
+
+
+async def test_the_pool_is_warmed_for_qemus_chunks_within_the_bound(tmp_path: Path) -> None:
+    """Warm buffers for QEMU's 1 MiB chunks, as many as idle buffers may take under the
+    bound: the first chunks then come from the pool, not from fresh pages."""
+    buffer = ReassemblyBuffer([KEY], max_queued_bytes=8 << 20)
+    subject = Admission(
+        buffer,
+        MemoryPolicy(buffer, fail_when_full=False),
+        Spiller(tmp_path),
+        bound=8 << 20,
+        staging_size=4 << 20,
+        reading_channels=lambda: 1,
+    )
+    capacity = capacity_of(QEMU_CHUNK)
+    await subject.warm_pool(4 << 20)
+    assert subject.pool.idle_bytes == (8 << 20) // capacity * capacity == 7 * capacity
+    for idx in range(7):
+        assert subject.allocate_now(PacketHeader(KEY, idx, False, QEMU_CHUNK), 0) is not None
+    assert subject.pool.misses == 0
+    assert subject.allocate_now(PacketHeader(KEY, 7, False, QEMU_CHUNK), 0) is None  # the bound
+    # Smaller packets allowed: buffers of the largest payload; too small to pool: none.
+    small = admission(tmp_path)  # bound 1 MiB: no room for a 1 MiB chunk's buffer
+    await small.warm_pool(4 << 20)
+    assert small.pool.idle_bytes == 0
+    await small.warm_pool(200 << 10)
+    assert small.pool.idle_bytes == (1 << 20) // capacity_of(200 << 10) * capacity_of(200 << 10)
+    tiny = admission(tmp_path)
+    await tiny.warm_pool(1 << 10)
+    assert tiny.pool.idle_bytes == 0
+
+
+async def test_warming_stops_at_the_first_payload(tmp_path: Path) -> None:
+    """Warm buffers are made only while no channel sends: once a payload was asked for,
+    buffers are made as needed and the bound counts them."""
+    subject = admission(tmp_path)  # bound 1 MiB
+    assert subject.allocate_now(PacketHeader(KEY, 0, False, 100 << 10), 0) is not None
+    await subject.warm_pool(200 << 10)
+    assert subject.pool.idle_bytes == 0

@@ -24,8 +24,8 @@ import structlog
 
 from .logconfig import debug_enabled
 from .memory import Fail, Insert, MemoryPolicy, SpillIncoming, SpillVictim, Wait
-from .pool import BufferPool
-from .reassembly import Chunk, ReassemblyBuffer, capacity_of
+from .pool import QEMU_CHUNK, BufferPool, warm_buffers
+from .reassembly import POOLED_MIN, Chunk, ReassemblyBuffer, capacity_of
 from .spill import Spiller
 from .wire import DeviceKey, DevicePacket, PacketHeader
 
@@ -36,6 +36,8 @@ log = structlog.get_logger("vfio_multifd.admission")
 
 #: Idle pooled buffers kept when memory is not bounded.
 UNBOUNDED_IDLE_BYTES = 64 << 20
+#: Buffers warmed at a time (warm_pool): what warming may hold beyond the bound.
+WARM_BATCH = 4
 
 
 class Admission:
@@ -60,6 +62,7 @@ class Admission:
         self._staging_size = staging_size
         self._staging: mmap.mmap | None = None
         self._staging_busy = False
+        self._receiving = False  # a payload buffer was asked for (warm_pool stops then)
         # One future per channel waiting for memory: a change resolves them all,
         # so a wake-up cannot fall between a channel's check and its wait.
         self._memory_waiters: list[asyncio.Future[bool]] = []
@@ -84,6 +87,7 @@ class Admission:
         return self._allocate_if_room(header)
 
     def _allocate_if_room(self, header: PacketHeader) -> PayloadBuffer | None:
+        self._receiving = True  # warming the pool stops
         reassembly = self.reassembly
         device = reassembly.devices[header.device]
         if not reassembly.fits(header.size, ahead=header.idx != device.next_idx):
@@ -121,6 +125,28 @@ class Admission:
         if self._staging is None:
             self._staging = mmap.mmap(-1, capacity_of(self._staging_size))
         return self._staging
+
+    async def warm_pool(self, max_payload: int) -> None:
+        """Fill the pool with warm buffers for QEMU's chunk size (at most ``max_payload``),
+        as many as idle buffers may take, while no payload has been asked for yet.
+
+        A few at a time, each batch added to the pool (where the bound counts it)
+        before the next is made, so that memory being warmed never exceeds the
+        bound by more than one batch, even if chunks come in meanwhile; and it stops
+        at the first payload: from then on, buffers are made as they are needed."""
+        capacity = capacity_of(min(QEMU_CHUNK, max_payload))
+        if capacity < POOLED_MIN:
+            return
+        loop = asyncio.get_running_loop()
+        while not self._receiving:
+            count = min(WARM_BATCH, (self._idle_room() - self.pool.idle_bytes) // capacity)
+            if count <= 0:
+                return
+            buffers = await loop.run_in_executor(None, warm_buffers, capacity, count)
+            for buffer in buffers:  # kept while there is room (chunks may be queued by now)
+                self._release_buffer(buffer)
+            if len(buffers) < count:  # out of memory: enough
+                return
 
     def _trim_pool(self) -> None:
         """Idle buffers are memory too: keep only what the bound has room for."""

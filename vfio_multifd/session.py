@@ -213,6 +213,8 @@ class Session:
                 self._group = group
                 self._spawn(_raise_when_set(first_error), "failure")
                 await self._listen()
+                # While no channel sends yet: pages of the first chunks' buffers in place.
+                self._spawn(self.admission.warm_pool(settings.max_payload_size), "warm pool")
                 watchdog = Watchdog(
                     channels=settings.channels,
                     accept_timeout=settings.accept_timeout,
