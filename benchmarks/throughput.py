@@ -6,8 +6,10 @@
 
 First the headline (the throughput issue's targets, ``--no-headline`` leaves it
 out): 4 channels, 1 device, ``--headline-reps`` a/b pairs each of /dev/null at
-``--null-size`` with the daemon's defaults and with ``--reader-threads`` 0, 1
-and 2, and of a fresh file at ``--size``. Then the matrix below.
+``--null-size`` with the daemon's defaults, with ``--digest none`` and with
+``--reader-threads`` 0, 1 and 2, and of a fresh file at ``--size``; each
+receiver under ``perf stat`` where it works, for the per-GB counts of
+``counters.py``, printed beside the plain copy's. Then the matrix below.
 
 For every sink, device count and channel count it runs, alternately and
 ``--reps`` times over, (a) the baseline, ``plain_copy.py`` (one thread per
@@ -15,8 +17,10 @@ connection, ``recv_into`` a reused 1 MiB buffer, ``os.write`` to one sink;
 a file sink is fsynced at the end), and (b) the daemon, ``python -m
 vfio_multifd receive`` with its default settings (digests on, fsync on unless
 ``--no-fsync``). Both get the same pre-built QEMU-format streams from the
-same replay sender. Sinks: ``null`` is /dev/null; ``file`` is fresh files in
-``--tmpdir`` (the daemon's one per device, the baseline's one in all).
+same replay sender, once the receiver is listening and idle (its start-up
+done, as a destination is before a real stop-copy). Sinks: ``null`` is
+/dev/null; ``file`` is fresh files in ``--tmpdir`` (the daemon's one per
+device, the baseline's one in all).
 
 Per run: MB/s = data bytes / the receiver's own seconds, first byte received
 to last byte written (the daemon's ``migration_completed``, the plain copy's
@@ -69,9 +73,11 @@ TARGET_CPU_RATIO = 1.5  # daemon / baseline CPU s/GB to /dev/null
 TARGET_FILE_RATIO = 1.2  # daemon / baseline MB/s to a new file, fsync at the end
 TARGET_LAG_MS = 50.0  # median completion lag, /dev/null
 HEADLINE_CHANNELS = 4
-#: Daemon variants of the headline's /dev/null row: its defaults, then reader threads.
+#: Daemon variants of the headline's /dev/null row: its defaults, without a digest
+#: (the upper bound of what the digest costs), then reader threads.
 HEADLINE_VARIANTS: tuple[tuple[str, ...], ...] = (
     (),
+    ("--digest", "none"),
     ("--reader-threads", "0"),
     ("--reader-threads", "1"),
     ("--reader-threads", "2"),

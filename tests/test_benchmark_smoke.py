@@ -107,6 +107,7 @@ def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
     labels = [(r.sink, r.label) for r in results]
     assert labels == [
         ("null", "defaults"),
+        ("null", "--digest none"),
         ("null", "--reader-threads 0"),
         ("null", "--reader-threads 1"),
         ("null", "--reader-threads 2"),
@@ -117,7 +118,7 @@ def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
         assert config.ok_runs("daemon") == config.ok_runs("baseline") == 1
         (run,) = config.daemon
         assert run.daemon is not None
-        threads = config.options[1] if config.options else None
+        threads = config.options[1] if config.options[:1] == ("--reader-threads",) else None
         expected = int(threads) if threads is not None else run.daemon.reader_threads
         assert run.daemon.reader_threads == expected
         for counts in (run.counts, config.baseline[0].counts):
