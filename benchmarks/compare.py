@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from counters import LEGEND, format_per_gb
-from report import median_range, progress, quiet_sender
+from report import median_range, progress, quiet_sender, run_status
 from throughput import Run, run_baseline, run_the_daemon
 from vfio_multifd.config import parse_size
 from workload import build_workload
@@ -102,11 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runs[kind].append(run)
                 for entry in out_dir.iterdir():
                     entry.unlink()
-                status = (
-                    f"{run.mb_per_s:7.0f} MB/s  cpu {run.cpu_per_gb:.3f} s/GB"
-                    if run.ok
-                    else f"FAILED ({run.error})"
-                )
+                figures = f"{run.mb_per_s:7.0f} MB/s  cpu {run.cpu_per_gb:.3f} s/GB"
+                status = run_status(run.ok, figures, run.error)
                 progress(f"compare rep {rep + 1}/{args.reps} {kind:5} {status}")
     finally:
         for entry in out_dir.iterdir():

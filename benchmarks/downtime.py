@@ -47,7 +47,7 @@ from pathlib import Path
 
 import plain_copy
 from daemon import run_daemon, run_receiver, timestamp
-from report import median_range, progress, quiet_sender
+from report import median_range, progress, quiet_sender, run_status
 from vfio_multifd.config import parse_size
 from workload import Workload, build_workload
 
@@ -153,11 +153,12 @@ def run_case(case: Case, workload: Workload, *, reps: int, work_dir: Path) -> No
             case.runs[kind].append(run)
             for entry in work_dir.iterdir():
                 entry.unlink()
-            status = (
+            figures = (
                 f"in place {run.in_place * 1e3:7.1f} ms, exit {run.ends['exited'] * 1e3:7.1f} ms"
                 if run.ok
-                else f"FAILED ({run.error})"
+                else ""
             )
+            status = run_status(run.ok, figures, run.error)
             progress(f"downtime {case.label} rep {rep + 1}/{reps} {kind:6} {status}")
 
 

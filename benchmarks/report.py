@@ -15,6 +15,11 @@ def quiet_sender() -> None:
     logconfig.configure(log_format="console", level="warning", stream=sys.stderr)
 
 
+def run_status(ok: bool, figures: str, error: str) -> str:
+    """A progress line's outcome: the run's figures, or why it failed."""
+    return figures if ok else f"FAILED ({error})"
+
+
 def progress(message: str) -> None:
     """One line per run on stderr, as it happens (the report itself goes to stdout)."""
     print(message, file=sys.stderr, flush=True)

@@ -16,14 +16,14 @@ from vfio_multifd.wire import DeviceKey, DevicePacket, PacketHeader
 KEY = DeviceKey("dev", 0)
 
 
-def admission(tmp_path: Path) -> Admission:
-    buffer = ReassemblyBuffer([KEY], max_queued_bytes=1 << 20)
+def admission(tmp_path: Path, bound: int = 1 << 20, staging: int = 1 << 16) -> Admission:
+    buffer = ReassemblyBuffer([KEY], max_queued_bytes=bound)
     return Admission(
         buffer,
         MemoryPolicy(buffer, fail_when_full=False),
         Spiller(tmp_path),
-        bound=1 << 20,
-        staging_size=1 << 16,
+        bound=bound,
+        staging_size=staging,
         reading_channels=lambda: 2,
     )
 
@@ -98,15 +98,7 @@ async def test_written_buffers_are_reused_not_mapped_anew(tmp_path: Path) -> Non
 async def test_the_pool_is_warmed_for_qemus_chunks_within_the_bound(tmp_path: Path) -> None:
     """Warm buffers for QEMU's 1 MiB chunks, as many as idle buffers may take under the
     bound: the first chunks then come from the pool, not from fresh pages."""
-    buffer = ReassemblyBuffer([KEY], max_queued_bytes=8 << 20)
-    subject = Admission(
-        buffer,
-        MemoryPolicy(buffer, fail_when_full=False),
-        Spiller(tmp_path),
-        bound=8 << 20,
-        staging_size=4 << 20,
-        reading_channels=lambda: 1,
-    )
+    subject = admission(tmp_path, bound=8 << 20, staging=4 << 20)
     capacity = capacity_of(QEMU_CHUNK)
     await subject.warm_pool(4 << 20)
     assert subject.pool.idle_bytes == (8 << 20) // capacity * capacity == 7 * capacity
