@@ -126,31 +126,56 @@ def _tracepoint_exists(event: str) -> bool:
 
 def process_cpu(pid: int) -> float:
     """User + system seconds the process (all its threads) has used so far; 0 if gone."""
-    return process_usage(pid)[0]
-
-
-def process_usage(pid: int) -> tuple[float, int]:
-    """The process's CPU seconds (user + system) and page faults (minor + major) so far."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0, 0
+        return 0.0
     fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS, int(fields[7]) + int(fields[9])
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
-#: A receiver counts as idle once its CPU time has not grown for this long.
+@dataclass(frozen=True)
+class Usage:
+    """What a process has used so far (read from /proc while it runs)."""
+
+    cpu: float = 0.0  # user + system seconds
+    faults: int = 0  # minor + major page faults
+    reads: int = 0  # read(2)-family calls on files and pipes (/proc/PID/io syscr)
+
+
+def process_usage(pid: int) -> Usage:
+    """The process's usage so far; zeros once it is gone. Before its first byte its
+    reads are its start-up's (imports): ``syscr`` counts those; ``recvfrom`` on a
+    socket it does not, so it is read only then."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        io = Path(f"/proc/{pid}/io").read_text()
+    except OSError:
+        return Usage()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    syscr = next((int(line.split()[1]) for line in io.splitlines() if line.startswith("syscr:")), 0)
+    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return Usage(cpu, int(fields[7]) + int(fields[9]), syscr)
+
+
+#: A receiver counts as settled once it has listened this long and its CPU time
+#: has not grown for IDLE_FOR (a destination is started well before a stop-copy).
+LISTEN_FOR = 0.5
 IDLE_FOR = 0.05
 IDLE_TIMEOUT = 10.0
 
 
 def wait_idle(pid: int) -> None:
-    """Until the process has used no CPU for :data:`IDLE_FOR` seconds (its start-up,
-    and what it does while waiting for its channels, done), at most :data:`IDLE_TIMEOUT`."""
-    deadline = time.monotonic() + IDLE_TIMEOUT
+    """Until the process has listened :data:`LISTEN_FOR` seconds and used no CPU for
+    :data:`IDLE_FOR` (its start-up, and what it does while waiting for its channels,
+    done), at most :data:`IDLE_TIMEOUT`."""
+    start = time.monotonic()
+    deadline = start + IDLE_TIMEOUT
     cpu = process_cpu(pid)
-    quiet_since = time.monotonic()
-    while time.monotonic() - quiet_since < IDLE_FOR and time.monotonic() < deadline:
+    quiet_since = start
+    while (
+        time.monotonic() - quiet_since < IDLE_FOR or time.monotonic() - start < LISTEN_FOR
+    ) and time.monotonic() < deadline:
         time.sleep(0.01)
         now = process_cpu(pid)
         if now != cpu:
@@ -166,20 +191,20 @@ class Counts:
     startup: float = 0.0  # CPU seconds used before the first byte was sent to it
     faults: int = 0  # minor + major page faults
     startup_faults: int = 0  # of which before the first byte
+    startup_reads: int = 0  # read calls before the first byte (its imports)
     ctx_switches: int = 0  # voluntary + involuntary
     syscalls: dict[str, int] = field(default_factory=dict)  # SYSCALLS' figures (perf)
     sender: float | None = None  # CPU seconds of the sender meanwhile (None: not measured)
 
     @classmethod
-    def of(
-        cls, usage: resource.struct_rusage, startup: tuple[float, int], syscalls: dict[str, int]
-    ) -> Counts:
-        """From ``wait4``'s usage, the (CPU, faults) before the first byte, perf's counts."""
+    def of(cls, usage: resource.struct_rusage, startup: Usage, syscalls: dict[str, int]) -> Counts:
+        """From ``wait4``'s usage, the usage before the first byte, perf's counts."""
         return cls(
             user=usage.ru_utime,
             system=usage.ru_stime,
-            startup=startup[0],
-            startup_faults=startup[1],
+            startup=startup.cpu,
+            startup_faults=startup.faults,
+            startup_reads=startup.reads,
             faults=usage.ru_minflt + usage.ru_majflt,
             ctx_switches=usage.ru_nvcsw + usage.ru_nivcsw,
             syscalls=syscalls,
@@ -188,6 +213,10 @@ class Counts:
     @property
     def cpu(self) -> float:
         return self.user + self.system
+
+
+def _less(total: int | None, startup: int) -> int | None:
+    return None if total is None else total - startup
 
 
 def sender_cpu(send: Sender, into: Callable[[float], object]) -> Sender:
@@ -208,6 +237,7 @@ def sender_cpu(send: Sender, into: Callable[[float], object]) -> Sender:
 #: The per-GB table's columns: heading, how to get the figure from a run's Counts.
 COLUMNS: tuple[tuple[str, Callable[[Counts], float | None]], ...] = (
     ("reads", lambda c: c.syscalls.get("reads")),
+    ("reads w/o start", lambda c: _less(c.syscalls.get("reads"), c.startup_reads)),
     ("futex", lambda c: c.syscalls.get("futex")),
     ("epoll", lambda c: c.syscalls.get("epoll")),
     ("writes", lambda c: c.syscalls.get("writes")),
@@ -267,7 +297,8 @@ def format_per_gb(rows: Sequence[tuple[str, Sequence[Counts], int]]) -> list[str
 
 
 LEGEND = (
-    "reads = read/readv/recvfrom/recvmsg syscalls, writes = write/writev, futex and epoll "
+    "reads = read/readv/recvfrom/recvmsg syscalls (w/o start: less the reads it had made "
+    "before the first byte, its imports), writes = write/writev, futex and epoll "
     "= their syscalls (perf stat on syscall tracepoints; '-': perf unusable here); ctx sw = "
     "voluntary + involuntary context switches, faults = minor + major page faults (faults w/o "
     "start: those from the first byte on), user s / sys s / CPU s = the receiving process's CPU "

@@ -33,7 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from counters import Counts, SyscallCounter, process_usage, wait_idle
+from counters import Counts, SyscallCounter, Usage, process_usage, wait_idle
 from replay import Replay, replay
 from vfio_multifd.config import Address
 from workload import Workload
@@ -171,7 +171,7 @@ def run_receiver(
     sent: Replay | None = None
     error = ""
     idle = 0
-    startup = (0.0, 0)
+    startup = Usage()
     try:
         wait = min(LISTEN_TIMEOUT, timeout)
         listening.wait(wait)

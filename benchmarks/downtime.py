@@ -17,8 +17,8 @@ place; ``null``, /dev/null. Receivers, alternated ``--reps`` times over the
 same pre-built streams: the daemon (``receive`` with its defaults, fsync on,
 digests checked) and ``plain_copy.py`` writing as many files as there are
 devices (each connection to one of them), fsynced where the daemon fsyncs.
-Both are started, listening and idle (no CPU used for 50 ms) before the
-first byte is sent, as a destination is before a real stop-copy.
+Both have listened for half a second and are idle (no CPU used for 50 ms)
+before the first byte is sent, as a destination is before a real stop-copy.
 
 Per run, times from the receiver's first byte: *receive* until the last byte
 is received, *last write* until it is written, *fsync* until the files are

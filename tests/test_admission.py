@@ -100,7 +100,7 @@ async def test_the_pool_is_warmed_for_qemus_chunks_within_the_bound(tmp_path: Pa
     bound: the first chunks then come from the pool, not from fresh pages."""
     subject = admission(tmp_path, bound=8 << 20, staging=4 << 20)
     capacity = capacity_of(QEMU_CHUNK)
-    await subject.warm_pool(4 << 20)
+    await subject.warm_pool(4 << 20, after=0)
     assert subject.pool.idle_bytes == (8 << 20) // capacity * capacity == 7 * capacity
     for idx in range(7):
         assert subject.allocate_now(PacketHeader(KEY, idx, False, QEMU_CHUNK), 0) is not None
@@ -108,12 +108,12 @@ async def test_the_pool_is_warmed_for_qemus_chunks_within_the_bound(tmp_path: Pa
     assert subject.allocate_now(PacketHeader(KEY, 7, False, QEMU_CHUNK), 0) is None  # the bound
     # Smaller packets allowed: buffers of the largest payload; too small to pool: none.
     small = admission(tmp_path)  # bound 1 MiB: no room for a 1 MiB chunk's buffer
-    await small.warm_pool(4 << 20)
+    await small.warm_pool(4 << 20, after=0)
     assert small.pool.idle_bytes == 0
-    await small.warm_pool(200 << 10)
+    await small.warm_pool(200 << 10, after=0)
     assert small.pool.idle_bytes == (1 << 20) // capacity_of(200 << 10) * capacity_of(200 << 10)
     tiny = admission(tmp_path)
-    await tiny.warm_pool(1 << 10)
+    await tiny.warm_pool(1 << 10, after=0)
     assert tiny.pool.idle_bytes == 0
 
 
@@ -122,5 +122,5 @@ async def test_warming_stops_at_the_first_payload(tmp_path: Path) -> None:
     buffers are made as needed and the bound counts them."""
     subject = admission(tmp_path)  # bound 1 MiB
     assert subject.allocate_now(PacketHeader(KEY, 0, False, 100 << 10), 0) is not None
-    await subject.warm_pool(200 << 10)
+    await subject.warm_pool(200 << 10, after=0)
     assert subject.pool.idle_bytes == 0

@@ -38,6 +38,8 @@ log = structlog.get_logger("vfio_multifd.admission")
 UNBOUNDED_IDLE_BYTES = 64 << 20
 #: Buffers warmed at a time (warm_pool): what warming may hold beyond the bound.
 WARM_BATCH = 4
+#: Seconds without a payload before the pool is warmed (warm_pool).
+WARM_AFTER = 0.2
 
 
 class Admission:
@@ -126,17 +128,21 @@ class Admission:
             self._staging = mmap.mmap(-1, capacity_of(self._staging_size))
         return self._staging
 
-    async def warm_pool(self, max_payload: int) -> None:
+    async def warm_pool(self, max_payload: int, *, after: float = WARM_AFTER) -> None:
         """Fill the pool with warm buffers for QEMU's chunk size (at most ``max_payload``),
         as many as idle buffers may take, while no payload has been asked for yet.
 
-        A few at a time, each batch added to the pool (where the bound counts it)
+        It starts only once the daemon has waited ``after`` seconds with no
+        payload: a source that sends at once (a test, a demo) gains nothing from
+        it, a migration's destination waits for its stop-copy far longer. Then a
+        few at a time, each batch added to the pool (where the bound counts it)
         before the next is made, so that memory being warmed never exceeds the
         bound by more than one batch, even if chunks come in meanwhile; and it stops
         at the first payload: from then on, buffers are made as they are needed."""
         capacity = capacity_of(min(QEMU_CHUNK, max_payload))
         if capacity < POOLED_MIN:
             return
+        await asyncio.sleep(after)
         loop = asyncio.get_running_loop()
         while not self._receiving:
             count = min(WARM_BATCH, (self._idle_room() - self.pool.idle_bytes) // capacity)

@@ -14,7 +14,7 @@ are memory too. Only the event loop thread touches a pool.
 
 A fresh buffer's pages are zeroed by the kernel on first touch, in the read
 that fills them: on the hot path, a page fault every 4 KiB. So while the
-daemon waits for its channels, :func:`warm_buffers` makes buffers for the
+daemon waits for its channels (admission.py), :func:`warm_buffers` makes buffers for the
 chunk size QEMU sends with their pages already in place (``MAP_POPULATE``),
 on a worker thread, and the pool keeps them as idle ones: the first
 migration's chunks then land in warm memory, as every later one does.
