@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench man clean
 
 # Installs, then says how to run the command (other targets install silently).
 install: $(STAMP)
@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check vfio_multifd tests examples benchmarks
-	$(BIN)/mypy vfio_multifd benchmarks
+	$(BIN)/ruff check vfio_multifd tests examples benchmarks tools
+	$(BIN)/mypy vfio_multifd benchmarks tools
 
 test: lint
 	$(BIN)/python -m pytest -q
@@ -37,6 +37,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/scrape_cost.py
 	$(BIN)/python benchmarks/record_cost.py
+
+# docs/vfio-multifd.1 from the parsers (committed: man ./docs/vfio-multifd.1 works in a
+# fresh clone; a test fails when it no longer matches them).
+man: $(STAMP)
+	$(BIN)/python tools/make_man.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

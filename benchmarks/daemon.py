@@ -317,7 +317,7 @@ def run_daemon(
         return run
     summary = completed[-1]
     run.seconds = float(summary["seconds"])
-    run.mb_per_s = float(summary["mb_per_s"])
+    run.mb_per_s = float(summary["bytes_per_s"]) / 1e6
     run.bytes = int(summary["bytes"])
     run.peak_queued_bytes = int(summary["peak_queued_bytes"])
     run.spilled_bytes = int(summary["spilled_bytes"])

@@ -12,7 +12,7 @@
    channels, ``--size`` / 4 each, to files, under 128 MiB.
 4. 256 channels with announced-but-empty payloads, under the daemon's default
    bound (64 MiB): each channel sends its handshake and a header announcing a
-   4 MiB payload (the default --max-packet-size), then 3 MiB of it, and
+   4 MiB payload (--max-packet-size 4 MiB + 12), then 3 MiB of it, and
    stalls. Once every channel is accepted and nothing more has gone out for a
    second, the daemon's VmHWM is read and the connections closed: the daemon
    then fails the migration with a truncation error, as it should.
@@ -31,7 +31,7 @@ own time (first byte to last device complete), MB/s, peak queued bytes, bytes
 spilled and the time its channels were paused. Every completed run's digests
 are checked against the workload's (a run whose digests differ failed). The
 daemon runs with ``--no-fsync`` and ``--max-packet-size`` of the workload's
-chunk + 12 (the stalled case: the default), its spill directory beside the
+chunk + 12 (the stalled case: 4 MiB + 12), its spill directory beside the
 files. Only 127.0.0.1 is used.
 """
 
@@ -54,7 +54,7 @@ from replay import Replay
 from report import median_range, progress
 from vfio_multifd.config import DEFAULT_MAX_QUEUED_BYTES, parse_size
 from vfio_multifd.sender import Packet
-from vfio_multifd.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
+from vfio_multifd.wire import VFIO_HEADER
 from workload import CHUNK, Buffer, Workload, build_workload, device_states, encode
 
 MIB = 1 << 20
@@ -69,7 +69,7 @@ SMALL_CHUNK = 1 << 10
 SMALL_CHUNKS_PER_GIB = 100_000
 SMALL_BOUND = 16 * MIB
 STALL_CHANNELS = 256
-STALL_PAYLOAD = DEFAULT_MAX_PACKET_SIZE - VFIO_HEADER.size  # what each header announces
+STALL_PAYLOAD = 4 * MIB  # what each header announces (the daemon is given room for it)
 STALL_SENT = 3 * MIB  # of which each channel sends this much
 STALL_SETTLE = 1.0  # seconds with every channel accepted and nothing more going out
 STALL_TIMEOUT = 60.0
@@ -267,7 +267,8 @@ def run_stall(channels: int, workdir: Path) -> Case:
     workload = announced(channels)
     bound = DEFAULT_MAX_QUEUED_BYTES
     stall = Stall(STALL_SENT)
-    options = ["--no-fsync", "--spill-dir", str(workdir), "--max-queued-bytes", str(bound)]
+    options = ["--no-fsync", "--spill-dir", str(workdir), "--max-queued-bytes", str(bound),
+               "--max-packet-size", str(STALL_PAYLOAD + VFIO_HEADER.size)]  # fmt: skip
     clock = time.monotonic()
     finished = run_receiver(
         daemon_command(workload, None, *options), workload, STALL_TIMEOUT, stall

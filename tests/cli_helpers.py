@@ -22,7 +22,8 @@ TRACEBACK = "Traceback (most recent call last)"
 SENDER_RESET = (
     r"vfio-multifd: error: channel \d+: {address}: the daemon reset the connection "
     r"(while this channel was sending|after this channel sent all its \d+ bytes): it refused "
-    r"this channel or the migration failed \(the daemon's error says which\)"
+    r"this channel or the migration failed \(the daemon's error says which"
+    r"(; a daemon whose --channels is not \d+, as here, does either)?\)"  # send's, not replay's
 )
 
 #: ``--event-loop`` of every ``receive`` and ``send`` these helpers start; the

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from vfio_multifd import Address, DeviceKey, DeviceSpec, ReceiveSettings, Session, SessionResult
 
@@ -196,3 +198,23 @@ class ChannelGate:
 
     def open(self) -> None:
         self._gate.set()
+
+
+def send_json(connection: socket.socket, message: object) -> None:
+    """One JSON message as QEMU's monitor writes it, CRLF-terminated."""
+    connection.sendall(json.dumps(message).encode() + b"\r\n")
+
+
+def json_stream(connection: socket.socket) -> Iterator[dict[str, Any]]:
+    """The JSON objects a peer sends, with or without anything between them."""
+    decoder = json.JSONDecoder()
+    pending = ""
+    while data := connection.recv(4096):
+        pending += data.decode()
+        while pending.strip():
+            try:
+                value, end = decoder.raw_decode(pending.lstrip())
+            except ValueError:
+                break  # incomplete: wait for more
+            pending = pending.lstrip()[end:]
+            yield value

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from cli_helpers import (
 )
 from helpers import IDSTR, IDSTR_B, connect, random_bytes
 
+from vfio_multifd.daemon_signals import signal_name
 from vfio_multifd.status_client import query
 
 # -- end to end ------------------------------------------------------------------
@@ -423,6 +425,34 @@ def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
     assert os.listdir(out) == []
 
 
+def test_a_channels_mismatch_fails_in_seconds_naming_the_option(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Daemon 4 channels, sender 2: it took the 150 s progress timeout, and the sender
+    printed rate-0 send_progress lines all along."""
+    daemon, out = receiver(tmp_path, daemons, "--channels", "4", "--missing-channels-grace", "1")
+    started = time.monotonic()
+    sent = run(["send", "--connect", daemon.address, "--channels", "2",
+                "--device", f"idstr={IDSTR},size=1M", "--log-format", "json"])  # fmt: skip
+    code, summary, stderr = daemon.finish()
+    assert time.monotonic() - started < 15  # 1 s of grace, and starting two processes
+    assert (code, summary) == (1, ""), stderr
+    # The last: channel 1 may be accepted only after channel 0 has ended.
+    warning = [e for e in daemon.events() if e["event"] == "missing_channels"][-1]
+    assert (warning["missing"], warning["channels"], warning["fail_in"]) == ([2, 3], 4, 1.0)
+    assert "--channels 4" in str(warning["why"])
+    assert stderr.splitlines()[-1] == (
+        "vfio-multifd: error: only 2 of 4 channels connected, and they ended 1 s ago "
+        "(--missing-channels-grace): every channel that connected has ended, and channel ids "
+        "2, 3 never came: does the source use --channels 4 (QEMU's multifd-channels) too?"
+    )
+    assert os.listdir(out) == []
+    assert sent.returncode == 1, sent.stderr
+    last = sent.stderr.splitlines()[-1]
+    assert re.fullmatch(SENDER_RESET.format(address=re.escape(daemon.address)), last), last
+    assert "a daemon whose --channels is not 2, as here, does either" in last
+
+
 # -- signals -----------------------------------------------------------------------
 
 
@@ -435,8 +465,24 @@ def test_fewer_channels_than_expected_fail_even_if_they_brought_all_the_data(
         (signal.SIGQUIT, 131),
         (signal.SIGUSR2, 140),
         (signal.SIGALRM, 142),
+        # issue 20 item 10: these used to kill the daemon, leaving .part files and sockets
+        (signal.SIGVTALRM, 154),
+        (signal.SIGPROF, 155),
+        (signal.SIGIO, 157),
+        (signal.SIGRTMIN + 1, 163),
     ],
-    ids=["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR2", "SIGALRM"],
+    ids=[
+        "SIGTERM",
+        "SIGINT",
+        "SIGHUP",
+        "SIGQUIT",
+        "SIGUSR2",
+        "SIGALRM",
+        "SIGVTALRM",
+        "SIGPROF",
+        "SIGIO",
+        "SIGRTMIN+1",
+    ],
 )
 def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], signum: int, code: int
@@ -476,7 +522,7 @@ def test_signal_mid_transfer_stops_without_the_peer_and_leaves_no_file(
             sock.close()
     exit_code, summary, stderr = daemon.finish()
     assert exit_code == code, stderr
-    assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal.Signals(signum).name}"
+    assert stderr.splitlines()[-1] == f"vfio-multifd: cancelled by {signal_name(signum)}"
     assert TRACEBACK not in stderr
     assert summary == ""
     assert not data_path.exists()

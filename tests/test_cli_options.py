@@ -277,13 +277,20 @@ def test_send_log_level_help_does_not_name_receiver_events() -> None:
         (["--max-packet-size", "0"], "--max-packet-size 0 is below 12"),
         (["--max-packet-size", "11"], "--max-packet-size 11 is below 12"),
         (
-            ["--max-queued-bytes", "4M"],
-            "--max-queued-bytes 4194304 is too small for --max-packet-size 4194304: "
-            "the smallest bound that works is 8397056",
+            ["--max-queued-bytes", "2M"],
+            "--max-queued-bytes 2097152 is too small for --max-packet-size 1048588: "
+            "the smallest bound that works is 2105600 (a reserve for the chunk a loader needs "
+            "next, and a buffer to spill from, each as large as the largest chunk); give "
+            "--max-queued-bytes 3MiB or more",
         ),
         (
-            ["--max-queued-bytes", "1M", "--max-packet-size", "1M"],
-            "the smallest bound that works is 2105600",
+            ["--max-queued-bytes", "1M", "--max-packet-size", "4M"],
+            "the smallest bound that works is 8397056 (a reserve",
+        ),
+        (
+            ["--max-queued-bytes", "4M", "--max-packet-size", "4M", "--on-queue-full", "fail"],
+            "the smallest bound that works is 4198656 (the largest chunk and its bookkeeping); "
+            "give --max-queued-bytes 5MiB or more",
         ),
     ],
 )
@@ -328,3 +335,96 @@ def test_run_loop_runs_the_loop_it_is_given(name: str) -> None:
 
     loop_type = run_loop(which(), EventLoop(name))
     assert issubclass(loop_type, uvloop.Loop) == (name == "uvloop")
+
+
+# -- options spelled in full ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["receive", "send"])
+def test_an_abbreviated_option_is_refused_naming_the_whole_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """argparse took --chan 4 for --channels 4: a script would break once another
+    --chan... option came."""
+    for argv in (["--chan", "4"], ["--chan=4"]):
+        line = usage_error(capsys, [*base_args(command, tmp_path), *argv])
+        assert line == (
+            "vfio-multifd: error: unrecognized option '--chan' (did you mean --channels?)"
+        )
+
+
+def test_a_misspelled_required_option_is_named_before_the_missing_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It was answered "the following arguments are required: --connect"."""
+    line = usage_error(capsys, ["send", "--conect", "tcp:127.0.0.1:9", "--device", "idstr=a,size=1"])
+    assert line == "vfio-multifd: error: unrecognized option '--conect' (did you mean --connect?)"
+    line = usage_error(capsys, ["--verison"])
+    assert line == "vfio-multifd: error: unrecognized option '--verison' (did you mean --version?)"
+    line = usage_error(capsys, ["receive", "--zzz", "1"])
+    assert line == "vfio-multifd: error: unrecognized option '--zzz' (see --help)"
+
+
+def test_no_parser_takes_any_option_abbreviated(tmp_path: Path) -> None:
+    """Every long option of every subcommand, less its last letter, is refused (unless
+    that is an option of its own), and the refusal suggests it."""
+    parsers = {"vfio-multifd": build_parser(), **subparsers()}
+    checked = 0
+    for name, parser in parsers.items():
+        assert not parser.allow_abbrev, name
+        options = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+        for option in sorted(options):
+            prefix = option[:-1]
+            if prefix in options or prefix == "-":
+                continue
+            with pytest.raises(UsageError, match="unrecognized option") as refused:
+                parser.parse_args([prefix, "1"])
+            assert option in str(refused.value), (name, option)
+            checked += 1
+    assert checked > 60
+
+
+@pytest.mark.parametrize("bound", ["3M", "4M", "8M", "64M"])
+def test_round_bounds_work_with_the_default_packet_size(tmp_path: Path, bound: str) -> None:
+    """--max-queued-bytes 8M was refused by 256 bytes with the default --max-packet-size 4M."""
+    settings = receive_settings(parse("receive", tmp_path, "--max-queued-bytes", bound))
+    assert settings.max_queued_bytes == int(bound[:-1]) << 20
+
+
+def test_the_defaults_fit_qemu_and_our_sender() -> None:
+    """QEMU's largest device-state packet is a 1 MiB chunk and its 12-byte VFIO header:
+    the default --max-packet-size takes it, and our sender's default chunk size makes it."""
+    from vfio_multifd.sender import DEFAULT_CHUNK_SIZE
+    from vfio_multifd.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
+
+    assert DEFAULT_MAX_PACKET_SIZE == (1 << 20) + 12 == DEFAULT_CHUNK_SIZE + VFIO_HEADER.size
+
+
+# -- sizes: decimal and binary suffixes --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096), ("4096B", 4096),
+        ("64K", 64 << 10), ("64KiB", 64 << 10), ("64k", 64 << 10), ("64KB", 64_000),
+        ("64M", 64 << 20), ("64MiB", 64 << 20), ("64mib", 64 << 20), ("64MB", 64_000_000),
+        ("2G", 2 << 30), ("2GiB", 2 << 30), ("2GB", 2_000_000_000),
+        ("1T", 1 << 40), ("1TB", 10**12),
+    ],
+)  # fmt: skip
+def test_a_size_is_binary_unless_it_says_decimal(tmp_path: Path, text: str, size: int) -> None:
+    """--max-queued-bytes 64MB was read as 64 MiB: MB is 10^6 bytes, MiB (and M, as QEMU
+    reads it) 2^20."""
+    assert parse("receive", tmp_path, "--max-spill-bytes", text).max_spill_bytes == size
+
+
+@pytest.mark.parametrize("text", ["1Mi", "1.5M", "M", "1 M B", "1KiBs", "-1"])
+def test_a_size_in_no_known_unit_is_refused_saying_which_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    line = usage_error(capsys, [*base_args("receive", tmp_path), f"--max-spill-bytes={text}"])
+    assert line == (
+        f"vfio-multifd: error: argument --max-spill-bytes: not a size: {text!r} (expected e.g. "
+        "4096, 64K or 64KiB, 1M or 1MiB, 2G; 1MB is 1000000 bytes)"
+    )

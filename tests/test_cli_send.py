@@ -50,6 +50,33 @@ def test_exit_0_means_the_daemon_completed_the_migration(
     assert daemon.finish()[0] == 0
 
 
+def test_progress_lines_count_in_numbers_and_end_at_the_summary_rate(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """Devices were "771751936/1073741824" strings, and the last line's rate (over its
+    interval) was not the summary's (the average)."""
+    daemon, _ = receiver(tmp_path, daemons, "--channels", "2")
+    sent = run(["send", "--connect", daemon.address, "--device", f"idstr={IDSTR},size=8M",
+                "--progress-interval", "0.01", "--log-format", "json"])  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    assert daemon.finish()[0] == 0
+    lines = [e for e in events(sent.stderr) if e["event"] == "send_progress"]
+    assert lines, sent.stderr
+    for line in lines:
+        (device,) = dict(line["devices"]).values()  # type: ignore[call-overload]
+        assert device["size"] == 8 << 20 and isinstance(device["bytes"], int)
+        assert device["bytes"] == line["bytes"] and isinstance(line["bytes_per_s"], int)
+    last = lines[-1]
+    assert last["bytes"] == 8 << 20
+    summary = re.fullmatch(r"sent 8388608 bytes in ([\d.]+) s \(([\d.]+) MB/s\) .*",
+                           sent.stdout.splitlines()[-1])  # fmt: skip
+    assert summary is not None, sent.stdout
+    assert f"{last['seconds']:.3f}" == summary.group(1)
+    assert f"{int(str(last['bytes_per_s'])) / 1e6:.1f}" == summary.group(2)
+    (completed,) = [e for e in daemon.events() if e["event"] == "migration_completed"]
+    assert isinstance(completed["bytes_per_s"], int) and "mb_per_s" not in completed
+
+
 @pytest.mark.parametrize(
     ("device", "inject", "daemon_error"),
     [

@@ -380,7 +380,7 @@ def test_unknown_device_is_refused() -> None:
     error = info.value
     assert error.reason is Reason.UNKNOWN_DEVICE
     assert error.device == str(stranger)
-    assert "0000:00:09.0/vfio" in str(error) and "instance_id 2" in str(error)
+    assert "(idstr '0000:00:09.0/vfio', instance 2)" in str(error)
     assert IDSTR in str(error) and IDSTR_B in str(error)  # what was expected
     assert buffer.queued_bytes == 0
     assert set(buffer.devices) == {KEY, KEY_B}
@@ -655,6 +655,15 @@ def test_a_config_header_below_an_announced_idx_is_refused() -> None:
     assert buffer.devices[KEY].announced == {7: 1}
 
 
+def test_a_second_header_for_an_announced_idx_is_refused_even_from_its_channel() -> None:
+    buffer = ReassemblyBuffer([KEY])
+    buffer.announce(header(3, config=True), 1)
+    error = raises(Reason.VFIO_ALREADY_FILLED, buffer.announce, header(3), 1)
+    assert str(error).endswith("state buffer 3 already filled")
+    device = buffer.devices[KEY]
+    assert (device.announced, device.announced_last) == ({3: 1}, 3)  # still the config's
+
+
 def test_a_refused_header_reserves_nothing() -> None:
     buffer = ReassemblyBuffer([KEY])
     buffer.insert(packet(0))
@@ -790,6 +799,8 @@ class ReassemblyMachine(RuleBasedStateMachine):
     def announce(self, key: DeviceKey, idx: int, config: bool, channel: int) -> None:
         model = self.models[key]
         expected = model.outcome(idx, config, channel)
+        if idx in model.announced:  # a second header for it, even from its own channel
+            expected = Reason.VFIO_ALREADY_FILLED
         if expected is None:
             self.buffer.announce(header(idx, config=config, key=key), channel)
             model.announced[idx] = (channel, config)

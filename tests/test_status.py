@@ -224,6 +224,21 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
             assert [(await client.read())["id"] for _ in range(2)] == [3, 4]
             await client.send_raw(b"this is not json\n")
             assert (await client.read())["error"]["class"] == "GenericError"
+            # As QEMU's monitor: a request framed by its JSON, not by lines, whatever
+            # lines it spans and however many reads it takes (issue 20 item 12).
+            await client.send_raw(b'{"execute":\n')
+            await asyncio.sleep(0.05)  # the server reads this half on its own
+            await client.send_raw(b' "query-migrate",\r\n "id": [5,\n"}{"]}')
+            reply = await client.read()
+            assert "id" in reply, reply
+            assert (reply["id"], reply["return"]["status"]) == ([5, "}{"], "setup")
+            await client.send_raw(b'{"execute": "query-commands",\n "id": "x\\"{"}\n')
+            assert (await client.read())["id"] == 'x"{'
+            await client.send_raw(b'{"execute":\n oops}  {"execute": "qmp_capabilities", "id": 6}')
+            bad = await client.read()
+            assert bad["error"]["class"] == "GenericError", bad
+            assert bad["error"]["desc"].startswith("JSON parse error"), bad
+            assert await client.read() == {"return": {}, "id": 6}  # the next one is read
             await client.send_raw(b'["execute"]\n')
             assert (await client.read())["error"]["class"] == "GenericError"
             assert (await client.execute("query-migrate"))["return"]["status"] == "setup"
@@ -235,6 +250,18 @@ async def test_qmp_conversation(tmp_path: Path, short_dir: Path) -> None:
         running.session.cancel()
         with pytest.raises(Cancelled):
             await running.result()
+
+
+async def status_command(path: Path) -> tuple[int, str]:
+    """``vfio-multifd status --json`` run while this loop serves the socket: its exit
+    code and the status it printed."""
+    proc = await asyncio.create_subprocess_exec(
+        *TOOL, "status", "--socket", str(path), "--json",
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None and not err, err
+    return proc.returncode, json.loads(out)["status"]
 
 
 async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> None:
@@ -261,6 +288,13 @@ async def test_migrate_cancel_in_process(tmp_path: Path, short_dir: Path) -> Non
             # QEMU's MIGRATION event for each change, after the answer to migrate_cancel.
             assert [e["event"] for e in client.events] == ["MIGRATION"] * 2
             assert [e["data"]["status"] for e in client.events] == ["cancelling", "cancelled"]
+            # The final one carries the figures at the end: the daemon exits right after.
+            assert "info" not in client.events[0]["data"]
+            final = client.events[1]["data"]["info"]
+            assert final["status"] == "cancelled"
+            assert final["devices"][0]["bytes-written"] == 2 * 4096
+            assert final["total-time"] == info["total-time"]  # the clock stopped there
+            assert await status_command(path) == (1, "cancelled")
         finally:
             for sock in socks:
                 sock.close()
@@ -279,6 +313,8 @@ async def test_failed_status_has_error_desc(tmp_path: Path, short_dir: Path) -> 
         with pytest.raises(ProtocolError):
             await running.result()
         info = await query_migrate_over(path)
+        # `vfio-multifd status` tells the outcome by its exit code, as --watch does
+        assert await status_command(path) == (1, "failed")
     assert info["status"] == "failed"
     assert info["error-desc"] == f"channel 0: device {IDSTR}: state buffer 0 already filled"
     assert info["channels"][0]["state"] == "failed"
@@ -680,7 +716,7 @@ def test_progress_lines_and_trace_events(tmp_path: Path, daemons: list[Daemon]) 
     assert code == 143
     events = daemon.events()
     progress = [e for e in events if e["event"] == "migration_progress"]
-    assert all({"bytes", "bytes_written", "mb_per_s", "next_idx"} <= set(e) for e in progress)
+    assert all({"bytes", "bytes_written", "bytes_per_s", "next_idx"} <= set(e) for e in progress)
     incoming = [e for e in events if e["event"] == "buffer_incoming"]
     assert [(e["channel"], e["device"], e["idx"]) for e in incoming] == [
         (0, IDSTR, 0),

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from vfio_multifd.errors import Reason
-from vfio_multifd.watchdog import Sample, Watchdog
+from vfio_multifd.errors import Reason, SessionError
+from vfio_multifd.watchdog import MissingChannels, Sample, Watchdog
 
 WAITING = ("device 0000:00:02.0/vfio idx 3",)
 
@@ -85,3 +85,62 @@ def test_accept_timeout_names_the_missing_channels() -> None:
 def test_accept_timeout_zero_waits_for_ever() -> None:
     dog = watchdog(progress=None, accept=None)
     assert dog.check(sample(connected=frozenset()), 1e12) is None
+
+
+# -- --missing-channels-grace -----------------------------------------------------------
+
+
+def ended(connected: frozenset[int], *, reading: int = 0, handshaking: int = 0) -> Sample:
+    """``connected`` channels, ``reading`` of them not ended; the counters never move."""
+    return Sample(connected, 100, 50, True, WAITING, reading, handshaking)
+
+
+def grace_dog(grace: float | None = 3.0) -> Watchdog:
+    return Watchdog(
+        channels=4, accept_timeout=None, progress_timeout=None, now=1000.0,
+        missing_channels_grace=grace,
+    )  # fmt: skip
+
+
+def test_only_missing_channels_holding_the_migration_warns_once_then_fails_after_the_grace() -> None:
+    dog = grace_dog()
+    warning = dog.check(ended(frozenset({0, 1})), 1000.0)
+    assert isinstance(warning, MissingChannels)
+    assert (warning.missing, warning.channels, warning.grace) == ((2, 3), 4, 3.0)
+    assert dog.check(ended(frozenset({0, 1})), 1003.0) is None  # exactly the grace: not yet
+    error = dog.check(ended(frozenset({0, 1})), 1003.001)
+    assert isinstance(error, SessionError) and error.reason is Reason.MISSING_CHANNELS
+    assert "--channels 4" in str(error) and "channel ids 2, 3 never came" in str(error)
+
+
+@pytest.mark.parametrize(
+    "coming",
+    [
+        ended(frozenset({0, 1}), reading=1),  # a channel still sends: it may bring more
+        ended(frozenset({0, 1}), handshaking=1),  # perhaps channel 2, handshaking
+        ended(frozenset()),  # nothing connected yet: the source has not started
+        ended(frozenset({0, 1, 2, 3})),  # all came
+    ],
+    ids=["reading", "handshaking", "none-connected", "all-connected"],
+)
+def test_no_warning_while_a_channel_may_still_come(coming: Sample) -> None:
+    dog = grace_dog()
+    for now in (1000.0, 1010.0, 1e6):
+        assert dog.check(coming, now) is None
+
+
+def test_a_channel_that_comes_restarts_the_grace_and_says_which_are_missing() -> None:
+    dog = grace_dog()
+    assert isinstance(dog.check(ended(frozenset({0})), 1000.0), MissingChannels)
+    assert dog.check(ended(frozenset({0, 1}), reading=1), 1002.0) is None
+    warning = dog.check(ended(frozenset({0, 1})), 1002.5)
+    assert isinstance(warning, MissingChannels) and warning.missing == (2, 3)
+    assert dog.check(ended(frozenset({0, 1})), 1005.4) is None  # 2.9 s of the new grace
+    assert isinstance(dog.check(ended(frozenset({0, 1})), 1005.6), SessionError)
+
+
+def test_grace_zero_leaves_it_to_the_timeouts() -> None:
+    """--missing-channels-grace 0 reaches the watchdog as None."""
+    dog = grace_dog(None)
+    for now in (1000.0, 1e6):
+        assert dog.check(ended(frozenset({0, 1})), now) is None

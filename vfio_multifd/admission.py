@@ -144,15 +144,25 @@ class Admission:
             return
         await asyncio.sleep(after)
         loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        warmed = 0
         while not self._receiving:
             count = min(WARM_BATCH, (self._idle_room() - self.pool.idle_bytes) // capacity)
             if count <= 0:
-                return
+                break
             buffers = await loop.run_in_executor(None, warm_buffers, capacity, count)
             for buffer in buffers:  # kept while there is room (chunks may be queued by now)
                 self._release_buffer(buffer)
+            warmed += len(buffers)
             if len(buffers) < count:  # out of memory: enough
-                return
+                break
+        if warmed:  # its resident memory grew by this much, within the bound
+            log.info(
+                "pool_warmed",
+                buffers=warmed,
+                bytes=warmed * capacity,
+                seconds=round(time.monotonic() - started, 3),
+            )
 
     def _trim_pool(self) -> None:
         """Idle buffers are memory too: keep only what the bound has room for."""

@@ -8,12 +8,17 @@ SIGHUP, 130 SIGINT, 131 SIGQUIT, 140 SIGUSR2, 142 SIGALRM, 143 SIGTERM...).
 For ``send`` and ``replay``, 0 means the daemon closed every channel cleanly
 (which it does only once its outputs are in place) and 1 that a connection
 failed or was reset; for ``replay``, 3 that the daemon gave no verdict within
-``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered.
+``--verdict-timeout`` of the last byte; for ``status``, 1 that nothing answered
+or that the migration failed or is being or was cancelled (with ``--watch``:
+that it ended otherwise than completed).
 
 Signals (``receive``): every signal whose default action would end the
-process (:data:`STOPPING_SIGNALS`) stops the migration like SIGTERM, with the
-same cleanup: temporary files removed, sockets unlinked. SIGUSR1 ends
-nothing: it logs a ``status_report`` line. SIGKILL cannot be caught.
+process, real-time signals included
+(:data:`~vfio_multifd.daemon_signals.STOPPING_SIGNALS`), stops the migration
+like SIGTERM, with the same cleanup: temporary files removed, sockets
+unlinked. SIGUSR1 ends nothing: it logs a ``status_report`` line. SIGKILL
+cannot be caught. Once the outcome is decided they are all ignored until the
+process exits: after the commit, the exit status is 0 whatever arrives.
 
 Each subcommand is one handler, ``_<name>_command(args) -> int``, given
 options already converted and checked (:mod:`vfio_multifd.cli_options`);
@@ -25,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import gc
 import json
 import os
@@ -41,10 +45,12 @@ import structlog
 
 from . import cli_options, logconfig, notify
 from .config import Address, ReceiveSettings, RecordSettings, TlsSettings
+from .daemon_signals import REPORTING_SIGNALS, STOPPING_SIGNALS, DaemonSignals
 from .errors import Cancelled, MultifdError, Reason, SendError, UsageError
 from .replay import ENDING_TEXT, Recording, Replay
+from .result_file import ReceiveFacts, ResultFile, SendFacts
 from .results import SessionResult
-from .sender import SendResult, Stopped, send
+from .sender import SendResult, SendTally, Stopped, send
 from .session import Session
 
 if TYPE_CHECKING:
@@ -56,24 +62,6 @@ EXIT_USAGE = 2
 EXIT_NO_VERDICT = 3  # replay: the daemon neither closed nor reset the channels in time
 
 log = structlog.get_logger("vfio_multifd.cli")
-
-#: Signals that end the daemon as SIGTERM does: cancelled, cleaned up, exit 128+N.
-STOPPING_SIGNALS = tuple(
-    getattr(signal, name)
-    for name in (
-        "SIGHUP",
-        "SIGINT",
-        "SIGQUIT",
-        "SIGTERM",
-        "SIGUSR2",
-        "SIGALRM",
-        "SIGXCPU",
-        "SIGPWR",
-    )
-    if hasattr(signal, name)
-)
-#: Signals that report: SIGUSR1 logs a status_report line.
-REPORTING_SIGNALS = (signal.SIGUSR1,)
 
 T = TypeVar("T")
 
@@ -106,6 +94,7 @@ def receive_settings(args: argparse.Namespace) -> ReceiveSettings:
         handshake_timeout=args.handshake_timeout,
         max_pending_connections=args.max_pending_connections,
         progress_timeout=args.progress_timeout,
+        missing_channels_grace=args.missing_channels_grace,
         digest=args.digest,
         fsync=not args.no_fsync,
         tls=receive_tls(args),
@@ -137,9 +126,18 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 
 def _receive_command(args: argparse.Namespace) -> int:
     _configure_logging(args)
+    facts = ReceiveFacts(args.uuid, args.device)
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        report.check()
+        report.describe = facts.document
     settings = receive_settings(args)
+    extra_paths = []
     if args.status_socket is not None:  # before anything starts, as for the other paths
-        settings.check_paths((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+        extra_paths.append((f"--status-socket {args.status_socket}", Path(args.status_socket)))
+    if args.result is not None:
+        extra_paths.append((f"--result {args.result}", args.result))
+    settings.check_paths(*extra_paths)
     if args.ready_fd is not None:
         notify.check_ready_fd(args.ready_fd)
     options = DaemonOptions(
@@ -148,7 +146,7 @@ def _receive_command(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         progress_interval=args.progress_interval,
     )
-    result = run_loop(_receive(settings, options), args.event_loop)
+    result = facts.result = run_loop(_receive(settings, options, facts), args.event_loop)
     print_receive_summary(result, sys.stdout, max_queued_bytes=settings.max_queued_bytes)
     return EXIT_OK
 
@@ -163,19 +161,17 @@ class DaemonOptions:
     progress_interval: float | None = 5.0
 
 
-async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> SessionResult:
+async def _receive(
+    settings: ReceiveSettings, options: DaemonOptions, facts: ReceiveFacts | None = None
+) -> SessionResult:
     session = Session(settings)
+    if facts is not None:
+        facts.session = session
     # Everything allocated so far lives for the whole run: keep the collector
     # from walking it again and again while packets stream through.
     gc.freeze()
-    loop = asyncio.get_running_loop()
-    for signum in STOPPING_SIGNALS:
-        name = signal.Signals(signum).name
-        loop.add_signal_handler(
-            signum, functools.partial(session.cancel, f"cancelled by {name}", signal_number=signum)
-        )
-    for signum in REPORTING_SIGNALS:
-        loop.add_signal_handler(signum, notify.log_status, session, signal.Signals(signum).name)
+    signals = DaemonSignals(asyncio.get_running_loop(), session)
+    signals.install()
     run = asyncio.create_task(session.run(), name="session")
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -222,8 +218,7 @@ async def _receive(settings: ReceiveSettings, options: DaemonOptions) -> Session
         if not run.done():  # cancelled from outside (KeyboardInterrupt without a handler)
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
-        for signum in (*STOPPING_SIGNALS, *REPORTING_SIGNALS):
-            loop.remove_signal_handler(signum)
+        signals.ignore_until_exit()  # the outcome is decided: nothing may change it now
 
 
 async def _stop(task: asyncio.Task[None]) -> None:
@@ -311,8 +306,16 @@ def _send_command(args: argparse.Namespace) -> int:
     from .send_progress import send_progress
 
     _configure_logging(args)
+    tally = SendTally()
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        report.check()
+        report.describe = SendFacts(args.uuid, args.connect, args.device, tally).document
     tls_client = _tls_client(args)
-    with _sigterm_stops_sending(), send_progress(args.device, args.progress_interval) as progress:
+    with (
+        _sigterm_stops_sending(),
+        send_progress(args.device, args.progress_interval, tally) as progress,
+    ):
         result = send(
             args.connect,
             args.device,
@@ -326,6 +329,7 @@ def _send_command(args: argparse.Namespace) -> int:
             inject=args.inject,
             progress=progress,
             tls=tls_client,
+            tally=tally,
         )
     print_send_summary(result, sys.stdout, args.connect, tls=tls_client is not None)
     return EXIT_OK
@@ -468,11 +472,14 @@ def _status_command(args: argparse.Namespace) -> int:
     if "error" in reply:
         print(f"vfio-multifd: error: {reply['error'].get('desc', reply)}", file=sys.stderr)
         return EXIT_FAILED
+    info = reply["return"]
     if args.json:
-        print(json.dumps(reply["return"], indent=2))
+        print(json.dumps(info, indent=2))
     else:
-        print(status_client.format_table(reply["return"]))
-    return EXIT_OK
+        print(status_client.format_table(info))
+    # As --watch: 1 for a migration that did not or will not complete.
+    failed = isinstance(info, dict) and info.get("status") in status_client.UNSUCCESSFUL_STATUSES
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def _watch_status(args: argparse.Namespace) -> int:
@@ -501,28 +508,55 @@ def _watch_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code."""
+    """:func:`run_command` for a caller that goes on running in this process: the
+    signals ``receive`` ignores once its outcome is decided are given back."""
+    taken = (*STOPPING_SIGNALS, *REPORTING_SIGNALS)
+    saved = {signum: signal.getsignal(signum) for signum in taken}
+    try:
+        return run_command(argv)
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: not set from Python, left as it is
+                signal.signal(signum, handler)
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run its subcommand's handler, and map the outcome to an exit code
+    (then write ``--result``, which says that exit code)."""
+    report: ResultFile | None = None
+    error: BaseException | None = None
     try:
         args = build_parser().parse_args(argv)
+        result_path = getattr(args, "result", None)
+        report = args.result_file = None if result_path is None else ResultFile(result_path)
         handler: cli_options.Handler = args.handler
-        return handler(args)
-    except UsageError as error:
+        code = handler(args)
+    except (MultifdError, OSError, KeyboardInterrupt) as raised:
+        error = raised
+        code = _exit_code(raised)
+    if report is not None:
+        code = report.write(code, error)
+    return code
+
+
+def _exit_code(error: MultifdError | OSError | KeyboardInterrupt) -> int:
+    """Say why the command ended (one line on stderr), and return its exit code."""
+    if isinstance(error, UsageError):
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except Cancelled as error:
+    if isinstance(error, Cancelled):
         print(f"vfio-multifd: {error}", file=sys.stderr)
         if error.signal_number is not None:
             return 128 + error.signal_number
         return EXIT_FAILED  # migrate_cancel: not a signal, and not complete
-    except MultifdError as error:
+    if isinstance(error, MultifdError):
         log.error("migration_failed", error=str(error), reason=error.reason.value)
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_NO_VERDICT if error.reason is Reason.NO_VERDICT else EXIT_FAILED
-    except OSError as error:
+    if isinstance(error, OSError):
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 128 + signal.SIGINT
+    return 128 + signal.SIGINT
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -530,13 +564,15 @@ def _configure_logging(args: argparse.Namespace) -> None:
 
 
 def console_main() -> None:
-    """The console script: :func:`main`, then exit even past a stuck writer thread.
+    """The console script: :func:`run_command`, then exit even past a stuck writer thread.
 
     A write to a FIFO that nobody reads cannot be interrupted; the session
     abandons such a thread after a short wait (and has already removed its
     temporary files), and the process must not then hang at exit joining it.
+    The signals ``receive`` ignores once its outcome is decided stay ignored
+    until the process is gone (Python's finalization keeps ``SIG_IGN``).
     """
-    code = main()
+    code = run_command()
     stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     if stuck:
         sys.stdout.flush()

@@ -11,11 +11,13 @@ nothing of sessions or sockets.
 from __future__ import annotations
 
 import argparse
+import difflib
 import enum
 import functools
 import math
 import platform
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -23,6 +25,7 @@ from . import __version__, logconfig
 from .config import (
     DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_MISSING_CHANNELS_GRACE,
     Address,
     DeviceSpec,
     Digest,
@@ -55,7 +58,42 @@ class EventLoop(enum.StrEnum):
 
 
 class _Parser(argparse.ArgumentParser):
-    """A usage error goes through :func:`main` like any other: one line, exit 2."""
+    """A usage error goes through :func:`main` like any other: one line, exit 2.
+
+    Options are spelled in full: argparse's abbreviations would make ``--chan 4``
+    mean ``--channels 4`` today and an error once another ``--chan...`` option is
+    added, so scripts could break with no change of theirs. A misspelled option
+    is named, with the options it may have meant, before anything else is checked.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        arguments = list(sys.argv[1:] if args is None else args)
+        self._check_option_names(arguments)
+        return super().parse_known_args(arguments, namespace)
+
+    def _check_option_names(self, arguments: list[str]) -> None:
+        """Refuse a ``--name`` this parser does not know, suggesting the closest ones.
+
+        Without this, ``send --conect ADDR`` is answered "the following arguments
+        are required: --connect", which hides the typo. A parser with subcommands
+        looks only at what comes before the subcommand (the rest is its own)."""
+        has_subcommands = self._subparsers is not None
+        known = sorted(name for name in self._option_string_actions if name.startswith("--"))
+        for argument in arguments:
+            if argument == "--":
+                return
+            if has_subcommands and not argument.startswith("-"):
+                return
+            name = argument.partition("=")[0]
+            if not name.startswith("--") or name in self._option_string_actions:
+                continue
+            self.error(f"unrecognized option {name!r}{_did_you_mean(name, known)}")
 
     def error(self, message: str) -> NoReturn:
         # "argument --channels: --channels must be 1..256 ...": a message shared
@@ -64,6 +102,15 @@ class _Parser(argparse.ArgumentParser):
         if prefix.startswith("argument ") and rest.startswith(prefix.split()[-1] + " "):
             message = rest
         raise UsageError(message)
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """`` (did you mean --channels?)``: the options ``name`` starts, else the closest."""
+    guesses = [option for option in known if option.startswith(name)]
+    guesses = guesses or difflib.get_close_matches(name, known, n=1)
+    if not guesses:
+        return " (see --help)"
+    return f" (did you mean {' or '.join(guesses)}?)"
 
 
 def _option_type(parse: Callable[[str], T]) -> Callable[[str], T]:
@@ -186,7 +233,16 @@ def build_parser(
     """``vfio-multifd``'s parser; each subcommand sets ``handler`` to the one given."""
     parser = _Parser(
         prog="vfio-multifd",
-        description="QEMU-format multifd device-state migration: destination and source.",
+        description="The destination of a QEMU multifd migration's device state: it receives "
+        "QEMU 10.x's VFIO multifd device-state packets (vfio-pci's "
+        "x-migration-multifd-transfer) on several channels, out of order, and writes each "
+        "device's data and config state to files, in place only when complete. A sender that "
+        "behaves like QEMU's source, a status client and a replay of recordings come with it. "
+        "A real QEMU's main channel, RAM and SYNC packets are not received yet.",
+        epilog="Documentation: README.md and docs/ in the source tree (docs/receiving.md, "
+        "docs/sending.md, docs/operating.md, docs/qemu.md...), and the manual page "
+        "docs/vfio-multifd.1 (man ./docs/vfio-multifd.1 there). Each subcommand's --help "
+        "lists its options and exit codes.",
     )
     parser.add_argument(
         "--version",
@@ -194,7 +250,7 @@ def build_parser(
         help="print the versions of vfio-multifd, Python, uvloop and structlog, and exit",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, help="what to do"
+        title="commands", dest="command", required=True, parser_class=_Parser, help="what to do"
     )
     _add_receive(sub, receive)
     _add_send(sub, send)
@@ -310,6 +366,13 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
     rx = sub.add_parser(
         "receive",
         help="run the destination daemon",
+        description="Listen for the migration's --channels channels, write each --device's "
+        "data and config state to temporary files as its chunks come, and put them all in "
+        "place once every device is complete. Exit 0: every device is complete and its files "
+        "are in place; 1: the migration failed (a protocol error, a device I/O error, an "
+        "incomplete stream, missing channels, a timeout) or was cancelled with migrate_cancel; "
+        "2: usage error; 128+N: stopped by signal N (130 SIGINT, 143 SIGTERM...). On failure "
+        "or a signal nothing is put in place.",
         parents=[
             _migration_parent(),
             _reporting_parent(
@@ -366,6 +429,7 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="serve GET /metrics (Prometheus text format) on this address "
         "(port 0 picks a free port: the metrics_listening log line says which)",
     )
+    _add_result(rx, "docs/receiving.md")
     rx.add_argument(
         "--ready-fd",
         type=_ready_fd,
@@ -373,6 +437,19 @@ def _add_receive(sub: Subcommands[_Parser], handler: Handler) -> None:
         metavar="N",
         help="once listening, write a newline to file descriptor N and close it "
         "(READY=1 also goes to $NOTIFY_SOCKET when systemd sets it)",
+    )
+
+
+def _add_result(parser: argparse.ArgumentParser, page: str) -> None:
+    """``--result PATH``: how the command ended, as one JSON document."""
+    parser.add_argument(
+        "--result",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="at exit (success, failure or cancel alike) write one JSON document to PATH, "
+        "atomically: outcome, exit code, reason, devices, channels... (every field: "
+        f"{page})",
     )
 
 
@@ -410,7 +487,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         type=_size,
         default=DEFAULT_MAX_PACKET_SIZE,
         metavar="SIZE",
-        help="largest next_packet_size accepted (default 4M)",
+        help="largest next_packet_size accepted (default 1048588: QEMU's largest packet, "
+        "a 1 MiB chunk and its 12-byte VFIO header)",
     )
     rx.add_argument(
         "--max-queued-bytes",
@@ -418,7 +496,8 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_QUEUED_BYTES,
         metavar="SIZE",
         help="bound on the memory chunk payloads take from the moment their headers "
-        "arrive, all devices together (default 64M; 0: no bound)",
+        "arrive, all devices together (default 64M; 0: no bound); sizes: 64M or 64MiB is "
+        "64 x 2^20 bytes, 64MB 64 x 10^6",
     )
     rx.add_argument(
         "--on-queue-full",
@@ -474,6 +553,16 @@ def _add_receive_limits(rx: argparse.ArgumentParser) -> None:
         "loop)",
     )
     rx.add_argument(
+        "--missing-channels-grace",
+        type=_seconds_or_off,
+        default=DEFAULT_MISSING_CHANNELS_GRACE,
+        metavar="SECONDS",
+        help="once every channel that connected has ended while others never came (the "
+        "source has fewer channels than --channels), log missing_channels and fail this "
+        f"much later unless they come (default {DEFAULT_MISSING_CHANNELS_GRACE:g}; 0: wait "
+        "for --accept-timeout or --progress-timeout)",
+    )
+    rx.add_argument(
         "--progress-timeout",
         type=_seconds_or_off,
         default=150.0,
@@ -526,6 +615,7 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="packet order: round-robin as QEMU, or reverse / random",
     )
     tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    _add_result(tx, "docs/sending.md")
     tx.add_argument(
         "--inject",
         choices=sorted(FAULTS),
@@ -613,7 +703,14 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
 
 
 def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:
-    st = sub.add_parser("status", help="ask a running daemon (or QEMU's QMP) for query-migrate")
+    st = sub.add_parser(
+        "status",
+        help="ask a running daemon (or QEMU's QMP) for query-migrate",
+        description="Ask a daemon's --status-socket (or QEMU's QMP socket) for query-migrate "
+        "and print the answer as a table, or as JSON. Exit 0: an answer (with --watch: the "
+        "migration completed); 1: no answer (the error says which socket and why), or with "
+        "--watch the migration ended otherwise; 2: usage error.",
+    )
     st.set_defaults(handler=handler)
     st.add_argument(
         "--socket",

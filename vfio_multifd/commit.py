@@ -81,40 +81,8 @@ class OutputSet:
             raise UsageError(str(error)) from error
 
     def commit(self) -> None:
-        """On a worker thread: rename every output into place, all or none.
-
-        Every target is checked first. Then each output's old file (if any) is
-        kept aside under a backup name (a hard link, so the rename over the
-        final path stays atomic) and the output renamed into place. If any step
-        fails (the disk, a bind mount's EBUSY, a race), every output already
-        renamed goes back to its temporary path and every old file back to its
-        final path, and the error is raised: the final paths are as they were.
-        The backups are removed once every rename succeeded.
-        """
-        outputs = [output for output in self.outputs if output.temp_path is not None]
-        for output in outputs:
-            output.check_target()
-        done: list[Output] = []  # renamed into place, in order
-        try:
-            for output in outputs:
-                output.keep_old()
-                output.commit()
-                done.append(output)
-        except DeviceIOError as error:
-            undone = [output for output in outputs if output.restore_old()]
-            failed = [str(o.path) for o in outputs if o.backup_path is not None]
-            if failed:  # could not put everything back: say exactly what
-                error.message += f"; old files left at their backup names for: {', '.join(failed)}"
-            elif undone:
-                error.message += "; every final path is as it was"
-            raise
-        synced: set[Path] = set()
-        for output in done:
-            if output.path.parent not in synced:
-                synced.add(output.path.parent)
-                output.sync_directory()
-        for output in done:
-            output.drop_old()
+        """On a worker thread: rename every output into place, all or none (:func:`commit_all`)."""
+        commit_all(self.outputs)
 
     async def discard(self) -> None:
         """Stop every writer and remove every temporary file.
@@ -141,6 +109,45 @@ class OutputSet:
             if not self.committing:
                 # Even if the discard itself was cancelled: no .part file stays.
                 loader.discard_quietly()
+            for output in loader.outputs:
+                output.unlock()
+
+
+def commit_all(outputs: Sequence[Output]) -> None:
+    """Rename every output into place, all or none (blocking: call it on a worker thread).
+
+    Every target is checked first. Then each output's old file (if any) is
+    kept aside under a backup name (a hard link, so the rename over the
+    final path stays atomic) and the output renamed into place. If any step
+    fails (the disk, a bind mount's EBUSY, a race), every output already
+    renamed goes back to its temporary path and every old file back to its
+    final path, and the error is raised: the final paths are as they were.
+    The backups are removed once every rename succeeded.
+    """
+    outputs = [output for output in outputs if output.temp_path is not None]
+    for output in outputs:
+        output.check_target()
+    done: list[Output] = []  # renamed into place, in order
+    try:
+        for output in outputs:
+            output.keep_old()
+            output.commit()
+            done.append(output)
+    except DeviceIOError as error:
+        undone = [output for output in outputs if output.restore_old()]
+        failed = [str(o.path) for o in outputs if o.backup_path is not None]
+        if failed:  # could not put everything back: say exactly what
+            error.message += f"; old files left at their backup names for: {', '.join(failed)}"
+        elif undone:
+            error.message += "; every final path is as it was"
+        raise
+    synced: set[Path] = set()
+    for output in done:
+        if output.path.parent not in synced:
+            synced.add(output.path.parent)
+            output.sync_directory()
+    for output in done:
+        output.drop_old()
 
 
 def _consume_exception(future: asyncio.Future[Any]) -> None:

@@ -16,22 +16,32 @@ from .errors import UsageError
 from .reassembly import CHUNK_OVERHEAD, capacity_of
 from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE | re.ASCII)
+#: ``64M`` / ``64MiB`` (binary), ``64MB`` (decimal), ``4096`` / ``4096B`` (bytes).
+_SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(ib|b)?|b)?\s*$", re.IGNORECASE | re.ASCII)
 _DIGITS = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 
 
 def is_number(text: str) -> bool:
     """``text`` is a whole number in ASCII digits (what ``int`` takes, and no more)."""
     return _DIGITS.fullmatch(text) is not None
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_BINARY = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
 
 def parse_size(text: str) -> int:
-    """``"1M"`` -> 1048576. Binary units; ``K``, ``KiB`` and ``KB`` all mean 1024."""
+    """Bytes: ``4096``; ``64K``, ``1M``, ``2G``, ``1T`` and ``64KiB``... are binary (as QEMU
+    reads them: ``1M`` is 1048576), ``64KB``, ``1MB``... decimal (``1MB`` is 1000000)."""
     match = _SIZE.match(text)
     if not match:
-        raise UsageError(f"not a size: {text!r} (expected e.g. 4096, 64K, 1M, 2G)")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
+        raise UsageError(
+            f"not a size: {text!r} (expected e.g. 4096, 64K or 64KiB, 1M or 1MiB, 2G; "
+            "1MB is 1000000 bytes)"
+        )
+    number, prefix, suffix = match.groups()
+    if prefix is None:
+        return int(number)
+    decimal = suffix is not None and suffix.lower() == "b"
+    return int(number) * (_DECIMAL if decimal else _BINARY)[prefix.lower()]
 
 
 def check_channels(channels: int) -> int:
@@ -200,6 +210,8 @@ def _shareable(path: Path) -> bool:
     return stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
 
 
+MiB = 1 << 20
+
 #: The CLI's default --max-queued-bytes. Bounded by default: a daemon's memory
 #: should not depend on the order a source happens to send in, and a bounded
 #: queue keeps buffers recycled and the completion lag short when the disk is
@@ -217,6 +229,11 @@ class Digest(enum.StrEnum):
     SHA256 = "sha256"
     NONE = "none"  # nothing computed: what hashing costs, measured by leaving it out
 
+
+#: --missing-channels-grace: long enough for a source's slow channel to connect
+#: after the others have sent everything, short enough that a --channels mismatch
+#: fails while its operator is still looking.
+DEFAULT_MISSING_CHANNELS_GRACE = 5.0
 
 #: Connections without a complete handshake held at once; a real migration has at
 #: most 256 channels, each handshaking for a round trip.
@@ -271,6 +288,9 @@ class ReceiveSettings:
     handshake_timeout: float = 10.0
     max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS
     progress_timeout: float | None = 150.0  # KubeVirt's default
+    #: Once every connected channel has ended while others never came: fail this
+    #: much later unless they come (None: wait for the timeouts above).
+    missing_channels_grace: float | None = DEFAULT_MISSING_CHANNELS_GRACE
     digest: Digest = Digest.XXH3_128
     fsync: bool = True
     tls: TlsSettings | None = None  # None: plaintext channels
@@ -314,7 +334,8 @@ class ReceiveSettings:
             )
             raise UsageError(
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
-                f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why})"
+                f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why}); "
+                f"give --max-queued-bytes {-(-smallest // MiB)}MiB or more"
             )
 
     def check_paths(self, *extra: tuple[str, Path]) -> None:

@@ -445,10 +445,16 @@ class ChannelDecoder:
         idstr = raw_idstr[: raw_idstr.index(0)].decode("utf-8", "surrogateescape")
         device = DeviceKey(idstr, instance_id)
         self._device = device
-        if size == 0 or size > self.max_packet_size:
+        if size == 0:
+            raise ProtocolError(
+                Reason.PACKET_SIZE, "next_packet_size 0: a packet has a payload", device=str(device)
+            )
+        if size > self.max_packet_size:
             raise ProtocolError(
                 Reason.PACKET_SIZE,
-                f"next_packet_size {size}, expected 1..{self.max_packet_size}",
+                f"next_packet_size {size} is over --max-packet-size {self.max_packet_size} "
+                f"(QEMU's largest is {DEFAULT_MAX_PACKET_SIZE}: a 1 MiB chunk and its VFIO "
+                "header; for a source that sends larger ones, raise --max-packet-size)",
                 device=str(device),
             )
         if size < VFIO_HEADER.size:

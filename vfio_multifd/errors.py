@@ -45,6 +45,22 @@ class Reason(enum.StrEnum):
     PACKET_TRUNCATED = "packet-truncated"
     # routing
     UNKNOWN_DEVICE = "unknown-device"
+    # QEMU's main channel (core/mainstream.py)
+    MAIN_MAGIC = "main-magic"
+    MAIN_VERSION = "main-version"
+    MAIN_RECORD = "main-record"  # an unknown or malformed record, a size over its bound
+    MAIN_SECTION = "main-section"  # section ids, footers
+    MAIN_UNSUPPORTED = "main-unsupported"  # postcopy, return path, mapped-ram... (named)
+    MAIN_RAM = "main-ram"  # the ram section's block list and page records
+    MAIN_VFIO = "main-vfio"  # VFIO's framing inside its sections
+    MAIN_TRUNCATED = "main-truncated"
+    MAIN_END = "main-end"  # no verifiable end, or bytes after it
+    # RAM packets on multifd channels (core/ram.py) and the RAM images
+    RAM_PACKET = "ram-packet"  # counts, ramblock field
+    RAM_BLOCK = "ram-block"  # a block not in the main stream's list, or a bad block name
+    RAM_OFFSET = "ram-offset"  # a page offset unaligned or past the block's used length
+    RAM_SYNC = "ram-sync"  # sync points that do not pair up across channels
+    RAM_NO_SPACE = "ram-no-space"  # the block list does not fit the filesystem
     # VFIO payload
     VFIO_SHORT = "vfio-short"
     VFIO_VERSION = "vfio-version"
@@ -62,6 +78,7 @@ class Reason(enum.StrEnum):
     INCOMPLETE = "incomplete"
     ACCEPT_TIMEOUT = "accept-timeout"
     PROGRESS_TIMEOUT = "progress-timeout"
+    MISSING_CHANNELS = "missing-channels"  # the connected channels ended, others never came
     CANCELLED = "cancelled"
     INTERNAL = "internal"  # a bug: reported cleanly all the same
     # usage

@@ -345,13 +345,15 @@ class ChannelRegistry:
     def refuse(
         self, channel: ChannelProtocol, error: HandshakeError, *, late: bool = False
     ) -> None:
-        """Count and log a refusal; ``late``: the migration was ending already."""
+        """Count and log a refusal; ``late``: the migration was ending already (its
+        error says why; a channel turned away then is no news, so only a debug line)."""
         self.pending.pop(channel, None)
         self.refused_count += 1
         if late:
             self.late_count += 1
-        else:
-            self.refused.append((channel.peer, HandshakeError(error.reason, error.message)))
+            channel.log.debug("channel_refused", error=str(error), reason=error.reason.value)
+            return
+        self.refused.append((channel.peer, HandshakeError(error.reason, error.message)))
         if self._refusal_log.allow():
             channel.log.warning(
                 "channel_refused",
@@ -441,6 +443,7 @@ EXPLAINED_BY_REFUSALS = frozenset(
         Reason.INCOMPLETE,
         Reason.ACCEPT_TIMEOUT,
         Reason.PROGRESS_TIMEOUT,
+        Reason.MISSING_CHANNELS,
         Reason.CANCELLED,
         Reason.PACKET_TRUNCATED,
     }

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Iterable, Iterator
 
@@ -172,9 +173,12 @@ def render(session: Session, now: float | None = None) -> str:
 class MetricsServer:
     """``GET /metrics`` of one session, on a TCP address, in the session's event loop."""
 
-    def __init__(self, session: Session, address: Address) -> None:
+    def __init__(
+        self, session: Session, address: Address, *, request_timeout: float = REQUEST_TIMEOUT
+    ) -> None:
         self.session = session
         self.address = address
+        self.request_timeout = request_timeout  # a parameter: tests need not wait 5 s
         self._server: asyncio.Server | None = None
         self._clients = Clients(MAX_CLIENTS)
         self.bound: Address | None = None  # where it listens, a port 0 resolved
@@ -218,19 +222,19 @@ class MetricsServer:
         if not self._clients.admit(writer):
             return
         try:
-            await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT)
+            await asyncio.wait_for(self._answer(reader, writer), self.request_timeout)
         except (TimeoutError, ConnectionError, OSError, asyncio.CancelledError):
             pass
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError, ValueError):
+        except _BadHead as error:
             with contextlib.suppress(Exception):
-                writer.write(_response(400, "Bad Request", "request head too long or cut\n"))
+                writer.write(_response(400, "Bad Request", f"request head {error}\n"))
         finally:
             self._clients.done()
             writer.close()  # never waits: what is left unsent is the client's loss
 
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        method, target, *_ = [*head.split(b"\r\n", 1)[0].decode("latin-1").split(" "), "", ""]
+        head = await _read_head(reader)
+        method, target, *_ = [*head.split(b"\n", 1)[0].decode("latin-1").split(), "", ""]
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             reply = _response(405, "Method Not Allowed", "only GET /metrics\n", allow="GET, HEAD")
@@ -241,6 +245,29 @@ class MetricsServer:
             reply = _response(200, "OK", body, content_type=CONTENT_TYPE, head=method == "HEAD")
         writer.write(reply)
         await writer.drain()
+
+
+class _BadHead(Exception):
+    """A request head too long, or cut by the end of the connection."""
+
+
+#: The empty line that ends a request head: CRLF as HTTP says, or a bare LF, as
+#: most servers accept (RFC 9112 section 2.2), in any mix.
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and headers: up to the empty line, at most
+    :data:`MAX_REQUEST_BYTES` with it (never more is read)."""
+    head = b""
+    while (end := _HEAD_END.search(head)) is None:
+        if len(head) >= MAX_REQUEST_BYTES:
+            raise _BadHead(f"longer than {MAX_REQUEST_BYTES} bytes")
+        data = await reader.read(MAX_REQUEST_BYTES - len(head))
+        if not data:
+            raise _BadHead("cut: the connection ended before the empty line")
+        head += data
+    return head[: end.start()]
 
 
 def _response(

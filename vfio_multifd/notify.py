@@ -79,22 +79,24 @@ def notify_ready_fd(fd: int) -> None:
 async def report_progress(session: Session, interval: float, *, notify: bool = False) -> None:
     """Log ``migration_progress`` every ``interval`` seconds while the session is active.
 
-    MB/s is over the last interval (what an operator watching wants to know);
-    the summary at the end has the average. With ``notify``, the same goes to
-    systemd as ``STATUS=`` (``systemctl status`` shows it).
+    ``bytes_per_s`` is over the last interval (what an operator watching wants to
+    know); the summary at the end has the average. With ``notify``, the same goes
+    to systemd as ``STATUS=`` (``systemctl status`` shows it, in MB and MB/s).
     """
     last_bytes, last_time = session.bytes_received, time.monotonic()
     while True:
         await asyncio.sleep(interval)
         now = time.monotonic()
         received = session.bytes_received
-        rate = (received - last_bytes) / 1e6 / (now - last_time)
+        rate = (received - last_bytes) / (now - last_time)
         last_bytes, last_time = received, now
         if session.status is not SessionStatus.ACTIVE:
             continue
-        session.log.info("migration_progress", mb_per_s=round(rate, 1), **_figures(session))
+        session.log.info("migration_progress", bytes_per_s=round(rate), **_figures(session))
         if notify:  # until a message is lost: then systemd is not listening
-            notify = sd_notify(f"STATUS=active: {received / 1e6:.0f} MB received, {rate:.1f} MB/s")
+            notify = sd_notify(
+                f"STATUS=active: {received / 1e6:.0f} MB received, {rate / 1e6:.1f} MB/s"
+            )
 
 
 def _figures(session: Session) -> dict[str, object]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .config import DeviceSpec
 from .errors import DeviceIOError, os_error_text
+from .path_lock import PathLock, PathLocked
 
 
 def _read_umask() -> int:
@@ -97,6 +98,7 @@ class Output:
         self.reserving = False  # for regular files, where the filesystem supports it
         self.stop = threading.Event()  # set when the migration ends: stop waiting for a FIFO
         self.waiting_for_reader = False  # a FIFO nobody has opened for reading yet
+        self._lock: PathLock | None = None  # held from open() to unlock(): regular files
 
     def open(self) -> None:
         try:
@@ -118,16 +120,39 @@ class Output:
             if info is not None:  # the file replaced keeps its mode (not set-id bits) and owner
                 self.mode = stat.S_IMODE(info.st_mode) & 0o777
                 self.owner = (info.st_uid, info.st_gid)
-            # mkstemp: a new name (O_EXCL, never through a link), mode 0600
-            fd, temp = tempfile.mkstemp(
-                dir=self.path.parent or ".", prefix=f".{self.path.name}.", suffix=".part"
-            )
+            fd, temp = self._create_beside()
             self.fd, self.temp_path = fd, Path(temp)
             self.reserving = True
             if self.mode & 0o600 != 0o600:
                 os.fchmod(fd, self.mode & 0o600)  # never more open than the final file
         except OSError as error:
             raise self._error("cannot open", error) from error
+
+    def _create_beside(self) -> tuple[int, str]:
+        """Lock the path (one daemon per path), and create the temporary file beside it:
+        a new name (``mkstemp``: O_EXCL, never through a link), mode 0600."""
+        directory = self.path.parent or Path(".")
+        self._lock = PathLock(self.path)
+        try:
+            self._lock.acquire()
+            return tempfile.mkstemp(dir=directory, prefix=f".{self.path.name}.", suffix=".part")
+        except PathLocked as locked:
+            raise DeviceIOError(
+                f"{self.what} {self.path}: {locked.strerror}", device=self.device, errno=None
+            ) from None
+        except FileNotFoundError as error:
+            if not directory.is_dir():
+                raise
+            # /proc, /sys: the file exists, but nothing new may be made beside it, and
+            # /proc says ENOENT, as if the directory were not there.
+            raise DeviceIOError(
+                f"cannot write {self.what} {self.path}: no new file can be created in "
+                f"{directory} (the kernel answers ENOENT, errno {error.errno}), and a file is "
+                "written beside its path, then renamed over it: give a path in a directory "
+                "where files can be created",
+                device=self.device,
+                errno=error.errno,
+            ) from error
 
     def _open_fifo(self) -> int:
         """Wait for the FIFO's reader without blocking in open(), so a stop can interrupt it."""
@@ -312,6 +337,12 @@ class Output:
             with contextlib.suppress(OSError):
                 os.unlink(self.temp_path)
             self.temp_path = None
+
+    def unlock(self) -> None:
+        """The run is over (committed or discarded): another daemon may take the path."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
     def _error(self, doing: str, error: OSError) -> DeviceIOError:
         return DeviceIOError(

@@ -137,13 +137,7 @@ class DeviceBuffer:
             )
         own = idx in self.announced and self.announced[idx] == channel
         if idx in self.announced and not own:
-            raise ProtocolError(
-                Reason.VFIO_ALREADY_FILLED,
-                f"state buffer {idx} already filled: channel {self.announced[idx]} "
-                "announced it first (its payload is still on the way)",
-                device=str(self.key),
-                idx=idx,
-            )
+            raise self._announced_first(idx)
         last = self.last_idx
         if last is None and not (own and idx == self.announced_last):
             last = self.announced_last
@@ -175,10 +169,30 @@ class DeviceBuffer:
     def announce(self, idx: int, config: bool, channel: int | None) -> None:
         """A header of ``channel`` announced chunk ``idx``: raise if it may not be
         queued, else reserve ``idx`` until its chunk is inserted."""
+        if idx in self.announced:
+            # Even by ``channel`` itself: its first chunk ``idx`` is complete and on its
+            # way to the queue, so this header announces a second chunk ``idx``.
+            if self.announced[idx] == channel:
+                raise ProtocolError(
+                    Reason.VFIO_ALREADY_FILLED,
+                    f"state buffer {idx} already filled",
+                    device=str(self.key),
+                    idx=idx,
+                )
+            raise self._announced_first(idx)
         self.check(idx, config, channel)
         self.announced[idx] = channel
         if config:
             self.announced_last = idx
+
+    def _announced_first(self, idx: int) -> ProtocolError:
+        return ProtocolError(
+            Reason.VFIO_ALREADY_FILLED,
+            f"state buffer {idx} already filled: channel {self.announced[idx]} "
+            "announced it first (its payload is still on the way)",
+            device=str(self.key),
+            idx=idx,
+        )
 
     def unannounce(self, idx: int) -> None:
         del self.announced[idx]
@@ -340,12 +354,12 @@ class ReassemblyBuffer:
         try:
             return self.devices[key]
         except KeyError:
-            known = ", ".join(str(k) for k in self.devices) or "none"
+            known = ", ".join(_key_text(k) for k in self.devices) or "none"
             at = "" if idx is None else f" in state buffer {idx}"
             raise ProtocolError(
                 Reason.UNKNOWN_DEVICE,
-                f"unknown device (idstr {key.idstr!r}, instance_id {key.instance_id}){at}; "
-                f"expected one of: {known}",
+                f"unknown device {_key_text(key)}{at}; expected one of (the --device "
+                f"idstr= and instance= given): {known}",
                 device=str(key),
                 idx=idx,
             ) from None
@@ -526,3 +540,8 @@ class ReassemblyBuffer:
 
     def incomplete_devices(self) -> list[DeviceBuffer]:
         return [device for device in self.devices.values() if not device.complete]
+
+
+def _key_text(key: DeviceKey) -> str:
+    """``(idstr '0000:00:02.0/vfio', instance 0)``: both halves, the instance even when 0."""
+    return f"(idstr {key.idstr!r}, instance {key.instance_id})"

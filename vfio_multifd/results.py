@@ -80,14 +80,21 @@ class SessionResult:
         return sum(device.bytes for device in self.devices)
 
     @property
+    def bytes_per_s(self) -> float:
+        """Data bytes a second, from the first byte received to the last device complete."""
+        return self.data_bytes / self.seconds if self.seconds > 0 else 0.0
+
+    @property
     def mb_per_s(self) -> float:
-        return self.data_bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+        """:attr:`bytes_per_s` in MB/s (10^6 bytes), for the summary people read."""
+        return self.bytes_per_s / 1e6
 
     def log_fields(self) -> dict[str, object]:
-        """The ``migration_completed`` log line's fields (benchmarks parse them)."""
+        """The ``migration_completed`` log line's fields (benchmarks parse them): bytes,
+        seconds and bytes a second, as every log line."""
         fields: dict[str, object] = {
             "seconds": round(self.seconds, 3),
-            "mb_per_s": round(self.mb_per_s, 1),
+            "bytes_per_s": round(self.bytes_per_s),
             "bytes": self.data_bytes,
             "peak_queued_bytes": self.peak_queued_bytes,
             "spilled_bytes": self.spilled_bytes,

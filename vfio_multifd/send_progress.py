@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import structlog
 
-from .sender import SourceDevice
+from .sender import SendTally, SourceDevice
 
 log = structlog.get_logger("vfio_multifd.send_progress")
 
@@ -22,17 +22,18 @@ SendProgress = Callable[[int, int], None]
 
 @contextlib.contextmanager
 def send_progress(
-    devices: Sequence[SourceDevice], interval: float | None
+    devices: Sequence[SourceDevice], interval: float | None, tally: SendTally | None = None
 ) -> Iterator[SendProgress | None]:
     """A bar per device on a terminal; elsewhere a log line every ``interval``
-    seconds, or nothing when ``interval`` is None."""
+    seconds, or nothing when ``interval`` is None. ``tally`` (the one given to
+    :func:`vfio_multifd.sender.send`) times the lines' rate as the summary's."""
     if sys.stderr.isatty():
         with _bars(devices) as progress:
             yield progress
     elif interval is None:
         yield None
     else:
-        with _log_lines(devices, interval) as progress:
+        with _log_lines(devices, interval, tally or SendTally()) as progress:
             yield progress
 
 
@@ -61,7 +62,12 @@ def _bars(devices: Sequence[SourceDevice]) -> Iterator[SendProgress]:
 
 
 @contextlib.contextmanager
-def _log_lines(devices: Sequence[SourceDevice], interval: float) -> Iterator[SendProgress]:
+def _log_lines(
+    devices: Sequence[SourceDevice], interval: float, tally: SendTally
+) -> Iterator[SendProgress]:
+    """``send_progress`` lines: data bytes sent, each device's bytes sent and size, and
+    ``bytes_per_s`` averaged from the send's start (``tally.started``), as the summary's
+    rate is; a last line when the send ends, whose rate is the summary's."""
     sent = [0] * len(devices)
     lock = threading.Lock()
     stop = threading.Event()
@@ -70,21 +76,26 @@ def _log_lines(devices: Sequence[SourceDevice], interval: float) -> Iterator[Sen
         with lock:
             sent[device] += nbytes
 
+    def line(now: float) -> None:
+        with lock:
+            per_device = list(sent)
+        total = sum(per_device)
+        started = tally.started
+        seconds = 0.0 if started is None else now - started
+        log.info(
+            "send_progress",
+            bytes=total,
+            seconds=round(seconds, 3),
+            bytes_per_s=round(total / seconds) if seconds > 0 else 0,
+            devices={
+                str(d.key): {"bytes": n, "size": d.size}
+                for d, n in zip(devices, per_device, strict=True)
+            },
+        )
+
     def report() -> None:
-        last, last_time = 0, time.monotonic()
         while not stop.wait(interval):
-            with lock:
-                per_device = list(sent)
-            total, now = sum(per_device), time.monotonic()
-            log.info(
-                "send_progress",
-                bytes=total,
-                mb_per_s=round((total - last) / 1e6 / (now - last_time), 1),
-                devices={
-                    str(d.key): f"{n}/{d.size}" for d, n in zip(devices, per_device, strict=True)
-                },
-            )
-            last, last_time = total, now
+            line(time.monotonic())
 
     reporter = threading.Thread(target=report, name="send-progress", daemon=True)
     reporter.start()
@@ -93,3 +104,5 @@ def _log_lines(devices: Sequence[SourceDevice], interval: float) -> Iterator[Sen
     finally:
         stop.set()
         reporter.join(timeout=1.0)
+        if tally.started is not None:
+            line(time.monotonic() if tally.ended is None else tally.ended)

@@ -286,6 +286,18 @@ class SendResult:
         return sum(d[1] for d in self.devices) / 1e6 / self.seconds if self.seconds else 0.0
 
 
+@dataclass(slots=True)
+class SendTally:
+    """What :func:`send` has done so far, kept up to date as it goes, so that what a
+    failed or stopped send did can be told too (``send --result``)."""
+
+    chunks: list[int] = field(default_factory=list)  # each device's data chunks
+    digests: list[str] = field(default_factory=list)  # each device's, once computed
+    channel_bytes: list[int] = field(default_factory=list)  # sent on each channel so far
+    started: float | None = None  # monotonic: the first connection was attempted
+    ended: float | None = None  # monotonic: every channel ended (or failed)
+
+
 def connect(address: Address, timeout: float, *, channel: int | None = None) -> socket.socket:
     """Connect, retrying while nothing listens at ``address`` yet (for ``timeout`` seconds;
     a log line says so, and until when). Raises :class:`SendError` naming the address."""
@@ -381,6 +393,7 @@ def run_channels(
     tls: TlsClient | None = None,
     channel_ids: Sequence[int] | None = None,
     ends: Sequence[StreamEnd] | None = None,
+    reset_hint: str = "",
 ) -> list[int]:
     """Connect every channel, run each stream on its own thread, then wait for the
     daemon's verdict; returns the bytes each channel sent.
@@ -399,6 +412,7 @@ def run_channels(
     Streams connect in the order given; ``channel_ids`` names them in errors and
     logs (default 0, 1...: their place). ``ends`` says how each ends once sent
     (default: all :attr:`StreamEnd.CLOSE`); a replay ends each as it was recorded.
+    ``reset_hint`` is added to the message of a reset: what else could explain it.
     """
     stop = stop or threading.Event()
     ids = list(range(len(streams))) if channel_ids is None else list(channel_ids)
@@ -432,7 +446,9 @@ def run_channels(
                 sent[n] = streams[n](sock)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=None, sock=sock) from None
+                    raise _channel_error(
+                        ids[n], address, error, sent=None, sock=sock, hint=reset_hint
+                    ) from None
                 return
             if stop.is_set():
                 return
@@ -456,7 +472,9 @@ def run_channels(
                 _await_verdict(sock, tls=tls is not None and endings[n] is StreamEnd.KEEP_OPEN)
             except OSError as error:
                 if not stop.is_set():
-                    raise _channel_error(ids[n], address, error, sent=sent[n], sock=sock) from None
+                    raise _channel_error(
+                        ids[n], address, error, sent=sent[n], sock=sock, hint=reset_hint
+                    ) from None
         except BaseException as error:  # reported by the caller
             with lock:
                 errors.append(error)
@@ -556,6 +574,7 @@ def _channel_error(
     *,
     sent: int | None,
     sock: socket.socket | None = None,
+    hint: str = "",
 ) -> SendError:
     """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
     when = (
@@ -563,7 +582,9 @@ def _channel_error(
         if sent is None
         else f"after this channel sent all its {sent} bytes"
     )
-    verdict = "it refused this channel or the migration failed (the daemon's error says which)"
+    verdict = (
+        f"it refused this channel or the migration failed (the daemon's error says which{hint})"
+    )
     # Over TLS a reset is mostly reported as an end without close_notify: TCP says which.
     if isinstance(error, ssl.SSLEOFError) and (sock is None or not _was_reset(sock)):
         return SendError(
@@ -610,26 +631,31 @@ def send(
     inject: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     tls: TlsClient | None = None,
+    tally: SendTally | None = None,
 ) -> SendResult:
     """Send ``devices`` over ``channels`` connections to ``address``, and wait for the
     daemon's verdict (see :func:`run_channels`).
 
     ``progress(device_index, nbytes)`` is called after each data chunk is sent,
-    from the channel's own thread (so it must be thread-safe). Raises
+    from the channel's own thread (so it must be thread-safe). ``tally``, if given,
+    is kept up to date as the send goes. Raises
     :class:`SendError` when a channel fails, and :class:`Cancelled` saying what
     was sent when stopped by SIGINT (or a :class:`Stopped` signal).
     """
     check_channels(channels)
     if chunk_size <= 0:
         raise UsageError("--chunk-size must be positive")
+    tally = SendTally() if tally is None else tally
+    tally.channel_bytes = [0] * channels
     states = [DeviceState(device, chunk_size) for device in devices]
+    tally.chunks = [state.chunks for state in states]
     # What each channel sent so far, each written by its own channel's thread only.
     data_sent = [0] * channels
     packets_sent = [0] * channels
     per_channel: list[list[Packet]] = []
     stop = threading.Event()
     try:
-        digests = [state.digest(digest) for state in states]
+        digests = tally.digests = [state.digest(digest) for state in states]
         per_channel = plan(states, channels, order, seed)
         if inject is not None and inject not in FAULTS:
             raise UsageError(f"unknown --inject {inject!r} (one of {', '.join(FAULTS)})")
@@ -641,6 +667,7 @@ def send(
                 fault = inject if channel_id == 0 else None
                 handshake = ChannelHandshake(channel_id, uuid)
                 total = send_all(sock, [_handshake_bytes(handshake, fault, channels)])
+                tally.channel_bytes[channel_id] = total
                 for n, (d, idx) in enumerate(per_channel[channel_id]):
                     if stop.is_set():  # another channel failed
                         break
@@ -648,9 +675,12 @@ def send(
                     prefix = encode_packet_prefix(key, idx, len(data), config)
                     if n == 0 and fault is not None:
                         if fault == "truncate":
-                            return total + send_all(sock, [prefix[: len(prefix) // 2]])
+                            total += send_all(sock, [prefix[: len(prefix) // 2]])
+                            tally.channel_bytes[channel_id] = total
+                            return total
                         prefix, data = _corrupt(fault, prefix, data)
                     total += send_all(sock, [prefix, data])
+                    tally.channel_bytes[channel_id] = total
                     packets_sent[channel_id] += 1
                     if d >= 0 and idx < states[d].chunks:
                         data_sent[channel_id] += len(data)
@@ -660,11 +690,21 @@ def send(
 
             return run
 
-        started = time.monotonic()
-        sent = run_channels(
-            address, [stream(n) for n in range(channels)], connect_timeout, stop=stop, tls=tls
-        )
-        seconds = time.monotonic() - started
+        started = tally.started = time.monotonic()
+        try:
+            sent = run_channels(
+                address,
+                [stream(n) for n in range(channels)],
+                connect_timeout,
+                stop=stop,
+                tls=tls,
+                # A daemon expecting more channels fails once these ended; one expecting
+                # fewer refuses the ids it does not know.
+                reset_hint=f"; a daemon whose --channels is not {channels}, as here, does either",
+            )
+        finally:
+            tally.ended = time.monotonic()
+        seconds = tally.ended - started
     except KeyboardInterrupt as interrupt:
         signum = getattr(interrupt, "signal_number", signal.SIGINT)
         what = _what_was_sent(

@@ -25,7 +25,14 @@ from .admission import Admission
 from .channel import ChannelProtocol, read_channel
 from .commit import OutputSet
 from .config import Address, QueueFullPolicy, ReceiveSettings
-from .errors import Cancelled, HandshakeError, MultifdError, Reason, SessionError
+from .errors import (
+    Cancelled,
+    HandshakeError,
+    MultifdError,
+    Reason,
+    SessionError,
+    UsageError,
+)
 from .listener import EXPLAINED_BY_REFUSALS, ChannelRegistry
 from .loader import DeviceLoader
 from .memory import MemoryPolicy
@@ -35,7 +42,7 @@ from .reassembly import CHUNK_OVERHEAD, ReassemblyBuffer, capacity_of
 from .recorder import Recorder
 from .results import SessionResult, SessionStatus, summarize
 from .spill import Spiller, spill_directory
-from .watchdog import Sample, Watchdog, watch
+from .watchdog import MissingChannels, Sample, Watchdog, watch
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
@@ -154,7 +161,10 @@ class Session:
                     error.message += f"; {refusals}"
             self.error = error
             cancelled = isinstance(error, Cancelled)
-            self._set_status(SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED)
+            self._set_status(
+                SessionStatus.CANCELLED if cancelled else SessionStatus.FAILED,
+                quiet=isinstance(error, UsageError),
+            )
             raise
         finally:
             if self.recorder is not None:  # for failed and cancelled migrations too
@@ -220,8 +230,10 @@ class Session:
                     accept_timeout=settings.accept_timeout,
                     progress_timeout=settings.progress_timeout,
                     now=asyncio.get_running_loop().time(),
+                    missing_channels_grace=settings.missing_channels_grace,
                 )
-                self._spawn(watch(watchdog, self._sample, self.fail), "watchdog")
+                warn = self._warn_missing_channels
+                self._spawn(watch(watchdog, self._sample, self.fail, warn), "watchdog")
                 loads = [
                     group.create_task(self._load(loader), name=f"loader {loader.device.key}")
                     for loader in self.loaders
@@ -255,6 +267,15 @@ class Session:
             why="every device is complete, but a migration needs all its channels",
         )
         await self._all_connected.wait()
+
+    def _warn_missing_channels(self, warning: MissingChannels) -> None:
+        self.log.warning(
+            "missing_channels",
+            channels=warning.channels,
+            missing=list(warning.missing),
+            fail_in=warning.grace,
+            why=warning.text,
+        )
 
     def _missing_channels(self) -> list[int]:
         return sorted(set(range(self.settings.channels)) - set(self.registry.channels))
@@ -338,15 +359,24 @@ class Session:
         # Show it at once (status socket), not only once the abort is done.
         if self.status in (SessionStatus.SETUP, SessionStatus.ACTIVE):
             cancelled = isinstance(error, Cancelled)
-            self._set_status(SessionStatus.CANCELLING if cancelled else SessionStatus.FAILED)
+            self._set_status(
+                SessionStatus.CANCELLING if cancelled else SessionStatus.FAILED,
+                quiet=isinstance(error, UsageError),
+            )
 
     def cancel(self, why: str = "cancelled", *, signal_number: int | None = None) -> None:
-        """Stop the migration; too late once every device is complete (then it is ignored)."""
-        if self.outputs.committing or self.status not in (
-            SessionStatus.SETUP,
-            SessionStatus.ACTIVE,
-        ):
-            self.log.info("cancel_ignored", status=self.status.value, why=why)
+        """Stop the migration; too late once every device is complete (then it is ignored,
+        and said so), needless once it is failing or being cancelled already (a source
+        stopped by the same Ctrl-C may have reset its channels first: no line then)."""
+        if self.outputs.committing or self.status is SessionStatus.COMPLETED:
+            self.log.info(
+                "cancel_ignored",
+                status=SessionStatus.COMPLETED.value,
+                why=f"{why}: every device is complete, its outputs are being put in place",
+            )
+            return
+        if self.status not in (SessionStatus.SETUP, SessionStatus.ACTIVE):
+            self.log.debug("cancel_ignored", status=self.status.value, why=why)
             return
         self.fail(Cancelled(why, signal_number=signal_number))
 
@@ -356,14 +386,17 @@ class Session:
         else:  # a bug rather than an I/O error: fail loudly, still cleanly
             self.fail(SessionError(Reason.INTERNAL, f"writer failed: {error!r}"))
 
-    def _set_status(self, status: SessionStatus) -> None:
+    def _set_status(self, status: SessionStatus, *, quiet: bool = False) -> None:
+        """``quiet``: a usage error, which the command line reports itself (exit 2):
+        no migration had started, so no state_change line says it failed."""
         if status is not self.status:
-            self.log.info("state_change", old=self.status.value, new=status.value)
+            if not quiet:
+                self.log.info("state_change", old=self.status.value, new=status.value)
             self.status = status
+            if status.final:  # before the listeners: the status socket reports the figures
+                self.finished = time.monotonic()
             for listener in list(self.status_listeners):
                 listener(status)
-            if status.final:
-                self.finished = time.monotonic()
 
     # -- what channels ask of the session (channel.ChannelOwner) --------------------
 
@@ -419,6 +452,8 @@ class Session:
             written=self.reassembly.bytes_written,
             active=self.status is SessionStatus.ACTIVE,
             waiting_for=self._waiting_for(),
+            reading=self.registry.reading,
+            handshaking=len(self.registry.pending),
         )
 
     def _waiting_for(self) -> tuple[str, ...]:

@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from qemu.qmp import (
@@ -32,6 +32,8 @@ from .errors import os_error_text
 JSON = dict[str, Any]
 #: ``query-migrate`` statuses after which nothing changes any more.
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+#: Statuses of a migration that did not or will not complete: ``status`` exits 1.
+UNSUCCESSFUL_STATUSES = frozenset({"failed", "cancelling", "cancelled"})
 
 # qemu.qmp logs its own failures (through the logging module); this client
 # reports them itself, once, naming the socket: keep them off stderr.
@@ -64,45 +66,73 @@ def watch(
     """``query-migrate`` every ``interval`` seconds, each answer given to ``show(info,
     final)``, until the migration ends; returns the final answer.
 
-    One connection for the whole watch. The daemon sends QEMU's ``MIGRATION`` event
-    when its status changes, so the final state is asked for at once, before the
-    daemon exits and takes its socket with it; if that last answer cannot be had,
-    the last one is shown with the event's status.
+    One connection for the whole watch. The daemon exits (and takes its socket with
+    it) as soon as the migration ends, too soon to be asked again: its final
+    ``MIGRATION`` event carries its figures at the end (``info``), and those are the
+    final answer. An event without them (QEMU's own) is followed by one more
+    ``query-migrate``; if that cannot be had, the final answer is the last one seen
+    with the event's status, and its ``note`` says so.
     """
 
     async def run() -> JSON:
         async with _connected(path, timeout) as client:
             events = EventListener(("MIGRATION",))
-            seen: list[str] = []  # statuses the MIGRATION events announced
             with client.listen(events):
-                last: JSON = {}
-                while True:
-                    try:
-                        reply = await _execute(client, path, "query-migrate", timeout)
-                    except StatusError:
-                        seen += [_event_status(message) for message in events.clear()]
-                        final = [status for status in seen if status in FINAL_STATUSES]
-                        if not final or not last:
-                            raise
-                        info = {**last, "status": final[-1]}
-                        show(info, True)
-                        return info
-                    if "error" in reply:
-                        raise StatusError(f"status socket {path}: {reply['error'].get('desc')}")
-                    last = reply["return"]
-                    done = str(last.get("status")) in FINAL_STATUSES
-                    show(last, done)
-                    if done:
-                        return last
-                    with contextlib.suppress(TimeoutError):  # less when the status changes
-                        seen.append(_event_status(await asyncio.wait_for(events.get(), interval)))
+                return await _watch(client, events, path, interval, show, timeout)
 
     return asyncio.run(run())
 
 
-def _event_status(message: Any) -> str:
-    data = message.get("data") if isinstance(message, dict) or hasattr(message, "get") else None
-    return str(data.get("status")) if isinstance(data, dict) else ""
+async def _watch(
+    client: QMPClient,
+    events: EventListener,
+    path: str,
+    interval: float,
+    show: Callable[[JSON, bool], None],
+    timeout: float,
+) -> JSON:
+    last: JSON = {}
+    ended: JSON | None = None  # the data of a MIGRATION event with a final status
+    while True:
+        if ended is not None and isinstance(ended.get("info"), dict):
+            info: JSON = ended["info"]  # the daemon's own figures at the end
+            show(info, True)
+            return info
+        try:
+            reply = await _execute(client, path, "query-migrate", timeout)
+        except StatusError:
+            ended = _final_event_data(events.clear()) or ended
+            if ended is not None and isinstance(ended.get("info"), dict):
+                continue
+            if ended is None or not last:
+                raise
+            info = {
+                **last,
+                "status": ended["status"],
+                "note": f"the migration ended {ended['status']}; the other figures are the "
+                "last seen before that: the status socket closed before it could be asked again",
+            }
+            show(info, True)
+            return info
+        if "error" in reply:
+            raise StatusError(f"status socket {path}: {reply['error'].get('desc')}")
+        last = reply["return"]
+        done = str(last.get("status")) in FINAL_STATUSES
+        show(last, done)
+        if done:
+            return last
+        with contextlib.suppress(TimeoutError):  # less when the status changes
+            ended = _final_event_data([await asyncio.wait_for(events.get(), interval)]) or ended
+
+
+def _final_event_data(messages: Iterable[Any]) -> JSON | None:
+    """The data of the last of ``messages`` (MIGRATION events) announcing a final status."""
+    ended = None
+    for message in messages:
+        data = message.get("data") if hasattr(message, "get") else None
+        if isinstance(data, dict) and str(data.get("status")) in FINAL_STATUSES:
+            ended = data
+    return ended
 
 
 class _connected:
@@ -216,6 +246,8 @@ def format_table(info: JSON) -> str:
     ]
     if "error-desc" in info:
         lines.append(f"error: {info['error-desc']}")
+    if "note" in info:
+        lines.append(f"note: {info['note']}")
     if "queued-bytes" in info:
         lines.append(
             f"queued: {info['queued-bytes']} bytes (peak {info.get('peak-queued-bytes', 0)} "

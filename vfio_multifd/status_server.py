@@ -146,7 +146,8 @@ class StatusServer:
 
     Like QEMU's monitor it greets each client with ``{"QMP": ...}`` and answers
     one JSON object per command, each on its own line, echoing the request's
-    ``id``. ``qmp_capabilities`` is accepted but not required.
+    ``id``; requests are framed by their JSON, not by lines.
+    ``qmp_capabilities`` is accepted but not required.
 
     Whoever can connect can cancel: the socket is created mode 0600 in a
     private directory and only then linked at its path, so it is never
@@ -191,12 +192,19 @@ class StatusServer:
 
     def _announce(self, status: SessionStatus) -> None:
         """QEMU's ``MIGRATION`` event to every client, after the answer being written
-        (a ``migrate_cancel``'s ``{"return": {}}`` comes first, as from QEMU)."""
+        (a ``migrate_cancel``'s ``{"return": {}}`` comes first, as from QEMU).
+
+        A final status's event also carries ``info``, ``query-migrate``'s answer at
+        that moment: the daemon exits right after, too soon to be asked again.
+        """
         now = time.time()
+        data: JSON = {"status": status.value}
+        if status.final:
+            data["info"] = query_migrate(self.session, time.monotonic())
         event = {
             "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1e6)},
             "event": "MIGRATION",
-            "data": {"status": status.value},
+            "data": data,
         }
         line = json.dumps(event).encode() + b"\r\n"
 
@@ -295,24 +303,30 @@ class StatusServer:
         self, decoder: json.JSONDecoder, pending: str, writer: asyncio.StreamWriter
     ) -> tuple[JSON | None, str, bool]:
         """The answer to the first request in ``pending`` (None: incomplete), what is
-        left after it, and whether to hang up."""
-        if _too_deep(pending):
-            return _error("GenericError", f"JSON nested deeper than {MAX_DEPTH}"), "", True
+        left after it, and whether to hang up.
+
+        As QEMU's monitor does, a request is framed by its JSON, not by lines: an
+        object ends where its brackets balance, whatever lines it spans and however
+        many reads it took to arrive. Anything else ends at the end of its line.
+        """
+        framed = pending.startswith(("{", "["))
         try:
-            request, end = decoder.raw_decode(pending)
+            end = _json_end(pending) if framed else None
+        except _TooDeep:
+            return _error("GenericError", f"JSON nested deeper than {MAX_DEPTH}"), "", True
+        if framed and end is None:
+            return _incomplete(pending)
+        try:
+            request, parsed = decoder.raw_decode(pending[:end])
         except ValueError as error:
-            # Incomplete until the line ends; a complete bad line gets an error.
-            if "\n" not in pending:
-                if len(pending.encode()) >= MAX_REQUEST_BYTES:
-                    too_long = f"request longer than {MAX_REQUEST_BYTES} bytes"
-                    return _error("GenericError", too_long), "", True
-                return None, pending, False
-            rest = pending.partition("\n")[2].lstrip()
-            return _error("GenericError", f"JSON parse error, {error}"), rest, False
+            if not framed and "\n" not in pending:
+                return _incomplete(pending)
+            rest = pending[end:] if framed else pending.partition("\n")[2]
+            return _error("GenericError", f"JSON parse error, {error}"), rest.lstrip(), False
         reply = self.execute(request)
         if isinstance(request, dict) and request.get("execute") == "qmp_capabilities":
             self._negotiated.add(writer)  # events from now on, as QEMU sends them
-        return reply, pending[end:].lstrip(), False
+        return reply, pending[parsed:].lstrip(), False
 
     def execute(self, request: object) -> JSON:
         """Answer one QMP command."""
@@ -350,6 +364,13 @@ def greeting() -> JSON:
     }
 
 
+def _incomplete(pending: str) -> tuple[JSON | None, str, bool]:
+    """Wait for the rest of a request, up to :data:`MAX_REQUEST_BYTES` of it."""
+    if len(pending.encode()) >= MAX_REQUEST_BYTES:
+        return _error("GenericError", f"request longer than {MAX_REQUEST_BYTES} bytes"), "", True
+    return None, pending, False
+
+
 def _error(kind: str, desc: str) -> JSON:
     return {"error": {"class": kind, "desc": desc}}
 
@@ -368,20 +389,32 @@ async def _send(writer: asyncio.StreamWriter, message: JSON) -> None:
         raise _SlowClient from None
 
 
-_BRACKETS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+class _TooDeep(Exception):
+    """A request nests arrays and objects deeper than :data:`MAX_DEPTH`."""
 
 
-def _too_deep(text: str) -> bool:
-    """Does ``text`` nest arrays and objects deeper than :data:`MAX_DEPTH` (strings
-    skipped)? Checked before parsing: json's parser recurses, and a few thousand
-    ``[`` would raise RecursionError."""
+#: A whole JSON string, a string not closed yet (a lone quote), or a bracket.
+_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|["\[\]{}]')
+
+
+def _json_end(text: str) -> int | None:
+    """Where the object or array ``text`` starts with ends: just past the bracket that
+    balances its first (strings skipped), or None if it has not arrived yet.
+
+    Raises :class:`_TooDeep` past :data:`MAX_DEPTH`: json's parser recurses, and a
+    few thousand ``[`` would raise RecursionError.
+    """
     depth = 0
-    for match in _BRACKETS.finditer(text):
+    for match in _TOKENS.finditer(text):
         token = match.group()
+        if token == '"':
+            return None  # inside a string that goes on in the next read
         if token in "[{":
             depth += 1
             if depth > MAX_DEPTH:
-                return True
+                raise _TooDeep
         elif token in "]}":
             depth -= 1
-    return False
+            if depth == 0:
+                return match.end()
+    return None

@@ -1,8 +1,9 @@
-"""The watchdog: --accept-timeout and --progress-timeout.
+"""The watchdog: --accept-timeout, --progress-timeout and --missing-channels-grace.
 
 :class:`Watchdog` is pure: :meth:`Watchdog.check` takes a sample of the
 migration's counters and ``now`` and returns the error that should end the
-migration, if any. :func:`watch` samples it periodically on the event loop.
+migration, or a :class:`MissingChannels` warning, if any. :func:`watch`
+samples it periodically on the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ class Sample:
     written: int  # data bytes written by the loaders
     active: bool  # the migration is active (progress is expected)
     waiting_for: tuple[str, ...]  # "device D idx N" (or its writes) the loaders wait for
+    reading: int = 0  # accepted channels that have not ended yet
+    handshaking: int = 0  # connections whose handshake is not complete yet
+
+
+@dataclass(frozen=True, slots=True)
+class MissingChannels:
+    """Every channel that connected has ended, and only channels that never came hold
+    the migration: most likely the source uses fewer channels than ``--channels``."""
+
+    channels: int  # --channels
+    missing: tuple[int, ...]  # the ids that never connected
+    grace: float  # seconds until the migration fails, unless they come
+
+    @property
+    def text(self) -> str:
+        return (
+            f"every channel that connected has ended, and channel ids "
+            f"{', '.join(map(str, self.missing))} never came: does the source use "
+            f"--channels {self.channels} (QEMU's multifd-channels) too?"
+        )
 
 
 class Watchdog:
@@ -34,15 +55,23 @@ class Watchdog:
         accept_timeout: float | None,
         progress_timeout: float | None,
         now: float,
+        missing_channels_grace: float | None = None,
     ) -> None:
         self.channels = channels
         self.accept_timeout = accept_timeout
         self.progress_timeout = progress_timeout
+        self.missing_channels_grace = missing_channels_grace
+        # Since when only the channels that never came hold the migration, and which.
+        self._held_since: float | None = None
+        self._held_by: tuple[int, ...] = ()
         self.opened = now
         self._last: tuple[int, int] | None = None  # received, written
         self._last_change = now
 
-    def check(self, sample: Sample, now: float) -> SessionError | None:
+    def check(self, sample: Sample, now: float) -> SessionError | MissingChannels | None:
+        held = self._held_by_missing_channels(sample, now)
+        if held is not None:
+            return held
         if (
             self.accept_timeout is not None
             and len(sample.connected) < self.channels
@@ -72,13 +101,44 @@ class Watchdog:
         return None
 
 
+    def _held_by_missing_channels(
+        self, sample: Sample, now: float
+    ) -> SessionError | MissingChannels | None:
+        """Warn once when only channels that never connected hold the migration, and
+        fail ``missing_channels_grace`` seconds later unless one comes meanwhile."""
+        grace = self.missing_channels_grace
+        connected = len(sample.connected)
+        coming = sample.reading or sample.handshaking  # a channel may still come
+        if grace is None or coming or not 0 < connected < self.channels:
+            self._held_since = None
+            return None
+        missing = tuple(sorted(set(range(self.channels)) - sample.connected))
+        if self._held_since is None or missing != self._held_by:
+            self._held_since, self._held_by = now, missing
+            return MissingChannels(self.channels, missing, grace)
+        if now - self._held_since <= grace:
+            return None
+        return SessionError(
+            Reason.MISSING_CHANNELS,
+            f"only {connected} of {self.channels} channels connected, and they ended "
+            f"{grace:g} s ago (--missing-channels-grace): "
+            f"{MissingChannels(self.channels, missing, grace).text}",
+        )
+
+
 async def watch(
-    watchdog: Watchdog, sample: Callable[[], Sample], fail: Callable[[SessionError], None]
+    watchdog: Watchdog,
+    sample: Callable[[], Sample],
+    fail: Callable[[SessionError], None],
+    warn: Callable[[MissingChannels], None] = lambda warning: None,
 ) -> None:
-    """Check ``watchdog`` every :data:`PERIOD` seconds, reporting its errors to ``fail``."""
+    """Check ``watchdog`` every :data:`PERIOD` seconds, reporting its errors to ``fail``
+    and its warnings to ``warn``."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(PERIOD)
-        error = watchdog.check(sample(), loop.time())
-        if error is not None:
-            fail(error)
+        found = watchdog.check(sample(), loop.time())
+        if isinstance(found, MissingChannels):
+            warn(found)
+        elif found is not None:
+            fail(found)

@@ -30,8 +30,8 @@ IDSTR_SIZE = 256
 MAX_IDSTR_LEN = IDSTR_SIZE - 1  # byte 255 is always NUL
 UUID_SIZE = 16
 
-#: Our default bound on ``next_packet_size``: QEMU's 1 MiB plus room to spare.
-DEFAULT_MAX_PACKET_SIZE = 4 << 20
+#: The largest chunk of device data QEMU's source puts in one packet.
+QEMU_MAX_CHUNK = 1 << 20
 
 
 class PacketFlag(enum.IntFlag):
@@ -69,6 +69,9 @@ PACKET_HEADER = struct.Struct(">III")
 DEVICE_STATE_HEADER = struct.Struct(">III256sII")
 # version, idx, flags
 VFIO_HEADER = struct.Struct(">III")
+#: Our default bound on ``next_packet_size``: QEMU's largest packet (a chunk and its VFIO
+#: header), so that round memory bounds (``--max-queued-bytes 4M``) are enough.
+DEFAULT_MAX_PACKET_SIZE = QEMU_MAX_CHUNK + VFIO_HEADER.size
 CONFIG_TAG = struct.Struct(">Q")
 
 #: Bytes before a device-state packet's data: the 276-byte device-state header

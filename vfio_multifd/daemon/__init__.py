@@ -1,0 +1,1 @@
+"""The daemon's I/O side: what reads sockets and writes files around the pure core."""

@@ -1,0 +1,1 @@
+"""Our source side: what stands in for QEMU's migration source."""

@@ -1,0 +1,342 @@
+"""A QEMU-10-like migration, encoded: the main stream and the multifd channels' bytes.
+
+Pure: builds bytes, sends nothing. What QEMU 10.0 sends for a VM whose VFIO
+devices use multifd device state transfer (PROTOCOL.md section 7), so that
+tests (and later ``send --ram``) need no QEMU: the main channel with its
+configuration, the ``ram`` section (block list, sync points, ``ZERO`` records
+when zero pages are detected the legacy way), each VFIO device's sections
+(setup, pre-copy data, the end-of-state markers multifd transfer leaves),
+``MIG_CMD_SWITCHOVER_START``, ``QEMU_VM_EOF`` and a VM description; on the
+multifd channels RAM packets (normal and zero pages) and one SYNC packet per
+channel for every sync point, with the devices' stop-copy chunks as
+device-state packets among the last RAM packets.
+
+A running guest is given as successive images of its RAM: the first is sent
+whole, each later one as the pages that changed (one round each, the last
+one in the stop-copy phase), as QEMU resends dirty pages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..core.ram import encode_ram_packet, pages_per_packet
+from ..core.savevm import DEFAULT_PAGE_SIZE, QEMU_VM_FILE_VERSION, Command, RamFlag, Record
+from ..wire import (
+    QEMU_VM_FILE_MAGIC,
+    ChannelHandshake,
+    ConfigTag,
+    DeviceKey,
+    encode_config_blob,
+    encode_device_packet,
+)
+
+# --- main stream records -------------------------------------------------------------
+
+
+def file_header() -> bytes:
+    return QEMU_VM_FILE_MAGIC + struct.pack(">I", QEMU_VM_FILE_VERSION)
+
+
+def configuration(machine: str, capabilities: Sequence[str] = ()) -> bytes:
+    raw = machine.encode()
+    out = bytes([Record.CONFIGURATION]) + struct.pack(">I", len(raw)) + raw
+    if capabilities:
+        out += subsection("configuration/capabilities") + struct.pack(">I", len(capabilities))
+        out += b"".join(u8_string(capability) for capability in capabilities)
+    return out
+
+
+def subsection(name: str) -> bytes:
+    return bytes([Record.SUBSECTION]) + u8_string(name) + struct.pack(">I", 1)
+
+
+def u8_string(name: str) -> bytes:
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > 255:
+        raise ValueError(f"{name!r} does not fit a u8 length")
+    return bytes([len(raw)]) + raw
+
+
+def section_header(kind: Record, section_id: int, idstr: str = "", instance_id: int = 0,
+                   version_id: int = 1) -> bytes:
+    """START and FULL name the device; PART and END only the section id."""
+    out = bytes([kind]) + struct.pack(">I", section_id)
+    if kind in (Record.SECTION_START, Record.SECTION_FULL):
+        out += u8_string(idstr) + struct.pack(">II", instance_id, version_id)
+    return out
+
+
+def footer(section_id: int) -> bytes:
+    return bytes([Record.SECTION_FOOTER]) + struct.pack(">I", section_id)
+
+
+def command(number: Command, data: bytes = b"") -> bytes:
+    return bytes([Record.COMMAND]) + struct.pack(">HH", number, len(data)) + data
+
+
+def vm_description(description: bytes) -> bytes:
+    """``QEMU_VM_EOF`` then the VM description, as the stream ends."""
+    return bytes([Record.EOF, Record.VMDESCRIPTION]) + struct.pack(">I", len(description)) + description
+
+
+def ram_record(offset: int, flags: int) -> bytes:
+    return struct.pack(">Q", offset | flags)
+
+
+def ram_block_list(blocks: Mapping[str, int]) -> bytes:
+    """MEM_SIZE with the total, then each block's name and used length."""
+    out = ram_record(sum(blocks.values()), RamFlag.MEM_SIZE)
+    for name, used_length in blocks.items():
+        out += u8_string(name) + struct.pack(">Q", used_length)
+    return out
+
+
+def ram_zero(offset: int, block: str | None, fill: int = 0) -> bytes:
+    """A ZERO record; ``block`` None means CONTINUE (the block named last)."""
+    if block is None:
+        return ram_record(offset, RamFlag.ZERO | RamFlag.CONTINUE) + bytes([fill])
+    return ram_record(offset, RamFlag.ZERO) + u8_string(block) + bytes([fill])
+
+
+def ram_page(offset: int, block: str | None, data: bytes) -> bytes:
+    if block is None:
+        return ram_record(offset, RamFlag.PAGE | RamFlag.CONTINUE) + data
+    return ram_record(offset, RamFlag.PAGE) + u8_string(block) + data
+
+
+def vfio_tag(tag: ConfigTag) -> bytes:
+    return struct.pack(">Q", tag)
+
+
+def vfio_data(data: bytes) -> bytes:
+    return vfio_tag(ConfigTag.DEV_DATA_STATE) + struct.pack(">Q", len(data)) + data
+
+
+# --- a whole migration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VfioDevice:
+    """A VFIO device's state: pre-copy blocks (one per iteration, on the main channel),
+    stop-copy chunks (idx 0.., device-state packets) and its config bytes (the last packet)."""
+
+    key: DeviceKey
+    precopy: tuple[bytes, ...] = ()
+    chunks: tuple[bytes, ...] = ()
+    config: bytes = b"config"
+
+
+@dataclass
+class QemuLikeStreams:
+    """The bytes of each connection: the main channel, and each multifd channel by id."""
+
+    main: bytes
+    channels: list[bytes]
+    sync_points: int = 0
+    ram_packets: int = 0
+    device_packets: int = 0
+    description: bytes = b""
+
+
+@dataclass
+class _Builder:
+    channels: int
+    page_size: int
+    zero_pages: str
+    uuid: bytes
+    main: bytearray = field(default_factory=bytearray)
+    packets: list[list[bytes]] = field(default_factory=list)
+    packet_num: int = 0
+    next_channel: int = 0
+    last_block: str | None = None
+    sync_points: int = 0
+    ram_packets: int = 0
+    device_packets: int = 0
+
+    def __post_init__(self) -> None:
+        self.packets = [[ChannelHandshake(c, self.uuid).encode()] for c in range(self.channels)]
+
+    def send_packet(self, packet: bytes) -> None:
+        """Round robin, as QEMU picks the next idle channel."""
+        self.packets[self.next_channel].append(packet)
+        self.next_channel = (self.next_channel + 1) % self.channels
+
+    def send_pages(self, block: str, pages: Sequence[tuple[int, bytes]]) -> None:
+        """Pages of one block: normal ones in RAM packets; zero ones in the same packets
+        (zero-page-detection multifd) or as ZERO records on the main stream (legacy)."""
+        zero_page = bytes(self.page_size)
+        batch_normal: list[tuple[int, bytes]] = []
+        batch_zero: list[int] = []
+        limit = pages_per_packet(self.page_size)
+        for offset, data in pages:
+            if data == zero_page and self.zero_pages == "legacy":
+                self.main += ram_zero(offset, None if self.last_block == block else block)
+                self.last_block = block
+                continue
+            if data == zero_page:
+                batch_zero.append(offset)
+            else:
+                batch_normal.append((offset, data))
+            if len(batch_normal) + len(batch_zero) == limit:
+                self._flush_batch(block, batch_normal, batch_zero)
+                batch_normal, batch_zero = [], []
+        if batch_normal or batch_zero:
+            self._flush_batch(block, batch_normal, batch_zero)
+
+    def _flush_batch(self, block: str, normal: list[tuple[int, bytes]], zero: list[int]) -> None:
+        self.send_packet(
+            encode_ram_packet(
+                block=block, normal=normal, zero=zero, packet_num=self.packet_num,
+                page_size=self.page_size,
+            )
+        )
+        self.packet_num += 1
+        self.ram_packets += 1
+
+    def send_image(self, image: Mapping[str, bytes], previous: Mapping[str, bytes] | None) -> None:
+        """A round: every page of ``image``, or those changed since ``previous``."""
+        for name, data in image.items():
+            self.send_pages(name, _pages(data, None if previous is None else previous[name], self.page_size))
+
+    def end_ram_section(self) -> None:
+        """A sync point, then EOS and the ram section's footer."""
+        self.sync()
+        self.main += ram_record(0, RamFlag.EOS) + footer(RAM_SECTION)
+
+    def sync(self) -> None:
+        """A sync point: MULTIFD_FLUSH on the main stream, an empty SYNC packet on every channel."""
+        for channel in range(self.channels):
+            self.packets[channel].append(encode_ram_packet(packet_num=self.packet_num, sync=True))
+            self.packet_num += 1
+        self.main += ram_record(0, RamFlag.MULTIFD_FLUSH)
+        self.sync_points += 1
+
+
+def _pages(image: bytes, previous: bytes | None, page_size: int) -> list[tuple[int, bytes]]:
+    """Every page of ``image``, or only those that differ from ``previous``."""
+    return [
+        (offset, image[offset : offset + page_size])
+        for offset in range(0, len(image), page_size)
+        if previous is None
+        or previous[offset : offset + page_size] != image[offset : offset + page_size]
+    ]
+
+
+RAM_SECTION = 1  # the ram section's id; VFIO devices' follow, the opaque device's is 0
+
+
+def qemu10_migration(
+    images: Sequence[Mapping[str, bytes]],
+    *,
+    channels: int = 2,
+    uuid: bytes = bytes(16),
+    devices: Sequence[VfioDevice] = (),
+    zero_pages: str = "multifd",
+    machine: str = "pc-i440fx-10.0",
+    opaque_device: bool = True,
+    page_size: int = DEFAULT_PAGE_SIZE,
+) -> QemuLikeStreams:
+    """Encode a migration of RAMBlocks whose contents are ``images[-1]``, sent in
+    ``len(images)`` rounds (see the module docstring). ``zero_pages``: ``multifd``
+    (QEMU 10's default) or ``legacy``. ``opaque_device``: also send a device
+    section that is vmstate (``timer``), as every real VM has: the parser then
+    recognises the end by the stream's tail."""
+    blocks = _check_images(images, page_size)
+    if zero_pages not in ("multifd", "legacy"):
+        raise ValueError(f"zero_pages is multifd or legacy, not {zero_pages!r}")
+    build = _Builder(channels, page_size, zero_pages, uuid)
+    ids = {device.key: RAM_SECTION + 1 + n for n, device in enumerate(devices)}
+    main = build.main
+    main += file_header() + configuration(machine)
+    # setup: the block list, a sync point; each VFIO device's setup marker
+    main += section_header(Record.SECTION_START, RAM_SECTION, "ram", 0, 4)
+    main += ram_block_list(blocks)
+    build.end_ram_section()
+    for device in devices:
+        main += _device_section(Record.SECTION_START, ids[device.key], device)
+        main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
+        main += footer(ids[device.key])
+    # pre-copy rounds: all but the last image; the VFIO devices' pre-copy data beside them
+    previous: Mapping[str, bytes] | None = None
+    for number, image in enumerate(images[:-1]):
+        main += section_header(Record.SECTION_PART, RAM_SECTION)
+        build.send_image(image, previous)
+        build.end_ram_section()
+        for device in devices:
+            if number < len(device.precopy):
+                main += section_header(Record.SECTION_PART, ids[device.key])
+                main += vfio_data(device.precopy[number]) + vfio_tag(ConfigTag.END_OF_STATE)
+                main += footer(ids[device.key])
+        previous = image
+    # stop-copy: the last image's changes, the devices' chunks among them
+    main += command(Command.SWITCHOVER_START)
+    main += section_header(Record.SECTION_END, RAM_SECTION)
+    build.send_image(images[-1], previous)
+    _send_device_state(build, devices)
+    build.end_ram_section()
+    for device in devices:
+        # Multifd device state transfer leaves only the end markers on the main channel.
+        main += section_header(Record.SECTION_END, ids[device.key])
+        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    description = _end(build, devices, ids, opaque_device)
+    return QemuLikeStreams(
+        bytes(main),
+        [b"".join(packets) for packets in build.packets],
+        build.sync_points,
+        build.ram_packets,
+        build.device_packets,
+        description,
+    )
+
+
+def _check_images(images: Sequence[Mapping[str, bytes]], page_size: int) -> dict[str, int]:
+    """The block list the images share."""
+    if not images:
+        raise ValueError("at least one image of the RAM")
+    blocks = {name: len(data) for name, data in images[0].items()}
+    for image in images:
+        if {name: len(data) for name, data in image.items()} != blocks:
+            raise ValueError("every image has the same blocks and sizes")
+    if any(size == 0 or size % page_size for size in blocks.values()):
+        raise ValueError(f"block sizes are non-zero multiples of {page_size}")
+    return blocks
+
+
+def _device_section(kind: Record, section_id: int, device: VfioDevice) -> bytes:
+    return section_header(kind, section_id, device.key.idstr, device.key.instance_id, 1)
+
+
+def _end(
+    build: _Builder, devices: Sequence[VfioDevice], ids: Mapping[DeviceKey, int], opaque: bool
+) -> bytes:
+    """The devices sent whole (an opaque one if asked, each VFIO device's end marker),
+    QEMU_VM_EOF and the VM description; returns the description."""
+    described = [{"name": "ram", "instance_id": 0, "vmsd_name": "ram", "version": 4}]
+    if opaque:
+        build.main += section_header(Record.SECTION_FULL, 0, "timer", 0, 2)
+        build.main += bytes(range(24)) + footer(0)
+        described.append({"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2})
+    for device in devices:
+        build.main += _device_section(Record.SECTION_FULL, ids[device.key], device)
+        build.main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    description = json.dumps({"page_size": build.page_size, "devices": described}).encode()
+    build.main += vm_description(description)
+    return description
+
+
+def _send_device_state(build: _Builder, devices: Sequence[VfioDevice]) -> None:
+    """Each device's chunks, then its config packet, interleaved across devices."""
+    queues = [
+        [encode_device_packet(d.key, idx, chunk) for idx, chunk in enumerate(d.chunks)]
+        + [encode_device_packet(d.key, len(d.chunks), encode_config_blob(d.config), config=True)]
+        for d in devices
+    ]
+    while any(queues):
+        for queue in queues:
+            if queue:
+                build.send_packet(queue.pop(0))
+                build.device_packets += 1
