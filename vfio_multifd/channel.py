@@ -31,6 +31,7 @@ import structlog
 
 from .decoder import ASK, ChannelDecoder
 from .errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
+from .sockopts import size_receive_buffer
 from .wire import ChannelHandshake, DevicePacket, PacketHeader
 
 if TYPE_CHECKING:
@@ -260,6 +261,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.state = ChannelState.ACTIVE
         self.log = self.log.bind(channel=self.channel_id)
         self.log.info("channel_accepted")
+        if self.transport is not None:
+            size_receive_buffer(self.transport.get_extra_info("socket"))
         if self.hand_off is not None and self.transport is not None:
             self.hand_off(self, self.transport)
 
