@@ -4,9 +4,8 @@ A channel's receive buffer is set to :data:`CHANNEL_RCVBUF` rather than
 left to the kernel's autotuning, which on loopback grows it to tens of MiB:
 with every channel's socket holding that much, the channels drift apart
 (chunks are written in order, so what one channel brings early waits in
-memory for another's), and the daemon reads, wakes and pauses more.
-Measured with ``benchmarks/compare.py`` (docs/benchmarks.md): 5-10 % less
-CPU per byte. A size is set only where ``net.core.rmem_max`` allows it
+memory for another's), and the daemon reads, wakes and pauses more (what it
+saves: docs/benchmarks.md). A size is set only where ``net.core.rmem_max`` allows it
 whole: setting it turns autotuning off for the socket, and a request the
 kernel cuts down (208 KiB on many systems) would leave a buffer far too
 small for 1 MiB chunks.
