@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench man clean
+.PHONY: install test lint qemu demo bench man clean
 
 # Installs, then says how to run the command (other targets install silently).
 install: $(STAMP)
@@ -25,7 +25,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check vfio_multifd tests examples benchmarks tools
 	$(BIN)/mypy vfio_multifd benchmarks tools
 
-test: lint
+# QEMU 7.2 (apt-get install qemu-system-x86 when missing) and 10.0.2 (unpacked into
+# .qemu/10.0) for tests/test_real_qemu.py; quick when both are there.
+qemu:
+	sh tests/qemu/get-qemu.sh >/dev/null
+
+test: lint qemu
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)

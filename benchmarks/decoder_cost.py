@@ -18,9 +18,9 @@ import argparse
 import time
 from collections.abc import Sequence
 
-from vfio_multifd.decoder import ASK, ChannelDecoder
-from vfio_multifd.reassembly import capacity_of
-from vfio_multifd.wire import ChannelHandshake, DeviceKey, encode_device_packet
+from vfio_multifd.core.decoder import ASK, ChannelDecoder
+from vfio_multifd.core.reassembly import capacity_of
+from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, encode_device_packet
 
 
 def per_packet(packets: list[bytes], payload: int) -> float:

@@ -53,8 +53,8 @@ from daemon import DaemonRun, Listening, daemon_command, run_daemon, run_receive
 from replay import Replay
 from report import median_range, progress
 from vfio_multifd.config import DEFAULT_MAX_QUEUED_BYTES, parse_size
-from vfio_multifd.sender import Packet
-from vfio_multifd.wire import VFIO_HEADER
+from vfio_multifd.core.wire import VFIO_HEADER
+from vfio_multifd.source.plan import Packet
 from workload import CHUNK, Buffer, Workload, build_workload, device_states, encode
 
 MIB = 1 << 20

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from vfio_multifd.config import Address
-from vfio_multifd.sender import ChannelStream, run_channels, send_all
+from vfio_multifd.source.channels import ChannelStream, run_channels, send_all
 from vfio_multifd.tls import TlsClient
 from workload import Workload
 

@@ -1,6 +1,6 @@
 """The benchmarks' workload: every channel's QEMU-format stream, encoded before the clock starts.
 
-The data and the order are the sender's own (``vfio_multifd.sender``): each
+The data and the order are the sender's own (``vfio_multifd.source.sender``): each
 device's chunks are rotations of one random block (``DeviceState``: cheap to
 produce, yet every chunk differs, so a misplaced chunk changes the digest),
 and ``plan`` deals the packets to the channels as QEMU's source does. Here
@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from vfio_multifd.config import Digest
-from vfio_multifd.sender import (
+from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, encode_packet_prefix
+from vfio_multifd.source.plan import (
     DEFAULT_CHUNK_SIZE,
     DeviceState,
     Packet,
     SourceDevice,
     plan,
 )
-from vfio_multifd.wire import ChannelHandshake, DeviceKey, encode_packet_prefix
 
 CHUNK = DEFAULT_CHUNK_SIZE
 #: Packets per ``sendmsg`` call of the replay sender (two buffers each).

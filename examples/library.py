@@ -16,7 +16,6 @@ import asyncio
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from vfio_multifd import (
@@ -29,8 +28,9 @@ from vfio_multifd import (
     SessionResult,
     logconfig,
 )
-from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status_server import query_migrate
+from vfio_multifd.ops.status_server import query_migrate
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 DEVICES = (DeviceKey("0000:00:02.0/vfio", 0), DeviceKey("0000:00:03.0/vfio", 0))
 
@@ -70,7 +70,7 @@ async def migrate(directory: Path, inject: str | None = None) -> SessionResult:
         result = await asyncio.wait_for(run, 60)
     finally:
         # What the status socket would answer, taken from the session itself.
-        info = query_migrate(session, time.monotonic())
+        info = query_migrate(session.snapshot())
         print(f"session ended {info['status']}: {info['transferred']} bytes transferred")
         await asyncio.gather(sending, return_exceptions=True)
     sent = sending.result()

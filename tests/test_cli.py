@@ -36,8 +36,8 @@ from cli_helpers import (
 )
 from helpers import IDSTR, IDSTR_B, connect, random_bytes
 
-from vfio_multifd.daemon_signals import signal_name
-from vfio_multifd.status_client import query
+from vfio_multifd.cli.signals import signal_name
+from vfio_multifd.ops.status_client import query
 
 # -- end to end ------------------------------------------------------------------
 

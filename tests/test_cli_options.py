@@ -19,7 +19,8 @@ from vfio_multifd.config import (
     ReceiveSettings,
 )
 from vfio_multifd.errors import UsageError
-from vfio_multifd.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 
 def base_args(command: str, tmp_path: Path) -> list[str]:
@@ -308,7 +309,7 @@ def test_sizes_that_could_never_complete_are_usage_errors(
 
 @pytest.mark.parametrize("command", ["receive", "send"])
 def test_event_loop_defaults_to_uvloop_and_takes_asyncio(tmp_path: Path, command: str) -> None:
-    from vfio_multifd.cli_options import EventLoop
+    from vfio_multifd.cli.options import EventLoop
 
     assert parse(command, tmp_path).event_loop is EventLoop.UVLOOP
     assert parse(command, tmp_path, "--event-loop", "asyncio").event_loop is EventLoop.ASYNCIO
@@ -328,7 +329,7 @@ def test_run_loop_runs_the_loop_it_is_given(name: str) -> None:
     import uvloop
 
     from vfio_multifd.cli import run_loop
-    from vfio_multifd.cli_options import EventLoop
+    from vfio_multifd.cli.options import EventLoop
 
     async def which() -> type:
         return type(asyncio.get_running_loop())
@@ -394,8 +395,8 @@ def test_round_bounds_work_with_the_default_packet_size(tmp_path: Path, bound: s
 def test_the_defaults_fit_qemu_and_our_sender() -> None:
     """QEMU's largest device-state packet is a 1 MiB chunk and its 12-byte VFIO header:
     the default --max-packet-size takes it, and our sender's default chunk size makes it."""
-    from vfio_multifd.sender import DEFAULT_CHUNK_SIZE
-    from vfio_multifd.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
+    from vfio_multifd.core.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER
+    from vfio_multifd.source.plan import DEFAULT_CHUNK_SIZE
 
     assert DEFAULT_MAX_PACKET_SIZE == (1 << 20) + 12 == DEFAULT_CHUNK_SIZE + VFIO_HEADER.size
 

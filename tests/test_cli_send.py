@@ -205,7 +205,7 @@ def test_a_connection_the_daemon_reset_is_its_verdict_however_the_kernel_says_it
 ) -> None:
     """shutdown(SHUT_WR) after the daemon's reset has arrived fails with ENOTCONN, not
     ECONNRESET: that is the daemon's reset all the same (it once read as a send failure)."""
-    from vfio_multifd.sender import _channel_error
+    from vfio_multifd.source.channels import channel_error as _channel_error
 
     address = Address("tcp", "127.0.0.1", 4444)
     verdict = _channel_error(2, address, error, sent=100)

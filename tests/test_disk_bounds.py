@@ -19,7 +19,7 @@ import qemu_source as qs
 from helpers import IDSTR, IDSTR_B, assert_outputs, random_bytes, settings, start
 
 from vfio_multifd import DeviceKey
-from vfio_multifd.output import MAX_RESERVE_AHEAD, Output
+from vfio_multifd.daemon.output import MAX_RESERVE_AHEAD, Output
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)

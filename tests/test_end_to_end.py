@@ -28,7 +28,8 @@ from helpers import (
 )
 
 from vfio_multifd import Address, DeviceKey
-from vfio_multifd.sender import DeviceState, SourceDevice, send
+from vfio_multifd.source.plan import DeviceState, SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -195,7 +196,7 @@ async def test_ipv6_loopback(tmp_path: Path) -> None:
 
 async def test_short_writes_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The data file's writev writes at most 777 bytes a call: every byte still lands, in order."""
-    from vfio_multifd import output
+    from vfio_multifd.daemon import output
 
     real_writev = os.writev
     calls = 0
@@ -228,7 +229,7 @@ async def test_existing_file_replaced_only_on_success(tmp_path: Path) -> None:
     chunks = qs.device_chunks(random_bytes(50000, 1), 8192)
     blob = qs.config_blob(b"n")
     running = await start(config)
-    device = running.session.reassembly.devices[A]
+    device = running.session.core.reassembly.devices[A]
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0))
         for idx, chunk in enumerate(chunks):

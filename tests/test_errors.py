@@ -42,8 +42,8 @@ from vfio_multifd import (
     Reason,
     SessionError,
 )
-from vfio_multifd.listener import refusals_text
-from vfio_multifd.wire import PACKET_PREFIX_SIZE
+from vfio_multifd.core.connections import refusals_text
+from vfio_multifd.core.wire import PACKET_PREFIX_SIZE
 
 A = DeviceKey(IDSTR, 0)
 IDSTR_B_KEY = DeviceKey(IDSTR_B, 0)
@@ -260,10 +260,10 @@ async def test_bad_handshake_refuses_only_that_connection(tmp_path: Path, case: 
     answer = await asyncio.to_thread(stray, running.address, payload)
     assert answer == b"", "the destination answers nothing on a channel"
     for _ in range(100):
-        if running.session.registry.refused:
+        if running.session.core.connections.refused:
             break
         await asyncio.sleep(0.01)
-    [(_, error)] = running.session.registry.refused
+    [(_, error)] = running.session.core.connections.refused
     assert isinstance(error, HandshakeError) and error.reason is reason, str(error)
     assert running.session.status.value == "setup"
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams())
@@ -279,7 +279,7 @@ async def test_duplicate_channel_id_is_refused_while_the_first_one_works(tmp_pat
     first.sendall(streams[0])
     first.shutdown(socket.SHUT_WR)
     await asyncio.to_thread(stray, running.address, qs.handshake(0))
-    reasons = [e.reason for _, e in running.session.registry.refused]
+    reasons = [e.reason for _, e in running.session.core.connections.refused]
     assert reasons == [Reason.HANDSHAKE_DUPLICATE_CHANNEL]
     await asyncio.to_thread(qs.send_streams, running.address, streams[1:])
     await running.result()
@@ -295,7 +295,7 @@ async def test_silent_connection_times_out_and_is_refused(tmp_path: Path) -> Non
         silent.settimeout(5)
         with pytest.raises(ConnectionResetError):  # refused: a reset, never a clean close
             await asyncio.to_thread(silent.recv, 10)
-    [(_, error)] = running.session.registry.refused
+    [(_, error)] = running.session.core.connections.refused
     assert error.reason is Reason.HANDSHAKE_TIMEOUT and "10 of 64 bytes" in str(error)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
     await running.result()
@@ -353,7 +353,7 @@ async def test_cancel_mid_transfer_leaves_nothing(tmp_path: Path) -> None:
     running = await start(config)
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0) + good(0) + good(1))
-        device = running.session.reassembly.devices[A]
+        device = running.session.core.reassembly.devices[A]
         await until(lambda: device.bytes_written, "a chunk written")
         running.session.cancel("test says stop")
         with pytest.raises(Cancelled):
@@ -396,7 +396,7 @@ async def test_unix_socket_stray_connection(tmp_path: Path) -> None:
     await asyncio.to_thread(poke)
     await asyncio.to_thread(qs.send_streams, running.address, all_good_streams(1))
     await running.result()
-    assert [e.reason for _, e in running.session.registry.refused] == [Reason.HANDSHAKE_MAGIC]
+    assert [e.reason for _, e in running.session.core.connections.refused] == [Reason.HANDSHAKE_MAGIC]
     assert_outputs(config, [(DATA, qs.config_blob(CFG))])
 
 
@@ -412,7 +412,7 @@ async def test_a_second_header_for_an_idx_fails_at_once_whichever_came_first(
     config = settings(tmp_path, A, channels=2, reader_threads=reader_threads)
     config.devices[0].data_path.write_bytes(b"keep me")
     running = await start(config)
-    reassembly = running.session.reassembly
+    reassembly = running.session.core.reassembly
     announce = qs.handshake(1) + good(0)[:PACKET_PREFIX_SIZE]  # no payload follows
     whole = qs.handshake(0) + good(0) + good(1)
     with connect(running.address) as channel_0, connect(running.address) as channel_1:
@@ -491,7 +491,7 @@ async def test_an_unexpected_writer_error_fails_the_migration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Not an OSError, not ours: still a failure, never a short file renamed into place."""
-    from vfio_multifd import loader
+    from vfio_multifd.daemon import loader
 
     real = loader.DeviceLoader._write_batch
 
@@ -600,11 +600,11 @@ async def test_connections_turned_away_as_the_migration_ends_explain_nothing(
     straggler = await asyncio.to_thread(connect, running.address)
     straggler.sendall(qs.handshake(1)[:10])
     # The daemon holds the straggler's connection, handshaking.
-    await until(lambda: session.registry.pending, "the straggler's connection")
-    assert len(session.registry.pending) == 1
+    await until(lambda: session.core.connections.pending, "the straggler's connection")
+    assert len(session.core.connections.pending) == 1
     broken = await asyncio.to_thread(connect, running.address)
     broken.sendall(qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"x" * 1000)[:300])
-    await until(lambda: session.registry.channels, "channel 0 accepted")
+    await until(lambda: session.core.connections.channels, "channel 0 accepted")
     if late == "handshake completed after the end":
         session.fail(ProtocolError(Reason.PACKET_TRUNCATED, "cut short"))
         straggler.sendall(qs.handshake(1)[10:])  # completes while the session aborts
@@ -616,7 +616,7 @@ async def test_connections_turned_away_as_the_migration_ends_explain_nothing(
         await running.result()
     assert caught.value.reason is Reason.PACKET_TRUNCATED
     assert "refused" not in str(caught.value)
-    assert session.registry.refusals_text() == ""
+    assert session.core.connections.refusals_text() == ""
     for sock in (straggler, broken):
         sock.close()
 
@@ -673,30 +673,34 @@ async def test_a_handshake_completed_while_the_migration_ends_is_refused(tmp_pat
     out of the protocol callback, depending on how far the shutdown had got.)"""
     from helpers import FakeTransport
 
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.daemon.channel import ChannelProtocol, ChannelState
 
     running = await start(settings(tmp_path, A, channels=2))
     session = running.session
 
     def connect_fake(channel_id: int) -> tuple[ChannelProtocol, FakeTransport]:
-        protocol = ChannelProtocol(session, max_packet_size=1 << 16, handshake_timeout=10.0)
+        protocol = session.connection("fake")
         transport = FakeTransport(protocol)
         protocol.connection_made(transport)  # type: ignore[arg-type]
         transport.feed(qs.handshake(channel_id))
         return protocol, transport
 
+    def state(protocol: ChannelProtocol) -> ChannelState:
+        return session.core.connections.by_conn[protocol.conn].state
+
     try:
         first, _ = connect_fake(0)
-        assert first.state is ChannelState.ACTIVE
+        assert state(first) is ChannelState.ACTIVE
         session.cancel("ending")
-        for waited in range(3):  # at once, then as the task group shuts down
+        for waited in range(3):  # at once, then as the session shuts down
             late, transport = connect_fake(1)
-            assert late.state is ChannelState.REFUSED and transport.aborted, waited
+            assert state(late) is ChannelState.REFUSED and transport.aborted, waited
             # Counted as refused, for the status and metrics, but as late: it
             # explains nothing, so the final error does not list it.
-            assert session.refused_by_reason[Reason.HANDSHAKE_CLOSED.value] == waited + 1
-            assert session.registry.late_count == waited + 1
-            assert session.registry.refusals_text() == ""
+            by_reason = session.core.connections.refused_by_reason
+            assert by_reason[Reason.HANDSHAKE_CLOSED.value] == waited + 1
+            assert session.core.connections.late_count == waited + 1
+            assert session.core.connections.refusals_text() == ""
             await asyncio.sleep(0)
     finally:
         with pytest.raises(Cancelled):

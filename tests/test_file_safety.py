@@ -24,11 +24,11 @@ from cli_helpers import Daemon, one_device_daemon, receive_usage_error, send_to
 from helpers import IDSTR, assert_outputs, connect, random_bytes, settings, start, until
 
 from vfio_multifd import DeviceIOError, DeviceKey, UsageError
-from vfio_multifd import output as output_module
 from vfio_multifd.config import RecordSettings
-from vfio_multifd.output import Output
-from vfio_multifd.recorder import Recorder
-from vfio_multifd.spill import Spiller
+from vfio_multifd.daemon import output as output_module
+from vfio_multifd.daemon.output import Output
+from vfio_multifd.daemon.spill import Spiller
+from vfio_multifd.ops.recorder import Recorder
 
 A = DeviceKey(IDSTR, 0)
 STRANGER = (12345, 23456)  # uid, gid of nobody on this machine
@@ -155,7 +155,7 @@ async def test_part_files_are_never_more_open_than_the_final_file(
         os.chmod(spec.data_path, existing)
     [stream] = qs.build_streams([(IDSTR, 0, DATA, CONFIG)], channels=1, chunk_size=4096)
     running = await start(config)
-    device = running.session.reassembly.devices[A]
+    device = running.session.core.reassembly.devices[A]
     with connect(running.address) as sock:
         sock.sendall(stream[: len(stream) // 2])
         await until(lambda: device.bytes_written, "a chunk written")

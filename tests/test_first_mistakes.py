@@ -16,10 +16,9 @@ import structlog
 from cli_helpers import Daemon, receiver, run
 from helpers import IDSTR, FakeTransport, settings, start
 
-from vfio_multifd.channel import ChannelProtocol, ChannelState
+from vfio_multifd.core.reassembly import ReassemblyBuffer
+from vfio_multifd.core.wire import DeviceKey
 from vfio_multifd.errors import ProtocolError, Reason, SessionError
-from vfio_multifd.reassembly import ReassemblyBuffer
-from vfio_multifd.wire import DeviceKey
 
 A = DeviceKey(IDSTR, 0)
 
@@ -114,13 +113,13 @@ async def test_a_channel_refused_once_the_migration_failed_is_not_a_warning(
     session = running.session
     with structlog.testing.capture_logs() as logs:
         session.fail(SessionError(Reason.INCOMPLETE, "the source went away"))
-        late = ChannelProtocol(session, max_packet_size=1 << 16, handshake_timeout=10.0)
+        late = session.connection("late")
         transport = FakeTransport(late)
         late.connection_made(transport)  # type: ignore[arg-type]
         transport.feed(qs.handshake(1))
-        assert late.state is ChannelState.REFUSED
+        assert session.core.connections.refused_count == 1 and transport.aborted
         with pytest.raises(SessionError):
             await running.result()
         await asyncio.sleep(0)
     assert infos(logs, "channel_refused") == []
-    assert session.registry.late_count == 1
+    assert session.core.connections.late_count == 1

@@ -65,10 +65,10 @@ from vfio_multifd import (
     Session,
     SessionStatus,
 )
-from vfio_multifd.channel import ChannelProtocol
-from vfio_multifd.decoder import ASK, ChannelDecoder
-from vfio_multifd.listener import RECENT_REFUSALS
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.core.connections import RECENT_REFUSALS
+from vfio_multifd.core.decoder import ASK, ChannelDecoder
+from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.daemon.channel import ChannelProtocol
 
 MAGIC = 0x11223344
 #: The decoder's bound in these tests: far above any chunk generated here.
@@ -793,11 +793,11 @@ async def test_each_handshake_mutation_over_a_real_session(tmp_path: Path, name:
     if reason is None:  # the mutated handshake is channel 0's own
         streams = [encode(0, packets[0], mutation)[0], valid[1]]
         config, running, outcome = await run_case(tmp_path, streams)
-        assert not running.session.registry.refused
+        assert not running.session.core.connections.refused
     else:  # a stray connection first, refused; then the migration as if nothing happened
         stray = encode(0, packets[0], mutation)[0]
         config, running, outcome = await run_case(tmp_path, valid, stray)
-        [(_, refusal)] = running.session.registry.refused
+        [(_, refusal)] = running.session.core.connections.refused
         assert refusal.reason is reason, refusal
     assert not isinstance(outcome, MultifdError), outcome
     assert_outputs(config, [expected[A], expected[B]])
@@ -835,7 +835,7 @@ def test_every_row_of_protocol_section_4_has_a_class() -> None:
 
 # -- a stateful test: a session's channels and devices against a model ----------------
 #
-# A real Session (admission, memory policy, spill file, loaders, writer threads,
+# A real Session (the core's admission and memory policy, spill file, loaders, writer threads,
 # commit), fed through ChannelProtocol (the seam the daemon's sockets use) with
 # fake transports rather than sockets: the machine, not the kernel, decides
 # which bytes reach which channel and when, a paused channel is fed nothing (as
@@ -960,12 +960,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def _connect(self, peer: str = "source") -> tuple[ChannelProtocol, FakeTransport]:
         """A connection, as the listener's factory makes one."""
-        protocol = ChannelProtocol(
-            self.session,
-            max_packet_size=self.settings.max_packet_size,
-            handshake_timeout=self.settings.handshake_timeout,
-        )
-        self.session.registry.connections.add(protocol)
+        protocol = self.session.connection(peer)
         transport = FakeTransport(protocol, peer)
         protocol.connection_made(transport)  # type: ignore[arg-type]
         return protocol, transport
@@ -995,8 +990,7 @@ class SessionMachine(RuleBasedStateMachine):
             and not self.task.done()
             and session.error is None
             and session.status in (SessionStatus.SETUP, SessionStatus.ACTIVE)
-            and not session.outputs.committing
-            and (session._first_error is None or not session._first_error.done())
+            and session.core.phase.running
         )
 
     # -- what the source does ----------------------------------------------------------
@@ -1042,7 +1036,7 @@ class SessionMachine(RuleBasedStateMachine):
         if self.fault is not None:
             return
         sent = [p for f in self.feeds for p, end in f.sent() if end <= f.fed]
-        devices = self.session.reassembly.devices
+        devices = self.session.core.reassembly.devices
         queued = [p for p in sent if p.idx in devices[p.key].chunks]
         if which % 2 and queued:  # half the time, of one not written yet
             sent = queued
@@ -1073,7 +1067,7 @@ class SessionMachine(RuleBasedStateMachine):
         one: the other order of arrival), and the idx of its config packet."""
         keys = [key for key, _, _ in self.files]
         if config_came:
-            devices = self.session.reassembly.devices
+            devices = self.session.core.reassembly.devices
             keys = [key for key in keys if devices[key].last_idx is not None] or keys
         key = keys[which % len(keys)]
         return key, next(p.idx for p in self.packets if p.key == key and p.config)
@@ -1116,7 +1110,7 @@ class SessionMachine(RuleBasedStateMachine):
         """Another connection with a bad handshake: refused, and the migration goes on."""
         if not self.running:
             return
-        accepted = sorted(self.session.registry.channels)
+        accepted = sorted(self.session.core.connections.channels)
         channel = accepted[0] if kind == "duplicate id" and accepted else 0
         if kind == "duplicate id" and not accepted:
             return
@@ -1144,7 +1138,7 @@ class SessionMachine(RuleBasedStateMachine):
         _, transport = self._in_loop(lambda: self._connect(peer))
         self._in_loop(lambda: transport.feed(bytes(handshake)))
         assert transport.aborted, "refused connections are hung up on"
-        [error] = [e for p, e in self.session.registry.refused if p == peer]
+        [error] = [e for p, e in self.session.core.connections.refused if p == peer]
         if error.reason is Reason.HANDSHAKE_CLOSED:
             # The session ended (a fault put in earlier) while this connected: hung up on.
             assert not self.running
@@ -1158,7 +1152,7 @@ class SessionMachine(RuleBasedStateMachine):
     def memory_stays_under_the_bound(self) -> None:
         if self.task is None:
             return
-        reassembly = self.session.reassembly
+        reassembly = self.session.core.reassembly
         assert reassembly.queued_bytes >= 0
         if reassembly.max_queued_bytes is not None:
             assert reassembly.queued_bytes <= reassembly.max_queued_bytes
@@ -1173,8 +1167,8 @@ class SessionMachine(RuleBasedStateMachine):
             assert self.session.status is not SessionStatus.FAILED
         # Only the stray connections are refused (a channel that never sent its
         # handshake is hung up on when the migration ends: handshake-closed).
-        strays = [p for p, e in self.session.registry.refused if p.startswith("stray")]
-        # The registry keeps the last RECENT_REFUSALS refusals (and counts them all).
+        strays = [p for p, e in self.session.core.connections.refused if p.startswith("stray")]
+        # The core keeps the last RECENT_REFUSALS refusals (and counts them all).
         assert len(strays) == min(self.strays, RECENT_REFUSALS)
 
     # -- the end: everything still to send is sent, then the outcome is the model's -------
@@ -1207,18 +1201,18 @@ class SessionMachine(RuleBasedStateMachine):
         error = self.task.exception()
         # What the cases covered (pytest --hypothesis-show-statistics).
         event(f"outcome: {error.reason.value if isinstance(error, MultifdError) else 'completed'}")
-        reassembly = self.session.reassembly
+        reassembly = self.session.core.reassembly
         event(f"memory bound: {'none' if reassembly.max_queued_bytes is None else 'set'}")
         if reassembly.spilled_bytes:
             event("spilled")
-        if self.session.admission.paused_seconds:
+        if self.session.snapshot().paused_seconds:
             event("a channel waited for memory")
         if self.fault is None:
             assert error is None, error
             for spec, (_, data, blob) in zip(self.settings.devices, self.files, strict=True):
                 assert spec.data_path.read_bytes() == data
                 assert spec.config_path.read_bytes() == blob
-            assert self.session.reassembly.queued_bytes == 0
+            assert self.session.core.reassembly.queued_bytes == 0
         else:
             assert isinstance(error, MultifdError) and error.reason is self.fault, error
             assert sorted(p.name for p in self.directory.iterdir()) == [], "nothing left behind"

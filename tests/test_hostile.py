@@ -38,74 +38,27 @@ from cli_helpers import (
     wait_for,
     with_event_loop,
 )
-from helpers import IDSTR, IDSTR_B, connect, random_bytes, settings, start, until
+from helpers import IDSTR, IDSTR_B, FakeTransport, connect, random_bytes, settings, start, until
 
 from vfio_multifd import (
     Cancelled,
     DeviceIOError,
     DeviceKey,
-    HandshakeError,
     ProtocolError,
     Reason,
     SessionError,
     logconfig,
 )
-from vfio_multifd.channel import ChannelProtocol, ChannelState
-from vfio_multifd.output import Output
-from vfio_multifd.status_client import query
-from vfio_multifd.status_server import StatusServer
-from vfio_multifd.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.core.decoder import DecoderState
+from vfio_multifd.daemon.channel import ChannelProtocol, ChannelState
+from vfio_multifd.daemon.output import Output
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.ops.status_server import StatusServer
 
 A = DeviceKey(IDSTR, 0)
 
 
 # -- item 13: a channel that failed, a handshake that completes too late -------------------
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.aborted = False
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return ("127.0.0.1", 1) if name == "peername" else default
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-class FakeOwner:
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-
-    def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-        pass
-
-    def refused(self, channel: ChannelProtocol, error: HandshakeError) -> None:
-        self.errors.append(error)
-
-    def fail(self, error: Exception) -> None:
-        self.errors.append(error)
-
-    def allocate_now(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def allocate(self, header: PacketHeader, channel: int | None) -> bytearray:
-        return bytearray(header.size)
-
-    async def deliver(self, packet: DevicePacket, channel: int | None) -> None:
-        pass
-
-    def closed(self, channel: ChannelProtocol) -> None:
-        pass
 
 
 def feed(protocol: ChannelProtocol, data: bytes) -> None:
@@ -118,17 +71,24 @@ def feed(protocol: ChannelProtocol, data: bytes) -> None:
         protocol.buffer_updated(n)
 
 
-async def test_a_failed_channels_reader_delivers_nothing_it_still_holds() -> None:
-    owner = FakeOwner()
-    protocol = ChannelProtocol(owner, max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
-    transport = FakeTransport()
+async def test_a_failed_migration_queues_nothing_its_channels_still_send(
+    tmp_path: Path,
+) -> None:
+    running = await start(settings(tmp_path, A, channels=2))
+    session = running.session
+    protocol = session.connection("fake")
+    transport = FakeTransport(protocol)
     protocol.connection_made(transport)  # type: ignore[arg-type]
-    feed(protocol, qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, b"ab"))
-    feed(protocol, qs.device_packet(IDSTR, 0, 1, b"cd"))
-    assert len(protocol.pending) == 2 and protocol.state is ChannelState.ACTIVE
-    protocol.fail(ProtocolError(Reason.PACKET_MAGIC, "bad"))
-    assert transport.aborted and protocol.state is ChannelState.FAILED
-    assert await asyncio.wait_for(protocol.next_item(), 1) is None
+    feed(protocol, qs.handshake(0) + qs.device_packet(IDSTR, 0, 1, b"ab"))
+    assert session.core.connections.channels[0].state is ChannelState.ACTIVE
+    session.fail(ProtocolError(Reason.PACKET_MAGIC, "bad"))
+    assert transport.aborted
+    # A header read before the reset landed gets no buffer: its payload is never read.
+    feed(protocol, qs.device_packet(IDSTR, 0, 2, b"cd")[:288])
+    assert protocol.decoder.state is DecoderState.AWAITING_BUFFER
+    assert sorted(session.core.reassembly.devices[A].chunks) == [1]
+    with pytest.raises(ProtocolError):
+        await running.result()
 
 
 async def test_a_handshake_completing_once_the_migration_failed_is_refused(
@@ -137,12 +97,16 @@ async def test_a_handshake_completing_once_the_migration_failed_is_refused(
     running = await start(settings(tmp_path, A, channels=2))
     session = running.session
     session.fail(SessionError(Reason.PROGRESS_TIMEOUT, "stopped"))
-    # Same loop iteration: the task group has not even started to shut down.
-    protocol = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10)
-    with pytest.raises(HandshakeError) as refused:
-        session.accept(protocol, ChannelHandshake(0))
-    assert refused.value.reason is Reason.HANDSHAKE_CLOSED
-    assert session.registry.channels == {}
+    # Same loop iteration: nothing of the shutdown has run yet.
+    protocol = session.connection("late")
+    transport = FakeTransport(protocol)
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    feed(protocol, qs.handshake(0))
+    connections = session.core.connections
+    assert connections.refused_by_reason == {Reason.HANDSHAKE_CLOSED.value: 1}
+    assert connections.late_count == 1  # late: it did not cause the failure
+    assert connections.channels == {}
+    assert transport.aborted
     with pytest.raises(SessionError):
         await running.result()
 
@@ -450,12 +414,17 @@ def good_streams(channels: int) -> tuple[list[bytes], bytes]:
 
 async def strangers_shed(running: Any, n: int, shed: int) -> list[socket.socket]:
     """Open ``n`` silent connections; return once ``shed`` of them were shed."""
-    registry = running.session.registry
+    connections, listener = running.session.core.connections, running.session.listener
+
+    def made() -> bool:  # every handshaking connection has its transport
+        return all(
+            listener.connections[conn].transport is not None for conn in connections.pending
+        )
+
     strangers = await asyncio.to_thread(lambda: [connect(running.address) for _ in range(n)])
     try:
         await until(
-            lambda: registry.shed_count >= shed and all(p.transport for p in registry.pending),
-            f"{shed} of {n} strangers shed",
+            lambda: connections.shed_count >= shed and made(), f"{shed} of {n} strangers shed"
         )
     except AssertionError:
         for sock in strangers:
@@ -478,12 +447,12 @@ async def migrate_past(running: Any, strangers: list[socket.socket], tmp_path: P
 
 async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path: Path) -> None:
     running = await start(settings(tmp_path, A, channels=2, max_pending_connections=4))
-    registry = running.session.registry
+    connections = running.session.core.connections
     strangers = await strangers_shed(running, 20, 16)
-    assert registry.refused_count == registry.shed_count == 16
-    assert all(e.reason is Reason.HANDSHAKE_SHED for _, e in registry.refused)
+    assert connections.refused_count == connections.shed_count == 16
+    assert all(e.reason is Reason.HANDSHAKE_SHED for _, e in connections.refused)
     # The oldest went first: the last four strangers are the ones still waiting.
-    waiting = {p.peer for p in registry.pending}
+    waiting = {c.peer for c in connections.pending.values()}
     assert waiting == {"{}:{}".format(*s.getsockname()) for s in strangers[-4:]}
     await migrate_past(running, strangers, tmp_path)
 
@@ -491,14 +460,14 @@ async def test_the_oldest_handshaking_connection_is_shed_beyond_the_cap(tmp_path
 async def test_near_the_descriptor_limit_strangers_are_shed_and_accepting_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vfio_multifd import listener
+    from vfio_multifd.daemon import listener
 
     monkeypatch.setattr(listener, "descriptor_room", lambda reserve: 5)
     running = await start(settings(tmp_path, A, channels=2))
     strangers = await strangers_shed(running, 30, 25)
-    assert running.session.registry.open <= 5
+    assert running.session.listener.open <= 5
     await migrate_past(running, strangers, tmp_path)
-    assert running.session.registry.shed_count >= 25
+    assert running.session.core.connections.shed_count >= 25
 
 
 def test_a_descriptor_limit_too_low_for_the_channels_is_a_usage_error(
@@ -631,7 +600,7 @@ async def test_a_status_client_that_does_not_read_is_dropped(
     tmp_path: Path, short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Item 6: 20,000 pipelined requests never read: the client goes, others are served."""
-    from vfio_multifd import status_server
+    from vfio_multifd.ops import status_server
 
     monkeypatch.setattr(status_server, "CLIENT_WRITE_TIMEOUT", 0.3)
     path = short_dir / "status"
@@ -891,7 +860,7 @@ async def test_a_cancel_during_slow_fsyncs_cleans_up_within_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three devices' writers stuck in fsync: the abort waits once, not once per device."""
-    from vfio_multifd import output
+    from vfio_multifd.daemon import output
 
     keys = [DeviceKey(f"dev{n}", 0) for n in range(3)]
     config = settings(tmp_path, *keys, channels=1)

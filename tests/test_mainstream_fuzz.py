@@ -26,9 +26,9 @@ from test_mainstream import merged
 
 from vfio_multifd.core.mainstream import MainStreamParser
 from vfio_multifd.core.savevm import Command, Ended, RamFlag, Record
+from vfio_multifd.core.wire import ConfigTag
 from vfio_multifd.errors import ProtocolError, Reason
 from vfio_multifd.source import qemu_like as q
-from vfio_multifd.wire import ConfigTag
 
 PAGE = 4096
 MAIN_REASONS = {reason for reason in Reason if reason.value.startswith("main-")}

@@ -1,4 +1,4 @@
-"""The memory policy (vfio_multifd.memory), without any event loop.
+"""The memory policy (vfio_multifd.core.memory), without any event loop.
 
 First one small, exact state per decision: each test builds a reassembly
 buffer by hand, asks :meth:`MemoryPolicy.admit` and asserts both the decision
@@ -26,8 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from vfio_multifd.config import DeviceSpec, QueueFullPolicy, ReceiveSettings
-from vfio_multifd.errors import ProtocolError, Reason, UsageError
-from vfio_multifd.memory import (
+from vfio_multifd.core.memory import (
     Decision,
     Fail,
     Insert,
@@ -36,14 +35,15 @@ from vfio_multifd.memory import (
     SpillVictim,
     Wait,
 )
-from vfio_multifd.reassembly import (
+from vfio_multifd.core.reassembly import (
     CHUNK_OVERHEAD,
     Chunk,
     ChunkState,
     ReassemblyBuffer,
     capacity_of,
 )
-from vfio_multifd.wire import DeviceKey, DevicePacket
+from vfio_multifd.core.wire import DeviceKey, DevicePacket
+from vfio_multifd.errors import ProtocolError, Reason, UsageError
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"

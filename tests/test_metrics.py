@@ -20,14 +20,15 @@ from helpers import IDSTR, IDSTR_B, ChannelGate, connect, random_bytes, settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError
-from vfio_multifd.metrics import (
+from vfio_multifd.ops.metrics import (
     CONTENT_TYPE,
     MAX_CLIENTS,
     MAX_REQUEST_BYTES,
     MetricsServer,
     render,
 )
-from vfio_multifd.sender import SourceDevice, send
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -357,7 +358,7 @@ async def test_a_request_with_bare_lf_line_ends_is_answered(tmp_path: Path) -> N
 async def test_label_values_are_escaped(tmp_path: Path) -> None:
     odd = DeviceKey('a"b\\c\nd', 0)
     running = await start(settings(tmp_path, odd, channels=1))
-    families = list(text_string_to_metric_families(render(running.session)))
+    families = list(text_string_to_metric_families(render(running.session.snapshot())))
     devices = [s.labels["device"] for f in families for s in f.samples if "device" in s.labels]
     assert devices == [str(odd), str(odd)]
     running.session.cancel()

@@ -45,8 +45,10 @@ from vfio_multifd import (
     Reason,
 )
 from vfio_multifd.errors import SendError
-from vfio_multifd.sender import FAULTS, SourceDevice, send
-from vfio_multifd.status_client import query
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.source.faults import FAULTS
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -599,7 +601,7 @@ def test_a_non_zero_uuid_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> No
     send_to(daemon, "--uuid", uuid, "--device", f"idstr={IDSTR},size=300K,seed=3")
     code, _, stderr = daemon.finish()
     assert code == 0, stderr
-    from vfio_multifd.sender import DeviceState
+    from vfio_multifd.source.plan import DeviceState
 
     state = DeviceState(SourceDevice(A, size=300 * 1024, seed=3), 65536)
     expected = b"".join(bytes(state.chunk(idx)) for idx in range(state.chunks))
@@ -664,12 +666,12 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
     try:
         if fault.startswith("handshake") or fault == "main-channel":
             # Refused: only that connection; the migration keeps waiting for channel 0.
-            registry = running.session.registry
+            connections = running.session.core.connections
             for _ in range(1000):
-                if registry.refused:
+                if connections.refused:
                     break
                 await asyncio.sleep(0.01)
-            [(_, refusal)] = registry.refused
+            [(_, refusal)] = connections.refused
             assert isinstance(refusal, HandshakeError) and refusal.reason is reason, refusal
             # The source, reset on its refused channel, resets its others (issue 16): the
             # migration may have failed already; if not, it is waiting, and is cancelled.
@@ -699,7 +701,8 @@ async def test_each_inject_fault_shows_its_error(tmp_path: Path, fault: str) -> 
 def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None:
     """It used to be sent last on channel 0: a device whose other packets were all in
     could complete first, and the migration succeed (exit 0) with the fault unseen."""
-    from vfio_multifd.sender import DeviceState, _plan_fault, plan
+    from vfio_multifd.source.faults import plan_fault as _plan_fault
+    from vfio_multifd.source.plan import DeviceState, plan
 
     states = [DeviceState(SourceDevice(A, size=65536), 65536)]
     try:
@@ -717,7 +720,7 @@ def test_the_fault_after_config_is_seen_before_the_device_can_complete() -> None
 
 def test_spills_go_beside_the_first_data_file_unless_spill_dir(tmp_path: Path) -> None:
     from vfio_multifd import DeviceSpec, ReceiveSettings
-    from vfio_multifd.spill import spill_directory
+    from vfio_multifd.daemon.spill import spill_directory
 
     first, second = tmp_path / "one", tmp_path / "two"
     devices = (

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
-PURE = ("wire", "decoder", "reassembly", "memory", "manifest")
-#: Modules a pure module may import from inside the package.
-PURE_CLOSURE = {"wire", "decoder", "reassembly", "memory", "manifest", "errors"}
+PURE = ("core/wire", "core/decoder", "core/queue", "core/reassembly", "core/memory", "ops/manifest")
+#: Modules a pure module may import from inside the package (paths under it).
+PURE_CLOSURE = {*PURE, "errors", "core/ram", "core/savevm"}  # the decoder sizes RAM headers
 #: Never in sys.modules after importing only the pure modules.
 IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
 #: Never imported by the pure modules' source.
@@ -61,17 +61,17 @@ import sys, types
 package = types.ModuleType("vfio_multifd")
 package.__path__ = [{str(PACKAGE_DIR)!r}]
 sys.modules["vfio_multifd"] = package
-import vfio_multifd.wire, vfio_multifd.reassembly
-assert vfio_multifd.wire.__file__.startswith({str(PACKAGE_DIR)!r})
-loaded = sorted(m.split(".")[1] for m in sys.modules if m.startswith("vfio_multifd."))
-assert loaded == ["errors", "reassembly", "wire"], loaded
+import vfio_multifd.core.wire, vfio_multifd.core.reassembly
+assert vfio_multifd.core.wire.__file__.startswith({str(PACKAGE_DIR)!r})
+loaded = sorted(m.split(".", 1)[1] for m in sys.modules if m.startswith("vfio_multifd."))
+assert loaded == ["core", "core.queue", "core.reassembly", "core.wire", "errors"], loaded
 """ + _REPORT
     loaded = _run(code, "-I", "-S")
     assert loaded == {name: False for name in IO_MODULES}
 
 
 def test_importing_pure_modules_through_the_package_imports_no_io_modules() -> None:
-    loaded = _run("import vfio_multifd.wire, vfio_multifd.reassembly" + _REPORT)
+    loaded = _run("import vfio_multifd.core.wire, vfio_multifd.core.reassembly" + _REPORT)
     assert loaded == {name: False for name in IO_MODULES}
 
 
@@ -80,13 +80,19 @@ DYNAMIC_IMPORTS = {"__import__", "importlib.import_module"}
 
 
 def _imports(module: str) -> tuple[set[str], set[str]]:
-    """Top-level absolute imports and intra-package relative imports of a module."""
-    return _imports_of((PACKAGE_DIR / f"{module}.py").read_text(), f"{module}.py")
+    """Top-level absolute imports and intra-package imports of a module (a path under
+    the package, without .py), the latter as such paths."""
+    package = module.split("/")[:-1]
+    return _imports_of((PACKAGE_DIR / f"{module}.py").read_text(), f"{module}.py", package)
 
 
-def _imports_of(source: str, filename: str = "<test>") -> tuple[set[str], set[str]]:
+def _imports_of(
+    source: str, filename: str = "<test>", package: list[str] | None = None
+) -> tuple[set[str], set[str]]:
     """What ``source`` imports: absolute (with ``DYNAMIC_IMPORTS`` for a call that
-    imports by name) and relative (intra-package)."""
+    imports by name) and intra-package, as paths under the package (``package``:
+    the importing module's own subpackage, which relative imports start from)."""
+    package = package or []
     tree = ast.parse(source, filename=filename)
     absolute: set[str] = set()
     relative: set[str] = set()
@@ -97,13 +103,15 @@ def _imports_of(source: str, filename: str = "<test>") -> tuple[set[str], set[st
             if node.level == 0:
                 assert node.module is not None
                 if node.module.split(".")[0] == "vfio_multifd":
-                    relative.add(node.module.split(".")[1] if "." in node.module else "")
+                    relative.add("/".join(node.module.split(".")[1:]))
                 else:
                     absolute.add(node.module.split(".")[0])
-            elif node.module:
-                relative.add(node.module.split(".")[0])
+                continue
+            base = package[: len(package) - (node.level - 1)]
+            if node.module:
+                relative.add("/".join([*base, *node.module.split(".")]))
             else:  # from . import x
-                relative.update(alias.name for alias in node.names)
+                relative.update("/".join([*base, alias.name]) for alias in node.names)
         elif isinstance(node, ast.Call):
             func = node.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)

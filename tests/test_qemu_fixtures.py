@@ -33,14 +33,14 @@ from vfio_multifd.core.savevm import (
     ZeroPage,
     description_problem,
 )
-from vfio_multifd.daemon.ram_images import RamImages
-from vfio_multifd.wire import (
+from vfio_multifd.core.wire import (
     DEVICE_STATE_HEADER,
     VFIO_HEADER,
     DeviceKey,
     VfioFlag,
     check_config_blob,
 )
+from vfio_multifd.daemon.ram_images import RamImages
 
 RECORDED = {name: load(name) for name in NAMES}
 

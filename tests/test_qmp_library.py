@@ -18,7 +18,7 @@ from helpers import IDSTR, json_stream, send_json, settings, start
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from vfio_multifd import Cancelled, DeviceKey
-from vfio_multifd.status_server import StatusServer
+from vfio_multifd.ops.status_server import StatusServer
 
 A = DeviceKey(IDSTR, 0)
 

@@ -32,8 +32,8 @@ from helpers import (
 
 from vfio_multifd import Address, DeviceKey, ReceiveSettings
 from vfio_multifd.cli import main
+from vfio_multifd.daemon.reader_threads import ChannelReader, default_reader_threads
 from vfio_multifd.errors import Cancelled, MultifdError, Reason
-from vfio_multifd.reader_threads import ChannelReader, HandedOffTransport, default_reader_threads
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -78,9 +78,9 @@ async def test_channels_read_on_reader_threads_arrive_byte_exact(
         [(data_a, qs.config_blob(b"config A")), (data_b, qs.config_blob(b"config B" * 50))],
     )
     assert result.reader_threads == 2
-    channels = running.session.registry.channels
+    channels = running.session.channels
     assert sorted(channels) == [0, 1, 2, 3]
-    assert all(isinstance(c.transport, HandedOffTransport) for c in channels.values())
+    assert all(c.detached for c in channels.values())
     # Four channels over two threads, the least loaded first: both read.
     assert reading_threads == {"reader-0", "reader-1"}
     assert result.bytes_received == sum(len(s) for s in streams)
@@ -98,10 +98,7 @@ async def test_without_reader_threads_the_main_loop_reads(
     result = await running.result()
     assert_outputs(config, [(data, qs.config_blob(b"c"))])
     assert result.reader_threads == 0 and reading_threads == set()
-    assert not any(
-        isinstance(c.transport, HandedOffTransport)
-        for c in running.session.registry.channels.values()
-    )
+    assert not any(c.detached for c in running.session.channels.values())
 
 
 async def test_reverse_order_under_the_smallest_bound_spills_and_stays_bounded(
@@ -186,13 +183,13 @@ async def test_cancel_mid_transfer_stops_the_reader_threads(tmp_path: Path) -> N
     streams = [qs.handshake(n) + qs.device_packet(IDSTR, 0, n, b"q" * 5000) for n in range(2)]
     for sock, stream in zip(socks, streams, strict=True):
         sock.sendall(stream)
-    device = running.session.reassembly.devices[A]
+    device = running.session.core.reassembly.devices[A]
     for _ in range(250):  # both packets read on the reader threads and written
         if device.bytes_written == 10_000:
             break
         await asyncio.sleep(0.02)
     assert device.bytes_written == 10_000
-    assert running.session.bytes_received == sum(map(len, streams))
+    assert running.session.snapshot().received_bytes == sum(map(len, streams))
     assert _reader_threads_alive() == ["reader-0", "reader-1"]
     running.session.cancel("test")
     with pytest.raises(Cancelled):
@@ -309,7 +306,7 @@ async def test_a_channel_that_cannot_move_is_read_where_it_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reading_threads: set[str]
 ) -> None:
     """Out of descriptors for the dup: the channel stays on the main loop, byte-exact."""
-    import vfio_multifd.reader_threads as reader_threads
+    import vfio_multifd.daemon.reader_threads as reader_threads
 
     def no_descriptor(fd: int) -> int:
         raise OSError(errno.EMFILE, "Too many open files")
@@ -323,7 +320,4 @@ async def test_a_channel_that_cannot_move_is_read_where_it_is(
     await running.result()
     assert_outputs(config, [(data, qs.config_blob(b"m"))])
     assert reading_threads == set()
-    assert not any(
-        isinstance(c.transport, HandedOffTransport)
-        for c in running.session.registry.channels.values()
-    )
+    assert not any(c.detached for c in running.session.channels.values())

@@ -6,10 +6,9 @@ over several rounds) with multifd to the raw capture receiver, and the pure
 parsers rebuild from the captured streams exactly the RAM ``pmemsave`` reads
 on the source afterwards (guest-physical 0..64 MiB, less 0xa0000-0xfffff).
 
-Once the daemon takes QEMU's main channel and RAM packets (``--main-stream``,
-``--ram``), the same VMs migrate to ``vfio-multifd receive`` and its
-``pc.ram`` image must equal that memory: ``test_the_daemon_receives_a_real_qemu``
-is written for it and skipped until then.
+The same VMs migrate to ``vfio-multifd receive --main-stream FILE --ram DIR``
+and its ``pc.ram`` image must equal that memory
+(``test_the_daemon_receives_a_real_qemu``).
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from qemu.reconstruct import reconstruct
 QEMUS = find_qemus()
 BLOB = make_blob(256 << 10)
 UUID = "6b8e1a52-3c1d-4f8e-9b1a-22c0ffee0022"
-INTEGRATED = False  # the daemon takes --main-stream / --ram (issue 22 integration)
+INTEGRATED = True  # the daemon takes --main-stream / --ram (issue 22)
 
 
 def qemu(label: str) -> Qemu:
@@ -58,6 +57,8 @@ def migrate(vm: SourceVm, port: int, *, channels: int, running: bool, zero_page_
 CASES = [
     pytest.param("7.2", 2, False, None, id="7.2-2ch-paused"),
     pytest.param("7.2", 2, True, None, id="7.2-2ch-running", marks=pytest.mark.slow),
+    pytest.param("7.2", 4, False, None, id="7.2-4ch-paused"),
+    pytest.param("10.0", 4, True, None, id="10.0-4ch-running", marks=pytest.mark.slow),
     pytest.param("10.0", 2, False, None, id="10.0-2ch-paused"),
     pytest.param("10.0", 4, False, None, id="10.0-4ch-paused"),
     pytest.param("10.0", 2, True, None, id="10.0-2ch-running", marks=pytest.mark.slow),

@@ -1,4 +1,4 @@
-"""The pure reassembly buffer (vfio_multifd.reassembly), without any event loop.
+"""The pure reassembly buffer (vfio_multifd.core.reassembly), without any event loop.
 
 One behaviour per test; each asserts the result and the buffer's internal state
 (chunks by idx, next_idx, last_idx, max_idx, byte accounting). A hypothesis
@@ -16,9 +16,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from vfio_multifd.core.reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
+from vfio_multifd.core.wire import DeviceKey, DevicePacket, PacketHeader
 from vfio_multifd.errors import ProtocolError, Reason
-from vfio_multifd.reassembly import Chunk, ChunkState, DeviceBuffer, ReassemblyBuffer
-from vfio_multifd.wire import DeviceKey, DevicePacket, PacketHeader
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"

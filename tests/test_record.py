@@ -47,24 +47,26 @@ from helpers import (
     settings,
     start,
 )
-from test_hostile import FakeOwner
 
 from vfio_multifd import Address, DeviceKey, ProtocolError, Reason
-from vfio_multifd import recorder as recorder_module
-from vfio_multifd.channel import ChannelProtocol
 from vfio_multifd.cli import main
 from vfio_multifd.config import RecordSettings, TlsSettings
-from vfio_multifd.decoder import ChannelDecoder
-from vfio_multifd.manifest import (
+from vfio_multifd.core.decoder import ChannelDecoder
+from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
+from vfio_multifd.daemon.channel import ChannelProtocol
+from vfio_multifd.errors import ProtocolError as DecodeError
+from vfio_multifd.ops import recorder as recorder_module
+from vfio_multifd.ops.manifest import (
     ChannelEnd,
     Manifest,
     RecordedChannel,
     channel_file,
 )
-from vfio_multifd.recorder import ByteRing, Recorder, RecordingChannel
-from vfio_multifd.replay import Recording, Replay, connection_order, timing
+from vfio_multifd.ops.record_channel import RecordingChannel
+from vfio_multifd.ops.record_ring import ByteRing
+from vfio_multifd.ops.recorder import Recorder
 from vfio_multifd.results import SessionStatus
-from vfio_multifd.wire import ChannelHandshake, PacketHeader
+from vfio_multifd.source.replay import Recording, Replay, connection_order, timing
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -412,7 +414,7 @@ async def test_a_source_that_broke_off_is_replayed_as_one(tmp_path: Path) -> Non
     for sock, stream in zip(socks, sent, strict=True):
         sock.sendall(stream)
     await eventually(
-        lambda: running.session.bytes_received == sum(map(len, sent)), "the daemon to read all"
+        lambda: running.session.snapshot().received_bytes == sum(map(len, sent)), "the daemon to read all"
     )
     socks[1].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     socks[1].close()  # a reset, inside idx 1
@@ -435,19 +437,46 @@ async def test_a_source_that_broke_off_is_replayed_as_one(tmp_path: Path) -> Non
     assert error is not None and error.channel == 0  # the daemon reset the one left open
 
 
+class Owner:
+    """A channel's owner that accepts every channel and grants every payload a buffer,
+    telling the recorder what the session tells it."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def received(self, channel: ChannelProtocol, nbytes: int) -> None:
+        pass
+
+    def handshake(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
+        self.recorder.accepted(channel, handshake.channel_id)
+
+    def header(self, channel: ChannelProtocol, header: PacketHeader) -> bytearray:
+        return bytearray(header.size)
+
+    def packet(self, channel: ChannelProtocol, packet: DevicePacket) -> None:
+        pass
+
+    def decode_error(self, channel: ChannelProtocol, error: DecodeError) -> None:
+        raise AssertionError(f"a good stream failed to decode: {error}")
+
+    def eof(self, channel: ChannelProtocol) -> None:
+        pass
+
+    def lost(
+        self, channel: ChannelProtocol, exc: BaseException | None, truncated: DecodeError | None
+    ) -> None:
+        self.recorder.lost(channel, exc)
+
+
 async def test_a_channel_end_is_noted_only_until_the_outcome_is_decided(tmp_path: Path) -> None:
     """A source resets its other channels once the daemon failed: that did not cause the
     failure, and a replay that reset them first could cause another."""
     recorder = Recorder(settings(tmp_path, A, record=RecordSettings(tmp_path / "rec")))
     recorder.start()
 
-    class Owner(FakeOwner):  # accepts every channel, and tells the recorder as the session does
-        def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-            recorder.accepted(channel, handshake.channel_id)
-
-    owner = Owner()
+    owner = Owner(recorder)
     for channel_id in (0, 1):
-        channel = recorder.channel(owner, max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
+        channel = recorder.channel(owner, channel_id, peer="source", max_packet_size=1 << 20)
         transport = FakeTransport(channel)
         channel.connection_made(transport)  # type: ignore[arg-type]
         assert transport.feed(qs.handshake(channel_id)) == 64
@@ -483,13 +512,9 @@ async def test_whoever_feeds_a_channels_decoder_is_recorded_in_order(tmp_path: P
     )
     recorder.start()
 
-    class Owner(FakeOwner):
-        def accept(self, channel: ChannelProtocol, handshake: ChannelHandshake) -> None:
-            recorder.accepted(channel, handshake.channel_id)
-
     channels = []
     for n in range(4):
-        channel = recorder.channel(Owner(), max_packet_size=1 << 20, handshake_timeout=10)  # type: ignore[arg-type]
+        channel = recorder.channel(Owner(recorder), n, peer="source", max_packet_size=1 << 20)
         transport = FakeTransport(channel)
         channel.connection_made(transport)  # type: ignore[arg-type]
         transport.feed(qs.handshake(n))  # accepted on the loop, as a handshake always is
@@ -566,8 +591,8 @@ async def test_only_a_recording_session_makes_recording_channels(
     running = await start(settings(tmp_path, A, channels=1, **extra))
     with connect(running.address) as sock:
         sock.sendall(qs.handshake(0))
-        await eventually(lambda: bool(running.session.registry.channels), "the channel")
-        [channel] = running.session.registry.channels.values()
+        await eventually(lambda: bool(running.session.channels), "the channel")
+        [channel] = running.session.channels.values()
         assert type(channel) is (RecordingChannel if record else ChannelProtocol)
         running.session.cancel()
         with pytest.raises(Exception, match="cancelled"):

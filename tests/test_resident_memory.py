@@ -49,6 +49,9 @@ def test_announced_payloads_are_charged_before_they_take_memory(
         "256",
         "--max-queued-bytes",
         str(bound),
+        # 4 MiB chunks, over the default (QEMU's 1 MiB chunk and its VFIO header)
+        "--max-packet-size",
+        str(4 * MiB + 12),
         "--device",
         f"idstr={IDSTR},data={tmp_path / 'd.bin'}",
     )

@@ -18,7 +18,7 @@ import pytest
 from cli_helpers import TOOL, Daemon, partial_stream, receiver, run, send_to, wait_for
 from helpers import IDSTR, random_bytes
 
-from vfio_multifd.status_client import query
+from vfio_multifd.ops.status_client import query
 
 ROOT = Path(__file__).parent.parent
 

@@ -20,7 +20,7 @@ from cli_helpers import TRACEBACK, Daemon, one_device_daemon, send_to
 from helpers import IDSTR, random_bytes
 
 from vfio_multifd.cli import main
-from vfio_multifd.daemon_signals import STOPPING_SIGNALS, signal_name
+from vfio_multifd.cli.signals import STOPPING_SIGNALS, signal_name
 
 
 class SignalStorm:

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from vfio_multifd import sockopts
+from vfio_multifd.daemon import sockopts
 
 
 def rcvbuf(sock: socket.socket) -> int:

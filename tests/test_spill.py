@@ -12,7 +12,7 @@ import qemu_source as qs
 from helpers import IDSTR, final_files, random_bytes, settings, start
 
 from vfio_multifd import DeviceKey, Reason, SessionError
-from vfio_multifd.spill import SpillStore
+from vfio_multifd.daemon.spill import SpillStore
 
 A = DeviceKey(IDSTR, 0)
 CHUNK = 16384

@@ -39,10 +39,11 @@ from cli_helpers import (
 from helpers import IDSTR, IDSTR_B, ChannelGate, final_files, settings, start
 
 from vfio_multifd import Address, Cancelled, DeviceKey, ProtocolError, UsageError, logconfig
-from vfio_multifd.notify import sd_notify
-from vfio_multifd.sender import SourceDevice, send
-from vfio_multifd.status_client import query
-from vfio_multifd.status_server import StatusServer, query_migrate
+from vfio_multifd.ops.notify import sd_notify
+from vfio_multifd.ops.status_client import query
+from vfio_multifd.ops.status_server import StatusServer, query_migrate
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
@@ -346,37 +347,33 @@ async def test_stale_socket_is_replaced_but_a_file_is_not(tmp_path: Path, short_
 
 def test_query_migrate_pins_time(tmp_path: Path) -> None:
     """The snapshot takes ``now``: total time and Mbit/s follow from it, not from a clock."""
-    from vfio_multifd import Session
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd import Session, SessionError
+    from vfio_multifd.core.wire import ChannelHandshake
+    from vfio_multifd.errors import Reason
 
-    session = Session(settings(tmp_path, A, channels=1))
+    core = Session(settings(tmp_path, A, channels=1)).core
     # transferred is what the accepted channels received: one that got 5 MB.
-    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
-    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
-    channel.decoder.bytes_received = 5_000_000
-    session.registry.channels[0] = channel
-    session.started = 100.0
-    info = query_migrate(session, now=102.0)
+    core.connection_made(0, "source", 100.0)
+    core.handshake(0, ChannelHandshake(0), 100.0)
+    core.received(0, 5_000_000)
+    info = query_migrate(core.snapshot(102.0))
     assert (info["total-time"], info["transferred"], info["mbps"]) == (2000, 5_000_000, 20.0)
-    session.finished = 101.0
-    assert query_migrate(session, now=500.0)["total-time"] == 1000
+    core.fail(SessionError(Reason.INTERNAL, "x"), 101.0)  # finished
+    assert query_migrate(core.snapshot(500.0))["total-time"] == 1000
 
 
 def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
     """address, paused-time, peak-queued-bytes, refused-connections, instance-id... were not."""
     from vfio_multifd import Session, SessionError
-    from vfio_multifd.channel import ChannelProtocol, ChannelState
+    from vfio_multifd.core.wire import ChannelHandshake
     from vfio_multifd.errors import Reason
-    from vfio_multifd.results import SessionStatus
 
-    session = Session(settings(tmp_path, A, channels=1))
-    channel = ChannelProtocol(session, max_packet_size=1 << 20, handshake_timeout=10.0)
-    channel.channel_id, channel.state = 0, ChannelState.ACTIVE
-    session.registry.channels[0] = channel
-    session.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
-    session.status, session.error = SessionStatus.FAILED, SessionError(Reason.INTERNAL, "x")
-    session.started = 100.0
-    info = query_migrate(session, now=101.0)
+    core = Session(settings(tmp_path, A, channels=1)).core
+    core.connection_made(0, "source", 100.0)
+    core.handshake(0, ChannelHandshake(0), 100.0)
+    core.reassembly.devices[A].last_idx = 3  # last-idx appears once the config came
+    core.fail(SessionError(Reason.INTERNAL, "x"), 100.5)
+    info = query_migrate(core.snapshot(101.0))
     fields = set(info) | set(info["devices"][0]) | set(info["channels"][0])
     page = (Path(__file__).parent.parent / "docs" / "operating.md").read_text()
     start = page.index("## Status socket")
@@ -384,6 +381,7 @@ def test_readme_documents_every_query_migrate_field(tmp_path: Path) -> None:
     undocumented = sorted(f for f in fields if f"`{f}`" not in status_section)
     assert not undocumented, undocumented
     assert "`mbps` is **megabits** per second" in status_section
+    assert "error-desc" in fields
 
 
 # -- the CLI: status command and cancel over the socket -----------------------------

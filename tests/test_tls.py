@@ -39,10 +39,11 @@ from vfio_multifd import (
     Reason,
     ReceiveSettings,
 )
-from vfio_multifd.channel import ChannelState
 from vfio_multifd.config import TlsSettings
-from vfio_multifd.sender import SendResult, SourceDevice, send
-from vfio_multifd.status_server import query_migrate
+from vfio_multifd.daemon.channel import ChannelState
+from vfio_multifd.ops.status_server import query_migrate
+from vfio_multifd.source.plan import SourceDevice
+from vfio_multifd.source.sender import SendResult, send
 from vfio_multifd.tls import load_client, load_server, subject_dn
 
 A = DeviceKey(IDSTR, 0)
@@ -112,10 +113,10 @@ def stray(address: str, context: ssl.SSLContext | None, payload: bytes = qs.hand
 async def refused(running: Running, count: int = 1) -> list[HandshakeError]:
     session = running.session
     for _ in range(500):
-        if len(session.registry.refused) >= count:
+        if len(session.core.connections.refused) >= count:
             break
         await asyncio.sleep(0.01)
-    return [error for _, error in session.registry.refused]
+    return [error for _, error in session.core.connections.refused]
 
 
 def send_tls(address: str, client_dir: Path, source: Path, channels: int = 2) -> SendResult:
@@ -143,7 +144,7 @@ async def test_tls_channels_deliver_exactly_the_bytes_sent(
     assert result.devices[0].digest == sent.devices[0][3]
     assert result.tls_subjects == {0: SUBJECT, 1: SUBJECT, 2: SUBJECT}
     assert result.tls_summary() == f"tls: 3 channels; client subject {SUBJECT} (channels 0, 1, 2)"
-    info = query_migrate(running.session, time.monotonic())
+    info = query_migrate(running.session.snapshot(time.monotonic()))
     assert info["tls"] is True and info["refused-connections"] == 0
     assert [c["tls-subject"] for c in info["channels"]] == [SUBJECT] * 3
 
@@ -278,11 +279,11 @@ async def test_a_silent_connection_costs_no_receive_buffer(tmp_path: Path, creds
         before = tracemalloc.get_traced_memory()[0]
         socks = [raw_connect(running.address) for _ in range(count)]
         for _ in range(500):
-            if len(running.session.registry.pending) == count:
+            if len(running.session.core.connections.pending) == count:
                 break
             await asyncio.sleep(0.01)
         else:
-            raise AssertionError(f"{len(running.session.registry.pending)} of {count} accepted")
+            raise AssertionError(f"{len(running.session.core.connections.pending)} of {count} accepted")
         per_connection = (tracemalloc.get_traced_memory()[0] - before) / count
     finally:
         tracemalloc.stop()
@@ -309,7 +310,7 @@ async def test_close_notify_is_answered_only_with_the_verdict(
     await asyncio.to_thread(first.write, streams[0])
     await asyncio.to_thread(first.close_notify)
     for _ in range(500):
-        channel = running.session.registry.channels.get(0)
+        channel = running.session.core.connections.channels.get(0)
         if channel is not None and channel.state is ChannelState.CLOSED:
             break
         await asyncio.sleep(0.01)
@@ -413,7 +414,7 @@ async def test_a_connection_that_fails_tls_is_refused_and_the_migration_goes_on(
     [line] = [e for e in logs if e["event"] == "channel_refused"]
     assert line["reason"] == "tls" and line["log_level"] == "warning"
     assert REFUSALS[case] in line["error"]
-    info = query_migrate(running.session, time.monotonic())
+    info = query_migrate(running.session.snapshot(time.monotonic()))
     assert info["refused-connections"] == 1
     assert config.devices[0].data_path.read_bytes() == DATA
     assert result.tls_subjects == {0: SUBJECT, 1: SUBJECT}
@@ -444,7 +445,7 @@ async def test_authz_refuses_a_subject_that_only_nearly_matches(
         await running.result()
     assert error.reason is Reason.TLS
     assert f"client certificate subject {SUBJECT!r} is not in --tls-authz" in str(error)
-    assert not running.session.registry.channels
+    assert not running.session.core.connections.channels
 
 
 @pytest.mark.parametrize("where", ["first", "second"])

@@ -28,7 +28,7 @@ from credentials import client_subject, loopback_credentials
 from vfio_multifd import Address, DeviceKey, ProtocolError, Reason
 from vfio_multifd.config import TlsSettings
 from vfio_multifd.errors import SendError
-from vfio_multifd.sender import StreamEnd, run_channels, send_all
+from vfio_multifd.source.channels import StreamEnd, run_channels, send_all
 from vfio_multifd.tls import load_client
 
 SUBJECT = client_subject()

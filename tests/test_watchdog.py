@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
+from vfio_multifd.core.watchdog import MissingChannels, Sample, Watchdog
 from vfio_multifd.errors import Reason, SessionError
-from vfio_multifd.watchdog import MissingChannels, Sample, Watchdog
 
 WAITING = ("device 0000:00:02.0/vfio idx 3",)
 

@@ -1,4 +1,4 @@
-"""The pure codec (vfio_multifd.wire): exact bytes, round trips, the incremental
+"""The pure codec (vfio_multifd.core.wire): exact bytes, round trips, the incremental
 decoder fed whole / byte by byte / split at every point / through get_buffer,
 and every error the decoder owns (PROTOCOL.md section 4), raised as soon as the
 offending bytes are there and before any payload is allocated.
@@ -16,9 +16,8 @@ from collections.abc import Callable
 import pytest
 import qemu_source as qs
 
-from vfio_multifd.decoder import ChannelDecoder, DecoderState
-from vfio_multifd.errors import HandshakeError, ProtocolError, Reason
-from vfio_multifd.wire import (
+from vfio_multifd.core.decoder import ChannelDecoder, DecoderState
+from vfio_multifd.core.wire import (
     DEFAULT_MAX_PACKET_SIZE,
     HANDSHAKE,
     INVALID_IDX,
@@ -33,6 +32,7 @@ from vfio_multifd.wire import (
     encode_device_packet,
     encode_idstr,
 )
+from vfio_multifd.errors import HandshakeError, ProtocolError, Reason
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -658,8 +658,6 @@ def _bad_handshake(offset: int, value: bytes) -> bytes:
 
 HANDSHAKE_ERRORS = [
     pytest.param(_bad_handshake(0, b"\x11\x22\x33\x45"), 4, Reason.HANDSHAKE_MAGIC, "0x11223345", id="magic"),
-    pytest.param(_bad_handshake(0, b"QEVM"), 4, Reason.HANDSHAKE_MAIN_CHANNEL, "QEVM", id="qemu-main-channel"),
-    pytest.param(b"QEVM\x00\x00\x00\x03" + bytes(56), 4, Reason.HANDSHAKE_MAIN_CHANNEL, "main", id="real-qevm-header"),
     pytest.param(b"GET / HTTP/1.1\r\n" + bytes(48), 4, Reason.HANDSHAKE_MAGIC, "0x47455420", id="stray-http-client"),
     pytest.param(_bad_handshake(4, b"\0\0\0\x02"), 8, Reason.HANDSHAKE_VERSION, "version 2", id="version-2"),
     pytest.param(_bad_handshake(4, b"\0\0\0\0"), 8, Reason.HANDSHAKE_VERSION, "version 0", id="version-0"),
@@ -993,3 +991,22 @@ def test_decoded_handshake_passes_the_session_checks() -> None:
 def test_handshake_struct_is_64_bytes() -> None:
     assert HANDSHAKE.size == 64
     assert PACKET_PREFIX_SIZE == 288
+
+
+@pytest.mark.parametrize("step", [1, 3, 64, 1000])
+def test_a_qevm_connection_is_a_main_channel_whose_bytes_go_up_as_they_come(step: int) -> None:
+    """The decoder only says what the connection is; the core takes or refuses it."""
+    from vfio_multifd.core.decoder import MainBytes, MainChannel
+
+    stream = b"QEVM\x00\x00\x00\x03" + bytes(range(256)) * 3
+    decoder = ChannelDecoder()
+    events = []
+    for start in range(0, len(stream), step):
+        decoder.receive_data(stream[start : start + step])
+        while (event := decoder.next_event()) is not None:
+            events.append(event)
+    decoder.eof()
+    assert decoder.next_event() is None
+    assert events[0] == MainChannel()
+    assert all(isinstance(event, MainBytes) for event in events[1:])
+    assert b"".join(event.data for event in events[1:]) == stream

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Address, DeviceSpec, Digest, QueueFullPolicy, ReceiveSettings
+    from .core.wire import DeviceKey
+    from .daemon.session import Session
     from .errors import (
         Cancelled,
         DeviceIOError,
@@ -22,8 +24,6 @@ if TYPE_CHECKING:
         UsageError,
     )
     from .results import DeviceResult, SessionResult, SessionStatus
-    from .session import Session
-    from .wire import DeviceKey
 
 _EXPORTS = {
     "Address": "config",
@@ -40,10 +40,10 @@ _EXPORTS = {
     "SessionError": "errors",
     "UsageError": "errors",
     "DeviceResult": "results",
-    "Session": "session",
+    "Session": "daemon.session",
     "SessionResult": "results",
     "SessionStatus": "results",
-    "DeviceKey": "wire",
+    "DeviceKey": "core.wire",
 }
 
 __all__ = [

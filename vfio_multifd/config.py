@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core.reassembly import CHUNK_OVERHEAD, capacity_of
+from .core.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 from .errors import UsageError
-from .reassembly import CHUNK_OVERHEAD, capacity_of
-from .wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 
 #: ``64M`` / ``64MiB`` (binary), ``64MB`` (decimal), ``4096`` / ``4096B`` (bytes).
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:([kmgt])(ib|b)?|b)?\s*$", re.IGNORECASE | re.ASCII)
@@ -296,10 +296,17 @@ class ReceiveSettings:
     tls: TlsSettings | None = None  # None: plaintext channels
     reader_threads: int | None = None  # None: reader_threads.default_reader_threads
     record: RecordSettings | None = None  # None: nothing recorded
+    main_stream: Path | None = None  # --main-stream: QEMU's main channel kept here
+    ram: Path | str | None = None  # --ram DIR, or "discard"; None: no RAM packets taken
 
     def __post_init__(self) -> None:
-        if not self.devices:
-            raise UsageError("at least one --device is required")
+        if not self.devices and self.ram is None:
+            raise UsageError("at least one --device is required (or --ram, for RAM only)")
+        if self.ram is not None and self.main_stream is None:
+            raise UsageError(
+                "--ram needs --main-stream PATH: the main stream's block list names the RAMBlocks "
+                "(--main-stream /dev/null keeps none of its bytes)"
+            )
         check_channels(self.channels)
         if self.reader_threads is not None and not 0 <= self.reader_threads <= self.channels:
             raise UsageError(
@@ -358,6 +365,10 @@ class ReceiveSettings:
                     named.append((f"--device {device.key} {what}={path}", path))
         if self.spill_dir is not None:
             named.append((f"--spill-dir {self.spill_dir}", self.spill_dir))
+        if self.main_stream is not None and not _shareable(self.main_stream):
+            named.append((f"--main-stream {self.main_stream}", self.main_stream))
+        if isinstance(self.ram, Path):
+            named.append((f"--ram {self.ram}", self.ram))
         if self.record is not None:
             named.append((f"--record {self.record.directory}", self.record.directory))
         return named

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .wire import DeviceKey
+from .core.wire import DeviceKey
 
 if TYPE_CHECKING:
-    from .loader import DeviceLoader
-    from .reassembly import ReassemblyBuffer
+    from .core.snapshot import MigrationSnapshot
+    from .daemon.loader import DeviceLoader
 
 
 class SessionStatus(enum.StrEnum):
@@ -125,52 +125,57 @@ class SessionResult:
 
 
 def summarize(
+    snapshot: MigrationSnapshot,
     loaders: Sequence[DeviceLoader],
-    reassembly: ReassemblyBuffer,
     *,
-    started: float,
-    bytes_received: int,
-    paused_seconds: float,
     tls_subjects: dict[int, str | None] | None = None,
-    buffers_allocated: int = 0,
-    reader_threads: int = 0,
     committed: float | None = None,
 ) -> SessionResult:
-    """The result of a completed migration (``started``: monotonic, the first channel;
-    ``committed``: monotonic, every output in place)."""
-    devices = tuple(
-        DeviceResult(
-            device=loader.device.key,
-            data_path=loader.data.path,
-            config_path=loader.config.path,
-            bytes=loader.device.bytes_written,
-            chunks=loader.device.chunks_written,
-            config_bytes=loader.config.bytes_written,
-            digest=loader.digest_text,
-            seconds=loader.completed_at - started,
+    """The result of a completed migration: the core's figures and each loader's files
+    (``committed``: monotonic, every output in place)."""
+    started = snapshot.started or snapshot.now
+    figures = {device.device: device for device in snapshot.devices}
+    devices = []
+    for loader in loaders:
+        device = figures[loader.key]
+        devices.append(
+            DeviceResult(
+                device=loader.key,
+                data_path=loader.data.path,
+                config_path=loader.config.path,
+                bytes=device.bytes_written,
+                chunks=device.chunks_written,
+                config_bytes=loader.config.bytes_written,
+                digest=loader.digest_text,
+                seconds=(device.completed_at or snapshot.now) - started,
+            )
         )
-        for loader in loaders
-    )
-    completed = max(loader.completed_at for loader in loaders)
-    # Each phase ends no earlier than the one before it (a batch can be written
-    # before the device's last chunk comes in).
-    received = max(loader.received_at for loader in loaders)
-    written = max(received, *(loader.written_at for loader in loaders))
-    phases = Phases(
-        received=received - started,
-        written=written - started,
-        synced=completed - started,
-        committed=(completed if committed is None else committed) - started,
-    )
+    phases = None
+    if loaders:
+        completed = max(figures[loader.key].completed_at or snapshot.now for loader in loaders)
+        # Each phase ends no earlier than the one before it (a batch can be written
+        # before the device's last chunk comes in).
+        received = max(loader.received_at for loader in loaders)
+        written = max(received, *(loader.written_at for loader in loaders))
+        phases = Phases(
+            received=received - started,
+            written=written - started,
+            synced=max(written, completed) - started,
+            committed=max(written, completed if committed is None else committed) - started,
+        )
     return SessionResult(
-        devices=devices,
-        seconds=completed - started,
-        bytes_received=bytes_received,
-        peak_queued_bytes=reassembly.peak_queued_bytes,
-        spilled_bytes=reassembly.spilled_bytes,
-        paused_seconds=paused_seconds,
+        devices=tuple(devices),
+        # RAM only (no --device): the migration's own time
+        seconds=max(
+            (device.seconds for device in devices),
+            default=(snapshot.finished or snapshot.now) - started,
+        ),
+        bytes_received=snapshot.received_bytes,
+        peak_queued_bytes=snapshot.peak_queued_bytes,
+        spilled_bytes=snapshot.spilled_bytes,
+        paused_seconds=snapshot.paused_seconds,
         tls_subjects=tls_subjects,
-        buffers_allocated=buffers_allocated,
-        reader_threads=reader_threads,
+        buffers_allocated=snapshot.buffers_allocated,
+        reader_threads=snapshot.reader_threads,
         phases=phases,
     )

@@ -13,7 +13,7 @@ after completion as the sha256 of every non-zero 4 KiB page of guest-physical
 0..64 MiB outside the 0xa0000-0xfffff window (absent pages are zero).
 
 ``qemu-10.0-paused-spliced`` is the 10.0 paused capture with device-state
-packets (vfio_multifd/wire.py's format) of one VFIO device inserted between
+packets (vfio_multifd/core/wire.py's format) of one VFIO device inserted between
 its RAM and SYNC packets: QEMU sends none without a VFIO device.
 """
 
@@ -48,7 +48,7 @@ from qemu.harness import (
 )
 
 from vfio_multifd.core.ram import ram_header_size
-from vfio_multifd.wire import (
+from vfio_multifd.core.wire import (
     DEVICE_STATE_HEADER,
     HANDSHAKE,
     DeviceKey,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from vfio_multifd.core.mainstream import MainStreamParser
 from vfio_multifd.core.ram import MAIN, SyncBarrier, parse_ram_packet, ram_header_size
 from vfio_multifd.core.savevm import BlockList, Ended, Page, RamBlock, SyncPoint, VfioData, ZeroPage
-from vfio_multifd.wire import DEVICE_STATE_HEADER, HANDSHAKE, PacketFlag
+from vfio_multifd.core.wire import DEVICE_STATE_HEADER, HANDSHAKE, PacketFlag
 
 PAGE = 4096
 

@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import ProtocolError, Reason
-from ..wire import QEMU_VM_FILE_MAGIC, ConfigTag
 from .savevm import (
     DEFAULT_MAX_DESCRIPTION,
     DEFAULT_PAGE_SIZE,
@@ -58,6 +57,7 @@ from .savevm import (
     description_problem,
     is_vfio_idstr,
 )
+from .wire import QEMU_VM_FILE_MAGIC, ConfigTag
 
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")

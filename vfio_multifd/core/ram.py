@@ -31,8 +31,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import ProtocolError, Reason
-from ..wire import COMPRESSION_METHODS, PACKET_HEADER, PacketFlag
 from .savevm import DEFAULT_PAGE_SIZE, RamBlock
+from .wire import COMPRESSION_METHODS, PACKET_HEADER, PacketFlag
 
 #: Bytes of pages one packet can carry (MULTIFD_PACKET_SIZE): sets the offset array's size.
 MULTIFD_PACKET_SIZE = 512 * 1024

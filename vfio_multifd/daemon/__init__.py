@@ -1,1 +1,1 @@
-"""The daemon's I/O side: what reads sockets and writes files around the pure core."""
+"""The receiving daemon's drivers: sockets, channels, loaders, the spill file, the commit."""

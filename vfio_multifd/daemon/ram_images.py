@@ -18,10 +18,10 @@ daemon's user (``statvfs`` ``f_bavail``) when the files are created, unless
 instead of filling the disk. Zero pages make the real use smaller; a write
 that still finds the disk full fails the migration with its errno.
 
-Files are created as device outputs are (:class:`~vfio_multifd.output.Output`:
+Files are created as device outputs are (:class:`~vfio_multifd.daemon.output.Output`:
 a ``.part`` file beside the target, mode and owner of a file replaced kept)
 and put in place all or none with the migration's other outputs
-(:func:`~vfio_multifd.commit.commit_all`). The methods block: call them on a
+(:func:`~vfio_multifd.daemon.commit.commit_all`). The methods block: call them on a
 writer thread.
 """
 
@@ -32,11 +32,11 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..commit import commit_all
 from ..core.savevm import DEFAULT_PAGE_SIZE, RamBlock
 from ..errors import DeviceIOError, ProtocolError, Reason, SessionError, os_error_text
-from ..output import Output
 from ..safe_files import open_private_directory
+from .commit import commit_all
+from .output import Output
 
 #: Longest file name most filesystems take (NAME_MAX), in bytes.
 NAME_MAX = 255

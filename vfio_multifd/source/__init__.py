@@ -1,1 +1,1 @@
-"""Our source side: what stands in for QEMU's migration source."""
+"""The migration source: ``vfio-multifd send`` and ``replay``."""

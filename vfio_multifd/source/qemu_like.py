@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..core.ram import encode_ram_packet, pages_per_packet
 from ..core.savevm import DEFAULT_PAGE_SIZE, QEMU_VM_FILE_VERSION, Command, RamFlag, Record
-from ..wire import (
+from ..core.wire import (
     QEMU_VM_FILE_MAGIC,
     ChannelHandshake,
     ConfigTag,

@@ -1,0 +1,296 @@
+"""What a real QEMU sends beside device state: its main channel, RAM and SYNC packets.
+
+The inputs of :class:`~.migration.Migration` for ``--main-stream`` and
+``--ram`` (PROTOCOL.md section 7), pure like the rest of the core. The driver
+parses the main channel (``core/mainstream.py``) and hands its events here
+(:meth:`QemuStreams.main_event`); each channel's decoder hands RAM headers
+and their page data (:meth:`QemuStreams.ram_header`, :meth:`QemuStreams.ram_data`).
+
+Order: pages of a later round must win over an earlier copy even when a
+channel lags, so every party (each channel, and the main stream) waits at
+each sync point until all have reached it (``core/ram.py``'s
+:class:`SyncBarrier`), and every page and main-stream byte goes to one
+writer, first in first out (:class:`WriteRam`): the order the writes are
+emitted in is the order they reach the files.
+
+Memory: page data is read into a buffer of its own and queued to the writer;
+a channel whose writes would take the queue past :data:`RAM_QUEUE_BYTES`
+pauses (``holds`` "writes") until the writer catches up.
+"""
+
+from __future__ import annotations
+
+from ..errors import HandshakeError, MultifdError, ProtocolError, Reason
+from .commands import (
+    AcceptedMain,
+    CreateRamImages,
+    PauseReading,
+    ProvideBuffer,
+    ResumeReading,
+    WriteRam,
+)
+from .connections import Connection
+from .ram import MAIN, RamPacket, Released, SyncBarrier, parse_ram_packet
+from .rules import Rules
+from .savevm import BlockList, Configuration, Ended, Event, Page, RamBlock, SyncPoint, ZeroPage
+from .state import ChannelState
+
+#: RAM pages and main-stream bytes queued for the writer before the channels
+#: that bring more pause.
+RAM_QUEUE_BYTES = 32 << 20
+
+
+class QemuStreams(Rules):
+    def _init_qemu_streams(self) -> None:
+        config = self.config
+        self.blocks: dict[str, RamBlock] | None = None
+        self.machine: str | None = None
+        self.main_ended = False
+        self.main_bytes = 0
+        self.ram_pages = 0
+        self.ram_zero_pages = 0
+        self.ram_queued = 0  # bytes queued for the writer, not written yet
+        self.ram_writes = 0  # WriteRam commands not done yet
+        self.barrier = (
+            SyncBarrier(config.channels, main=config.main_stream) if config.ram else None
+        )
+        self.sync_points = 0
+
+    @property
+    def qemu_streams(self) -> bool:
+        """The migration takes QEMU's main channel or RAM: it ends when QEMU's streams do."""
+        return self.config.main_stream or self.config.ram
+
+    # -- the main channel ---------------------------------------------------------------
+
+    def main_channel(self, conn: int, now: float) -> None:
+        """``conn`` began with ``QEVM``: the main channel, if asked for and the first."""
+        c = self.connections.by_conn.get(conn)
+        if c is None or c.state is not ChannelState.HANDSHAKE or c.hung_up:
+            return
+        try:
+            if not self.phase.running:
+                raise HandshakeError(
+                    Reason.HANDSHAKE_CLOSED, "the migration no longer takes channels"
+                )
+            self.connections.accept_main(c)
+        except HandshakeError as error:
+            self._refuse(c, error)
+            return
+        self._emit(AcceptedMain(conn))
+        self.outcome.start(now)
+
+    def main_data(self, conn: int, data: bytes, now: float) -> None:
+        """Bytes of the main channel, as received: kept at --main-stream PATH."""
+        c = self._reading(conn)
+        if c is None or not c.main:
+            return
+        self.main_bytes += len(data)
+        self._write(c, (), data)
+
+    @property
+    def main_held(self) -> bool:
+        """The main stream's events wait (at a sync point)."""
+        main = self.connections.main
+        return main is not None and bool(main.holds)
+
+    def main_event(self, conn: int, event: Event, now: float) -> None:
+        """One event of the main stream's parser (the driver stops handing them while
+        :attr:`main_held`)."""
+        c = self._reading(conn)
+        if c is None or not c.main:
+            return
+        try:
+            self._main_event(c, event, now)
+        except ProtocolError as error:
+            self._channel_failed(c, error, now)
+
+    def _main_event(self, c: Connection, event: Event, now: float) -> None:
+        if isinstance(event, Configuration):
+            self.machine = event.machine
+        elif isinstance(event, BlockList):
+            self._block_list(event.blocks, now)
+        elif isinstance(event, ZeroPage):
+            self._needs_ram("a zero page")
+            self.ram_zero_pages += 1
+            self._write(c, ((event.block, event.offset, event.fill),), b"")
+        elif isinstance(event, Page):
+            self._needs_ram("a page")
+            self.ram_pages += 1
+            self._write(c, ((event.block, event.offset, memoryview(event.data)),), b"")
+        elif isinstance(event, SyncPoint):
+            self._reached(c, MAIN, now)
+        elif isinstance(event, Ended):
+            self.main_ended = True
+            if self.barrier is not None:
+                self.barrier.closed(MAIN)
+            self._fail_held_for_blocks(now, "the main stream ended without a RAM block list")
+
+    def _needs_ram(self, what: str) -> None:
+        if not self.config.ram:
+            raise ProtocolError(
+                Reason.PACKET_RAM,
+                f"the main stream carries {what}; give --ram DIR (or --ram discard) to take "
+                "QEMU's RAM",
+                device="main channel",
+            )
+
+    def _block_list(self, blocks: tuple[RamBlock, ...], now: float) -> None:
+        if self.blocks is not None:
+            raise ProtocolError(
+                Reason.RAM_BLOCK, "a second RAM block list on the main stream", device="main channel"
+            )
+        self.blocks = {block.name: block for block in blocks}
+        if self.config.ram:
+            self._emit(CreateRamImages(blocks))
+        for c in list(self.connections.channels.values()):
+            raw = c.ram_raw
+            if raw is not None and self._reading(c.conn) is not None:
+                c.ram_raw = None
+                buffer = self._ram_buffer(c, raw, now)
+                if buffer is not None:
+                    self._emit(ProvideBuffer(c.conn, buffer))
+                    self._unhold(c, "blocks")
+
+    def _fail_held_for_blocks(self, now: float, why: str) -> None:
+        for c in list(self.connections.channels.values()):
+            if c.ram_raw is not None and self._reading(c.conn) is not None:
+                self._channel_failed(
+                    c,
+                    ProtocolError(
+                        Reason.RAM_BLOCK, f"a RAM packet came before the block list, and {why}"
+                    ),
+                    now,
+                )
+
+    # -- RAM packets ------------------------------------------------------------------------
+
+    def ram_header(self, conn: int, raw: bytes, now: float) -> bytearray | None:
+        """A RAM packet's header: the buffer for its page data, or None (held until the
+        block list comes, then :class:`ProvideBuffer`; or failed)."""
+        c = self._reading(conn)
+        if c is None:
+            return None
+        if self.blocks is None:
+            c.ram_raw = raw
+            self._hold(c, "blocks")
+            return None
+        return self._ram_buffer(c, raw, now)
+
+    def _ram_buffer(self, c: Connection, raw: bytes, now: float) -> bytearray | None:
+        assert self.blocks is not None
+        try:
+            packet = parse_ram_packet(raw, self.blocks, page_size=self.config.page_size)
+        except MultifdError as error:
+            self._channel_failed(c, error, now)
+            return None
+        c.ram_packet = packet
+        return bytearray(packet.data_size)
+
+    def ram_data(self, conn: int, buffer: bytearray, now: float) -> None:
+        """The page data of ``conn``'s RAM packet: queued to the writer; then its sync point."""
+        c = self._reading(conn)
+        if c is None:
+            return
+        packet = c.ram_packet
+        assert isinstance(packet, RamPacket)
+        c.ram_packet = None
+        c.packets += 1
+        if packet.block is not None:
+            name = packet.block.name
+            view = memoryview(buffer)
+            size = self.config.page_size
+            pages: list[tuple[str, int, memoryview | int]] = [
+                (name, offset, view[i * size : (i + 1) * size])
+                for i, offset in enumerate(packet.normal)
+            ]
+            pages += [(name, offset, 0) for offset in packet.zero]
+            self.ram_pages += len(packet.normal)
+            self.ram_zero_pages += len(packet.zero)
+            self._write(c, tuple(pages), b"")
+        if packet.sync:
+            assert c.channel is not None
+            self._reached(c, c.channel, now)
+
+    # -- sync points and the writer ---------------------------------------------------------
+
+    def _reached(self, c: Connection, party: int, now: float) -> None:
+        assert self.barrier is not None or party == MAIN
+        if self.barrier is None:  # a main stream without --ram: nothing to wait for
+            return
+        try:
+            released = self.barrier.reached(party)
+        except ProtocolError as error:
+            self._channel_failed(c, error, now)
+            return
+        if released is None:
+            self._hold(c, "sync")
+        else:
+            self._release(released)
+
+    def _release(self, released: Released) -> None:
+        self.sync_points = released.number
+        for party in released.parties:
+            c = self.connections.main if party == MAIN else self.connections.channels.get(party)
+            if c is not None:
+                self._unhold(c, "sync")
+
+    def _write(
+        self, c: Connection, pages: tuple[tuple[str, int, memoryview | int], ...], main: bytes
+    ) -> None:
+        nbytes = len(main) + sum(len(data) for _, _, data in pages if not isinstance(data, int))
+        self.ram_queued += nbytes
+        self.ram_writes += 1
+        self._emit(WriteRam(c.conn, pages, main, nbytes))
+        if self.ram_queued > RAM_QUEUE_BYTES:
+            self._hold(c, "writes")
+
+    def ram_written(self, conn: int, nbytes: int, now: float) -> None:
+        """A :class:`WriteRam` is done."""
+        self.ram_queued -= nbytes
+        self.ram_writes -= 1
+        if self.ram_queued <= RAM_QUEUE_BYTES:
+            for c in self.connections.by_conn.values():
+                if "writes" in c.holds:
+                    self._unhold(c, "writes")
+        self._maybe_commit(now)
+
+    def _hold(self, c: Connection, why: str) -> None:
+        if not c.holds and not c.waiting:
+            self._emit(PauseReading(c.conn))
+        c.holds.add(why)
+
+    def _unhold(self, c: Connection, why: str) -> None:
+        if why not in c.holds:
+            return
+        c.holds.discard(why)
+        if not c.holds and not c.waiting and not (c.hung_up or c.gone):
+            self._emit(ResumeReading(c.conn))
+
+    def _streams_done(self) -> bool:
+        """QEMU's streams are over: every channel and the main stream ended cleanly and
+        every page is written (a device-state-only migration: always)."""
+        if not self.qemu_streams:
+            return True
+        return (
+            self.connections.all_closed
+            and (self.main_ended or not self.config.main_stream)
+            and self.ram_writes == 0
+        )
+
+    def _channel_closed(self, c: Connection, now: float) -> None:
+        """``c`` ended cleanly: it leaves no party waiting at a sync point."""
+        if self.barrier is not None and c.channel is not None:
+            try:
+                self.barrier.closed(c.channel)
+            except ProtocolError as error:
+                self._fail(error.with_context(channel=c.channel), now)
+        if c.ram_raw is not None:
+            self._fail(
+                ProtocolError(
+                    Reason.RAM_BLOCK,
+                    "a RAM packet came before the block list, and the channel ended",
+                    channel=c.channel,
+                ),
+                now,
+            )

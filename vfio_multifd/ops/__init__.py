@@ -1,0 +1,1 @@
+"""Around a running migration: the status socket, metrics, notifications, recording."""
