@@ -41,6 +41,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/downtime.py
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/scrape_cost.py
 	$(BIN)/python benchmarks/record_cost.py

@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+from counters import Counts, SyscallCounter, Usage, process_usage, wait_idle
 from replay import Replay, replay
 from vfio_multifd.config import Address
 from workload import Workload
@@ -126,6 +127,7 @@ class Finished:
     error: str  # why the run failed: start-up, replay, exit status ("" if none)
     idle_rss: int = 0  # bytes: VmHWM when it logged ``listening`` (0: it never did)
     exited: float = 0.0  # wall clock: the process had exited
+    counts: Counts = field(default_factory=Counts)  # its CPU, faults, switches, syscalls
 
     def named(self, name: str) -> list[Event]:
         return _named(self.events, name)
@@ -137,12 +139,19 @@ def run_receiver(
     timeout: float = RUN_TIMEOUT,
     send: Sender = replay_to,
     started: Callable[[int], object] | None = None,
+    *,
+    count_syscalls: bool = False,
+    settle: bool = False,
 ) -> Finished:
     """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it.
-    ``started`` is called with the process id at once (profile_receive.py watches it)."""
+    ``started`` is called with the process id at once (profile_receive.py watches it);
+    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf);
+    ``settle``: the first byte goes out only once it is idle (as a destination is
+    before a real stop-copy: started, listening, waiting)."""
     proc = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    counter = SyscallCounter(proc.pid) if count_syscalls else None
     if started is not None:
         started(proc.pid)
     assert proc.stdout is not None and proc.stderr is not None
@@ -162,6 +171,7 @@ def run_receiver(
     sent: Replay | None = None
     error = ""
     idle = 0
+    startup = Usage()
     try:
         wait = min(LISTEN_TIMEOUT, timeout)
         listening.wait(wait)
@@ -171,6 +181,9 @@ def run_receiver(
         if address is None:
             raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
         idle = vm_hwm(proc.pid) or 0
+        if settle:
+            wait_idle(proc.pid)
+        startup = process_usage(proc.pid)
         receiver = Listening(proc.pid, Address.parse(str(address)), (out_events, err_events))
         sent = send(receiver, workload, timeout)
     except (OSError, RuntimeError) as exc:
@@ -192,6 +205,7 @@ def run_receiver(
     if proc.returncode != 0:
         tail = " | ".join(outputs[1].lines[-2:])  # stderr: where both say why they failed
         error = "; ".join(filter(None, [error, f"exit status {proc.returncode}: {tail}"]))
+    syscalls = {} if counter is None else counter.result()
     return Finished(
         exit_code=proc.returncode,
         cpu=usage.ru_utime + usage.ru_stime,
@@ -201,7 +215,14 @@ def run_receiver(
         error=error,
         idle_rss=idle,
         exited=exited,
+        counts=Counts.of(usage, startup, syscalls),
     )
+
+
+def _option(options: Sequence[str], name: str) -> str | None:
+    """The value of ``name VALUE`` (the last one) among ``options``, if any."""
+    values = [options[i + 1] for i, option in enumerate(options[:-1]) if option == name]
+    return values[-1] if values else None
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -253,6 +274,10 @@ class DaemonRun:
     lag: float = 0.0  # wall clock: the replay's last sendmsg -> the last load_thread_end
     exit_lag: float = 0.0  # wall clock: the replay's last sendmsg -> the process exited
     digests: dict[str, str] = field(default_factory=dict)  # device -> digest
+    counts: Counts = field(default_factory=Counts)
+    finished: float = 0.0  # wall clock: the last device complete (its load_thread_end)
+    exited: float = 0.0  # wall clock: the process had exited
+    events: list[Event] = field(default_factory=list)  # its JSON log
 
 
 def run_daemon(
@@ -261,17 +286,26 @@ def run_daemon(
     *options: str,
     timeout: float = RUN_TIMEOUT,
     send: Sender = replay_to,
+    count_syscalls: bool = False,
+    prefix: Sequence[str] = (),
+    settle: bool = False,
 ) -> DaemonRun:
     """One daemon run; ``send`` feeds it (the replay by default; a TLS replay with
-    ``--tls-creds`` among ``options``)."""
-    command = daemon_command(workload, out_dir, *options)
-    finished = run_receiver(command, workload, timeout, send)
+    ``--tls-creds`` among ``options``); ``prefix`` goes before the command (an ``env``
+    that execs it: compare.py runs another version of the package so)."""
+    command = [*prefix, *daemon_command(workload, out_dir, *options)]
+    finished = run_receiver(
+        command, workload, timeout, send, count_syscalls=count_syscalls, settle=settle
+    )
     run = DaemonRun(
         ok=False,
         error=finished.error,
         cpu=finished.cpu,
         peak_rss=finished.peak_rss,
         idle_rss=finished.idle_rss,
+        counts=finished.counts,
+        exited=finished.exited,
+        events=finished.events,
     )
     ends = finished.named("load_thread_end")
     run.digests = {str(e.get("device")): str(e.get("digest")) for e in ends}
@@ -290,9 +324,12 @@ def run_daemon(
     run.paused_seconds = float(summary["paused_seconds"])
     run.reader_threads = int(summary.get("reader_threads", 0))
     run.buffers_allocated = int(summary.get("buffers_allocated", 0))
-    run.lag = max(timestamp(e) for e in ends) - finished.replay.sent if ends else 0.0
+    run.finished = max(timestamp(e) for e in ends) if ends else 0.0
+    run.lag = run.finished - finished.replay.sent if ends else 0.0
     run.exit_lag = finished.exited - finished.replay.sent
     expected = workload.expected_digests
+    if _option(options, "--digest") == "none":  # nothing to compare: the bytes are counted
+        expected = dict.fromkeys(expected, "none")
     if run.digests != expected or run.bytes != workload.size:
         wrong = sorted(d for d in expected if run.digests.get(d) != expected[d])
         run.error = f"{run.bytes} of {workload.size} bytes; digest differs for {wrong}"

@@ -6,6 +6,20 @@ import statistics
 import sys
 
 
+def quiet_sender() -> None:
+    """The replay sender's own log lines (the sender's ``waiting_for_daemon``) only at
+    warning and above, on stderr: stdout is the report's. For a script's ``__main__``:
+    it sets the process's logging."""
+    from vfio_multifd import logconfig
+
+    logconfig.configure(log_format="console", level="warning", stream=sys.stderr)
+
+
+def run_status(ok: bool, figures: str, error: str) -> str:
+    """A progress line's outcome: the run's figures, or why it failed."""
+    return figures if ok else f"FAILED ({error})"
+
+
 def progress(message: str) -> None:
     """One line per run on stderr, as it happens (the report itself goes to stdout)."""
     print(message, file=sys.stderr, flush=True)

@@ -6,8 +6,10 @@
 
 First the headline (the throughput issue's targets, ``--no-headline`` leaves it
 out): 4 channels, 1 device, ``--headline-reps`` a/b pairs each of /dev/null at
-``--null-size`` with the daemon's defaults and with ``--reader-threads`` 0, 1
-and 2, and of a fresh file at ``--size``. Then the matrix below.
+``--null-size`` with the daemon's defaults, with ``--digest none`` and with
+``--reader-threads`` 0, 1 and 2, and of a fresh file at ``--size``; each
+receiver under ``perf stat`` where it works, for the per-GB counts of
+``counters.py``, printed beside the plain copy's. Then the matrix below.
 
 For every sink, device count and channel count it runs, alternately and
 ``--reps`` times over, (a) the baseline, ``plain_copy.py`` (one thread per
@@ -15,8 +17,10 @@ connection, ``recv_into`` a reused 1 MiB buffer, ``os.write`` to one sink;
 a file sink is fsynced at the end), and (b) the daemon, ``python -m
 vfio_multifd receive`` with its default settings (digests on, fsync on unless
 ``--no-fsync``). Both get the same pre-built QEMU-format streams from the
-same replay sender. Sinks: ``null`` is /dev/null; ``file`` is fresh files in
-``--tmpdir`` (the daemon's one per device, the baseline's one in all).
+same replay sender, once the receiver is listening and idle (its start-up
+done, as a destination is before a real stop-copy). Sinks: ``null`` is
+/dev/null; ``file`` is fresh files in ``--tmpdir`` (the daemon's one per
+device, the baseline's one in all).
 
 Per run: MB/s = data bytes / the receiver's own seconds, first byte received
 to last byte written (the daemon's ``migration_completed``, the plain copy's
@@ -42,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -53,10 +56,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import plain_copy
+from counters import LEGEND as COUNTS_LEGEND
+from counters import Counts, format_per_gb, sender_cpu
 from credentials import loopback_credentials
 from daemon import DaemonRun, Listening, Sender, replay_to, run_daemon, run_receiver
 from replay import Replay, replay
-from report import median_range, progress
+from report import median_range, progress, quiet_sender
 from vfio_multifd.config import Address, parse_size
 from vfio_multifd.tls import TlsClient, load_client
 from workload import Workload, build_workload
@@ -68,9 +73,11 @@ TARGET_CPU_RATIO = 1.5  # daemon / baseline CPU s/GB to /dev/null
 TARGET_FILE_RATIO = 1.2  # daemon / baseline MB/s to a new file, fsync at the end
 TARGET_LAG_MS = 50.0  # median completion lag, /dev/null
 HEADLINE_CHANNELS = 4
-#: Daemon variants of the headline's /dev/null row: its defaults, then reader threads.
+#: Daemon variants of the headline's /dev/null row: its defaults, without a digest
+#: (the upper bound of what the digest costs), then reader threads.
 HEADLINE_VARIANTS: tuple[tuple[str, ...], ...] = (
     (),
+    ("--digest", "none"),
     ("--reader-threads", "0"),
     ("--reader-threads", "1"),
     ("--reader-threads", "2"),
@@ -88,6 +95,7 @@ class Run:
     peak_rss: int = 0
     lag: float = 0.0  # the daemon's (the baseline has no per-device completion)
     daemon: DaemonRun | None = None
+    counts: Counts = field(default_factory=Counts)  # the receiver's and the sender's
 
 
 @dataclass
@@ -146,8 +154,16 @@ def split(size: int, devices: int) -> list[int]:
     return [base + (1 if d < extra else 0) for d in range(devices)]
 
 
-def run_baseline(workload: Workload, sink: str, fsync: bool) -> Run:
-    finished = run_receiver(plain_copy.command(workload.channels, sink, fsync=fsync), workload)
+def run_baseline(workload: Workload, sink: str, fsync: bool, *, count_syscalls: bool = False) -> Run:
+    spent: list[float] = []
+    finished = run_receiver(
+        plain_copy.command(workload.channels, sink, fsync=fsync),
+        workload,
+        send=sender_cpu(replay_to, spent.append),
+        count_syscalls=count_syscalls,
+        settle=True,
+    )
+    finished.counts.sender = spent[0] if spent else None
     done = finished.named(plain_copy.DONE)
     if finished.error or not done:
         return Run("baseline", ok=False, error=finished.error or "no report")
@@ -161,6 +177,7 @@ def run_baseline(workload: Workload, sink: str, fsync: bool) -> Run:
         mb_per_s=workload.size / 1e6 / float(report["seconds"]),
         cpu_per_gb=finished.cpu / (workload.size / 1e9),
         peak_rss=finished.peak_rss,
+        counts=finished.counts,
     )
 
 
@@ -171,8 +188,21 @@ def run_the_daemon(
     *options: str,
     send: Sender = replay_to,
     kind: str = "daemon",
+    count_syscalls: bool = False,
+    prefix: Sequence[str] = (),
 ) -> Run:
-    result = run_daemon(workload, out_dir, *([] if fsync else ["--no-fsync"]), *options, send=send)
+    spent: list[float] = []
+    result = run_daemon(
+        workload,
+        out_dir,
+        *([] if fsync else ["--no-fsync"]),
+        *options,
+        send=sender_cpu(send, spent.append),
+        count_syscalls=count_syscalls,
+        prefix=prefix,
+        settle=True,
+    )
+    result.counts.sender = spent[0] if spent else None
     return Run(
         kind,
         ok=result.ok,
@@ -182,6 +212,7 @@ def run_the_daemon(
         peak_rss=result.peak_rss,
         lag=result.lag,
         daemon=result,
+        counts=result.counts,
     )
 
 
@@ -198,20 +229,26 @@ def run_config(
     out_dir: Path,
     fsync: bool = True,
     options: tuple[str, ...] = (),
+    count_syscalls: bool = False,
 ) -> ConfigResult:
-    """``reps`` a/b pairs of one workload into one sink, the order alternating."""
+    """``reps`` a/b pairs of one workload into one sink, the order alternating
+    (``count_syscalls``: each receiver under ``perf stat``, see counters.py)."""
     config = ConfigResult(sink, len(workload.devices), workload.channels, workload.size, options)
     for rep in range(reps):
         # Alternate which goes first, so drift (page cache, other load) hits both alike.
         for kind in ("baseline", "daemon") if rep % 2 == 0 else ("daemon", "baseline"):
             if kind == "daemon":
                 run = run_the_daemon(
-                    workload, out_dir if sink == "file" else None, fsync, *options
+                    workload,
+                    out_dir if sink == "file" else None,
+                    fsync,
+                    *options,
+                    count_syscalls=count_syscalls,
                 )
                 config.daemon.append(run)
             else:
                 target = str(out_dir / "plain.bin") if sink == "file" else os.devnull
-                run = run_baseline(workload, target, fsync)
+                run = run_baseline(workload, target, fsync, count_syscalls=count_syscalls)
                 config.baseline.append(run)
             _clean(out_dir)
             if sink == "file":
@@ -241,14 +278,25 @@ def run_headline(
         out_dir = work_dir / f"headline-null-{len(results)}"
         out_dir.mkdir()
         results.append(
-            run_config(null_workload, "null", reps=reps, out_dir=out_dir, options=options)
+            run_config(
+                null_workload,
+                "null",
+                reps=reps,
+                out_dir=out_dir,
+                options=options,
+                count_syscalls=True,
+            )
         )
         out_dir.rmdir()
     del null_workload
     out_dir = work_dir / "headline-file"
     out_dir.mkdir()
     file_workload = build_workload([file_size], channels=HEADLINE_CHANNELS)
-    results.append(run_config(file_workload, "file", reps=reps, out_dir=out_dir, fsync=fsync))
+    results.append(
+        run_config(
+            file_workload, "file", reps=reps, out_dir=out_dir, fsync=fsync, count_syscalls=True
+        )
+    )
     out_dir.rmdir()
     return results
 
@@ -307,20 +355,6 @@ class TlsComparison:
         ]
 
 
-def _sender_cpu(send: Sender, seconds: list[float]) -> Sender:
-    """``send``, noting the CPU this process spends while it runs (user + system)."""
-
-    def run(receiver: Listening, workload: Workload, timeout: float) -> Replay:
-        before = resource.getrusage(resource.RUSAGE_SELF)
-        try:
-            return send(receiver, workload, timeout)
-        finally:
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            seconds.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-
-    return run
-
-
 def _tls_replay(client: TlsClient) -> Sender:
     def run(receiver: Listening, workload: Workload, timeout: float) -> Replay:
         return replay(receiver.address, workload, timeout, client)
@@ -339,19 +373,16 @@ def run_tls_comparison(
     gigabytes = workload.size / 1e9
     for rep in range(reps):
         for kind in ("plain", "tls") if rep % 2 == 0 else ("tls", "plain"):
-            cpu: list[float] = []
             if kind == "tls":
-                send = _sender_cpu(_tls_replay(client), cpu)
+                send = _tls_replay(client)
                 run = run_the_daemon(
                     workload, None, True, "--tls-creds", str(server), send=send, kind=kind
                 )
             else:
-                run = run_the_daemon(
-                    workload, None, True, send=_sender_cpu(replay_to, cpu), kind=kind
-                )
+                run = run_the_daemon(workload, None, True, kind=kind)
             comparison.runs(kind).append(run)
-            if run.ok and cpu:
-                comparison.sender_cpu[kind].append(cpu[0] / gigabytes)
+            if run.ok and run.counts.sender is not None:
+                comparison.sender_cpu[kind].append(run.counts.sender / gigabytes)
             status = (
                 f"{run.mb_per_s:8.1f} MB/s  cpu {run.cpu_per_gb:.3f} s/GB"
                 if run.ok
@@ -430,6 +461,20 @@ def format_table(results: Sequence[ConfigResult]) -> str:
     ]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_counts(results: Sequence[ConfigResult]) -> list[str]:
+    """Per GB, for each configuration: the baseline's counts, the daemon's, their ratios."""
+    lines: list[str] = []
+    for r in results:
+        lines.append(f"{r.sink}, {r.devices} device(s), {r.channels} channels, {r.label}:")
+        runs = [
+            (kind, [run.counts for run in getattr(r, kind) if run.ok], r.size)
+            for kind in ("baseline", "daemon")
+        ]
+        lines += ["  " + line for line in format_per_gb(runs)]
+    lines += textwrap.wrap(COUNTS_LEGEND, 100)
+    return lines
 
 
 def assess_targets(results: Sequence[ConfigResult]) -> list[str]:
@@ -640,6 +685,9 @@ def print_results(
     if judge:
         for line in assess_targets(results):
             print(line)
+        print()
+        for line in format_counts(results):
+            print(line)
 
 
 def print_tls(comparison: TlsComparison) -> None:
@@ -657,4 +705,5 @@ def print_tls(comparison: TlsComparison) -> None:
 
 
 if __name__ == "__main__":
+    quiet_sender()
     raise SystemExit(main())

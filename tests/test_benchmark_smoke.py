@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
+import downtime
 import memory
 import plain_copy
 import record_cost
 import throughput
+from counters import SYSCALLS, perf_command
 from daemon import run_receiver
 from vfio_multifd.config import Digest
 from vfio_multifd.digest import digest_of
@@ -105,6 +107,7 @@ def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
     labels = [(r.sink, r.label) for r in results]
     assert labels == [
         ("null", "defaults"),
+        ("null", "--digest none"),
         ("null", "--reader-threads 0"),
         ("null", "--reader-threads 1"),
         ("null", "--reader-threads 2"),
@@ -115,9 +118,14 @@ def test_headline_judges_the_four_channel_defaults(tmp_path: Path) -> None:
         assert config.ok_runs("daemon") == config.ok_runs("baseline") == 1
         (run,) = config.daemon
         assert run.daemon is not None
-        threads = config.options[1] if config.options else None
+        threads = config.options[1] if config.options[:1] == ("--reader-threads",) else None
         expected = int(threads) if threads is not None else run.daemon.reader_threads
         assert run.daemon.reader_threads == expected
+        for counts in (run.counts, config.baseline[0].counts):
+            assert counts.faults > 0 and counts.ctx_switches > 0 and counts.sender is not None
+            assert 0 < counts.startup < counts.cpu
+            if perf_command() is not None:  # perf counted each receiver's reads
+                assert counts.syscalls["reads"] > 0 and set(counts.syscalls) == set(SYSCALLS)
     targets = throughput.assess_targets(results)
     assert [line.split()[0] for line in targets[:4]] != ["n/a"] * 4
     assert all(("met" in line or "NOT MET" in line) for line in targets[:4])
@@ -144,8 +152,40 @@ def test_throughput_main_prints_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "daemon MB/s" in out and "took" in out
     assert "Headline: the throughput issue's targets" in out and "Matrix" in out
     assert "CPU s/GB ratio, /dev/null <= 1.5" in out
+    assert "per GB (medians)" in out and "daemon/baseline" in out
     assert raw.stat().st_size > 0
     assert [p.name for p in tmp_path.iterdir()] == ["raw.json"]
+
+
+def test_downtime_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both cases, both sinks, one pair each: every run exact, its phases in order."""
+    argv = ["--size", "6M", "--reps", "1", "--tmpdir", str(tmp_path), "--json", str(tmp_path / "r")]
+    assert downtime.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if "MiB, 4 ch" in line and not line.startswith(("met", "NOT"))]
+    assert [row.split("  ")[0].strip() for row in rows[::3]] == [
+        "4 x 1 MiB, 4 ch, file", "4 x 1 MiB, 4 ch, null",
+        "1 x 6 MiB, 4 ch, file", "1 x 6 MiB, 4 ch, null",
+    ]  # fmt: skip
+    assert all(row.endswith("1/1") for i, row in enumerate(rows) if i % 3 != 2)
+    verdicts = [line for line in out if line.startswith(("met", "NOT MET"))]
+    assert len(verdicts) == 5 and verdicts[-1].startswith("met") and "(0 failed" in verdicts[-1]
+    assert [p.name for p in tmp_path.iterdir()] == ["r"]  # every output removed
+
+
+def test_downtime_phases_are_in_order(tmp_path: Path) -> None:
+    workload = build_workload([3 << 20, 2 << 20], channels=4)
+    for sink in (tmp_path, None):
+        plain = downtime.run_plain(workload, sink)
+        daemon = downtime.run_the_daemon(workload, sink)
+        for run in (plain, daemon):
+            assert run.ok, run.error
+            ends = [run.ends[phase] for phase in downtime.PHASES]
+            assert ends[0] > 0 and ends == sorted(ends), (run.kind, run.ends)
+        assert "commit" not in plain.durations() and "commit" in daemon.durations()
+        if sink is not None:
+            for entry in tmp_path.iterdir():
+                entry.unlink()
 
 
 def test_record_cost_tiny_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -92,6 +92,30 @@ def test_receive_and_send_end_to_end(tmp_path: Path, daemons: list[Daemon]) -> N
     assert [e["event"] for e in daemon.events()].count("migration_completed") == 1
 
 
+def test_digest_none_receives_and_hashes_nothing(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """``--digest none`` (the measured upper bound of the digest's cost): the data is
+    written exactly, and both summaries say none."""
+    data = random_bytes(3 * 65536 + 5, 3)
+    (tmp_path / "src.bin").write_bytes(data)
+    daemon, written = one_device_daemon(tmp_path, daemons, 2, "--digest", "none")
+    device = f"idstr={IDSTR},source={tmp_path / 'src.bin'}"
+    sent = send_to(daemon.address, 2, device, "--chunk-size", "64K", "--digest", "none")
+    assert sent.returncode == 0, sent.stderr
+    code, summary, stderr = daemon.finish()
+    assert code == 0, stderr
+    assert written.read_bytes() == data
+    assert re.search(rf"^device {re.escape(IDSTR)}: .* none ", summary, re.MULTILINE), summary
+    assert digests(summary) == {} and digests(sent.stdout) == {}
+    (end,) = [e for e in daemon.events() if e["event"] == "load_thread_end"]
+    assert end["digest"] == "none"
+
+
+def test_digest_none_is_refused_with_record(tmp_path: Path) -> None:
+    line = receive_usage_error(tmp_path, "--digest", "none", "--record", str(tmp_path / "rec"))
+    assert "--digest none cannot be used with --record" in line
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "a.bin").exists()
+
+
 def test_the_summary_says_why_it_spilled(tmp_path: Path, one_loop_daemons: list[Daemon]) -> None:
     daemon, _ = receiver(
         tmp_path, one_loop_daemons, "--channels", "1", "--max-packet-size", "65548",

@@ -261,7 +261,7 @@ def test_help_shows_enum_choices_as_values(
         main([command, "--help"])
     assert exited.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # help wraps lines
-    assert "--digest {xxh3-128,sha256}" in out
+    assert "--digest {xxh3-128,sha256,none}" in out
     if command == "receive":
         assert "--on-queue-full {spill,fail}" in out
     assert "Digest." not in out and "QueueFullPolicy." not in out
@@ -280,17 +280,17 @@ def test_send_log_level_help_does_not_name_receiver_events() -> None:
         (
             ["--max-queued-bytes", "2M"],
             "--max-queued-bytes 2097152 is too small for --max-packet-size 1048588: "
-            "the smallest bound that works is 2097408 (a reserve for the chunk a loader needs "
+            "the smallest bound that works is 2105600 (a reserve for the chunk a loader needs "
             "next, and a buffer to spill from, each as large as the largest chunk); give "
             "--max-queued-bytes 3MiB or more",
         ),
         (
             ["--max-queued-bytes", "1M", "--max-packet-size", "4M"],
-            "the smallest bound that works is 8388864 (a reserve",
+            "the smallest bound that works is 8397056 (a reserve",
         ),
         (
             ["--max-queued-bytes", "4M", "--max-packet-size", "4M", "--on-queue-full", "fail"],
-            "the smallest bound that works is 4194560 (the largest chunk and its bookkeeping); "
+            "the smallest bound that works is 4198656 (the largest chunk and its bookkeeping); "
             "give --max-queued-bytes 5MiB or more",
         ),
     ],

@@ -361,12 +361,17 @@ def test_refused_connections_are_counted_not_kept_and_their_lines_rate_limited(
     status = short_dir / "status"
     daemon, _ = one_device_daemon(tmp_path, daemons, 1, "--status-socket", str(status))
     count = 6000
-    # Warm up (first connections allocate the loop's and the allocator's structures).
+    # Warm up (first connections allocate the loop's and the allocator's structures;
+    # a daemon waiting for its channels fills its buffer pool, within the bound).
     subprocess.run(
         [sys.executable, str(FLOOD), "refuse", *host_port(daemon.address), "200"],
         check=True,
         timeout=60,
         capture_output=True,
+    )
+    wait_for(
+        lambda: any(e["event"] == "pool_warmed" for e in daemon.events()),
+        what="the buffer pool warmed",
     )
     before = vm_rss(daemon.proc.pid)
     started = time.monotonic()

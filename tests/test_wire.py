@@ -140,10 +140,11 @@ def feed_split(stream: bytes, at: int) -> tuple[ChannelDecoder, list[tuple[objec
 
 
 def feed_zero_copy(
-    stream: bytes, rng: random.Random, max_chunk: int = 97
+    stream: bytes, rng: random.Random, max_chunk: int = 97, slack: int = 0
 ) -> tuple[ChannelDecoder, list[tuple[object, ...]]]:
-    """As a BufferedProtocol would: write into get_buffer(), then buffer_updated()."""
-    decoder = ChannelDecoder()
+    """As a BufferedProtocol would: write into get_buffer(), then buffer_updated()
+    (payload buffers ``slack`` bytes longer than their payloads)."""
+    decoder = ChannelDecoder(allocate=RecordingAllocator(slack))
     events = []
     pos = 0
     while pos < len(stream):
@@ -428,6 +429,68 @@ def test_get_buffer_of_a_payload_is_the_allocated_buffer() -> None:
     assert packet.buffer is allocate.buffers[0]
     assert bytes(allocate.buffers[0]) == data
     assert decoder.state is DecoderState.HEADER
+
+
+@pytest.mark.parametrize("slack", [1, 287, 288, 4096])
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("name", sorted(STREAMS))
+def test_stream_through_payload_buffers_with_room_for_the_next_header(
+    name: str, seed: int, slack: int
+) -> None:
+    channel, packets = STREAMS[name]
+    stream = stream_of(channel, packets)
+    decoder, events = feed_zero_copy(stream, random.Random(seed), max_chunk=600, slack=slack)
+    assert events == expected_events(channel, packets)
+    assert decoder.bytes_received == len(stream)
+
+
+def test_a_payload_read_takes_the_next_header_into_the_buffers_room() -> None:
+    """One read fills the payload and the next packet's header (the buffer has room
+    for it): the packet is complete, its data exact, and the next header decoded."""
+    allocate = RecordingAllocator(slack=4096)
+    decoder = after_handshake(allocate)
+    first = encode_device_packet(KEY, 1, bytes(range(200)) * 5)
+    second = encode_device_packet(KEY, 2, b"next")
+    decoder.receive_data(first[:PACKET_PREFIX_SIZE])
+    target = decoder.get_buffer()
+    assert len(target) == 1000 + PACKET_PREFIX_SIZE  # the payload and a header's room
+    rest = first[PACKET_PREFIX_SIZE:] + second[:PACKET_PREFIX_SIZE]
+    target[: len(rest)] = rest
+    decoder.buffer_updated(len(rest))
+    (packet,) = drain(decoder)
+    assert isinstance(packet, DevicePacket) and packet.buffer is allocate.buffers[0]
+    assert bytes(packet.data) == bytes(range(200)) * 5 and packet.size == 1000
+    assert allocate.calls == [1000, 4]  # the next header was decoded: its buffer asked for
+    assert decoder.state is DecoderState.PAYLOAD and decoder.needed == 4
+    decoder.receive_data(second[PACKET_PREFIX_SIZE:])
+    assert summary(drain(decoder)) == [("packet", KEY, 2, False, b"next")]
+    assert decoder.bytes_received == 64 + len(first) + len(second)
+
+
+def test_a_partial_header_read_ahead_is_completed_by_the_next_read() -> None:
+    decoder = after_handshake(RecordingAllocator(slack=PACKET_PREFIX_SIZE))
+    first, second = (encode_device_packet(KEY, idx, b"x" * 100) for idx in (1, 2))
+    decoder.receive_data(first[:PACKET_PREFIX_SIZE])
+    target = decoder.get_buffer()
+    target[:200] = first[PACKET_PREFIX_SIZE:] + second[:100]
+    decoder.buffer_updated(200)
+    assert summary(drain(decoder)) == [("packet", KEY, 1, False, b"x" * 100)]
+    assert decoder.state is DecoderState.HEADER
+    assert len(decoder.get_buffer()) == decoder.needed == PACKET_PREFIX_SIZE - 100
+    decoder.receive_data(second[100:])
+    assert summary(drain(decoder)) == [("packet", KEY, 2, False, b"x" * 100)]
+
+
+def test_bad_bytes_read_ahead_stop_the_decoder_after_the_packet() -> None:
+    decoder = after_handshake(RecordingAllocator(slack=PACKET_PREFIX_SIZE))
+    first = encode_device_packet(KEY, 1, b"abc")
+    decoder.receive_data(first[:PACKET_PREFIX_SIZE])
+    target = decoder.get_buffer()
+    target[:7] = first[PACKET_PREFIX_SIZE:] + b"\xde\xad\xbe\xef"  # not the magic
+    decoder.buffer_updated(7)
+    packet, error = error_of(decoder)
+    assert isinstance(packet, DevicePacket) and bytes(packet.data) == b"abc"
+    assert isinstance(error, ProtocolError) and error.reason is Reason.PACKET_MAGIC
 
 
 def test_get_buffer_of_a_header_is_the_rest_of_the_prefix() -> None:

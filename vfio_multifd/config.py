@@ -227,6 +227,7 @@ class QueueFullPolicy(enum.StrEnum):
 class Digest(enum.StrEnum):
     XXH3_128 = "xxh3-128"
     SHA256 = "sha256"
+    NONE = "none"  # nothing computed: what hashing costs, measured by leaving it out
 
 
 #: --missing-channels-grace: long enough for a source's slow channel to connect
@@ -319,6 +320,11 @@ class ReceiveSettings:
         keys = [device.key for device in self.devices]
         if len(set(keys)) != len(keys):
             raise UsageError("a device (idstr + instance) is listed twice")
+        if self.record is not None and self.digest is Digest.NONE:
+            raise UsageError(
+                "--digest none cannot be used with --record: a recording's manifest "
+                "holds the digest of every file, which replay checks"
+            )
         self.check_paths()
         if self.max_packet_size < VFIO_HEADER.size:
             raise UsageError(

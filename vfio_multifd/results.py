@@ -43,6 +43,21 @@ class DeviceResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Phases:
+    """When the migration's last steps ended, in seconds from its first byte: every
+    device received, its data written, its files synced, every output renamed into place."""
+
+    received: float
+    written: float
+    synced: float
+    committed: float
+
+    def log_fields(self) -> dict[str, float]:
+        names = ("received", "written", "synced", "committed")
+        return {name: round(getattr(self, name), 4) for name in names}
+
+
+@dataclass(frozen=True, slots=True)
 class SessionResult:
     devices: tuple[DeviceResult, ...]
     seconds: float  # first byte received to the last device complete
@@ -58,6 +73,7 @@ class SessionResult:
     buffers_allocated: int = 0
     #: Threads whose event loops read the channels (0: the main loop reads them).
     reader_threads: int = 0
+    phases: Phases | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -86,6 +102,8 @@ class SessionResult:
             "buffers_allocated": self.buffers_allocated,
             "reader_threads": self.reader_threads,
         }
+        if self.phases is not None:
+            fields["phases"] = self.phases.log_fields()
         if self.tls_subjects is not None:
             fields["tls"] = True
             fields["tls_subjects"] = {str(k): v for k, v in self.tls_subjects.items()}
@@ -111,8 +129,10 @@ def summarize(
     loaders: Sequence[DeviceLoader],
     *,
     tls_subjects: dict[int, str | None] | None = None,
+    committed: float | None = None,
 ) -> SessionResult:
-    """The result of a completed migration: the core's figures and each loader's files."""
+    """The result of a completed migration: the core's figures and each loader's files
+    (``committed``: monotonic, every output in place)."""
     started = snapshot.started or snapshot.now
     figures = {device.device: device for device in snapshot.devices}
     devices = []
@@ -130,6 +150,19 @@ def summarize(
                 seconds=(device.completed_at or snapshot.now) - started,
             )
         )
+    phases = None
+    if loaders:
+        completed = max(figures[loader.key].completed_at or snapshot.now for loader in loaders)
+        # Each phase ends no earlier than the one before it (a batch can be written
+        # before the device's last chunk comes in).
+        received = max(loader.received_at for loader in loaders)
+        written = max(received, *(loader.written_at for loader in loaders))
+        phases = Phases(
+            received=received - started,
+            written=written - started,
+            synced=max(written, completed) - started,
+            committed=max(written, completed if committed is None else committed) - started,
+        )
     return SessionResult(
         devices=tuple(devices),
         # RAM only (no --device): the migration's own time
@@ -144,4 +177,5 @@ def summarize(
         tls_subjects=tls_subjects,
         buffers_allocated=snapshot.buffers_allocated,
         reader_threads=snapshot.reader_threads,
+        phases=phases,
     )

@@ -312,7 +312,9 @@ def _migration_parent() -> _Parser:
         "--digest",
         **_one_of(Digest),
         default=Digest.XXH3_128,
-        help="digest of each device's data in the summary (default xxh3-128)",
+        help="digest of each device's data in the summary (default xxh3-128); none "
+        "computes none and prints none (receive: the upper bound of what the digest costs; "
+        "not with --record)",
     )
     return parent
 

@@ -7,7 +7,9 @@ once every event completed before it has been taken, so a handshake or packet
 that arrived in the same read as bad bytes is never stranded. It is built for
 a zero-copy receive path: :meth:`ChannelDecoder.get_buffer` returns the very
 memory the next bytes belong in (for a payload, the buffer the chunk will
-live in until it is written), so a socket can ``recv_into`` it. Every field
+live in until it is written), so a socket can ``recv_into`` it; where that
+buffer has room past the payload, the next packet's header is read with the
+payload's last bytes, in the same read, and copied out. Every field
 is checked as soon as its bytes are there, and a payload size is checked
 against the maximum before anything is allocated. The layouts and constants
 are ``wire.py``'s (PROTOCOL.md section 2).
@@ -193,8 +195,8 @@ class ChannelDecoder:
         self.bytes_received += nbytes
         try:
             if self.state is DecoderState.PAYLOAD:
-                if self._filled == self._payload_size:
-                    self._finish_packet()
+                if self._filled >= self._payload_size:
+                    self._payload_complete()
             elif self.state is DecoderState.HEADER:
                 self._check_prefix()
             elif self.state is DecoderState.MAIN:
@@ -222,6 +224,17 @@ class ChannelDecoder:
             target[:n] = view[:n]
             view = view[n:]
             self.buffer_updated(n)
+
+    @property
+    def needed(self) -> int:
+        """Bytes still to come before the unit being received (handshake, header or
+        payload) is complete: what a reader can wait for. 0 when nothing is read now
+        (awaiting a buffer, closed, stopped)."""
+        if self.state in (DecoderState.AWAITING_BUFFER, DecoderState.CLOSED, DecoderState.ERROR):
+            return 0
+        if self.state is DecoderState.PAYLOAD:
+            return self._payload_size - self._filled
+        return len(self._unit) - self._filled
 
     @property
     def has_events(self) -> bool:
@@ -436,11 +449,24 @@ class ChannelDecoder:
     def _start_payload(self, buffer: PayloadBuffer) -> None:
         size = self._payload_size
         self._payload = buffer
-        self._unit = memoryview(buffer)[:size]
+        # The payload, and as much of the next header as the buffer has room for.
+        self._unit = memoryview(buffer)[: size + PACKET_PREFIX_SIZE]
         self._filled = 0
         self.state = DecoderState.PAYLOAD
         if size == 0:
             self._finish_packet()
+
+    def _payload_complete(self) -> None:
+        """The payload is in; bytes read past it are the next header's."""
+        ahead = self._filled - self._payload_size
+        if ahead == 0:
+            self._finish_packet()
+            return
+        read_ahead = self._unit[self._payload_size : self._filled]
+        self._finish_packet()
+        self._prefix[:ahead] = read_ahead
+        self._filled = ahead
+        self._check_prefix()
 
     def _check_packet_header(self, filled: int) -> None:
         buf = self._prefix

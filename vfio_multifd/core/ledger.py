@@ -90,11 +90,13 @@ class Ledger:
         self.policy = MemoryPolicy(reassembly, fail_when_full=fail_when_full, grace=grace)
         self._staging: PayloadBuffer | None = None  # made on the first spill of an arrival
         self.staging_busy = False
+        self.charged = False  # a payload buffer was asked for: warming the pool stops
 
     # -- charges ------------------------------------------------------------------------
 
     def charge(self, header: PacketHeader) -> tuple[PayloadBuffer, int] | None:
         """A buffer for ``header``'s payload and its charge, if it fits now."""
+        self.charged = True
         reassembly = self.reassembly
         device = reassembly.devices[header.device]
         if not reassembly.fits(header.size, ahead=header.idx != device.next_idx):
@@ -137,6 +139,20 @@ class Ledger:
 
     def release_staging(self) -> None:
         self.staging_busy = False
+
+    # -- warming the pool (while no channel sends) ------------------------------------------
+
+    def warm_count(self, capacity: int) -> int:
+        """How many more idle buffers of ``capacity`` the bound has room for now (0 once a
+        payload was asked for: from then on buffers are made as they are needed)."""
+        if self.charged:
+            return 0
+        return max(0, (self._idle_room() - self.buffers.idle_bytes) // capacity)
+
+    def add_idle(self, buffers: Iterable[PayloadBuffer]) -> None:
+        """Warm buffers made meanwhile: kept idle while there is room (chunks may be queued)."""
+        for buffer in buffers:
+            self._release_buffer(buffer)
 
     # -- releases -------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import ProtocolError, Reason
-from .wire import DeviceKey, DevicePacket
+from .wire import PACKET_PREFIX_SIZE, DeviceKey, DevicePacket
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
@@ -24,15 +24,16 @@ if TYPE_CHECKING:
 #: What each chunk held in memory costs besides its buffer (its Chunk, the
 #: packet and buffer objects, dict and heap entries: measured at about 235 bytes).
 CHUNK_OVERHEAD = 256
-#: Payloads this large get page-rounded buffers of their own (and are pooled);
-#: smaller ones an exact ``bytearray``.
+#: Payloads this large get page-rounded buffers of their own (and are pooled),
+#: with room after the payload for the next packet's header: the decoder reads
+#: it in the payload's last read (decoder.py). Smaller ones get an exact ``bytearray``.
 POOLED_MIN = 64 << 10
 PAGE = 4096
 
 
 def capacity_of(size: int) -> int:
     """The bytes a payload buffer of ``size`` really takes: what memory is charged for."""
-    return size if size < POOLED_MIN else -(-size // PAGE) * PAGE
+    return size if size < POOLED_MIN else -(-(size + PACKET_PREFIX_SIZE) // PAGE) * PAGE
 
 
 class ChunkState(enum.Enum):

@@ -34,6 +34,7 @@ from ..core.decoder import (
 from ..core.state import ChannelState
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
 from ..errors import ProtocolError
+from .sockopts import size_receive_buffer
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
@@ -202,6 +203,8 @@ class ChannelProtocol(asyncio.BufferedProtocol):
         self.channel_id = channel_id
         self.log = self.log.bind(channel=channel_id)
         self.log.info("channel_accepted")
+        if self.transport is not None and not self.detached:
+            size_receive_buffer(self.transport.get_extra_info("socket"))
 
     def provide_buffer(self, buffer: PayloadBuffer) -> None:
         """The buffer the last header waited for: the payload can be read now."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,6 +66,9 @@ class DeviceLoader:
         self.next_idx = 0  # the idx this loader takes next
         self.bytes_written = 0
         self.chunks_written = 0
+        # Monotonic times of the device's last steps (the summary's phases):
+        self.received_at = 0.0  # its config chunk taken: every byte of it received
+        self.written_at = 0.0  # its last data batch written (on the writer thread)
         self.log = log.bind(device=str(key))
         self._debug = debug_enabled(self.log)
 
@@ -83,6 +87,7 @@ class DeviceLoader:
         while chunks := self._take(self.key, BATCH_BYTES):
             self.next_idx = chunks[-1].idx + 1
             if chunks[0].config:  # the last chunk: run() completes the device
+                self.received_at = time.monotonic()
                 self._config = chunks
                 self._config_ready.set()
                 return
@@ -175,6 +180,7 @@ class DeviceLoader:
             views.append(view)
         if views:
             self.data.write(views)
+        self.written_at = time.monotonic()
 
     async def _load_config(self, loop: asyncio.AbstractEventLoop, chunk: Chunk) -> None:
         def load() -> None:

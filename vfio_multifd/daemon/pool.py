@@ -11,6 +11,13 @@ get an exact ``bytearray`` and are not pooled.
 The pool is last in, first out (the buffer used last is the warmest) and keeps
 idle buffers only while the caller says there is room for them: idle buffers
 are memory too. Only the event loop thread touches a pool.
+
+A fresh buffer's pages are zeroed by the kernel on first touch, in the read
+that fills them: on the hot path, a page fault every 4 KiB. So while the
+daemon waits for its channels (session.py), :func:`warm_buffers` makes buffers for the
+chunk size QEMU sends with their pages already in place (``MAP_POPULATE``),
+on a worker thread, and the pool keeps them as idle ones: the first
+migration's chunks then land in warm memory, as every later one does.
 """
 
 from __future__ import annotations
@@ -22,6 +29,30 @@ from ..core.reassembly import POOLED_MIN, capacity_of
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer as PayloadBuffer
+
+#: The chunk size QEMU's source sends (VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE): what a
+#: warm pool is made for.
+QEMU_CHUNK = 1 << 20
+_PRIVATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+
+
+def new_buffer(capacity: int, *, populate: bool = False) -> mmap.mmap:
+    """An anonymous private mapping of ``capacity`` bytes; ``populate``: its pages
+    faulted in now (zeroed), not on first touch."""
+    flags = _PRIVATE | (mmap.MAP_POPULATE if populate else 0)
+    return mmap.mmap(-1, capacity, flags=flags)
+
+
+def warm_buffers(capacity: int, count: int) -> list[mmap.mmap]:
+    """``count`` populated buffers of ``capacity`` (blocking: call it on a worker thread);
+    fewer if memory runs out."""
+    buffers: list[mmap.mmap] = []
+    try:
+        for _ in range(count):
+            buffers.append(new_buffer(capacity, populate=True))
+    except (OSError, MemoryError):  # warming is an optimisation: keep what was made
+        pass
+    return buffers
 
 
 class BufferPool:
@@ -40,7 +71,7 @@ class BufferPool:
             self.idle_bytes -= capacity
             return free.pop()
         self.misses += 1
-        return mmap.mmap(-1, capacity)
+        return new_buffer(capacity)
 
     def fresh(self, capacity: int) -> PayloadBuffer:
         """A buffer of its own, never pooled (the staging buffer of a spill)."""

@@ -23,6 +23,7 @@ import structlog
 from ..config import Address, ReceiveSettings
 from ..core.config import MigrationConfig
 from ..core.migration import Migration
+from ..core.reassembly import POOLED_MIN, capacity_of
 from ..core.snapshot import MigrationSnapshot
 from ..core.state import Phase
 from ..errors import MultifdError, Reason, SessionError
@@ -34,7 +35,7 @@ from .driver import Driver, clock
 from .listener import Listener
 from .loader import DeviceLoader
 from .output import device_outputs
-from .pool import BufferPool
+from .pool import QEMU_CHUNK, BufferPool, warm_buffers
 from .ram_sink import RamSink
 from .reader_threads import ReaderThreads, default_reader_threads
 from .spill import Spiller, spill_directory
@@ -44,6 +45,11 @@ if TYPE_CHECKING:
     from ..tls import TlsServer
 
 log = structlog.get_logger("vfio_multifd.session")
+
+#: Seconds without a payload before the pool is warmed (_warm_pool).
+WARM_AFTER = 0.2
+#: Buffers warmed at a time: what warming may hold beyond the bound.
+WARM_BATCH = 4
 
 
 
@@ -94,6 +100,7 @@ class Session(Driver):
         #: Accepted channels by id (their protocols: the core keeps their state).
         self.channels: dict[int, ChannelProtocol] = {}
         self.log = log
+        self.committed_at: float | None = None  # monotonic, every output in place
         self._start_driving()
 
     @property
@@ -143,6 +150,8 @@ class Session(Driver):
             if self.core.layout.staging:
                 self.spiller.check_directory()
             await self._listen()
+            # While no channel sends yet: pages of the first chunks' buffers in place.
+            self._spawn(self._warm_pool(), "warm pool")
             for loader in self.loaders.values():
                 self._spawn(self._load(loader), f"loader {loader.key}")
             decided: list[asyncio.Future[Any]] = [self._failed, self._commit]
@@ -210,8 +219,41 @@ class Session(Driver):
             self.core.commit_failed(error, clock())
             self._act()
             raise
-        self.core.committed(clock())
+        self.committed_at = clock()
+        self.core.committed(self.committed_at)
         self._act()
+
+    async def _warm_pool(self, after: float = WARM_AFTER) -> None:
+        """Fill the pool with warm buffers for QEMU's chunk size, as many as idle
+        buffers may take under the bound, while no payload has been asked for.
+
+        It starts only once the daemon has waited ``after`` seconds: a source that
+        sends at once (a test, a demo) gains nothing from it, a migration's
+        destination waits for its stop-copy far longer. A few at a time, each batch
+        pooled (where the bound counts it) before the next is made, so that memory
+        being warmed exceeds the bound by one batch at most; it stops at the first
+        payload (the ledger's count is 0 from then on)."""
+        capacity = capacity_of(min(QEMU_CHUNK, self.settings.max_payload_size))
+        if capacity < POOLED_MIN:
+            return
+        await asyncio.sleep(after)
+        loop = asyncio.get_running_loop()
+        ledger = self.core.ledger
+        started = clock()
+        warmed = 0
+        while (count := min(WARM_BATCH, ledger.warm_count(capacity))) > 0:
+            buffers = await loop.run_in_executor(None, warm_buffers, capacity, count)
+            ledger.add_idle(buffers)
+            warmed += len(buffers)
+            if len(buffers) < count:  # out of memory: enough
+                break
+        if warmed:  # its resident memory grew by this much, within the bound
+            self.log.info(
+                "pool_warmed",
+                buffers=warmed,
+                bytes=warmed * capacity,
+                seconds=round(clock() - started, 3),
+            )
 
     async def _listen(self) -> None:
         self.readers.start()
@@ -285,7 +327,12 @@ class Session(Driver):
         tls_subjects = None
         if self.tls is not None:
             tls_subjects = {c.id: c.tls_subject for c in snapshot.channels if c.id is not None}
-        result = summarize(snapshot, list(self.loaders.values()), tls_subjects=tls_subjects)
+        result = summarize(
+            snapshot,
+            list(self.loaders.values()),
+            tls_subjects=tls_subjects,
+            committed=self.committed_at,
+        )
         self.log.info("migration_completed", **result.log_fields())
         return result
 
