@@ -41,6 +41,9 @@ def print_receive_summary(
         f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
+    qemu = None if result.qemu is None else result.qemu.summary()
+    if qemu is not None:
+        print(qemu, file=out)
     if result.reader_threads:
         print(f"channels read on {result.reader_threads} reader threads", file=out)
     tls = result.tls_summary()

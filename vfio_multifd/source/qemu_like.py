@@ -140,13 +140,15 @@ class QemuLikeStreams:
     ram_packets: int = 0
     device_packets: int = 0
     description: bytes = b""
+    normal_pages: int = 0  # pages sent with their data
+    zero_pages: int = 0  # pages sent as zero: in RAM packets, or ZERO records (legacy)
 
 
 @dataclass
 class _Builder:
     channels: int
     page_size: int
-    zero_pages: str
+    zero_page_detection: str
     uuid: bytes
     main: bytearray = field(default_factory=bytearray)
     packets: list[list[bytes]] = field(default_factory=list)
@@ -156,6 +158,8 @@ class _Builder:
     sync_points: int = 0
     ram_packets: int = 0
     device_packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     def __post_init__(self) -> None:
         self.packets = [[ChannelHandshake(c, self.uuid).encode()] for c in range(self.channels)]
@@ -173,9 +177,10 @@ class _Builder:
         batch_zero: list[int] = []
         limit = pages_per_packet(self.page_size)
         for offset, data in pages:
-            if data == zero_page and self.zero_pages == "legacy":
+            if data == zero_page and self.zero_page_detection == "legacy":
                 self.main += ram_zero(offset, None if self.last_block == block else block)
                 self.last_block = block
+                self.zero_pages += 1
                 continue
             if data == zero_page:
                 batch_zero.append(offset)
@@ -188,6 +193,8 @@ class _Builder:
             self._flush_batch(block, batch_normal, batch_zero)
 
     def _flush_batch(self, block: str, normal: list[tuple[int, bytes]], zero: list[int]) -> None:
+        self.normal_pages += len(normal)
+        self.zero_pages += len(zero)
         self.send_packet(
             encode_ram_packet(
                 block=block, normal=normal, zero=zero, packet_num=self.packet_num,
@@ -290,6 +297,8 @@ def qemu10_migration(
         build.ram_packets,
         build.device_packets,
         description,
+        build.normal_pages,
+        build.zero_pages,
     )
 
 
