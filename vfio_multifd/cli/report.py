@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..config import Address
 from ..errors import SendError
 from ..results import SessionResult
 from ..source.replay import ENDING_TEXT, Replay
 from ..source.sender import SendResult
+
+if TYPE_CHECKING:
+    from ..source.qemu_sender import RamSent
 
 
 def printable(text: object) -> str:
@@ -52,13 +55,25 @@ def print_receive_summary(
 
 
 def print_send_summary(
-    result: SendResult, out: TextIO, address: Address, *, tls: bool = False
+    result: SendResult,
+    out: TextIO,
+    address: Address,
+    *,
+    tls: bool = False,
+    ram: RamSent | None = None,
 ) -> None:
     """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
     what the daemon's clean close of every channel means over this transport (over a
     unix socket, only TLS's close_notify proves it: a failure there cannot reset)."""
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
+    if ram is not None:
+        print(
+            f"ram: {ram.block} {ram.size} bytes in {ram.rounds} rounds: {ram.normal_pages} "
+            f"pages, {ram.zero_pages} zero pages, {ram.sync_points} sync points; main stream "
+            f"{ram.main_bytes} bytes",
+            file=out,
+        )
     verdict = (
         "the daemon closed every channel cleanly: it completed the migration"
         if address.kind == "tcp" or tls

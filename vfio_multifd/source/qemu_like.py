@@ -2,7 +2,7 @@
 
 Pure: builds bytes, sends nothing. What QEMU 10.0 sends for a VM whose VFIO
 devices use multifd device state transfer (PROTOCOL.md section 7), so that
-tests (and later ``send --ram``) need no QEMU: the main channel with its
+tests and ``send --ram`` need no QEMU: the main channel with its
 configuration, the ``ram`` section (block list, sync points, ``ZERO`` records
 when zero pages are detected the legacy way), each VFIO device's sections
 (setup, pre-copy data, the end-of-state markers multifd transfer leaves),
@@ -19,6 +19,7 @@ one in the stop-copy phase), as QEMU resends dirty pages.
 from __future__ import annotations
 
 import json
+import random
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -349,3 +350,28 @@ def _send_device_state(build: _Builder, devices: Sequence[VfioDevice]) -> None:
             if queue:
                 build.send_packet(queue.pop(0))
                 build.device_packets += 1
+
+
+GUEST_RAM_BLOCK = "pc.ram"
+
+
+def guest_ram(
+    size: int, seed: int, *, rounds: int = 3, page_size: int = DEFAULT_PAGE_SIZE
+) -> list[dict[str, bytes]]:
+    """A running guest's RAM (one block, ``pc.ram``) over ``rounds`` rounds, the same for
+    the same ``size`` and ``seed``: at first a third of its pages random and the rest
+    zero; each later round rewrites a sixteenth of them, one in four to zero."""
+    if size <= 0 or size % page_size:
+        raise ValueError(f"the RAM size is a non-zero multiple of {page_size} bytes, not {size}")
+    rng = random.Random(f"ram:{seed}")
+    pages = size // page_size
+    ram = bytearray(size)
+    for number in range(0, pages, 3):
+        ram[number * page_size : (number + 1) * page_size] = rng.randbytes(page_size)
+    images = [{GUEST_RAM_BLOCK: bytes(ram)}]
+    for _ in range(1, rounds):
+        for number in rng.sample(range(pages), max(1, pages // 16)):
+            data = bytes(page_size) if number % 4 == 0 else rng.randbytes(page_size)
+            ram[number * page_size : (number + 1) * page_size] = data
+        images.append({GUEST_RAM_BLOCK: bytes(ram)})
+    return images
