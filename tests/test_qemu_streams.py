@@ -127,6 +127,29 @@ def test_a_qemu10_like_migration_through_the_daemon(
     ) in summary
 
 
+def test_a_ram_only_migration_has_its_result(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """--result without --device: it failed on the missing device list (exit 1)."""
+    streams = qemu10_migration(rounds(2), channels=2, uuid=bytes.fromhex(UUID.replace("-", "")))
+    daemon = Daemon(
+        tmp_path,
+        "--channels", "2",
+        "--uuid", UUID,
+        "--main-stream", "/dev/null",
+        "--ram", str(tmp_path / "ram"),
+        "--result", str(tmp_path / "result.json"),
+    )  # fmt: skip
+    daemons.append(daemon)
+    send(int(daemon.address.rsplit(":", 1)[1]), streams.main, streams.channels, lag=None)
+    code, _, stderr = daemon.finish(60)
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["outcome"], result["devices"]) == ("completed", [])
+    assert (result["ram_pages"], result["ram_zero_pages"], result["sync_points"]) == (
+        streams.normal_pages, streams.zero_pages, streams.sync_points,
+    )  # fmt: skip
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == rounds(2)[-1]["pc.ram"]
+
+
 async def test_status_and_metrics_count_what_qemu_sent(tmp_path: Path) -> None:
     """query-migrate's ``ram`` (QEMU's names), /metrics and the summary line, in process."""
     images = rounds(3)
