@@ -35,7 +35,14 @@ from vfio_multifd.core.savevm import BlockList, Ended, RamBlock, SyncPoint
 from vfio_multifd.core.state import ChannelState, Phase
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader
 from vfio_multifd.daemon.pool import BufferPool
-from vfio_multifd.errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
+from vfio_multifd.errors import (
+    HandshakeError,
+    MultifdError,
+    ProtocolError,
+    Reason,
+    SessionError,
+    UsageError,
+)
 from vfio_multifd.results import SessionStatus
 
 A = DeviceKey(IDSTR, 0)
@@ -69,6 +76,8 @@ class Driver:
     spills: list[Chunk] = field(default_factory=list)  # asked for, not yet carried out
     committed_called: bool = False
     ram: dict[str, bytearray] = field(default_factory=dict)  # the RAM writer's images
+    write_ram_at_once: bool = True  # carry out WriteRam commands as they come
+    ram_writes: list[cmd.WriteRam] = field(default_factory=list)  # asked for, not done
 
     @classmethod
     def start(cls, config: MigrationConfig, **options: object) -> Driver:
@@ -201,10 +210,19 @@ class Driver:
         elif isinstance(command, cmd.CreateRamImages):
             self.ram = {block.name: bytearray(block.used_length) for block in command.blocks}
         elif isinstance(command, cmd.WriteRam):
+            self.ram_writes.append(command)
+            if self.write_ram_at_once:
+                self.finish_ram_writes()
+
+    def finish_ram_writes(self) -> None:
+        """The RAM writer does every write queued, first in first out."""
+        while self.ram_writes:
+            command = self.ram_writes.pop(0)
             for name, offset, data in command.pages:
                 page = bytes([data]) * PAGE if isinstance(data, int) else bytes(data)
                 self.ram[name][offset : offset + PAGE] = page
             self.core.ram_written(command.conn, command.nbytes, self.now)
+            self.act()
 
     def finish_spills(self) -> None:
         spills, self.spills = self.spills, []
@@ -795,11 +813,13 @@ UUID = bytes(16)
 BLOCKS = (RamBlock("pc.ram", 16 * PAGE), RamBlock("vga.vram", 4 * PAGE))
 
 
-def ram_migration(channels: int = 2) -> tuple[Driver, int, list[int]]:
+def ram_migration(channels: int = 2, **options: object) -> tuple[Driver, int, list[int]]:
     """A RAM-only migration: its main channel and ``channels`` multifd channels connected,
-    no block list yet."""
+    no block list yet (``options``: the config's)."""
     driver = Driver.start(
-        MigrationConfig(devices=(), channels=channels, main_stream=True, ram=True)
+        MigrationConfig(
+            devices=(), channels=channels, main_stream=True, ram=True, **options  # type: ignore[arg-type]
+        )
     )
     main = driver.connect("main")
     driver.send(main, b"QEVM\x00\x00\x00\x03")
@@ -904,3 +924,54 @@ def test_a_ram_packet_outside_the_block_list_fails_naming_it(
     assert isinstance(error, ProtocolError) and error.reason is reason
     assert str(error) == f"channel 1: {expected}"
     assert driver.ram["vga.vram"] == bytes(4 * PAGE)  # nothing written
+
+
+def full_packet(block: str, first: int, fill: int) -> bytes:
+    """A RAM packet of 128 pages (512 KiB of page data) from page ``first``."""
+    pages = [((first + n) * PAGE, bytes([fill]) * PAGE) for n in range(128)]
+    return encode_ram_packet(block=block, normal=pages)
+
+
+def test_the_ram_writers_queue_stays_within_its_share_of_the_bound() -> None:
+    """Past its share every channel pauses, not only the one that wrote; the writer
+    catching up resumes them all. The share is part of --max-queued-bytes."""
+    bound = 16 << 20
+    driver, main, (c0, c1) = ram_migration(max_queued_bytes=bound, max_payload_size=CHUNK)
+    layout = driver.core.layout
+    assert layout.ram == (bound - 2 * capacity_of(CHUNK) - CHUNK_OVERHEAD) // 4
+    assert layout.queue_bound == bound - layout.staging - layout.ram  # the chunks' part
+    driver.write_ram_at_once = False
+    blocks = (RamBlock("pc.ram", 64 << 20),)
+    main_event(driver, main, BlockList(blocks))
+    packets = (layout.ram_hold_above >> 19) + 1  # 512 KiB each: one past the threshold
+    stream = b"".join(full_packet("pc.ram", 128 * n, n % 250 + 1) for n in range(packets + 4))
+    driver.send(c0, stream)
+    assert driver.core.ram_queued == packets << 19 <= layout.ram
+    assert not driver.connections[c0].reading and not driver.connections[c1].reading
+    assert driver.core.main_held
+    driver.send(c1, full_packet("pc.ram", 0, 99))  # c1 reads nothing while held
+    assert driver.core.ram_queued == packets << 19
+    driver.finish_ram_writes()
+    assert driver.connections[c1].reading and driver.core.ram_queued == 0
+    driver.finish_ram_writes()
+    assert driver.core.peak_ram_queued <= layout.ram
+    assert driver.core.ram_pages == 128 * (packets + 5)
+    assert driver.ram["pc.ram"][: 128 * PAGE] == bytes([99]) * 128 * PAGE  # c1's, after c0's
+
+
+def test_a_bound_too_small_for_qemus_streams_names_their_share() -> None:
+    """With QEMU's streams the smallest bound adds the RAM writer's smallest share: a
+    RAM packet's page data being read on each of 2 channels and the main channel, and
+    one queued (4 x 512 KiB), to the chunks' 2 x 1 MiB + 256."""
+    from vfio_multifd.config import DeviceSpec, ReceiveSettings
+
+    qemu = {"main_stream": Path("/dev/null"), "ram": "discard", "channels": 2}
+    smallest = ReceiveSettings(devices=(), **qemu).smallest_bound  # type: ignore[arg-type]
+    assert smallest == (2 << 20) + CHUNK_OVERHEAD + 4 * (512 << 10)
+    device = DeviceSpec(A, Path("/nowhere/a.bin"), Path("/nowhere/a.bin.config"))
+    assert ReceiveSettings(devices=(device,)).smallest_bound == (2 << 20) + CHUNK_OVERHEAD
+    ReceiveSettings(devices=(), max_queued_bytes=smallest, **qemu)  # type: ignore[arg-type]
+    with pytest.raises(UsageError) as error:
+        ReceiveSettings(devices=(), max_queued_bytes=smallest - 1, **qemu)  # type: ignore[arg-type]
+    assert f"the smallest bound that works is {smallest}" in str(error.value)
+    assert f"and {4 * 512 * 1024} for QEMU's streams" in str(error.value)

@@ -180,7 +180,10 @@ async def test_status_and_metrics_count_what_qemu_sent(tmp_path: Path) -> None:
         "normal-bytes": streams.normal_pages * PAGE,
         "page-size": PAGE,
         "sync-points": streams.sync_points,
+        "queued-bytes": 0,
+        "peak-queued-bytes": info["ram"]["peak-queued-bytes"],
     }
+    assert 0 < info["ram"]["peak-queued-bytes"] <= running.session.core.layout.ram
     assert info["main-stream-bytes"] == len(streams.main)
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value

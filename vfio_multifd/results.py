@@ -42,6 +42,8 @@ class QemuStreamFigures:
     zero_pages: int = 0  # RAM pages announced as zero (no data)
     sync_points: int = 0  # sync points every channel and the main stream reached
     main_stream_bytes: int = 0  # bytes of the main channel, as received
+    queued_bytes: int = 0  # pages and main-stream bytes queued for the RAM writer now
+    peak_queued_bytes: int = 0
 
     @property
     def normal_bytes(self) -> int:

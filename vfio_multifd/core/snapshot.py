@@ -127,6 +127,8 @@ def build_snapshot(migration: Migration, now: float) -> MigrationSnapshot:
             zero_pages=m.ram_zero_pages,
             sync_points=m.sync_points,
             main_stream_bytes=m.main_bytes,
+            queued_bytes=m.ram_queued,
+            peak_queued_bytes=m.peak_ram_queued,
         ),
     )
 
