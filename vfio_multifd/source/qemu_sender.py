@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import Address, Digest, check_channels
+from ..config import Address, Digest
 from ..errors import Cancelled, UsageError
 from .channels import ChannelStream, run_channels, send_all
 from .plan import DeviceState, SourceDevice
 from .qemu_like import GUEST_RAM_BLOCK, QemuLikeStreams, VfioDevice, guest_ram, qemu10_migration
-from .sender import SendResult, SendTally
+from .sender import SendResult, SendTally, device_states
 
 if TYPE_CHECKING:
     from ..tls import TlsClient
@@ -63,13 +63,7 @@ def send_like_qemu(
     """Send ``devices`` and ``ram_size`` bytes of guest RAM as QEMU 10 does (main channel
     first, then ``channels`` multifd channels), and wait for the daemon's verdict.
     Raises as :func:`~.sender.send` does."""
-    check_channels(channels)
-    if chunk_size <= 0:
-        raise UsageError("--chunk-size must be positive")
-    tally = SendTally() if tally is None else tally
-    tally.channel_bytes = [0] * channels
-    states = [DeviceState(device, chunk_size) for device in devices]
-    tally.chunks = [state.chunks for state in states]
+    tally, states = device_states(devices, channels=channels, chunk_size=chunk_size, tally=tally)
     try:
         tally.digests = [state.digest(digest) for state in states]
         try:
