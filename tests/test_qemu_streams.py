@@ -224,3 +224,56 @@ def test_without_ram_a_ram_packet_fails_naming_the_option(
     assert code == 1
     assert "give --ram DIR (or --ram discard)" in stderr
     assert not (tmp_path / "dev.bin").exists()
+
+
+def test_record_keeps_the_main_channel_and_replay_sends_it_again(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """--record writes main-channel.bin beside the channel files (id null in the
+    manifest); a replay to another daemon gives the same RAM image and main stream."""
+    from cli_helpers import run
+
+    images = rounds(3)
+    uuid = bytes.fromhex(UUID.replace("-", ""))
+    streams = qemu10_migration(images, channels=2, uuid=uuid)
+    record = tmp_path / "record"
+
+    def daemon(name: str, *extra: str) -> Daemon:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        started = Daemon(
+            workdir,
+            "--channels", "2",
+            "--uuid", UUID,
+            "--main-stream", str(workdir / "main.bin"),
+            "--ram", str(workdir / "ram"),
+            *extra,
+        )  # fmt: skip
+        daemons.append(started)
+        return started
+
+    first = daemon("first", "--record", str(record))
+    send(int(first.address.rsplit(":", 1)[1]), streams.main, streams.channels, lag=None)
+    code, _, stderr = first.finish(60)
+    assert code == 0, stderr
+    assert (record / "main-channel.bin").read_bytes() == streams.main
+    manifest = json.loads((record / "manifest.json").read_text())
+    assert sorted(
+        (c["id"] is None, c["file"], c["bytes"]) for c in manifest["recorded_channels"]
+    ) == [
+        (False, "channel-0.bin", len(streams.channels[0])),
+        (False, "channel-1.bin", len(streams.channels[1])),
+        (True, "main-channel.bin", len(streams.main)),
+    ]
+
+    second = daemon("second")
+    replayed = run(["replay", str(record), "--connect", second.address])
+    assert replayed.returncode == 0, replayed.stderr
+    assert "2 of 2 channels and the main channel" in replayed.stdout
+    assert f"main channel: sent {len(streams.main)} of {len(streams.main)} bytes" in (
+        replayed.stdout
+    )
+    code, _, stderr = second.finish(60)
+    assert code == 0, stderr
+    assert (tmp_path / "second" / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
+    assert (tmp_path / "second" / "main.bin").read_bytes() == streams.main

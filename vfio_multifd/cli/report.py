@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from ..config import Address
 from ..errors import SendError
+from ..ops.manifest import channel_name
 from ..results import SessionResult
 from ..source.replay import ENDING_TEXT, Replay
 from ..source.sender import SendResult
@@ -93,18 +94,22 @@ def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
     outcome = manifest.outcome
     if manifest.error is not None:
         outcome += f": {manifest.error.message}"
+    multifd = [c for c in manifest.recorded_channels if c.id is not None]
+    main = len(multifd) < len(manifest.recorded_channels)
     print(
         f"replaying {printable(replay.recording.directory)}: recorded {manifest.started_at} "
-        f"by {manifest.tool}, {len(manifest.recorded_channels)} of {manifest.channels} "
-        f"channels, outcome {outcome}",
+        f"by {manifest.tool}, {len(multifd)} of {manifest.channels} "
+        f"channels{' and the main channel' if main else ''}, outcome {outcome}",
         file=out,
     )
     devices = " ".join(
         f"--device idstr={device.idstr.replace(',', ',,')},instance={device.instance},data=..."
         for device in manifest.devices
     )
+    qemu = " --main-stream PATH (and --ram DIR if it carried RAM)" if main else ""
     print(
-        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid} {devices}",
+        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid}"
+        f"{qemu} {devices}".rstrip(),
         file=out,
     )
     if manifest.tls:
@@ -118,7 +123,7 @@ def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
             f"the recording is incomplete ({manifest.stopped}): only what was recorded is sent",
             file=out,
         )
-    ids = ", ".join(str(channel.id) for channel in replay.channels)
+    ids = ", ".join("main" if c.id is None else str(c.id) for c in replay.channels)
     print(f"connection order ({order}): channel ids {ids}", file=out, flush=True)
 
 
@@ -129,7 +134,10 @@ def print_replay_report(
     what a clean close means over this transport, as :func:`print_send_summary`)."""
     for channel, sent in zip(replay.channels, replay.sent, strict=True):
         ending = ENDING_TEXT[channel.end] if sent == channel.bytes else "then stopped"
-        print(f"channel {channel.id}: sent {sent} of {channel.bytes} bytes, {ending}", file=out)
+        print(
+            f"{channel_name(channel.id)}: sent {sent} of {channel.bytes} bytes, {ending}",
+            file=out,
+        )
     if error is not None:
         verdict = "not every channel ended cleanly (the error below says which, and why)"
     elif address.kind == "tcp" or tls:
