@@ -32,8 +32,9 @@ def test_exit_0_means_the_daemon_completed_the_migration(
     sent = run(["send", "--connect", daemon.address, "--device", f"idstr={IDSTR},source={source}"])
     assert sent.returncode == 0, sent.stderr
     # The sender returned only once the daemon closed every channel, which it does
-    # with its outputs in place.
-    assert sorted(os.listdir(out)) == ["a.bin", "a.bin.config"]
+    # with its outputs in place (the daemon still holds their paths' locks until it exits).
+    in_place = sorted(n for n in os.listdir(out) if not n.endswith(".lock"))
+    assert in_place == ["a.bin", "a.bin.config"]
     assert (out / "a.bin").read_bytes() == source.read_bytes()
     assert re.fullmatch(
         r"sent 3145728 bytes in [\d.]+ s \([\d.]+ MB/s\) over 2 channels; "
@@ -41,6 +42,7 @@ def test_exit_0_means_the_daemon_completed_the_migration(
         sent.stdout.splitlines()[-1],
     ), sent.stdout
     assert daemon.finish()[0] == 0
+    assert sorted(os.listdir(out)) == ["a.bin", "a.bin.config"]  # the locks gone at exit
 
 
 def test_progress_lines_count_in_numbers_and_end_at_the_summary_rate(

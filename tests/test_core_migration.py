@@ -962,14 +962,17 @@ def test_the_ram_writers_queue_stays_within_its_share_of_the_bound() -> None:
 def test_a_bound_too_small_for_qemus_streams_names_their_share() -> None:
     """With QEMU's streams the smallest bound adds the RAM writer's smallest share: a
     RAM packet's page data being read on each of 2 channels and the main channel, and
-    one queued (4 x 512 KiB), to the chunks' 2 x 1 MiB + 256."""
+    one queued (4 x 512 KiB), to the chunks' two 1 MiB buffers (each with the room of
+    the next packet's header, page-rounded) + 256."""
     from vfio_multifd.config import DeviceSpec, ReceiveSettings
 
     qemu = {"main_stream": Path("/dev/null"), "ram": "discard", "channels": 2}
     smallest = ReceiveSettings(devices=(), **qemu).smallest_bound  # type: ignore[arg-type]
-    assert smallest == (2 << 20) + CHUNK_OVERHEAD + 4 * (512 << 10)
+    chunks = 2 * capacity_of(1 << 20) + CHUNK_OVERHEAD
+    assert chunks == (2 << 20) + (8 << 10) + 256
+    assert smallest == chunks + 4 * (512 << 10)
     device = DeviceSpec(A, Path("/nowhere/a.bin"), Path("/nowhere/a.bin.config"))
-    assert ReceiveSettings(devices=(device,)).smallest_bound == (2 << 20) + CHUNK_OVERHEAD
+    assert ReceiveSettings(devices=(device,)).smallest_bound == chunks
     ReceiveSettings(devices=(), max_queued_bytes=smallest, **qemu)  # type: ignore[arg-type]
     with pytest.raises(UsageError) as error:
         ReceiveSettings(devices=(), max_queued_bytes=smallest - 1, **qemu)  # type: ignore[arg-type]
