@@ -237,6 +237,29 @@ def _pages(image: bytes, previous: bytes | None, page_size: int) -> list[tuple[i
 RAM_SECTION = 1  # the ram section's id; VFIO devices' follow, the opaque device's is 0
 
 
+def _precopy(
+    build: _Builder,
+    images: Sequence[Mapping[str, bytes]],
+    devices: Sequence[VfioDevice],
+    ids: Mapping[DeviceKey, int],
+) -> Mapping[str, bytes] | None:
+    """The pre-copy rounds: all but the last image, the VFIO devices' pre-copy
+    data beside them. Returns the last image sent (None: no round)."""
+    main = build.main
+    previous: Mapping[str, bytes] | None = None
+    for number, image in enumerate(images[:-1]):
+        main += section_header(Record.SECTION_PART, RAM_SECTION)
+        build.send_image(image, previous)
+        build.end_ram_section()
+        for device in devices:
+            if number < len(device.precopy):
+                main += section_header(Record.SECTION_PART, ids[device.key])
+                main += vfio_data(device.precopy[number]) + vfio_tag(ConfigTag.END_OF_STATE)
+                main += footer(ids[device.key])
+        previous = image
+    return previous
+
+
 def qemu10_migration(
     images: Sequence[Mapping[str, bytes]],
     *,
@@ -268,18 +291,7 @@ def qemu10_migration(
         main += _device_section(Record.SECTION_START, ids[device.key], device)
         main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
         main += footer(ids[device.key])
-    # pre-copy rounds: all but the last image; the VFIO devices' pre-copy data beside them
-    previous: Mapping[str, bytes] | None = None
-    for number, image in enumerate(images[:-1]):
-        main += section_header(Record.SECTION_PART, RAM_SECTION)
-        build.send_image(image, previous)
-        build.end_ram_section()
-        for device in devices:
-            if number < len(device.precopy):
-                main += section_header(Record.SECTION_PART, ids[device.key])
-                main += vfio_data(device.precopy[number]) + vfio_tag(ConfigTag.END_OF_STATE)
-                main += footer(ids[device.key])
-        previous = image
+    previous = _precopy(build, images, devices, ids)
     # stop-copy: the last image's changes, the devices' chunks among them
     main += command(Command.SWITCHOVER_START)
     main += section_header(Record.SECTION_END, RAM_SECTION)

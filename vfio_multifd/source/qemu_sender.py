@@ -64,21 +64,7 @@ def send_like_qemu(
     first, then ``channels`` multifd channels), and wait for the daemon's verdict.
     Raises as :func:`~.sender.send` does."""
     tally, states = device_states(devices, channels=channels, chunk_size=chunk_size, tally=tally)
-    try:
-        tally.digests = [state.digest(digest) for state in states]
-        try:
-            images = guest_ram(ram_size, seed, rounds=RAM_ROUNDS)
-        except ValueError as error:
-            raise UsageError(f"--ram {ram_size}: {error}") from None
-        streams = qemu10_migration(
-            images,
-            channels=channels,
-            uuid=uuid,
-            devices=[_vfio_device(state) for state in states],
-        )
-    finally:
-        for state in states:
-            state.close()
+    streams = _encode(states, ram_size, seed, channels, uuid, digest, tally)
     started = tally.started = time.monotonic()
     try:
         try:
@@ -111,6 +97,34 @@ def send_like_qemu(
         channel_bytes=sent[1:],
     )
     return result, _ram_sent(streams, ram_size)
+
+
+def _encode(
+    states: Sequence[DeviceState],
+    ram_size: int,
+    seed: int,
+    channels: int,
+    uuid: bytes,
+    digest: Digest,
+    tally: SendTally,
+) -> QemuLikeStreams:
+    """The whole migration, encoded: the devices' digests go to ``tally``; their
+    files are closed once read."""
+    try:
+        tally.digests = [state.digest(digest) for state in states]
+        try:
+            images = guest_ram(ram_size, seed, rounds=RAM_ROUNDS)
+        except ValueError as error:
+            raise UsageError(f"--ram {ram_size}: {error}") from None
+        return qemu10_migration(
+            images,
+            channels=channels,
+            uuid=uuid,
+            devices=[_vfio_device(state) for state in states],
+        )
+    finally:
+        for state in states:
+            state.close()
 
 
 def _vfio_device(state: DeviceState) -> VfioDevice:

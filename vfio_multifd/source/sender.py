@@ -154,22 +154,7 @@ def send(
             raise UsageError(f"unknown --inject {inject!r} (one of {', '.join(FAULTS)})")
         if inject is not None:
             source.per_channel = plan_fault(inject, states, source.per_channel)
-        started = tally.started = time.monotonic()
-        streams = [source.stream(n) for n in range(channels)]
-        try:
-            sent = run_channels(
-                address,
-                streams,
-                connect_timeout,
-                stop=source.stop,
-                tls=tls,
-                # A daemon expecting more channels fails once these ended; one expecting
-                # fewer refuses the ids it does not know.
-                reset_hint=f"; a daemon whose --channels is not {channels}, as here, does either",
-            )
-        finally:
-            tally.ended = time.monotonic()
-        seconds = tally.ended - started
+        sent, seconds = _send_streams(source, address, channels, connect_timeout, tls, tally)
     except KeyboardInterrupt as interrupt:
         raise source.stopped(address, interrupt) from None
     finally:
@@ -184,6 +169,33 @@ def send(
         bytes_sent=sum(sent),
         channel_bytes=sent,
     )
+
+
+def _send_streams(
+    source: _Source,
+    address: Address,
+    channels: int,
+    connect_timeout: float,
+    tls: TlsClient | None,
+    tally: SendTally,
+) -> tuple[list[int], float]:
+    """Every channel's stream, sent: the bytes each channel sent, and the seconds it took."""
+    started = tally.started = time.monotonic()
+    streams = [source.stream(n) for n in range(channels)]
+    try:
+        sent = run_channels(
+            address,
+            streams,
+            connect_timeout,
+            stop=source.stop,
+            tls=tls,
+            # A daemon expecting more channels fails once these ended; one expecting
+            # fewer refuses the ids it does not know.
+            reset_hint=f"; a daemon whose --channels is not {channels}, as here, does either",
+        )
+    finally:
+        tally.ended = time.monotonic()
+    return sent, tally.ended - started
 
 
 def device_states(
