@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))  # test_ben
 
 import cli_helpers
 from cli_helpers import Daemon
+from helpers import reset_logging
 
 _loop_errors: list[dict[str, Any]] = []
 
@@ -68,10 +69,28 @@ def cli_loop(request: pytest.FixtureRequest) -> Iterator[str]:
 @pytest.fixture
 def daemons(cli_loop: str) -> Iterator[list[Daemon]]:
     """Daemons started by a test (under each event loop); killed afterwards if still running."""
+    yield from _killed_afterwards()
+
+
+@pytest.fixture
+def one_loop_daemons() -> Iterator[list[Daemon]]:
+    """As ``daemons``, for a test whose promise the event loop plays no part in (how an
+    option is read, what a summary says, a file's mode): under the default loop only."""
+    yield from _killed_afterwards()
+
+
+def _killed_afterwards() -> Iterator[list[Daemon]]:
     started: list[Daemon] = []
     yield started
     for daemon in started:
         daemon.kill()
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """For a test that configures logging (as ``main`` does): the defaults afterwards."""
+    yield
+    reset_logging()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -13,7 +14,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from vfio_multifd import Address, DeviceKey, DeviceSpec, ReceiveSettings, Session, SessionResult
+import qemu_source as qs
+import structlog
+
+from vfio_multifd import (
+    Address,
+    DeviceKey,
+    DeviceSpec,
+    ReceiveSettings,
+    Session,
+    SessionResult,
+    logconfig,
+)
 
 IDSTR = "0000:00:02.0/vfio"
 IDSTR_B = "0000:00:03.0/vfio"
@@ -84,6 +96,13 @@ async def until(predicate: Callable[[], object], what: str, timeout: float = 5.0
         await asyncio.sleep(0.01)
 
 
+def reset_logging() -> None:
+    """Back to structlog's defaults, as before anything called ``logconfig.configure``
+    (the command line's ``main`` does, at start-up)."""
+    structlog.reset_defaults()
+    logconfig._configured = None
+
+
 def final_files(directory: Path) -> list[str]:
     """Names in ``directory``, temporary files included (they must not linger)."""
     return sorted(os.listdir(directory))
@@ -94,6 +113,25 @@ def assert_outputs(config: ReceiveSettings, expected: Sequence[tuple[bytes, byte
     for spec, (data, config_blob) in zip(config.devices, expected, strict=True):
         assert spec.data_path.read_bytes() == data, f"data of {spec.key} differs"
         assert spec.config_path.read_bytes() == config_blob, f"config of {spec.key} differs"
+
+
+def closed_address() -> str:
+    """``tcp:127.0.0.1:PORT`` where nothing listens: a connection there is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp:127.0.0.1:{sock.getsockname()[1]}"
+
+
+def streams_of(per_channel: list[list[bytes]]) -> list[bytes]:
+    """Channel ``n``'s stream: its handshake, then the packets ``per_channel[n]``."""
+    return [qs.handshake(n) + b"".join(packets) for n, packets in enumerate(per_channel)]
+
+
+def send_streams_quietly(address: str, streams: list[bytes]) -> None:
+    """``qs.send_streams``, where a failing daemon may reset the channels before all
+    is sent: the test looks at the daemon's error, not at the source's."""
+    with contextlib.suppress(OSError):
+        qs.send_streams(address, streams)
 
 
 def connect(address: str) -> socket.socket:

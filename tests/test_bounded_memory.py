@@ -15,7 +15,17 @@ from pathlib import Path
 
 import pytest
 import qemu_source as qs
-from helpers import IDSTR, IDSTR_B, assert_outputs, final_files, random_bytes, settings, start
+from helpers import (
+    IDSTR,
+    IDSTR_B,
+    assert_outputs,
+    final_files,
+    random_bytes,
+    send_streams_quietly,
+    settings,
+    start,
+    streams_of,
+)
 
 from vfio_multifd import DeviceKey, QueueFullPolicy, Reason, SessionError
 
@@ -41,10 +51,6 @@ def packets(idstr: str, data: bytes, cfg: bytes, instance: int = 0) -> list[byte
     chunks = qs.device_chunks(data, CHUNK)
     out = [qs.device_packet(idstr, instance, idx, c) for idx, c in enumerate(chunks)]
     return [*out, qs.device_packet(idstr, instance, len(chunks), qs.config_blob(cfg), config=True)]
-
-
-def streams_of(per_channel: list[list[bytes]]) -> list[bytes]:
-    return [qs.handshake(n) + b"".join(p) for n, p in enumerate(per_channel)]
 
 
 async def run(config, streams):  # type: ignore[no-untyped-def]
@@ -184,20 +190,13 @@ async def test_a_spill_that_fails_fails_the_migration_with_its_errno(tmp_path: P
     running = await start(config)
     spill_dir.rmdir()
     streams = qs.build_streams([(IDSTR, 0, data, b"x")], 2, "reverse", chunk_size=CHUNK)
-    sending = asyncio.create_task(asyncio.to_thread(send_quietly, running.address, streams))
+    sending = asyncio.create_task(asyncio.to_thread(send_streams_quietly, running.address, streams))
     with pytest.raises(DeviceIOError) as caught:
         await running.result(timeout=20)
     await asyncio.gather(sending)
     assert caught.value.errno == 2 and "cannot spill state buffer" in str(caught.value)
     assert caught.value.idx is not None and caught.value.channel in (0, 1)
     assert final_files(tmp_path) == []
-
-
-def send_quietly(address: str, streams: list[bytes]) -> None:
-    import contextlib
-
-    with contextlib.suppress(OSError):
-        qs.send_streams(address, streams)
 
 
 async def test_zero_length_chunks_count_against_the_bound(tmp_path: Path) -> None:

@@ -31,6 +31,8 @@ from cli_helpers import (
     receive_usage_error,
     receiver,
     run,
+    run_in_process,
+    run_process,
     send_to,
     wait_for,
 )
@@ -114,9 +116,9 @@ def test_digest_none_is_refused_with_record(tmp_path: Path) -> None:
     assert not (tmp_path / "rec").exists() and not (tmp_path / "a.bin").exists()
 
 
-def test_the_summary_says_why_it_spilled(tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_the_summary_says_why_it_spilled(tmp_path: Path, one_loop_daemons: list[Daemon]) -> None:
     daemon, _ = receiver(
-        tmp_path, daemons, "--channels", "1", "--max-packet-size", "65548",
+        tmp_path, one_loop_daemons, "--channels", "1", "--max-packet-size", "65548",
         "--max-queued-bytes", "200K",
     )  # fmt: skip
     sent = run(
@@ -200,11 +202,23 @@ def test_cli_daemon_with_the_independent_source(
     ids=lambda args: " ".join(args) or "no-command",
 )
 def test_usage_error_exits_2_with_one_line(args: list[str]) -> None:
-    result = run(args, timeout=20)
+    """In this process: each is decided while parsing (the process adds nothing, see
+    the next test)."""
+    result = run_in_process(args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("vfio-multifd: error: ")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["receive", "--device", "bogus"], []], ids=["receive", "none"])
+def test_a_usage_error_exits_2_with_one_line_from_a_process(args: list[str]) -> None:
+    """As a user runs it: exit 2 from ``main`` reaches the shell through ``console_main``."""
+    result = run_process(args, timeout=20)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vfio-multifd: error: "), result.stderr
     assert result.stdout == ""
 
 
@@ -250,13 +264,13 @@ def test_every_device_field_is_checked_wherever_it_is(
     out.mkdir()
     device = device.format(out=out)
     target = ["--connect", "tcp:127.0.0.1:9"] if command == "send" else []
-    result = run([command, *target, "--device", device], timeout=20)
+    result = run_in_process([command, *target, "--device", device])
     assert result.returncode == 2, result.stderr
     assert result.stderr == f"vfio-multifd: error: argument --device: device {device!r}: {expected}\n"
     assert os.listdir(out) == []
 
 
-def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon]) -> None:
+def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, one_loop_daemons: list[Daemon]) -> None:
     out = tmp_path / "out,dir"
     out.mkdir()
     data = random_bytes(100_000, 4)
@@ -265,7 +279,7 @@ def test_a_comma_in_a_path_is_written_twice(tmp_path: Path, daemons: list[Daemon
     daemon = Daemon(
         tmp_path, "--channels", "1", "--device", f"idstr={IDSTR},data={escaped}/a,,b.bin"
     )
-    daemons.append(daemon)
+    one_loop_daemons.append(daemon)
     source = str(tmp_path / "state,,0.bin")
     sent = run(
         ["send", "--connect", daemon.address, "--channels", "1", "--device",
@@ -394,12 +408,12 @@ def test_a_migration_waits_for_all_its_channels_even_once_the_data_is_complete(
     ("limit", "expected"),
     [
         (
-            ["--accept-timeout", "4"],
-            r"only 2 of 4 channels connected within 4 s \(missing channel ids 2, 3\)",
+            ["--accept-timeout", "1"],
+            r"only 2 of 4 channels connected within 1 s \(missing channel ids 2, 3\)",
         ),
         (
-            ["--progress-timeout", "2"],
-            r"no progress for 2 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
+            ["--progress-timeout", "1"],
+            r"no progress for 1 s \(\d+ bytes received; waiting for channel ids 2, 3 to connect\)",
         ),
     ],
     ids=["accept-timeout", "progress-timeout"],

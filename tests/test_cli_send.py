@@ -13,21 +13,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, receiver, run, wait_for
-from helpers import IDSTR, random_bytes
+from cli_helpers import SENDER_RESET, TOOL, TRACEBACK, Daemon, digests, receiver, run, wait_for
+from helpers import IDSTR, closed_address, random_bytes
 
 from vfio_multifd import Address, Reason
 
 
 def events(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def closed_port() -> int:
-    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_exit_0_means_the_daemon_completed_the_migration(
@@ -103,7 +96,7 @@ def test_a_migration_the_daemon_rejects_is_exit_1_for_the_sender(
 
 
 def test_connecting_says_it_retries_and_until_when_then_names_address_and_channel() -> None:
-    address = f"tcp:127.0.0.1:{closed_port()}"
+    address = closed_address()
     sent = run(
         ["send", "--connect", address, "--connect-timeout", "0.5", "--log-format", "json",
          "--device", "idstr=a,size=1M"],
@@ -215,3 +208,65 @@ def test_a_connection_the_daemon_reset_is_its_verdict_however_the_kernel_says_it
     )
     other = _channel_error(2, address, OSError(errno.EHOSTUNREACH, "no route"), sent=None)
     assert other.reason is Reason.SEND_FAILED
+
+
+def test_send_ram_acts_like_qemu_10_to_a_daemon_taking_the_main_stream(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """send --ram 8M: a main channel, RAM and SYNC packets in rounds with a device's state
+    packets among them; the daemon keeps pc.ram equal to the guest's last round."""
+    from vfio_multifd.source.qemu_like import guest_ram
+
+    source = tmp_path / "source.bin"
+    source.write_bytes(random_bytes((2 << 20) + 5, 42))
+    data = tmp_path / "dev.bin"
+    daemon = Daemon(
+        tmp_path,
+        "--channels", "3",
+        "--main-stream", str(tmp_path / "main.bin"),
+        "--ram", str(tmp_path / "ram"),
+        "--device", f"idstr={IDSTR},data={data}",
+        "--result", str(tmp_path / "result.json"),
+    )  # fmt: skip
+    daemons.append(daemon)
+    sent = run(["send", "--connect", daemon.address, "--channels", "3", "--ram", "8M",
+                "--seed", "7", "--device", f"idstr={IDSTR},source={source}"])  # fmt: skip
+    assert sent.returncode == 0, sent.stderr
+    code, summary, stderr = daemon.finish(60)
+    assert code == 0, stderr
+    ram = (tmp_path / "ram" / "pc.ram").read_bytes()
+    rounds = guest_ram(8 << 20, 7)
+    assert len(rounds) == 3 and rounds[0] != rounds[-1]
+    assert ram == rounds[-1]["pc.ram"]
+    assert ram != guest_ram(8 << 20, 8)[-1]["pc.ram"]  # the seed decides the bytes
+    assert ram.count(0) < len(ram)  # not just holes
+    assert data.read_bytes() == source.read_bytes()
+    assert os.listdir(tmp_path / "ram") == ["pc.ram"]
+    match = re.search(
+        r"^ram: pc.ram 8388608 bytes in 3 rounds: (\d+) pages, (\d+) zero pages, "
+        r"(\d+) sync points; main stream (\d+) bytes$",
+        sent.stdout,
+        re.MULTILINE,
+    )
+    assert match is not None, sent.stdout
+    pages, zero, syncs, main = map(int, match.groups())
+    assert (tmp_path / "main.bin").stat().st_size == main
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["ram_pages"], result["ram_zero_pages"], result["sync_points"]) == (
+        pages, zero, syncs,
+    )  # fmt: skip
+    assert result["main_stream_bytes"] == main
+    assert digests(summary) == digests(sent.stdout) != {}
+
+
+def test_send_ram_needs_a_whole_number_of_pages_and_round_robin(tmp_path: Path) -> None:
+    for extra, message in (
+        (["--ram", "5000"], "--ram 5000: the RAM size is a non-zero multiple of 4096 bytes"),
+        (["--ram", "8M", "--order", "random"], "--ram sends as QEMU does: --order round-robin"),
+    ):
+        sent = run(["send", "--connect", "tcp:127.0.0.1:9", *extra])
+        assert sent.returncode == 2, sent.stderr
+        assert message in sent.stderr
+    sent = run(["send", "--connect", "tcp:127.0.0.1:9"])
+    assert sent.returncode == 2
+    assert "at least one --device is required (or --ram SIZE)" in sent.stderr

@@ -18,19 +18,37 @@ from helpers import IDSTR, IDSTR_B, random_bytes
 
 from vfio_multifd.core import commands as cmd
 from vfio_multifd.core.config import MigrationConfig
-from vfio_multifd.core.decoder import ASK, ChannelDecoder, DecoderState, MainBytes, MainChannel
+from vfio_multifd.core.decoder import (
+    ASK,
+    ChannelDecoder,
+    DecoderState,
+    MainBytes,
+    MainChannel,
+    RamData,
+    RamHeader,
+)
 from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration
+from vfio_multifd.core.ram import encode_ram_packet
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
+from vfio_multifd.core.savevm import BlockList, Ended, RamBlock, SyncPoint
 from vfio_multifd.core.state import ChannelState, Phase
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader
 from vfio_multifd.daemon.pool import BufferPool
-from vfio_multifd.errors import HandshakeError, MultifdError, ProtocolError, Reason, SessionError
+from vfio_multifd.errors import (
+    HandshakeError,
+    MultifdError,
+    ProtocolError,
+    Reason,
+    SessionError,
+    UsageError,
+)
 from vfio_multifd.results import SessionStatus
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
 CHUNK = 64 << 10
+PAGE = 4096
 BATCH = 8 << 20
 T = TypeVar("T")
 
@@ -57,6 +75,9 @@ class Driver:
     spill_file: dict[int, bytes] = field(default_factory=dict)
     spills: list[Chunk] = field(default_factory=list)  # asked for, not yet carried out
     committed_called: bool = False
+    ram: dict[str, bytearray] = field(default_factory=dict)  # the RAM writer's images
+    write_ram_at_once: bool = True  # carry out WriteRam commands as they come
+    ram_writes: list[cmd.WriteRam] = field(default_factory=list)  # asked for, not done
 
     @classmethod
     def start(cls, config: MigrationConfig, **options: object) -> Driver:
@@ -68,21 +89,30 @@ class Driver:
 
     def connect(self, peer: str = "source") -> int:
         conn = len(self.connections)
-        self.connections[conn] = Connection(ChannelDecoder(max_packet_size=1 << 20, allocate=ASK))
+        decoder = ChannelDecoder(max_packet_size=1 << 20, allocate=ASK, ram=self.core.config.ram)
+        self.connections[conn] = Connection(decoder)
         self.core.connection_made(conn, peer, self.now)
         self.act()
         return conn
 
     def send(self, conn: int, data: bytes) -> None:
         """``data`` arrives on ``conn``, read as a BufferedProtocol would (into the
-        decoder's buffers), except while the decoder waits for a payload buffer."""
+        decoder's buffers), except while the decoder waits for a payload buffer or
+        the core paused its reading (kept until then, as the kernel would)."""
         connection = self.connections[conn]
         data = connection.backlog + data
         decoder = connection.decoder
-        while data and decoder.state in (
-            DecoderState.HANDSHAKE,
-            DecoderState.HEADER,
-            DecoderState.PAYLOAD,
+        while (
+            data
+            and connection.reading
+            and not self.held(conn)
+            and decoder.state
+            in (
+                DecoderState.HANDSHAKE,
+                DecoderState.HEADER,
+                DecoderState.RAM_HEADER,
+                DecoderState.PAYLOAD,
+            )
         ):
             target = decoder.get_buffer()
             n = min(len(target), len(data))
@@ -91,8 +121,19 @@ class Driver:
             decoder.buffer_updated(n)
             self.core.received(conn, n)
             self._events(conn)
-        connection.backlog = data if decoder.state is DecoderState.AWAITING_BUFFER else b""
+        held = (
+            decoder.state is DecoderState.AWAITING_BUFFER
+            or not connection.reading
+            or self.held(conn)
+        )
+        connection.backlog = data if held else b""
         self.act()
+
+    def held(self, conn: int) -> bool:
+        """The core holds ``conn`` (a sync point, the block list): it reads no further unit,
+        as a channel reads one unit at a time and stops once held."""
+        c = self.core.connections.by_conn.get(conn)
+        return c is not None and bool(c.holds)
 
     def eof(self, conn: int) -> None:
         decoder = self.connections[conn].decoder
@@ -124,6 +165,13 @@ class Driver:
                     buffer = core.header(conn, event, self.now)
                     if buffer is not None:
                         decoder.provide_buffer(buffer)
+                elif isinstance(event, RamHeader):
+                    ram = core.ram_header(conn, event.raw, self.now)
+                    if ram is not None:
+                        decoder.provide_buffer(ram, len(ram))
+                elif isinstance(event, RamData):
+                    assert isinstance(event.buffer, bytearray)
+                    core.ram_data(conn, event.buffer, self.now)
                 else:
                     core.packet(conn, event, self.now)
         except ProtocolError as error:
@@ -142,7 +190,7 @@ class Driver:
     def _do(self, command: cmd.Command) -> None:
         if isinstance(command, cmd.ProvideBuffer):
             connection = self.connections[command.conn]
-            connection.decoder.provide_buffer(command.buffer)
+            connection.decoder.provide_buffer(command.buffer, len(memoryview(command.buffer)))
             self._events(command.conn)
         elif isinstance(command, cmd.PauseReading):
             self.connections[command.conn].reading = False
@@ -159,6 +207,22 @@ class Driver:
                 self.finish_spills()
         elif isinstance(command, cmd.Commit) and self.commit_at_once:
             self.commit()
+        elif isinstance(command, cmd.CreateRamImages):
+            self.ram = {block.name: bytearray(block.used_length) for block in command.blocks}
+        elif isinstance(command, cmd.WriteRam):
+            self.ram_writes.append(command)
+            if self.write_ram_at_once:
+                self.finish_ram_writes()
+
+    def finish_ram_writes(self) -> None:
+        """The RAM writer does every write queued, first in first out."""
+        while self.ram_writes:
+            command = self.ram_writes.pop(0)
+            for name, offset, data in command.pages:
+                page = bytes([data]) * PAGE if isinstance(data, int) else bytes(data)
+                self.ram[name][offset : offset + PAGE] = page
+            self.core.ram_written(command.conn, command.nbytes, self.now)
+            self.act()
 
     def finish_spills(self) -> None:
         spills, self.spills = self.spills, []
@@ -741,3 +805,173 @@ def test_channels_ending_while_an_arrival_goes_to_the_spill_file_are_not_incompl
     driver.load()
     assert driver.finished.outcome is Phase.COMPLETED
     assert bytes(driver.data[A]) == b"0" * CHUNK + b"1" * CHUNK
+
+
+# -- QEMU's RAM and sync points (--main-stream, --ram) ------------------------------------------
+
+UUID = bytes(16)
+BLOCKS = (RamBlock("pc.ram", 16 * PAGE), RamBlock("vga.vram", 4 * PAGE))
+
+
+def ram_migration(channels: int = 2, **options: object) -> tuple[Driver, int, list[int]]:
+    """A RAM-only migration: its main channel and ``channels`` multifd channels connected,
+    no block list yet (``options``: the config's)."""
+    driver = Driver.start(
+        MigrationConfig(
+            devices=(), channels=channels, main_stream=True, ram=True, **options  # type: ignore[arg-type]
+        )
+    )
+    main = driver.connect("main")
+    driver.send(main, b"QEVM\x00\x00\x00\x03")
+    conns = []
+    for channel in range(channels):
+        conn = driver.connect(f"source:{channel}")
+        driver.send(conn, ChannelHandshake(channel, UUID).encode())
+        conns.append(conn)
+    return driver, main, conns
+
+
+def main_event(driver: Driver, main: int, event: object) -> None:
+    driver.core.main_event(main, event, driver.now)  # type: ignore[arg-type]
+    driver.act()
+
+
+def page(block: str, offset: int, fill: int, *, num: int = 0) -> bytes:
+    return encode_ram_packet(block=block, normal=[(offset, bytes([fill]) * PAGE)], packet_num=num)
+
+
+SYNC = encode_ram_packet(sync=True)
+
+
+def test_a_channel_at_a_sync_point_waits_until_every_party_reaches_it() -> None:
+    driver, main, (c0, c1) = ram_migration()
+    main_event(driver, main, BlockList(BLOCKS))
+    driver.send(c0, page("pc.ram", 0, 1) + SYNC)
+    assert not driver.connections[c0].reading  # held at sync point 1
+    assert driver.core.sync_points == 0
+    # Its next round is not read: it stays in the backlog while the others lag.
+    driver.send(c0, page("pc.ram", PAGE, 2, num=1))
+    assert driver.ram["pc.ram"][PAGE] == 0
+    main_event(driver, main, SyncPoint(1))
+    assert driver.core.main_held and not driver.connections[c0].reading
+    driver.send(c1, page("pc.ram", 0, 9) + SYNC)  # the last party: everyone goes on
+    assert driver.core.sync_points == 1
+    assert driver.connections[c0].reading and driver.connections[c1].reading
+    assert not driver.core.main_held
+    assert driver.ram["pc.ram"][PAGE] == 2  # c0's backlog was read once released
+    assert driver.core.ram_pages == 3
+
+
+def test_a_page_of_a_later_round_wins_over_a_lagging_channels_older_copy() -> None:
+    """The barrier holds the fast channel's second round until the slow one delivered
+    its first: the older copy of a page is written before the newer one."""
+    driver, main, (c0, c1) = ram_migration()
+    main_event(driver, main, BlockList(BLOCKS))
+    driver.send(c0, SYNC + page("pc.ram", 0, 2, num=1) + SYNC)  # round 2 rewrites page 0
+    main_event(driver, main, SyncPoint(1))
+    driver.send(c1, page("pc.ram", 0, 1) + SYNC)  # round 1's copy comes late
+    main_event(driver, main, SyncPoint(2))
+    driver.send(c1, SYNC)
+    assert driver.ram["pc.ram"][:PAGE] == bytes([2]) * PAGE
+    assert driver.core.sync_points == 2
+
+
+def test_a_ram_packet_before_the_block_list_holds_its_channel() -> None:
+    driver, main, (c0, _c1) = ram_migration()
+    driver.send(c0, page("vga.vram", PAGE, 7))
+    assert not driver.connections[c0].reading
+    assert driver.ram == {} and driver.core.ram_pages == 0
+    main_event(driver, main, BlockList(BLOCKS))
+    assert driver.connections[c0].reading
+    assert driver.ram["vga.vram"][PAGE : 2 * PAGE] == bytes([7]) * PAGE
+    assert driver.core.ram_pages == 1
+
+
+def test_a_main_stream_that_ends_without_a_block_list_fails_the_held_channel() -> None:
+    driver, main, (c0, _c1) = ram_migration()
+    driver.send(c0, page("pc.ram", 0, 7))
+    main_event(driver, main, Ended(followed=True, description=None))
+    error = driver.finished.error
+    assert isinstance(error, ProtocolError) and error.reason is Reason.RAM_BLOCK
+    assert "channel 0" in str(error) and "before the block list" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("packet", "reason", "expected"),
+    [
+        (
+            page("rom", 0, 1, num=5),
+            Reason.RAM_BLOCK,
+            "RAM packet 5: RAMBlock 'rom' is not in the main stream's block list",
+        ),
+        (
+            page("vga.vram", 4 * PAGE, 1, num=6),
+            Reason.RAM_OFFSET,
+            "RAM packet 6: page offset 0x4000 of RAMBlock vga.vram is not a 4096-byte page "
+            "within its used length 0x4000",
+        ),
+    ],
+    ids=["unknown-block", "offset-past-used-length"],
+)
+def test_a_ram_packet_outside_the_block_list_fails_naming_it(
+    packet: bytes, reason: Reason, expected: str
+) -> None:
+    driver, main, (_c0, c1) = ram_migration()
+    main_event(driver, main, BlockList(BLOCKS))
+    driver.send(c1, packet)
+    assert driver.finished.outcome is Phase.FAILED
+    error = driver.finished.error
+    assert isinstance(error, ProtocolError) and error.reason is reason
+    assert str(error) == f"channel 1: {expected}"
+    assert driver.ram["vga.vram"] == bytes(4 * PAGE)  # nothing written
+
+
+def full_packet(block: str, first: int, fill: int) -> bytes:
+    """A RAM packet of 128 pages (512 KiB of page data) from page ``first``."""
+    pages = [((first + n) * PAGE, bytes([fill]) * PAGE) for n in range(128)]
+    return encode_ram_packet(block=block, normal=pages)
+
+
+def test_the_ram_writers_queue_stays_within_its_share_of_the_bound() -> None:
+    """Past its share every channel pauses, not only the one that wrote; the writer
+    catching up resumes them all. The share is part of --max-queued-bytes."""
+    bound = 16 << 20
+    driver, main, (c0, c1) = ram_migration(max_queued_bytes=bound, max_payload_size=CHUNK)
+    layout = driver.core.layout
+    assert layout.ram == (bound - 2 * capacity_of(CHUNK) - CHUNK_OVERHEAD) // 4
+    assert layout.queue_bound == bound - layout.staging - layout.ram  # the chunks' part
+    driver.write_ram_at_once = False
+    blocks = (RamBlock("pc.ram", 64 << 20),)
+    main_event(driver, main, BlockList(blocks))
+    packets = (layout.ram_hold_above >> 19) + 1  # 512 KiB each: one past the threshold
+    stream = b"".join(full_packet("pc.ram", 128 * n, n % 250 + 1) for n in range(packets + 4))
+    driver.send(c0, stream)
+    assert driver.core.ram_queued == packets << 19 <= layout.ram
+    assert not driver.connections[c0].reading and not driver.connections[c1].reading
+    assert driver.core.main_held
+    driver.send(c1, full_packet("pc.ram", 0, 99))  # c1 reads nothing while held
+    assert driver.core.ram_queued == packets << 19
+    driver.finish_ram_writes()
+    assert driver.connections[c1].reading and driver.core.ram_queued == 0
+    driver.finish_ram_writes()
+    assert driver.core.peak_ram_queued <= layout.ram
+    assert driver.core.ram_pages == 128 * (packets + 5)
+    assert driver.ram["pc.ram"][: 128 * PAGE] == bytes([99]) * 128 * PAGE  # c1's, after c0's
+
+
+def test_a_bound_too_small_for_qemus_streams_names_their_share() -> None:
+    """With QEMU's streams the smallest bound adds the RAM writer's smallest share: a
+    RAM packet's page data being read on each of 2 channels and the main channel, and
+    one queued (4 x 512 KiB), to the chunks' 2 x 1 MiB + 256."""
+    from vfio_multifd.config import DeviceSpec, ReceiveSettings
+
+    qemu = {"main_stream": Path("/dev/null"), "ram": "discard", "channels": 2}
+    smallest = ReceiveSettings(devices=(), **qemu).smallest_bound  # type: ignore[arg-type]
+    assert smallest == (2 << 20) + CHUNK_OVERHEAD + 4 * (512 << 10)
+    device = DeviceSpec(A, Path("/nowhere/a.bin"), Path("/nowhere/a.bin.config"))
+    assert ReceiveSettings(devices=(device,)).smallest_bound == (2 << 20) + CHUNK_OVERHEAD
+    ReceiveSettings(devices=(), max_queued_bytes=smallest, **qemu)  # type: ignore[arg-type]
+    with pytest.raises(UsageError) as error:
+        ReceiveSettings(devices=(), max_queued_bytes=smallest - 1, **qemu)  # type: ignore[arg-type]
+    assert f"the smallest bound that works is {smallest}" in str(error.value)
+    assert f"and {4 * 512 * 1024} for QEMU's streams" in str(error.value)

@@ -25,6 +25,7 @@ from helpers import (
     random_bytes,
     settings,
     start,
+    streams_of,
 )
 
 from vfio_multifd import Address, DeviceKey
@@ -33,11 +34,6 @@ from vfio_multifd.source.sender import send
 
 A = DeviceKey(IDSTR, 0)
 B = DeviceKey(IDSTR_B, 0)
-
-
-def streams_of(channels: int, packets_per_channel: list[list[bytes]]) -> list[bytes]:
-    assert len(packets_per_channel) == channels
-    return [qs.handshake(n) + b"".join(p) for n, p in enumerate(packets_per_channel)]
 
 
 @pytest.mark.parametrize("order", ["round-robin", "reverse", "random"])
@@ -75,7 +71,7 @@ async def test_random_order_with_zero_length_chunks(tmp_path: Path) -> None:
     config = settings(tmp_path, A, channels=4)
     running = await start(config)
     await asyncio.to_thread(
-        qs.send_streams, running.address, streams_of(4, [packets[n::4] for n in range(4)])
+        qs.send_streams, running.address, streams_of([packets[n::4] for n in range(4)])
     )
     result = await running.result()
     assert_outputs(config, [(b"".join(chunks), blob)])
@@ -89,7 +85,7 @@ async def test_config_packet_first_then_data(tmp_path: Path) -> None:
     packets += [qs.device_packet(IDSTR, 0, idx, c) for idx, c in enumerate(chunks)]
     config = settings(tmp_path, A, channels=1)
     running = await start(config)
-    await asyncio.to_thread(qs.send_streams, running.address, streams_of(1, [packets]))
+    await asyncio.to_thread(qs.send_streams, running.address, streams_of([packets]))
     await running.result()
     assert_outputs(config, [(b"".join(chunks), blob)])
 
@@ -107,7 +103,7 @@ async def test_two_devices_crossing_on_two_channels(tmp_path: Path) -> None:
     config = settings(tmp_path, A, B, channels=2)
     running = await start(config)
     await asyncio.to_thread(
-        qs.send_streams, running.address, streams_of(2, [pa[4:] + pb[:4], pb[4:] + pa[:4]])
+        qs.send_streams, running.address, streams_of([pa[4:] + pb[:4], pb[4:] + pa[:4]])
     )
     await running.result()
     assert_outputs(

@@ -25,6 +25,7 @@ from helpers import (
     connect,
     final_files,
     random_bytes,
+    send_streams_quietly,
     settings,
     start,
     until,
@@ -188,12 +189,6 @@ PACKET_CASES: dict[str, tuple[Callable[[], bytes], Reason, str | None, int | Non
 }
 
 
-def send_raw(address: str, streams: list[bytes]) -> None:
-    """Like qs.send_streams, but a reset by the daemon is expected, not an error."""
-    with contextlib.suppress(OSError):
-        qs.send_streams(address, streams)
-
-
 @pytest.mark.parametrize("case", sorted(PACKET_CASES))
 async def test_packet_error_fails_the_migration_and_leaves_nothing(
     tmp_path: Path, case: str
@@ -202,7 +197,7 @@ async def test_packet_error_fails_the_migration_and_leaves_nothing(
     config = settings(tmp_path, A, channels=1, max_packet_size=64 * 1024)
     config.devices[0].data_path.write_bytes(b"previous run")
     running = await start(config)
-    await asyncio.to_thread(send_raw, running.address, [qs.handshake(0) + build()])
+    await asyncio.to_thread(send_streams_quietly, running.address, [qs.handshake(0) + build()])
     with pytest.raises(ProtocolError) as caught:
         await running.result()
     error = caught.value
@@ -374,7 +369,7 @@ async def test_write_error_names_enospc(tmp_path: Path) -> None:
         }
     )
     running = await start(config)
-    await asyncio.to_thread(send_raw, running.address, all_good_streams())
+    await asyncio.to_thread(send_streams_quietly, running.address, all_good_streams())
     with pytest.raises(DeviceIOError) as caught:
         await running.result()
     assert caught.value.errno == errno.ENOSPC
@@ -503,7 +498,7 @@ async def test_an_unexpected_writer_error_fails_the_migration(
     monkeypatch.setattr(loader.DeviceLoader, "_write_batch", broken)
     config = settings(tmp_path, A, channels=1)
     running = await start(config)
-    await asyncio.to_thread(send_raw, running.address, all_good_streams(1))
+    await asyncio.to_thread(send_streams_quietly, running.address, all_good_streams(1))
     with pytest.raises(SessionError) as caught:
         await running.result()
     assert caught.value.reason is Reason.INTERNAL and "a bug in the writer" in str(caught.value)
@@ -555,7 +550,7 @@ async def test_a_directory_at_a_final_path_fails_before_anything_is_renamed(tmp_
     running = await start(config)
     config.devices[1].data_path.mkdir()  # appears while the migration runs
     streams = qs.build_streams([(IDSTR, 0, DATA, CFG), (IDSTR_B, 0, DATA, CFG)], 1, chunk_size=4096)
-    await asyncio.to_thread(send_raw, running.address, streams)
+    await asyncio.to_thread(send_streams_quietly, running.address, streams)
     with pytest.raises(DeviceIOError) as caught:
         await running.result()
     assert "a directory is in the way" in str(caught.value)

@@ -175,10 +175,10 @@ async def test_part_files_are_never_more_open_than_the_final_file(
 
 @pytest.mark.parametrize("umask", [0o027, 0o002])
 def test_a_new_file_gets_the_mode_open_would_give_it(
-    tmp_path: Path, daemons: list[Daemon], umask: int
+    tmp_path: Path, one_loop_daemons: list[Daemon], umask: int
 ) -> None:
     """A guard: new files follow the daemon's umask, as open() would make them."""
-    daemon, data_path = one_device_daemon(tmp_path, daemons, 1, preexec_fn=lambda: os.umask(umask))
+    daemon, data_path = one_device_daemon(tmp_path, one_loop_daemons, 1, preexec_fn=lambda: os.umask(umask))
     source = tmp_path / "source.bin"
     source.write_bytes(DATA)
     sent = send_to(daemon.address, 1, f"idstr={IDSTR},source={source}")

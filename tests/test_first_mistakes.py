@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import qemu_source as qs
 import structlog
-from cli_helpers import Daemon, receiver, run
+from cli_helpers import Daemon, receiver, run_in_process
 from helpers import IDSTR, FakeTransport, settings, start
 
 from vfio_multifd.core.reassembly import ReassemblyBuffer
@@ -28,8 +28,8 @@ def test_a_second_daemon_on_the_same_data_path_is_refused_naming_the_first(
 ) -> None:
     first, out = receiver(tmp_path, daemons, "--channels", "1")
     data = out / "a.bin"
-    second = run(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json",
-                  "--device", f"idstr={IDSTR},data={data}"], timeout=20)  # fmt: skip
+    second = run_in_process(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json",
+                             "--device", f"idstr={IDSTR},data={data}"])  # fmt: skip
     assert second.returncode == 2, second.stderr
     assert second.stderr.splitlines() == [
         f"vfio-multifd: error: device {IDSTR}: data file {data}: another vfio-multifd receive "
@@ -49,8 +49,8 @@ def test_a_path_in_a_directory_that_takes_no_new_file_says_so(tmp_path: Path) ->
     """data=/proc/version was answered "No such file or directory"."""
     if not Path("/proc/version").is_file():
         pytest.skip("no /proc/version here")
-    done = run(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json",
-                "--device", "idstr=a,data=/proc/version"], timeout=20)  # fmt: skip
+    done = run_in_process(["receive", "--listen", "tcp:127.0.0.1:0", "--log-format", "json",
+                           "--device", "idstr=a,data=/proc/version"])  # fmt: skip
     assert done.returncode == 2
     # A usage error: no state_change line before it (no migration had started).
     assert done.stderr.splitlines() == [
@@ -66,8 +66,8 @@ def test_a_usage_error_found_by_the_session_logs_no_state_change(tmp_path: Path)
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = run(["receive", "--listen", f"tcp:127.0.0.1:{port}", "--log-format", "json",
-                    "--device", f"idstr=a,data={tmp_path / 'a.bin'}"], timeout=20)  # fmt: skip
+        done = run_in_process(["receive", "--listen", f"tcp:127.0.0.1:{port}", "--log-format",
+                               "json", "--device", f"idstr=a,data={tmp_path / 'a.bin'}"])  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
         f"vfio-multifd: error: cannot listen on tcp:127.0.0.1:{port}: Address already in use"

@@ -40,6 +40,7 @@ from helpers import (
     assert_outputs,
     connect,
     final_files,
+    send_streams_quietly,
     settings,
     start,
 )
@@ -66,7 +67,7 @@ from vfio_multifd import (
     SessionStatus,
 )
 from vfio_multifd.core.connections import RECENT_REFUSALS
-from vfio_multifd.core.decoder import ASK, ChannelDecoder
+from vfio_multifd.core.decoder import ASK, ChannelDecoder, MainBytes, MainChannel
 from vfio_multifd.core.wire import ChannelHandshake, DevicePacket, PacketHeader
 from vfio_multifd.daemon.channel import ChannelProtocol
 
@@ -80,11 +81,14 @@ def u32(value: int) -> bytes:
     return struct.pack(">I", value)
 
 
+_HIGH = bytes(b | 0x80 for b in range(256))  # a byte with its top bit set: uniform in 0x80-0xff
+
+
 def high_bytes(rng: random.Random, size: int) -> bytes:
     """Data whose every byte is >= 0x80: no 4-byte window of it, or of its edges with a
     header (whose bytes that could start a magic are < 0x80), reads 0x11223344, so a
     decoder thrown off a packet boundary meets a wrong magic, predictably."""
-    return bytes(rng.randrange(0x80, 0x100) for _ in range(size))
+    return rng.randbytes(size).translate(_HIGH)
 
 
 # -- streams built from fields ---------------------------------------------------------
@@ -188,6 +192,13 @@ def decode(stream: bytes, cuts: list[int]) -> tuple[list[Event], ProtocolError |
         while (event := decoder.next_event()) is not None:
             if isinstance(event, ChannelHandshake):
                 events.append(("handshake", event.channel_id, event.uuid))
+            elif isinstance(event, MainChannel):
+                events.append(("main",))
+            elif isinstance(event, MainBytes):  # however cut, one run of the stream's bytes
+                if events and events[-1][0] == "main-bytes":
+                    events[-1] = ("main-bytes", events[-1][1] + event.data)
+                else:
+                    events.append(("main-bytes", event.data))
             elif isinstance(event, PacketHeader):
                 events.append(("header", event.device, event.idx, event.config, event.size))
                 given.append(bytearray(b"\xee" * (event.size + 5)))
@@ -315,6 +326,11 @@ def test_any_valid_stream_split_anywhere(
 Outcome = tuple[list[Event], Reason | None]
 
 
+#: The outcome of a stream that starts with ``QEVM``: QEMU's main channel, every byte
+#: of it (these four included) passed on as it came; the core decides whether to take it.
+MAIN_CHANNEL = "main channel"
+
+
 @dataclass(frozen=True)
 class FieldClass:
     """A class of values for one field, and what a stream carrying one must give."""
@@ -324,7 +340,7 @@ class FieldClass:
     values: Callable[[Packet | None], st.SearchStrategy[bytes]]
     #: The outcome from (the events of the unmutated stream up to the mutated unit,
     #: the events of the rest, the mutated value, the mutated packet) - or a Reason.
-    outcome: Reason | Callable[..., list[Event]]
+    outcome: Reason | Callable[..., list[Event]] | str
 
 
 def _same(
@@ -380,7 +396,7 @@ DECODER_CLASSES: dict[str, FieldClass] = {
         "handshake", "magic", lambda _: _u32_other_than(MAGIC, 0x5145564D), Reason.HANDSHAKE_MAGIC
     ),
     "handshake of a QEMU main channel": FieldClass(
-        "handshake", "magic", lambda _: st.just(b"QEVM"), Reason.HANDSHAKE_MAIN_CHANNEL
+        "handshake", "magic", lambda _: st.just(b"QEVM"), MAIN_CHANNEL
     ),
     "handshake version": FieldClass(
         "handshake", "version", lambda _: _u32_other_than(1), Reason.HANDSHAKE_VERSION
@@ -503,8 +519,12 @@ def test_one_field_mutated_gives_its_exact_outcome(name: str, data: st.DataObjec
         assert error is not None and error.reason is kind.outcome, error
         assert isinstance(error, HandshakeError) == (kind.unit == "handshake")
         assert events == (prefix if unit >= 0 else []), "only the units before it came out"
+    elif kind.outcome == MAIN_CHANNEL:
+        assert error is None, error
+        assert events == [("main",), ("main-bytes", stream)]
     else:
         assert error is None, error
+        assert callable(kind.outcome)
         assert events == kind.outcome(prefix, rest, value, packet)
 
 
@@ -736,11 +756,6 @@ SESSION_HANDSHAKE_CLASSES: dict[str, tuple[str, bytes, Reason | None]] = {
 }
 
 
-def send_quietly(address: str, streams: list[bytes]) -> None:
-    with contextlib.suppress(OSError):  # the daemon may hang up first
-        qs.send_streams(address, streams)
-
-
 async def run_case(tmp_path: Path, streams: list[bytes], stray: bytes | None = None):  # type: ignore[no-untyped-def]
     config = settings(
         tmp_path, A, B, channels=2, max_packet_size=SESSION_MAX_PACKET, progress_timeout=20.0
@@ -752,7 +767,7 @@ async def run_case(tmp_path: Path, streams: list[bytes], stray: bytes | None = N
             sock.shutdown(socket.SHUT_WR)
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(sock.recv, 10)  # until the daemon hangs up
-    sending = asyncio.create_task(asyncio.to_thread(send_quietly, running.address, streams))
+    sending = asyncio.create_task(asyncio.to_thread(send_streams_quietly, running.address, streams))
     try:
         try:
             result = await running.result(timeout=30)

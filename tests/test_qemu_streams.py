@@ -1,11 +1,16 @@
 """The daemon takes a QEMU-10-like migration (``source/qemu_like.py``) over loopback: the
 main channel, RAM and SYNC packets mixed with device-state packets, several rounds of a
 running guest. The RAM image must equal the last round's memory even when one channel is
-held back (the sync points order the rounds), and the device's files its bytes."""
+held back (the sync points order the rounds: with the barrier switched off, the held-back
+cases fail on pc.ram, a page of an early round written over its later copy), and the
+device's files its bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import io
+import json
 import random
 import socket
 import threading
@@ -14,8 +19,13 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import Daemon
+from helpers import settings, start
+from prometheus_client.parser import text_string_to_metric_families
 
+from vfio_multifd.cli.report import print_receive_summary
 from vfio_multifd.core.wire import DeviceKey
+from vfio_multifd.ops.metrics import render
+from vfio_multifd.ops.status_server import query_migrate
 from vfio_multifd.source.qemu_like import VfioDevice, qemu10_migration
 
 UUID = "6b8e1a52-3c1d-4f8e-9b1a-22c0ffee0022"
@@ -93,16 +103,107 @@ def test_a_qemu10_like_migration_through_the_daemon(
         "--main-stream", str(tmp_path / "main.bin"),
         "--ram", str(tmp_path / "ram"),
         "--device", f"idstr={device.key.idstr},data={data}",
+        "--result", str(tmp_path / "result.json"),
     )
     daemons.append(daemon)
     port = int(daemon.address.rsplit(":", 1)[1])
     send(port, streams.main, streams.channels, lag=lag)
-    code, _, stderr = daemon.finish(60)
+    code, summary, stderr = daemon.finish(60)
     assert code == 0, stderr
     assert (tmp_path / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
     assert (tmp_path / "ram" / "vga.vram").read_bytes() == images[-1]["vga.vram"]
     assert (tmp_path / "main.bin").read_bytes() == streams.main
     assert data.read_bytes() == b"".join(device.chunks)
+    # The figures are what was sent: pages by kind, sync points, the main stream's bytes.
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (
+        result["ram_pages"], result["ram_zero_pages"], result["sync_points"],
+        result["main_stream_bytes"],
+    ) == (streams.normal_pages, streams.zero_pages, streams.sync_points, len(streams.main))
+    assert (
+        f"ram: {streams.normal_pages} pages ({streams.normal_pages * PAGE} bytes), "
+        f"{streams.zero_pages} zero pages, {streams.sync_points} sync points; "
+        f"main stream {len(streams.main)} bytes\n"
+    ) in summary
+
+
+def test_a_ram_only_migration_has_its_result(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """--result without --device: it failed on the missing device list (exit 1)."""
+    streams = qemu10_migration(rounds(2), channels=2, uuid=bytes.fromhex(UUID.replace("-", "")))
+    daemon = Daemon(
+        tmp_path,
+        "--channels", "2",
+        "--uuid", UUID,
+        "--main-stream", "/dev/null",
+        "--ram", str(tmp_path / "ram"),
+        "--result", str(tmp_path / "result.json"),
+    )  # fmt: skip
+    daemons.append(daemon)
+    send(int(daemon.address.rsplit(":", 1)[1]), streams.main, streams.channels, lag=None)
+    code, _, stderr = daemon.finish(60)
+    assert code == 0, stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["outcome"], result["devices"]) == ("completed", [])
+    assert (result["ram_pages"], result["ram_zero_pages"], result["sync_points"]) == (
+        streams.normal_pages, streams.zero_pages, streams.sync_points,
+    )  # fmt: skip
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == rounds(2)[-1]["pc.ram"]
+
+
+async def test_status_and_metrics_count_what_qemu_sent(tmp_path: Path) -> None:
+    """query-migrate's ``ram`` (QEMU's names), /metrics and the summary line, in process."""
+    images = rounds(3)
+    key = DeviceKey("0000:00:02.0/vfio", 0)
+    device = VfioDevice(key, chunks=(b"c" * 5000,), config=b"cfg")
+    uuid = bytes.fromhex(UUID.replace("-", ""))
+    streams = qemu10_migration(
+        images, channels=2, uuid=uuid, devices=[device], zero_pages="legacy"
+    )
+    assert streams.normal_pages and streams.zero_pages  # both kinds are counted
+    running = await start(
+        settings(
+            tmp_path, key, channels=2, uuid=uuid, main_stream=tmp_path / "main.bin",
+            ram=tmp_path / "ram",
+        )
+    )  # fmt: skip
+    port = int(running.address.rsplit(":", 1)[1])
+    await asyncio.wait_for(
+        asyncio.to_thread(send, port, streams.main, streams.channels, lag=None), 60
+    )
+    result = await asyncio.wait_for(running.task, 60)
+    snapshot = running.session.snapshot()
+    info = query_migrate(snapshot)
+    assert info["status"] == "completed"
+    assert info["ram"] == {
+        "normal": streams.normal_pages,
+        "duplicate": streams.zero_pages,
+        "normal-bytes": streams.normal_pages * PAGE,
+        "page-size": PAGE,
+        "sync-points": streams.sync_points,
+        "queued-bytes": 0,
+        "peak-queued-bytes": info["ram"]["peak-queued-bytes"],
+    }
+    assert 0 < info["ram"]["peak-queued-bytes"] <= running.session.core.layout.ram
+    assert info["main-stream-bytes"] == len(streams.main)
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(render(snapshot))
+        for sample in family.samples
+    }
+    assert samples[("vfio_multifd_ram_pages_total", (("kind", "normal"),))] == (
+        streams.normal_pages
+    )
+    assert samples[("vfio_multifd_ram_pages_total", (("kind", "zero"),))] == streams.zero_pages
+    assert samples[("vfio_multifd_sync_points_total", ())] == streams.sync_points
+    assert samples[("vfio_multifd_main_stream_bytes_total", ())] == len(streams.main)
+    out = io.StringIO()
+    print_receive_summary(result, out)
+    assert (
+        f"ram: {streams.normal_pages} pages ({streams.normal_pages * PAGE} bytes), "
+        f"{streams.zero_pages} zero pages, {streams.sync_points} sync points; "
+        f"main stream {len(streams.main)} bytes\n"
+    ) in out.getvalue()
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
 
 
 def test_without_ram_a_ram_packet_fails_naming_the_option(
@@ -123,3 +224,56 @@ def test_without_ram_a_ram_packet_fails_naming_the_option(
     assert code == 1
     assert "give --ram DIR (or --ram discard)" in stderr
     assert not (tmp_path / "dev.bin").exists()
+
+
+def test_record_keeps_the_main_channel_and_replay_sends_it_again(
+    tmp_path: Path, daemons: list[Daemon]
+) -> None:
+    """--record writes main-channel.bin beside the channel files (id null in the
+    manifest); a replay to another daemon gives the same RAM image and main stream."""
+    from cli_helpers import run
+
+    images = rounds(3)
+    uuid = bytes.fromhex(UUID.replace("-", ""))
+    streams = qemu10_migration(images, channels=2, uuid=uuid)
+    record = tmp_path / "record"
+
+    def daemon(name: str, *extra: str) -> Daemon:
+        workdir = tmp_path / name
+        workdir.mkdir()
+        started = Daemon(
+            workdir,
+            "--channels", "2",
+            "--uuid", UUID,
+            "--main-stream", str(workdir / "main.bin"),
+            "--ram", str(workdir / "ram"),
+            *extra,
+        )  # fmt: skip
+        daemons.append(started)
+        return started
+
+    first = daemon("first", "--record", str(record))
+    send(int(first.address.rsplit(":", 1)[1]), streams.main, streams.channels, lag=None)
+    code, _, stderr = first.finish(60)
+    assert code == 0, stderr
+    assert (record / "main-channel.bin").read_bytes() == streams.main
+    manifest = json.loads((record / "manifest.json").read_text())
+    assert sorted(
+        (c["id"] is None, c["file"], c["bytes"]) for c in manifest["recorded_channels"]
+    ) == [
+        (False, "channel-0.bin", len(streams.channels[0])),
+        (False, "channel-1.bin", len(streams.channels[1])),
+        (True, "main-channel.bin", len(streams.main)),
+    ]
+
+    second = daemon("second")
+    replayed = run(["replay", str(record), "--connect", second.address])
+    assert replayed.returncode == 0, replayed.stderr
+    assert "2 of 2 channels and the main channel" in replayed.stdout
+    assert f"main channel: sent {len(streams.main)} of {len(streams.main)} bytes" in (
+        replayed.stdout
+    )
+    code, _, stderr = second.finish(60)
+    assert code == 0, stderr
+    assert (tmp_path / "second" / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
+    assert (tmp_path / "second" / "main.bin").read_bytes() == streams.main

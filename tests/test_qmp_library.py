@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import TOOL, Daemon, send_to, wait_for
+from cli_helpers import TOOL, Daemon, receiver, run, send_to, wait_for
 from helpers import IDSTR, json_stream, send_json, settings, start
 from qemu.qmp import EventListener, ExecuteError, QMPClient
 
@@ -80,13 +80,7 @@ def watch_a_migration(
 ) -> Watched:
     """A daemon with a status socket, a watcher started before ``send`` of ``device``."""
     path = short_dir / "status.sock"
-    out = tmp_path / "out"
-    out.mkdir()
-    daemon = Daemon(
-        tmp_path, "--channels", "2", "--status-socket", str(path),
-        "--device", f"idstr={IDSTR},data={out / 'a.bin'}",
-    )  # fmt: skip
-    daemons.append(daemon)
+    daemon, _ = receiver(tmp_path, daemons, "--channels", "2", "--status-socket", str(path))
     watcher = _watch(path, "--json")
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(watcher.stdout or []), daemon=True)
@@ -110,21 +104,20 @@ def test_watch_until_the_end_then_exit_by_outcome(
     tmp_path: Path, short_dir: Path, daemons: list[Daemon], outcome: str
 ) -> None:
     extra = ["--inject", "duplicate"] if outcome == "failed" else []
-    run = watch_a_migration(
+    watched = watch_a_migration(
         tmp_path, short_dir, daemons, f"idstr={IDSTR},size=400000,seed=5", *extra
     )
-    answers, stderr = run.answers, run.stderr
+    answers, stderr = watched.answers, watched.stderr
     assert answers and answers[0]["status"] in ("setup", "active", outcome), (answers, stderr)
     assert answers[-1]["status"] == outcome, (answers, stderr)
-    assert run.code == (0 if outcome == "completed" else 1), stderr
+    assert watched.code == (0 if outcome == "completed" else 1), stderr
 
 
 def test_watch_where_nothing_answers_says_why(short_dir: Path) -> None:
     path = short_dir / "status.sock"
-    result = _watch(path)
-    _, stderr = result.communicate(timeout=30)
+    result = run(["status", "--socket", str(path), "--watch", "0.2"])
     assert result.returncode == 1
-    assert stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")
+    assert result.stderr.startswith(f"vfio-multifd: error: status socket {path} does not exist")
 
 
 def test_watch_ends_with_the_figures_the_daemon_reported_at_the_end(
@@ -135,13 +128,13 @@ def test_watch_ends_with_the_figures_the_daemon_reported_at_the_end(
     still be the daemon's final figures, not the last poll with its status replaced
     (which showed a 64 MiB migration completed with 0 bytes written)."""
     size = 64 << 20
-    run = watch_a_migration(tmp_path, short_dir, daemons, f"idstr={IDSTR},size={size},seed=5")
-    assert run.sent.returncode == 0, run.sent.stderr
-    daemon_code, summary, _ = run.daemon
+    watched = watch_a_migration(tmp_path, short_dir, daemons, f"idstr={IDSTR},size={size},seed=5")
+    assert watched.sent.returncode == 0, watched.sent.stderr
+    daemon_code, summary, _ = watched.daemon
     assert daemon_code == 0
     assert summary.startswith(f"device {IDSTR}: {size} bytes in 64 chunks"), summary
-    assert run.code == 0, run.stderr
-    final = run.answers[-1]
+    assert watched.code == 0, watched.stderr
+    final = watched.answers[-1]
     assert final["status"] == "completed", final
     [device] = final["devices"]
     assert (device["bytes-written"], device["complete"]) == (size, True), final

@@ -42,6 +42,7 @@ from helpers import (
     IDSTR_B,
     FakeTransport,
     assert_outputs,
+    closed_address,
     connect,
     random_bytes,
     settings,
@@ -676,34 +677,28 @@ def write_recording(
     return Manifest.from_json(text)
 
 
-def closed_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp:127.0.0.1:{sock.getsockname()[1]}"
-
-
 def test_replay_of_what_is_not_a_recording_is_a_usage_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = replay_cli(empty, closed_port())
+    result = replay_cli(empty, closed_address())
     assert result.returncode == 2 and TRACEBACK not in result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"vfio-multifd: error: {empty} is not a recording: it has no manifest.json (receive "
         "--record DIR writes it when the migration ends; a daemon killed with SIGKILL leaves none)"
     )
-    assert replay_cli(tmp_path / "missing", closed_port()).returncode == 2
+    assert replay_cli(tmp_path / "missing", closed_address()).returncode == 2
     changed = tmp_path / "changed"
     fake_recording(changed, 2)
     with open(changed / "channel-1.bin", "ab") as file:
         file.write(b"more")
-    result = replay_cli(changed, closed_port())
+    result = replay_cli(changed, closed_address())
     assert result.returncode == 2
     assert "channel 1: " in result.stderr and "holds 69 bytes, the manifest says 65" in result.stderr
     escaping = tmp_path / "escaping"
     fake_recording(escaping, 1)
     text = (escaping / "manifest.json").read_text().replace('"channel-0.bin"', '"../x.bin"')
     (escaping / "manifest.json").write_text(text)
-    result = replay_cli(escaping, closed_port())
+    result = replay_cli(escaping, closed_address())
     assert result.returncode == 2 and "is not 'channel-0.bin'" in result.stderr
 
 
@@ -720,7 +715,7 @@ def test_channels_order_recorded_reverse_and_random_with_a_seed(tmp_path: Path) 
     # The command line connects in that order, and says so first (nothing listens here).
     for _ in range(2):
         result = replay_cli(
-            tmp_path / "rec", closed_port(), "--channels-order", "random", "--seed", "5",
+            tmp_path / "rec", closed_address(), "--channels-order", "random", "--seed", "5",
             "--connect-timeout", "0.1",
         )  # fmt: skip
         assert result.returncode == 1, result.stderr
@@ -765,7 +760,7 @@ async def test_a_flipped_bit_in_a_channel_file_is_refused_before_anything_is_sen
     flipped[64 + 288 + 1000] ^= 0x10  # one bit of the first packet's payload
     file.write_bytes(flipped)
     # Nothing listens there: a replay that connected would fail with exit 1, not 2.
-    code, lines = replay_main(capsys, record, closed_port())
+    code, lines = replay_main(capsys, record, closed_address())
     assert (code, lines) == (
         2,
         [
@@ -832,7 +827,7 @@ def test_a_bad_manifest_is_refused_in_one_line_before_anything_is_sent(
     be checked, and a damaged one would give other outputs with exit 0."""
     fake_recording(tmp_path / "rec", 2)
     edit_manifest(tmp_path / "rec", edit)
-    code, lines = replay_main(capsys, tmp_path / "rec", closed_port())
+    code, lines = replay_main(capsys, tmp_path / "rec", closed_address())
     assert (code, lines) == (
         2, [f"vfio-multifd: error: {tmp_path / 'rec' / 'manifest.json'}: the manifest: {expected}"]
     )  # fmt: skip
@@ -844,7 +839,7 @@ def test_a_manifest_nested_too_deeply_is_refused_in_one_line(
     fake_recording(tmp_path / "rec", 1)
     path = tmp_path / "rec" / "manifest.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
-    code, lines = replay_main(capsys, tmp_path / "rec", closed_port())
+    code, lines = replay_main(capsys, tmp_path / "rec", closed_address())
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"vfio-multifd: error: {path}: not JSON: maximum recursion depth")
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import TOOL, Daemon, partial_stream, receiver, run, send_to, wait_for
+from cli_helpers import (
+    TOOL,
+    Daemon,
+    partial_stream,
+    receiver,
+    run_in_process,
+    send_to,
+    wait_for,
+)
 from helpers import IDSTR, random_bytes
 
 from vfio_multifd.ops.status_client import query
@@ -250,7 +258,7 @@ def test_an_unusable_result_path_is_a_usage_error_before_anything_starts(
                   "directory (ENOENT, errno 2)"),
         (tmp_path, f"--result {tmp_path} is a directory; give the path of a file"),
     ]:  # fmt: skip
-        done = run([*args, "--result", str(path), "--log-format", "json"], timeout=20)
+        done = run_in_process([*args, "--result", str(path), "--log-format", "json"])
         assert done.returncode == 2
         assert done.stderr.splitlines() == [f"vfio-multifd: error: {message}"]
     assert os.listdir(tmp_path) == []
@@ -260,8 +268,8 @@ def test_a_usage_error_found_after_the_options_is_described_too(tmp_path: Path) 
     result = tmp_path / "r.json"
     data = tmp_path / "a.bin"
     started = time.monotonic()
-    done = run(["receive", "--device", f"idstr=a,data={data}", "--device",
-                f"idstr=b,data={data}", "--result", str(result)], timeout=20)  # fmt: skip
+    done = run_in_process(["receive", "--device", f"idstr=a,data={data}", "--device",
+                           f"idstr=b,data={data}", "--result", str(result)])  # fmt: skip
     assert done.returncode == 2 and time.monotonic() - started < 20
     document = load(result)
     check_documented(document, "receiving.md")

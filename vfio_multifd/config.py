@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.reassembly import CHUNK_OVERHEAD, capacity_of
+from .core.ledger import smallest_chunk_bound, smallest_ram_share
 from .core.wire import DEFAULT_MAX_PACKET_SIZE, VFIO_HEADER, DeviceKey, encode_idstr
 from .errors import UsageError
 
@@ -339,6 +339,11 @@ class ReceiveSettings:
                 else "a reserve for the chunk a loader needs next, and a buffer to spill from, "
                 "each as large as the largest chunk"
             )
+            if self.main_stream is not None or self.ram is not None:
+                why += (
+                    f"; and {smallest_ram_share(self.channels)} for QEMU's streams (a RAM packet "
+                    "being read on each channel and the main channel, one queued for the writer)"
+                )
             raise UsageError(
                 f"--max-queued-bytes {self.max_queued_bytes} is too small for --max-packet-size "
                 f"{self.max_packet_size}: the smallest bound that works is {smallest} ({why}); "
@@ -380,8 +385,11 @@ class ReceiveSettings:
 
     @property
     def smallest_bound(self) -> int:
-        """The smallest --max-queued-bytes with which every arrival order completes."""
-        largest = capacity_of(self.max_payload_size) + CHUNK_OVERHEAD
-        if self.on_queue_full is QueueFullPolicy.FAIL:
-            return largest
-        return largest + capacity_of(self.max_payload_size)
+        """The smallest --max-queued-bytes with which every arrival order completes (with
+        QEMU's streams: and the RAM writer's smallest share)."""
+        chunks = smallest_chunk_bound(
+            self.max_payload_size, fail_when_full=self.on_queue_full is QueueFullPolicy.FAIL
+        )
+        if self.main_stream is None and self.ram is None:
+            return chunks
+        return chunks + smallest_ram_share(self.channels)

@@ -31,6 +31,38 @@ class SessionStatus(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class QemuStreamFigures:
+    """What came of QEMU's own streams: RAM pages (``--ram``) and the main channel
+    (``--main-stream``); each count stays 0 when its option is not given."""
+
+    ram: bool  # --ram given
+    main_stream: bool  # --main-stream given
+    page_size: int
+    normal_pages: int = 0  # RAM pages with data, on the multifd channels or the main stream
+    zero_pages: int = 0  # RAM pages announced as zero (no data)
+    sync_points: int = 0  # sync points every channel and the main stream reached
+    main_stream_bytes: int = 0  # bytes of the main channel, as received
+    queued_bytes: int = 0  # pages and main-stream bytes queued for the RAM writer now
+    peak_queued_bytes: int = 0
+
+    @property
+    def normal_bytes(self) -> int:
+        return self.normal_pages * self.page_size
+
+    def summary(self) -> str | None:
+        """The summary's line, or None when neither option was given."""
+        parts = []
+        if self.ram:
+            parts.append(
+                f"ram: {self.normal_pages} pages ({self.normal_bytes} bytes), "
+                f"{self.zero_pages} zero pages, {self.sync_points} sync points"
+            )
+        if self.main_stream:
+            parts.append(f"main stream {self.main_stream_bytes} bytes")
+        return "; ".join(parts) or None
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceResult:
     device: DeviceKey
     data_path: Path
@@ -74,6 +106,7 @@ class SessionResult:
     #: Threads whose event loops read the channels (0: the main loop reads them).
     reader_threads: int = 0
     phases: Phases | None = None
+    qemu: QemuStreamFigures | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -104,6 +137,13 @@ class SessionResult:
         }
         if self.phases is not None:
             fields["phases"] = self.phases.log_fields()
+        qemu = self.qemu
+        if qemu is not None and qemu.ram:
+            fields["ram_pages"] = qemu.normal_pages
+            fields["ram_zero_pages"] = qemu.zero_pages
+            fields["sync_points"] = qemu.sync_points
+        if qemu is not None and qemu.main_stream:
+            fields["main_stream_bytes"] = qemu.main_stream_bytes
         if self.tls_subjects is not None:
             fields["tls"] = True
             fields["tls_subjects"] = {str(k): v for k, v in self.tls_subjects.items()}
@@ -178,4 +218,5 @@ def summarize(
         buffers_allocated=snapshot.buffers_allocated,
         reader_threads=snapshot.reader_threads,
         phases=phases,
+        qemu=snapshot.qemu,
     )

@@ -91,6 +91,10 @@ def _send_command(args: argparse.Namespace) -> int:
         report.check()
         report.describe = SendFacts(args.uuid, args.connect, args.device, tally).document
     tls_client = _tls_client(args)
+    if args.ram is not None:
+        return _send_like_qemu(args, tally, tls_client)
+    if not args.device:
+        raise UsageError("at least one --device is required (or --ram SIZE)")
     with (
         _sigterm_stops_sending(),
         send_progress(args.device, args.progress_interval, tally) as progress,
@@ -111,6 +115,34 @@ def _send_command(args: argparse.Namespace) -> int:
             tally=tally,
         )
     print_send_summary(result, sys.stdout, args.connect, tls=tls_client is not None)
+    return EXIT_OK
+
+
+def _send_like_qemu(
+    args: argparse.Namespace, tally: SendTally, tls_client: TlsClient | None
+) -> int:
+    """``send --ram SIZE``: a main channel and RAM beside the devices, as QEMU 10."""
+    from ..source.qemu_sender import send_like_qemu
+
+    if args.order != "round-robin":
+        raise UsageError("--ram sends as QEMU does: --order round-robin only")
+    if args.inject is not None:
+        raise UsageError("--inject works without --ram only")
+    with _sigterm_stops_sending():
+        result, ram = send_like_qemu(
+            args.connect,
+            args.device,
+            ram_size=args.ram,
+            channels=args.channels,
+            uuid=args.uuid,
+            chunk_size=args.chunk_size,
+            seed=args.seed,
+            digest=args.digest,
+            connect_timeout=args.connect_timeout,
+            tls=tls_client,
+            tally=tally,
+        )
+    print_send_summary(result, sys.stdout, args.connect, tls=tls_client is not None, ram=ram)
     return EXIT_OK
 
 

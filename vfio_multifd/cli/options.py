@@ -620,10 +620,21 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         "--device",
         type=_send_device,
         action="append",
-        required=True,
+        default=[],
         metavar="idstr=ID,instance=I,(source=FILE|size=BYTES[,seed=S])",
-        help="a device to send (repeatable): data read from FILE, or BYTES generated from "
-        "seed S; a comma inside a value is written twice (source=a,,b.bin)",
+        help="a device to send (repeatable; at least one, unless --ram): data read from FILE, "
+        "or BYTES generated from seed S; a comma inside a value is written twice "
+        "(source=a,,b.bin)",
+    )
+    tx.add_argument(
+        "--ram",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="act like QEMU 10: a main channel first (configuration, the RAM block list, sync "
+        "points, the devices' sections), and SIZE bytes of guest RAM (pc.ram, generated from "
+        "--seed, sent in 3 rounds) as RAM and SYNC packets on the channels, the devices' "
+        "state packets among them; the daemon needs --main-stream and --ram",
     )
     tx.add_argument(
         "--chunk-size",
@@ -638,7 +649,9 @@ def _add_send(sub: Subcommands[_Parser], handler: Handler) -> None:
         default="round-robin",
         help="packet order: round-robin as QEMU, or reverse / random",
     )
-    tx.add_argument("--seed", type=int, default=0, help="seed of --order random")
+    tx.add_argument(
+        "--seed", type=int, default=0, help="seed of --order random, and of --ram's contents"
+    )
     _add_result(tx, "docs/sending.md")
     tx.add_argument(
         "--inject",

@@ -86,7 +86,7 @@ def receive_tls(args: argparse.Namespace) -> TlsSettings | None:
 
 def receive_command(args: argparse.Namespace) -> int:
     configure_logging(args)
-    facts = ReceiveFacts(args.uuid, args.device)
+    facts = ReceiveFacts(args.uuid, args.device or ())  # none: a RAM-only migration
     report: ResultFile | None = args.result_file
     if report is not None:
         report.check()

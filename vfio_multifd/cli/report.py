@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ..config import Address
 from ..errors import SendError
+from ..ops.manifest import channel_name
 from ..results import SessionResult
 from ..source.replay import ENDING_TEXT, Replay
 from ..source.sender import SendResult
+
+if TYPE_CHECKING:
+    from ..source.qemu_sender import RamSent
 
 
 def printable(text: object) -> str:
@@ -41,6 +45,9 @@ def print_receive_summary(
         f"{spilled}, paused {result.paused_seconds:.3f} s",
         file=out,
     )
+    qemu = None if result.qemu is None else result.qemu.summary()
+    if qemu is not None:
+        print(qemu, file=out)
     if result.reader_threads:
         print(f"channels read on {result.reader_threads} reader threads", file=out)
     tls = result.tls_summary()
@@ -49,13 +56,25 @@ def print_receive_summary(
 
 
 def print_send_summary(
-    result: SendResult, out: TextIO, address: Address, *, tls: bool = False
+    result: SendResult,
+    out: TextIO,
+    address: Address,
+    *,
+    tls: bool = False,
+    ram: RamSent | None = None,
 ) -> None:
     """One line per device, one for the whole (MB/s: 10^6 bytes a second), which says
     what the daemon's clean close of every channel means over this transport (over a
     unix socket, only TLS's close_notify proves it: a failure there cannot reset)."""
     for key, size, chunks, digest in result.devices:
         print(f"device {key}: {size} bytes in {chunks} chunks, {digest}", file=out)
+    if ram is not None:
+        print(
+            f"ram: {ram.block} {ram.size} bytes in {ram.rounds} rounds: {ram.normal_pages} "
+            f"pages, {ram.zero_pages} zero pages, {ram.sync_points} sync points; main stream "
+            f"{ram.main_bytes} bytes",
+            file=out,
+        )
     verdict = (
         "the daemon closed every channel cleanly: it completed the migration"
         if address.kind == "tcp" or tls
@@ -75,18 +94,22 @@ def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
     outcome = manifest.outcome
     if manifest.error is not None:
         outcome += f": {manifest.error.message}"
+    multifd = [c for c in manifest.recorded_channels if c.id is not None]
+    main = len(multifd) < len(manifest.recorded_channels)
     print(
         f"replaying {printable(replay.recording.directory)}: recorded {manifest.started_at} "
-        f"by {manifest.tool}, {len(manifest.recorded_channels)} of {manifest.channels} "
-        f"channels, outcome {outcome}",
+        f"by {manifest.tool}, {len(multifd)} of {manifest.channels} "
+        f"channels{' and the main channel' if main else ''}, outcome {outcome}",
         file=out,
     )
     devices = " ".join(
         f"--device idstr={device.idstr.replace(',', ',,')},instance={device.instance},data=..."
         for device in manifest.devices
     )
+    qemu = " --main-stream PATH (and --ram DIR if it carried RAM)" if main else ""
     print(
-        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid} {devices}",
+        f"the daemon needs: --channels {manifest.channels} --uuid {manifest.uuid}"
+        f"{qemu} {devices}".rstrip(),
         file=out,
     )
     if manifest.tls:
@@ -100,7 +123,7 @@ def print_replay_plan(replay: Replay, out: TextIO, order: str) -> None:
             f"the recording is incomplete ({manifest.stopped}): only what was recorded is sent",
             file=out,
         )
-    ids = ", ".join(str(channel.id) for channel in replay.channels)
+    ids = ", ".join("main" if c.id is None else str(c.id) for c in replay.channels)
     print(f"connection order ({order}): channel ids {ids}", file=out, flush=True)
 
 
@@ -111,7 +134,10 @@ def print_replay_report(
     what a clean close means over this transport, as :func:`print_send_summary`)."""
     for channel, sent in zip(replay.channels, replay.sent, strict=True):
         ending = ENDING_TEXT[channel.end] if sent == channel.bytes else "then stopped"
-        print(f"channel {channel.id}: sent {sent} of {channel.bytes} bytes, {ending}", file=out)
+        print(
+            f"{channel_name(channel.id)}: sent {sent} of {channel.bytes} bytes, {ending}",
+            file=out,
+        )
     if error is not None:
         verdict = "not every channel ended cleanly (the error below says which, and why)"
     elif address.kind == "tcp" or tls:

@@ -33,7 +33,7 @@ from ..safe_files import create_new
 if TYPE_CHECKING:
     from ..config import Address, DeviceSpec
     from ..daemon.session import Session
-    from ..results import SessionResult
+    from ..results import QemuStreamFigures, SessionResult
     from ..source.plan import SourceDevice
     from ..source.sender import SendTally
 
@@ -113,8 +113,12 @@ def receive_document(
     refused: Mapping[str, int],
     spilled_bytes: int,
     peak_queued_bytes: int,
+    qemu: QemuStreamFigures | None = None,
 ) -> JSON:
-    """``receive --result``'s document (docs/receiving.md lists every field)."""
+    """``receive --result``'s document (docs/receiving.md lists every field); ``qemu``:
+    the RAM and main-stream figures (their fields null for an option not given)."""
+    ram = qemu if qemu is not None and qemu.ram else None
+    main = qemu if qemu is not None and qemu.main_stream else None
     return {
         **_how_it_ended("receive", exit_code, error, uuid),
         "duration_s": round(duration_s, 3),
@@ -138,6 +142,10 @@ def receive_document(
         "refused": dict(sorted(refused.items())),
         "spilled_bytes": spilled_bytes,
         "peak_queued_bytes": peak_queued_bytes,
+        "ram_pages": None if ram is None else ram.normal_pages,
+        "ram_zero_pages": None if ram is None else ram.zero_pages,
+        "sync_points": None if ram is None else ram.sync_points,
+        "main_stream_bytes": None if main is None else main.main_stream_bytes,
     }
 
 
@@ -225,6 +233,7 @@ class ReceiveFacts:
             refused=dict(snapshot.refused_by_reason),
             spilled_bytes=snapshot.spilled_bytes,
             peak_queued_bytes=snapshot.peak_queued_bytes,
+            qemu=snapshot.qemu,
         )
 
 

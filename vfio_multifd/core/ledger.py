@@ -1,8 +1,9 @@
 """The one memory ledger: everything --max-queued-bytes counts, and every release.
 
 The bound covers chunks being received or queued, the one staging buffer a
-chunk bound straight for the spill file is received in, and idle pooled
-buffers. :class:`MemoryLayout` splits it once; :class:`Ledger` charges each
+chunk bound straight for the spill file is received in, idle pooled buffers,
+and (with QEMU's streams) the RAM pages and main-stream bytes being received
+or queued for the RAM writer. :class:`MemoryLayout` splits it once; :class:`Ledger` charges each
 payload buffer when its header is complete (memory that peers merely announce
 counts), releases the charge when the chunk is written, spilled, or its
 channel fails mid-payload, and asks the pure :class:`~vfio_multifd.memory.MemoryPolicy`
@@ -17,7 +18,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from .decoder import MAIN_READ_SIZE
 from .memory import SPILL_GRACE, Decision, MemoryPolicy
+from .ram import MULTIFD_PACKET_SIZE
 from .reassembly import CHUNK_OVERHEAD, Chunk, ReassemblyBuffer, capacity_of
 from .wire import DeviceKey, PacketHeader
 
@@ -26,6 +29,24 @@ if TYPE_CHECKING:
 
 #: Idle pooled buffers kept when memory is not bounded.
 UNBOUNDED_IDLE_BYTES = 64 << 20
+#: The most one write to the RAM writer, or one read in flight, holds: a RAM packet's
+#: page data, or one read of the main channel.
+RAM_WRITE_MAX = max(MULTIFD_PACKET_SIZE, MAIN_READ_SIZE)
+#: The RAM writer's share of the bound, at most (and its cap without a bound).
+RAM_QUEUE_BYTES = 32 << 20
+
+
+def smallest_chunk_bound(max_payload_size: int, *, fail_when_full: bool) -> int:
+    """The smallest part of the bound with which chunks complete in every arrival order:
+    the largest chunk and its bookkeeping (and as much again to spill from)."""
+    largest = capacity_of(max_payload_size) + CHUNK_OVERHEAD
+    return largest if fail_when_full else largest + capacity_of(max_payload_size)
+
+
+def smallest_ram_share(channels: int) -> int:
+    """The smallest share of the bound for QEMU's streams: a read in flight on every
+    channel and the main channel, and one write queued."""
+    return (channels + 2) * RAM_WRITE_MAX
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +60,42 @@ class MemoryLayout:
     #: early chunks can never crowd out the one a loader waits for.
     reserve: int
     chunk_overhead: int  # charged per chunk besides its buffer (0 when unbounded)
+    #: What RAM pages and main-stream bytes may take, being read or queued for the RAM
+    #: writer (0: no QEMU streams); apart from ``queue_bound``, so that neither can
+    #: starve the other.
+    ram: int = 0
+    #: RAM queued past this holds every channel until the writer catches up: room
+    #: for a read in flight on each of ``channels`` and the main channel.
+    ram_hold_above: int = 0
 
     @classmethod
-    def of(cls, bound: int | None, *, max_payload_size: int, fail_when_full: bool) -> MemoryLayout:
+    def of(
+        cls,
+        bound: int | None,
+        *,
+        max_payload_size: int,
+        fail_when_full: bool,
+        qemu_streams: bool = False,
+        channels: int = 0,
+    ) -> MemoryLayout:
         spills = bound is not None and not fail_when_full
         staging = capacity_of(max_payload_size) if spills else 0
+        ram = 0
+        if qemu_streams:
+            smallest = smallest_ram_share(channels)
+            if bound is None:
+                ram = max(RAM_QUEUE_BYTES, smallest)
+            else:  # a quarter of what the chunks need not have, within [smallest, 32 MiB]
+                spare = bound - smallest_chunk_bound(max_payload_size, fail_when_full=fail_when_full)
+                ram = min(max(RAM_QUEUE_BYTES, smallest), max(smallest, spare // 4))
         return cls(
             bound=bound,
             staging=staging,
-            queue_bound=None if bound is None else bound - staging,
+            queue_bound=None if bound is None else bound - staging - ram,
             reserve=capacity_of(max_payload_size) + CHUNK_OVERHEAD if spills else 0,
             chunk_overhead=CHUNK_OVERHEAD if bound is not None else 0,
+            ram=ram,
+            ram_hold_above=ram - (channels + 1) * RAM_WRITE_MAX if qemu_streams else 0,
         )
 
     def reassembly(self, devices: Iterable[DeviceKey]) -> ReassemblyBuffer:
@@ -178,7 +224,7 @@ class Ledger:
         if bound is None:
             return UNBOUNDED_IDLE_BYTES
         staging = 0 if self._staging is None else self.layout.staging
-        return max(0, bound - self.reassembly.queued_bytes - staging)
+        return max(0, bound - self.reassembly.queued_bytes - staging - self.layout.ram)
 
     # -- what the snapshot shows -------------------------------------------------------------
 

@@ -13,9 +13,12 @@ each sync point until all have reached it (``core/ram.py``'s
 writer, first in first out (:class:`WriteRam`): the order the writes are
 emitted in is the order they reach the files.
 
-Memory: page data is read into a buffer of its own and queued to the writer;
-a channel whose writes would take the queue past :data:`RAM_QUEUE_BYTES`
-pauses (``holds`` "writes") until the writer catches up.
+Memory: page data is read into a buffer of its own and queued to the writer,
+within the RAM writer's share of ``--max-queued-bytes`` (``MemoryLayout.ram``):
+once the queue passes ``MemoryLayout.ram_hold_above`` every channel and the
+main channel pause (``holds`` "writes") until the writer catches up, so what
+is queued and what is being read stay within the share. Every channel pauses,
+not only the one that wrote: the others could each start another packet.
 """
 
 from __future__ import annotations
@@ -35,10 +38,6 @@ from .rules import Rules
 from .savevm import BlockList, Configuration, Ended, Event, Page, RamBlock, SyncPoint, ZeroPage
 from .state import ChannelState
 
-#: RAM pages and main-stream bytes queued for the writer before the channels
-#: that bring more pause.
-RAM_QUEUE_BYTES = 32 << 20
-
 
 class QemuStreams(Rules):
     def _init_qemu_streams(self) -> None:
@@ -51,6 +50,8 @@ class QemuStreams(Rules):
         self.ram_zero_pages = 0
         self.ram_queued = 0  # bytes queued for the writer, not written yet
         self.ram_writes = 0  # WriteRam commands not done yet
+        self.peak_ram_queued = 0
+        self.ram_full = False  # every channel holds "writes" until the writer catches up
         self.barrier = (
             SyncBarrier(config.channels, main=config.main_stream) if config.ram else None
         )
@@ -242,17 +243,21 @@ class QemuStreams(Rules):
         self.ram_queued += nbytes
         self.ram_writes += 1
         self._emit(WriteRam(c.conn, pages, main, nbytes))
-        if self.ram_queued > RAM_QUEUE_BYTES:
-            self._hold(c, "writes")
+        self.peak_ram_queued = max(self.peak_ram_queued, self.ram_queued)
+        if self.ram_queued > self.layout.ram_hold_above:
+            self.ram_full = True
+            for other in self.connections.by_conn.values():
+                if other.state is ChannelState.ACTIVE and not (other.hung_up or other.gone):
+                    self._hold(other, "writes")
 
     def ram_written(self, conn: int, nbytes: int, now: float) -> None:
         """A :class:`WriteRam` is done."""
         self.ram_queued -= nbytes
         self.ram_writes -= 1
-        if self.ram_queued <= RAM_QUEUE_BYTES:
+        if self.ram_full and self.ram_queued <= self.layout.ram_hold_above:
+            self.ram_full = False
             for c in self.connections.by_conn.values():
-                if "writes" in c.holds:
-                    self._unhold(c, "writes")
+                self._unhold(c, "writes")
         self._maybe_commit(now)
 
     def _hold(self, c: Connection, why: str) -> None:

@@ -40,6 +40,8 @@ class Rules:
             config.max_queued_bytes,
             max_payload_size=config.max_payload_size,
             fail_when_full=config.fail_when_full,
+            qemu_streams=config.main_stream or config.ram,
+            channels=config.channels,
         )
         self.reassembly = self.layout.reassembly(config.devices)
         self.ledger = Ledger(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..errors import MultifdError
-from ..results import SessionStatus
+from ..results import QemuStreamFigures, SessionStatus
 from .connections import Connection
 from .reassembly import ChunkState, DeviceBuffer
 from .state import ChannelState, Phase
@@ -71,6 +71,7 @@ class MigrationSnapshot:
     address: str | None
     tls: bool
     reader_threads: int
+    qemu: QemuStreamFigures  # RAM pages, sync points, the main stream's bytes
 
     @property
     def rate(self) -> float:
@@ -118,6 +119,17 @@ def build_snapshot(migration: Migration, now: float) -> MigrationSnapshot:
         address=m.address,
         tls=m.config.tls,
         reader_threads=m.config.reader_threads,
+        qemu=QemuStreamFigures(
+            ram=m.config.ram,
+            main_stream=m.config.main_stream,
+            page_size=m.config.page_size,
+            normal_pages=m.ram_pages,
+            zero_pages=m.ram_zero_pages,
+            sync_points=m.sync_points,
+            main_stream_bytes=m.main_bytes,
+            queued_bytes=m.ram_queued,
+            peak_queued_bytes=m.peak_ram_queued,
+        ),
     )
 
 

@@ -309,6 +309,8 @@ class Driver:
         channel = self._connections[command.conn]
         channel.log = channel.log.bind(channel="main")
         channel.log.info("channel_accepted", kind="main")
+        if self.recorder is not None:  # before anything else may read the channel
+            self.recorder.accepted(channel, None)
         self._main_conn = command.conn
         self._main_parser = MainStreamParser(page_size=self.core.config.page_size)
 

@@ -4,8 +4,9 @@ Pure: JSON text in and out, no files. :class:`Manifest` is written by the
 recorder (``recorder.py``) as ``DIR/manifest.json`` and read back by ``vfio-multifd
 replay`` (``replay.py``), which trusts nothing in it: :meth:`Manifest.from_json`
 checks every field, and a file name is accepted only in the form the
-recorder writes (``channel-<id>.bin``, ``refused-<n>.bin``), so a manifest
-cannot send the replay outside its directory.
+recorder writes (``channel-<id>.bin``, ``main-channel.bin``, ``refused-<n>.bin``),
+so a manifest cannot send the replay outside its directory. QEMU's main
+channel (``--main-stream``) is a recorded channel whose ``id`` is null.
 
 Times are seconds on the daemon's monotonic clock since the recording started
 (just before the daemon listens): ``first_byte_s`` and ``last_byte_s`` of a
@@ -38,9 +39,15 @@ _REFUSED_FILE = re.compile(r"refused-([0-9]{1,5})\.bin")
 _DIGEST_HEX = {"xxh3-128": 32, "sha256": 64}
 
 
-def channel_file(channel_id: int) -> str:
-    """The file of accepted channel ``channel_id``: ``channel-3.bin``."""
-    return f"channel-{channel_id}.bin"
+def channel_file(channel_id: int | None) -> str:
+    """The file of accepted channel ``channel_id``: ``channel-3.bin``; QEMU's main channel
+    (None): ``main-channel.bin``."""
+    return "main-channel.bin" if channel_id is None else f"channel-{channel_id}.bin"
+
+
+def channel_name(channel_id: int | None) -> str:
+    """``channel 3``, or ``main channel``."""
+    return "main channel" if channel_id is None else f"channel {channel_id}"
 
 
 def refused_file(n: int) -> str:
@@ -63,7 +70,7 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class RecordedChannel:
-    id: int
+    id: int | None  # None: QEMU's main channel
     file: str
     peer: str
     bytes: int  # in the file
@@ -175,21 +182,22 @@ def _error(fields: _Fields) -> RecordedError:
 
 def _channels(items: list[_Fields], channels: int) -> tuple[RecordedChannel, ...]:
     """The recorded channels: each id once, and below ``channels`` (as the daemon accepts them)."""
-    recorded: dict[int, RecordedChannel] = {}
+    recorded: dict[int | None, RecordedChannel] = {}
     for item in items:
         channel = _channel(item)
-        if channel.id >= channels:
+        if channel.id is not None and channel.id >= channels:
             raise ManifestError(
                 f"{item.where}: channel id {channel.id} is not below channels {channels}"
             )
         if channel.id in recorded:
-            raise ManifestError(f"{item.where}: channel id {channel.id} is recorded twice")
+            what = "the main channel" if channel.id is None else f"channel id {channel.id}"
+            raise ManifestError(f"{item.where}: {what} is recorded twice")
         recorded[channel.id] = channel
     return tuple(recorded.values())
 
 
 def _channel(fields: _Fields) -> RecordedChannel:
-    channel_id = fields.integer("id")
+    channel_id = fields.optional_integer("id")
     file = fields.text("file")
     if file != channel_file(channel_id):
         raise ManifestError(f"{fields.where}: file {file!r} is not {channel_file(channel_id)!r}")
@@ -307,4 +315,3 @@ class _Fields:
         if not isinstance(value, list):
             raise self._wrong(name, "a list")
         return [_Fields(item, f"{self.where}: {name}[{n}]") for n, item in enumerate(value)]
-

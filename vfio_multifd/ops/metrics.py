@@ -120,6 +120,7 @@ def collect(snapshot: MigrationSnapshot) -> Iterator[_Family]:
     for value in SessionStatus:
         status.add(1 if snapshot.status is value else 0, status=value.value)
     yield status
+    yield from _qemu_streams(snapshot)
     yield _Family(
         "vfio_multifd_paused_seconds_total",
         "counter",
@@ -143,6 +144,28 @@ def _devices(snapshot: MigrationSnapshot) -> Iterator[_Family]:
         chunks.add(device.chunks_written, device=str(device.device))
     yield written
     yield chunks
+
+
+def _qemu_streams(snapshot: MigrationSnapshot) -> Iterator[_Family]:
+    """RAM pages and sync points with --ram, the main stream's bytes with --main-stream."""
+    qemu = snapshot.qemu
+    if qemu.ram:
+        yield _Family(
+            "vfio_multifd_ram_pages_total",
+            "counter",
+            "RAM pages received, by kind: normal (with data) or zero (no data).",
+        ).add(qemu.normal_pages, kind="normal").add(qemu.zero_pages, kind="zero")
+        yield _Family(
+            "vfio_multifd_sync_points_total",
+            "counter",
+            "Sync points every channel and the main stream have reached.",
+        ).add(qemu.sync_points)
+    if qemu.main_stream:
+        yield _Family(
+            "vfio_multifd_main_stream_bytes_total",
+            "counter",
+            "Bytes received on QEMU's main channel.",
+        ).add(qemu.main_stream_bytes)
 
 
 def _channel_states(snapshot: MigrationSnapshot) -> _Family:

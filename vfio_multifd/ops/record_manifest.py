@@ -87,7 +87,7 @@ def manifest_builder(
 
 
 def _channel(recorded: Recorded, r: ChannelRecording) -> RecordedChannel:
-    assert r.channel_id is not None and r.sink is not None
+    assert r.sink is not None  # accepted (channel_id None: the main channel)
     return RecordedChannel(
         id=r.channel_id,
         file=channel_file(r.channel_id),

@@ -4,7 +4,8 @@ A :class:`RecordingChannel` is the channel protocol with a
 :class:`RecordingDecoder`: the bytes of each read are copied (the buffer is
 the chunk's own, reused once the chunk is written) into the
 :class:`Recorder`'s :class:`ByteRing`, and its one
-writer thread appends them from there to ``DIR/channel-<id>.bin``. The event
+writer thread appends them from there to ``DIR/channel-<id>.bin`` (QEMU's main
+channel: ``DIR/main-channel.bin``). The event
 loop never waits for the disk: handing bytes over is a copy and a put on a
 queue, and the ring's size (``RecordSettings.max_queued_bytes``, 64 MiB) bounds
 what may wait. When the disk falls that far behind, or a write fails (``ENOSPC``,
@@ -215,9 +216,9 @@ class Recorder:
             return None
         return recording, pending
 
-    def accepted(self, channel: ChannelProtocol, channel_id: int) -> None:
-        """The connection joined the migration as ``channel_id``: its file opens (before
-        anything else may read the channel)."""
+    def accepted(self, channel: ChannelProtocol, channel_id: int | None) -> None:
+        """The connection joined the migration as ``channel_id`` (None: QEMU's main
+        channel): its file opens (before anything else may read the channel)."""
         taken = self._take_pending(channel)
         if taken is None:
             return

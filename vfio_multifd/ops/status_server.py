@@ -79,6 +79,21 @@ def query_migrate(snapshot: MigrationSnapshot) -> JSON:
             "reader-threads": snapshot.reader_threads,
         }
     )
+    qemu = snapshot.qemu
+    if qemu.ram:
+        # QEMU's MigrationStats names where the meaning is the same: pages with data
+        # (normal), zero pages (duplicate); sync-points and the RAM writer's queue are ours.
+        info["ram"] = {
+            "normal": qemu.normal_pages,
+            "duplicate": qemu.zero_pages,
+            "normal-bytes": qemu.normal_bytes,
+            "page-size": qemu.page_size,
+            "sync-points": qemu.sync_points,
+            "queued-bytes": qemu.queued_bytes,
+            "peak-queued-bytes": qemu.peak_queued_bytes,
+        }
+    if qemu.main_stream:
+        info["main-stream-bytes"] = qemu.main_stream_bytes
     return info
 
 

@@ -122,7 +122,7 @@ def run_channels(
     *,
     stop: threading.Event | None = None,
     tls: TlsClient | None = None,
-    channel_ids: Sequence[int] | None = None,
+    channel_ids: Sequence[int | None] | None = None,
     ends: Sequence[StreamEnd] | None = None,
     reset_hint: str = "",
 ) -> list[int]:
@@ -141,11 +141,13 @@ def run_channels(
     be sent, that is how the daemon says the migration failed).
 
     Streams connect in the order given; ``channel_ids`` names them in errors and
-    logs (default 0, 1...: their place). ``ends`` says how each ends once sent
+    logs (default 0, 1...: their place; None: QEMU's main channel). ``ends`` says how each ends once sent
     (default: all :attr:`StreamEnd.CLOSE`); a replay ends each as it was recorded.
     ``reset_hint`` is added to the message of a reset: what else could explain it.
     """
-    ids = list(range(len(streams))) if channel_ids is None else list(channel_ids)
+    ids: list[int | None] = (
+        list(range(len(streams))) if channel_ids is None else list(channel_ids)
+    )
     socks = _connect_all(address, timeout, ids, tls)
     endings = [StreamEnd.CLOSE] * len(streams) if ends is None else list(ends)
     run = _ChannelRun(address, socks, streams, ids, endings, stop or threading.Event(), tls)
@@ -154,7 +156,7 @@ def run_channels(
 
 
 def _connect_all(
-    address: Address, timeout: float, ids: list[int], tls: TlsClient | None
+    address: Address, timeout: float, ids: list[int | None], tls: TlsClient | None
 ) -> list[socket.socket]:
     """One connection per channel, in order; if one fails, the others are reset."""
     socks: list[socket.socket] = []
@@ -178,7 +180,7 @@ class _ChannelRun:
         address: Address,
         socks: list[socket.socket],
         streams: Sequence[ChannelStream],
-        ids: list[int],
+        ids: list[int | None],
         endings: list[StreamEnd],
         stop: threading.Event,
         tls: TlsClient | None,
@@ -200,7 +202,10 @@ class _ChannelRun:
         """Run every channel to its verdict; the bytes each sent, or the first error."""
         threads = [
             threading.Thread(
-                target=self.worker, args=(n,), name=f"send-channel-{self.ids[n]}", daemon=True
+                target=self.worker,
+                args=(n,),
+                name=f"send-channel-{'main' if self.ids[n] is None else self.ids[n]}",
+                daemon=True,
             )
             for n in range(len(self.streams))
         ]
@@ -344,7 +349,7 @@ def _reset_once_delivered(sock: socket.socket) -> None:
 
 
 def channel_error(
-    channel: int,
+    channel: int | None,
     address: Address,
     error: OSError,
     *,
@@ -352,7 +357,9 @@ def channel_error(
     sock: socket.socket | None = None,
     hint: str = "",
 ) -> SendError:
-    """Why channel ``channel`` ended: ``sent`` is its byte count if it had sent everything."""
+    """Why channel ``channel`` ended (None: the main channel): ``sent`` is its byte count
+    if it had sent everything."""
+    where = f"{address}" if channel is not None else f"main channel: {address}"
     when = (
         "while this channel was sending"
         if sent is None
@@ -365,7 +372,7 @@ def channel_error(
     if isinstance(error, ssl.SSLEOFError) and (sock is None or not _was_reset(sock)):
         return SendError(
             Reason.CHANNEL_RESET,
-            f"{address}: the daemon ended the connection without TLS close_notify {when}: "
+            f"{where}: the daemon ended the connection without TLS close_notify {when}: "
             f"{verdict}",
             channel=channel,
         )
@@ -377,7 +384,7 @@ def channel_error(
     ):
         return SendError(
             Reason.CHANNEL_RESET,
-            f"{address}: the daemon reset the connection {when}: {verdict}",
+            f"{where}: the daemon reset the connection {when}: {verdict}",
             channel=channel,
         )
-    return SendError(Reason.SEND_FAILED, f"{address}: {_why(error)} {when}", channel=channel)
+    return SendError(Reason.SEND_FAILED, f"{where}: {_why(error)} {when}", channel=channel)

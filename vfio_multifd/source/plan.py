@@ -69,7 +69,8 @@ class DeviceState:
         self.chunk_size = chunk_size
         self.chunks = -(-device.size // chunk_size)  # the config packet's idx
         rng = random.Random(f"{device.seed}:{device.key.idstr}:{device.key.instance_id}")
-        self.config_blob = encode_config_blob(rng.randbytes(CONFIG_SIZE))
+        self.config = rng.randbytes(CONFIG_SIZE)  # the config state, before its blob
+        self.config_blob = encode_config_blob(self.config)
         self._fd: int | None = None
         self._block: memoryview | None = None
         if device.source is not None:

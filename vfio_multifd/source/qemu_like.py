@@ -2,7 +2,7 @@
 
 Pure: builds bytes, sends nothing. What QEMU 10.0 sends for a VM whose VFIO
 devices use multifd device state transfer (PROTOCOL.md section 7), so that
-tests (and later ``send --ram``) need no QEMU: the main channel with its
+tests and ``send --ram`` need no QEMU: the main channel with its
 configuration, the ``ram`` section (block list, sync points, ``ZERO`` records
 when zero pages are detected the legacy way), each VFIO device's sections
 (setup, pre-copy data, the end-of-state markers multifd transfer leaves),
@@ -19,6 +19,7 @@ one in the stop-copy phase), as QEMU resends dirty pages.
 from __future__ import annotations
 
 import json
+import random
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,13 +141,15 @@ class QemuLikeStreams:
     ram_packets: int = 0
     device_packets: int = 0
     description: bytes = b""
+    normal_pages: int = 0  # pages sent with their data
+    zero_pages: int = 0  # pages sent as zero: in RAM packets, or ZERO records (legacy)
 
 
 @dataclass
 class _Builder:
     channels: int
     page_size: int
-    zero_pages: str
+    zero_page_detection: str
     uuid: bytes
     main: bytearray = field(default_factory=bytearray)
     packets: list[list[bytes]] = field(default_factory=list)
@@ -156,6 +159,8 @@ class _Builder:
     sync_points: int = 0
     ram_packets: int = 0
     device_packets: int = 0
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     def __post_init__(self) -> None:
         self.packets = [[ChannelHandshake(c, self.uuid).encode()] for c in range(self.channels)]
@@ -173,9 +178,10 @@ class _Builder:
         batch_zero: list[int] = []
         limit = pages_per_packet(self.page_size)
         for offset, data in pages:
-            if data == zero_page and self.zero_pages == "legacy":
+            if data == zero_page and self.zero_page_detection == "legacy":
                 self.main += ram_zero(offset, None if self.last_block == block else block)
                 self.last_block = block
+                self.zero_pages += 1
                 continue
             if data == zero_page:
                 batch_zero.append(offset)
@@ -188,6 +194,8 @@ class _Builder:
             self._flush_batch(block, batch_normal, batch_zero)
 
     def _flush_batch(self, block: str, normal: list[tuple[int, bytes]], zero: list[int]) -> None:
+        self.normal_pages += len(normal)
+        self.zero_pages += len(zero)
         self.send_packet(
             encode_ram_packet(
                 block=block, normal=normal, zero=zero, packet_num=self.packet_num,
@@ -290,6 +298,8 @@ def qemu10_migration(
         build.ram_packets,
         build.device_packets,
         description,
+        build.normal_pages,
+        build.zero_pages,
     )
 
 
@@ -340,3 +350,28 @@ def _send_device_state(build: _Builder, devices: Sequence[VfioDevice]) -> None:
             if queue:
                 build.send_packet(queue.pop(0))
                 build.device_packets += 1
+
+
+GUEST_RAM_BLOCK = "pc.ram"
+
+
+def guest_ram(
+    size: int, seed: int, *, rounds: int = 3, page_size: int = DEFAULT_PAGE_SIZE
+) -> list[dict[str, bytes]]:
+    """A running guest's RAM (one block, ``pc.ram``) over ``rounds`` rounds, the same for
+    the same ``size`` and ``seed``: at first a third of its pages random and the rest
+    zero; each later round rewrites a sixteenth of them, one in four to zero."""
+    if size <= 0 or size % page_size:
+        raise ValueError(f"the RAM size is a non-zero multiple of {page_size} bytes, not {size}")
+    rng = random.Random(f"ram:{seed}")
+    pages = size // page_size
+    ram = bytearray(size)
+    for number in range(0, pages, 3):
+        ram[number * page_size : (number + 1) * page_size] = rng.randbytes(page_size)
+    images = [{GUEST_RAM_BLOCK: bytes(ram)}]
+    for _ in range(1, rounds):
+        for number in rng.sample(range(pages), max(1, pages // 16)):
+            data = bytes(page_size) if number % 4 == 0 else rng.randbytes(page_size)
+            ram[number * page_size : (number + 1) * page_size] = data
+        images.append({GUEST_RAM_BLOCK: bytes(ram)})
+    return images

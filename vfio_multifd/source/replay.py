@@ -46,7 +46,14 @@ from typing import TYPE_CHECKING, BinaryIO
 from ..config import Address, Digest
 from ..digest import format_digest, new_hasher
 from ..errors import Reason, SendError, UsageError, os_error_text
-from ..ops.manifest import MANIFEST_NAME, ChannelEnd, Manifest, ManifestError, RecordedChannel
+from ..ops.manifest import (
+    MANIFEST_NAME,
+    ChannelEnd,
+    Manifest,
+    ManifestError,
+    RecordedChannel,
+    channel_name,
+)
 from .channels import ChannelStream, StreamEnd, reset_on_close, run_channels
 
 if TYPE_CHECKING:
@@ -114,18 +121,18 @@ def _check_file(file: Path, channel: RecordedChannel, complete: bool) -> None:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         if channel.bytes or complete:
-            raise UsageError(f"channel {channel.id}: {file} is missing") from None
+            raise UsageError(f"{channel_name(channel.id)}: {file} is missing") from None
         return  # a recording that stopped before the file could be created
     except OSError as error:
-        raise UsageError(f"channel {channel.id}: {file}: {os_error_text(error)}") from None
+        raise UsageError(f"{channel_name(channel.id)}: {file}: {os_error_text(error)}") from None
     with open(fd, "rb") as stream:
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise UsageError(f"channel {channel.id}: {file} is not a regular file")
+                raise UsageError(f"{channel_name(channel.id)}: {file} is not a regular file")
             if info.st_size != channel.bytes:
                 raise UsageError(
-                    f"channel {channel.id}: {file} holds {info.st_size} bytes, the manifest says "
+                    f"{channel_name(channel.id)}: {file} holds {info.st_size} bytes, the manifest says "
                     f"{channel.bytes}: it changed since it was recorded"
                 )
             algorithm = Digest(channel.digest.partition(":")[0])  # the manifest checked it
@@ -134,11 +141,13 @@ def _check_file(file: Path, channel: RecordedChannel, complete: bool) -> None:
             while count := stream.readinto(block):
                 hasher.update(memoryview(block)[:count])
         except OSError as error:
-            raise UsageError(f"channel {channel.id}: {file}: {os_error_text(error)}") from None
+            raise UsageError(
+                f"{channel_name(channel.id)}: {file}: {os_error_text(error)}"
+            ) from None
     actual = format_digest(algorithm, hasher)
     if actual != channel.digest:
         raise UsageError(
-            f"channel {channel.id}: {file} is not what was recorded: its digest is {actual}, "
+            f"{channel_name(channel.id)}: {file} is not what was recorded: its digest is {actual}, "
             f"the manifest says {channel.digest}"
         )
 
@@ -147,10 +156,11 @@ def connection_order(
     channels: Sequence[RecordedChannel], order: str, seed: int = 0
 ) -> list[RecordedChannel]:
     """The order to connect the channels in: ``recorded`` (by first byte received,
-    then id), its ``reverse``, or a ``random`` shuffle of it drawn from ``seed``."""
+    then id, the main channel first), its ``reverse``, or a ``random`` shuffle of it
+    drawn from ``seed``."""
     recorded = sorted(
         channels,
-        key=lambda c: (c.first_byte_s is None, c.first_byte_s or 0.0, c.id),
+        key=lambda c: (c.first_byte_s is None, c.first_byte_s or 0.0, -1 if c.id is None else c.id),
     )
     if order == "reverse":
         return recorded[::-1]

@@ -144,13 +144,7 @@ def send(
     :class:`SendError` when a channel fails, and :class:`Cancelled` saying what
     was sent when stopped by SIGINT (or a :class:`Stopped` signal).
     """
-    check_channels(channels)
-    if chunk_size <= 0:
-        raise UsageError("--chunk-size must be positive")
-    tally = SendTally() if tally is None else tally
-    tally.channel_bytes = [0] * channels
-    states = [DeviceState(device, chunk_size) for device in devices]
-    tally.chunks = [state.chunks for state in states]
+    tally, states = device_states(devices, channels=channels, chunk_size=chunk_size, tally=tally)
     source = _Source(states, [], uuid, inject, progress, tally, data_sent=[0] * channels,
                      packets_sent=[0] * channels)  # fmt: skip
     try:
@@ -190,6 +184,20 @@ def send(
         bytes_sent=sum(sent),
         channel_bytes=sent,
     )
+
+
+def device_states(
+    devices: Sequence[SourceDevice], *, channels: int, chunk_size: int, tally: SendTally | None
+) -> tuple[SendTally, list[DeviceState]]:
+    """A send's options checked, each device's state, and the tally set up for them."""
+    check_channels(channels)
+    if chunk_size <= 0:
+        raise UsageError("--chunk-size must be positive")
+    tally = SendTally() if tally is None else tally
+    tally.channel_bytes = [0] * channels
+    states = [DeviceState(device, chunk_size) for device in devices]
+    tally.chunks = [state.chunks for state in states]
+    return tally, states
 
 
 def _what_was_sent(address: Address, *, data: tuple[int, int], packets: tuple[int, int]) -> str:
