@@ -31,7 +31,18 @@ from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration
 from vfio_multifd.core.ram import encode_ram_packet
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
-from vfio_multifd.core.savevm import BlockList, Ended, RamBlock, SyncPoint
+from vfio_multifd.core.savevm import (
+    BlockList,
+    Command,
+    CommandEvent,
+    Ended,
+    RamBlock,
+    Record,
+    Section,
+    SyncPoint,
+    Unfollowed,
+    VfioData,
+)
 from vfio_multifd.core.state import ChannelState, Phase
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader
 from vfio_multifd.daemon.pool import BufferPool
@@ -209,6 +220,9 @@ class Driver:
             self.commit()
         elif isinstance(command, cmd.CreateRamImages):
             self.ram = {block.name: bytearray(block.used_length) for block in command.blocks}
+        elif isinstance(command, cmd.WritePrecopy):  # the device's writer, in order
+            self.data.setdefault(command.device, bytearray()).extend(command.data)
+            self.core.ram_written(command.conn, command.nbytes, self.now)
         elif isinstance(command, cmd.WriteRam):
             self.ram_writes.append(command)
             if self.write_ram_at_once:
@@ -978,3 +992,94 @@ def test_a_bound_too_small_for_qemus_streams_names_their_share() -> None:
         ReceiveSettings(devices=(), max_queued_bytes=smallest - 1, **qemu)  # type: ignore[arg-type]
     assert f"the smallest bound that works is {smallest}" in str(error.value)
     assert f"and {4 * 512 * 1024} for QEMU's streams" in str(error.value)
+
+
+# -- pre-copy VFIO data on the main stream -----------------------------------------------------
+
+TIMER = Section(Record.SECTION_FULL, 0, "timer", 0, 2)
+
+
+def precopy_migration(data: bytes) -> tuple[Driver, int]:
+    """Device A over one channel, every packet of it sent (and the channel ended) before the
+    main stream says anything past its header."""
+    driver = Driver.start(config(A, channels=1, main_stream=True))
+    main = driver.connect("main")
+    driver.send(main, b"QEVM\x00\x00\x00\x03")
+    run_whole(driver, streams([(IDSTR, data, b"cfg")], 1))
+    return driver, main
+
+
+def a_section(kind: Record) -> Section:
+    return Section(kind, 2, A.idstr, A.instance_id, 1)
+
+
+@pytest.mark.parametrize(
+    "closing",
+    [
+        [CommandEvent(Command.SWITCHOVER_START, b"")],
+        [a_section(Record.SECTION_END), VfioData(A.idstr, 0, b"end"), TIMER],
+        [Unfollowed(TIMER, 100, "vmstate")],
+        [Ended(followed=True, description=None)],
+    ],
+    ids=["switchover", "its-section-end-over", "unfollowed", "ended"],
+)
+def test_precopy_data_goes_first_and_chunk_0_waits_until_no_more_can_come(
+    closing: list[object],
+) -> None:
+    data = random_bytes(5 * CHUNK + 7, 3)
+    driver, main = precopy_migration(data)
+    assert A not in driver.data  # every chunk is there, but idx 0 waits for the main stream
+    main_event(driver, main, a_section(Record.SECTION_START))
+    main_event(driver, main, a_section(Record.SECTION_PART))
+    main_event(driver, main, VfioData(A.idstr, 0, b"pre-0"))
+    main_event(driver, main, VfioData(A.idstr, 0, b"pre-1"))
+    main_event(driver, main, a_section(Record.SECTION_PART))
+    main_event(driver, main, VfioData(A.idstr, 0, b"pre-2"))
+    for event in closing[:-1]:
+        main_event(driver, main, event)
+        driver.load()
+    precopy = b"pre-0pre-1pre-2" + b"".join(e.data for e in closing if isinstance(e, VfioData))
+    assert bytes(driver.data[A]) == precopy  # no chunk yet
+    main_event(driver, main, closing[-1])
+    assert driver.of(cmd.WakeLoader)[-1] == cmd.WakeLoader(A)
+    driver.load()
+    assert bytes(driver.data[A]) == precopy + data
+    assert driver.core.precopy_bytes[A] == len(precopy)
+    assert driver.core.ram_queued == 0 and driver.core.ram_writes == 0
+
+
+def test_without_a_main_stream_the_loader_never_waits_for_one() -> None:
+    data = random_bytes(3 * CHUNK, 4)
+    driver = Driver.start(config(A, channels=1))
+    run_whole(driver, streams([(IDSTR, data, b"cfg")], 1))
+    assert bytes(driver.data[A]) == data
+
+
+def test_precopy_data_after_the_switchover_fails_naming_the_device() -> None:
+    driver, main = precopy_migration(random_bytes(CHUNK, 5))
+    main_event(driver, main, CommandEvent(Command.SWITCHOVER_START, b""))
+    main_event(driver, main, VfioData(A.idstr, 0, b"late"))
+    error = driver.finished.error
+    assert isinstance(error, ProtocolError) and error.reason is Reason.MAIN_VFIO
+    assert str(A) in str(error) and "after the device's last section" in str(error)
+
+
+def test_precopy_data_of_no_device_stays_in_the_main_stream_said_once() -> None:
+    driver, main = precopy_migration(random_bytes(CHUNK, 6))
+    other = DeviceKey("0000:00:09.0/vfio", 0)
+    main_event(driver, main, VfioData(other.idstr, 0, b"x"))
+    main_event(driver, main, VfioData(other.idstr, 0, b"y"))
+    assert driver.of(cmd.StrayPrecopy) == [cmd.StrayPrecopy(other)]
+    assert not driver.of(cmd.WritePrecopy) and other not in driver.data
+
+
+def test_precopy_bytes_are_charged_until_the_device_writer_has_them() -> None:
+    driver, main = precopy_migration(random_bytes(CHUNK, 7))
+    done: list[cmd.WritePrecopy] = []
+    driver._do = lambda command: (  # type: ignore[method-assign]
+        done.append(command) if isinstance(command, cmd.WritePrecopy) else None
+    )
+    main_event(driver, main, VfioData(A.idstr, 0, b"z" * 1000))
+    assert driver.core.ram_queued == 1000 and done == [cmd.WritePrecopy(main, A, b"z" * 1000, 1000)]
+    driver.core.ram_written(main, 1000, driver.now)
+    assert driver.core.ram_queued == 0

@@ -26,7 +26,7 @@ from vfio_multifd.cli.report import print_receive_summary
 from vfio_multifd.core.wire import DeviceKey
 from vfio_multifd.ops.metrics import render
 from vfio_multifd.ops.status_server import query_migrate
-from vfio_multifd.source.qemu_like import VfioDevice, qemu10_migration
+from vfio_multifd.source.qemu_like import VfioDevice, device_state_migration, qemu10_migration
 
 UUID = "6b8e1a52-3c1d-4f8e-9b1a-22c0ffee0022"
 PAGE = 4096
@@ -49,9 +49,12 @@ def rounds(count: int) -> list[dict[str, bytes]]:
     return images
 
 
-def send(port: int, main: bytes, channels: list[bytes], *, lag: int | None) -> None:
+def send(
+    port: int, main: bytes, channels: list[bytes], *, lag: int | None, main_lag: float = 0.0
+) -> None:
     """Connect the main channel and every channel; channel ``lag`` sends its first half
-    only after the others have sent everything they could (then are held at a sync point)."""
+    only after the others have sent everything they could (then are held at a sync point);
+    the main channel sends after ``main_lag`` seconds."""
     sockets = [socket.create_connection(("127.0.0.1", port)) for _ in range(len(channels) + 1)]
 
     def run(sock: socket.socket, data: bytes, delay: float) -> None:
@@ -60,7 +63,7 @@ def send(port: int, main: bytes, channels: list[bytes], *, lag: int | None) -> N
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
 
-    threads = [threading.Thread(target=run, args=(sockets[0], main, 0.0))]
+    threads = [threading.Thread(target=run, args=(sockets[0], main, main_lag))]
     for index, data in enumerate(channels):
         delay = 1.0 if index == lag else 0.0
         threads.append(threading.Thread(target=run, args=(sockets[index + 1], data, delay)))
@@ -113,7 +116,7 @@ def test_a_qemu10_like_migration_through_the_daemon(
     assert (tmp_path / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
     assert (tmp_path / "ram" / "vga.vram").read_bytes() == images[-1]["vga.vram"]
     assert (tmp_path / "main.bin").read_bytes() == streams.main
-    assert data.read_bytes() == b"".join(device.chunks)
+    assert data.read_bytes() == b"".join(device.precopy + device.chunks)
     # The figures are what was sent: pages by kind, sync points, the main stream's bytes.
     result = json.loads((tmp_path / "result.json").read_text())
     assert (
@@ -125,6 +128,41 @@ def test_a_qemu10_like_migration_through_the_daemon(
         f"{streams.zero_pages} zero pages, {streams.sync_points} sync points; "
         f"main stream {len(streams.main)} bytes\n"
     ) in summary
+
+
+@pytest.mark.parametrize("switchover_start", [True, False], ids=["switchover", "section-end"])
+def test_precopy_data_goes_first_even_when_the_main_channel_comes_last(
+    tmp_path: Path, daemons: list[Daemon], switchover_start: bool
+) -> None:
+    """Every device-state packet is in before the main channel sends its first byte: the
+    loader waits with idx 0 until the main stream can bring no more pre-copy data
+    (the switchover, or the end of the device's SECTION_END), so the data file is the
+    pre-copy blocks in main-stream order, then the chunks."""
+    device = VfioDevice(
+        DeviceKey("0000:00:02.0/vfio", 0),
+        precopy=(b"first" * 1000, b"second" * 30000, b"third"),
+        chunks=tuple(bytes([n]) * 70000 for n in range(5)),
+        config=b"config-bytes",
+    )
+    streams = device_state_migration(
+        [device], channels=2, uuid=bytes.fromhex(UUID.replace("-", "")),
+        switchover_start=switchover_start,
+    )  # fmt: skip
+    data = tmp_path / "dev.bin"
+    daemon = Daemon(
+        tmp_path,
+        "--channels", "2",
+        "--uuid", UUID,
+        "--main-stream", str(tmp_path / "main.bin"),
+        "--device", f"idstr={device.key.idstr},data={data}",
+    )  # fmt: skip
+    daemons.append(daemon)
+    send(int(daemon.address.rsplit(":", 1)[1]), streams.main, streams.channels, lag=None,
+         main_lag=1.0)  # fmt: skip
+    code, _, stderr = daemon.finish(60)
+    assert code == 0, stderr
+    assert data.read_bytes() == b"".join(device.precopy + device.chunks)
+    assert (tmp_path / "main.bin").read_bytes() == streams.main
 
 
 def test_a_ram_only_migration_has_its_result(tmp_path: Path, daemons: list[Daemon]) -> None:

@@ -77,6 +77,26 @@ class WriteRam:
 
 
 @dataclass(frozen=True, slots=True)
+class WritePrecopy:
+    """Queue ``data`` (pre-copy VFIO bytes of the main stream) to ``device``'s writer,
+    behind its earlier pre-copy bytes and before any chunk; then call
+    ``ram_written(conn, nbytes)`` (they are charged as main-stream bytes)."""
+
+    conn: int
+    device: DeviceKey
+    data: bytes
+    nbytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StrayPrecopy:
+    """The main stream carries pre-copy data of ``device``, which is no ``--device``:
+    it stays in the main-stream file only (said once per device)."""
+
+    device: DeviceKey
+
+
+@dataclass(frozen=True, slots=True)
 class Refuse:
     """``conn`` is refused (counted already): reset it; the migration goes on.
     ``late``: the migration was ending anyway (the refusal did not cause its end)."""
@@ -157,6 +177,8 @@ Command = (
     | ResetConnection
     | CloseConnection
     | WakeLoader
+    | WritePrecopy
+    | StrayPrecopy
     | Spill
     | WaitingForChannels
     | MissingChannels  # the watchdog's warning: say it (it fails the migration if they never come)

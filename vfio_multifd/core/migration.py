@@ -244,7 +244,7 @@ class Migration(QemuStreams):
         """``device``'s next consecutive chunks (about ``max_bytes``), or [] until
         :class:`WakeLoader`. The config chunk always comes alone."""
         queue = self.reassembly.devices[device]
-        if not queue.ready:
+        if not queue.ready or device in self.precopy_pending:  # pre-copy data goes first
             self._idle_loaders.add(device)
             return []
         return self.reassembly.take(queue, max_bytes)

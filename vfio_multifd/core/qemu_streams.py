@@ -30,13 +30,31 @@ from .commands import (
     PauseReading,
     ProvideBuffer,
     ResumeReading,
+    StrayPrecopy,
+    WritePrecopy,
     WriteRam,
 )
 from .connections import Connection
 from .ram import MAIN, RamPacket, Released, SyncBarrier, parse_ram_packet
 from .rules import Rules
-from .savevm import BlockList, Configuration, Ended, Event, Page, RamBlock, SyncPoint, ZeroPage
+from .savevm import (
+    BlockList,
+    Command,
+    CommandEvent,
+    Configuration,
+    Ended,
+    Event,
+    Page,
+    RamBlock,
+    Record,
+    Section,
+    SyncPoint,
+    Unfollowed,
+    VfioData,
+    ZeroPage,
+)
 from .state import ChannelState
+from .wire import DeviceKey
 
 
 class QemuStreams(Rules):
@@ -56,6 +74,12 @@ class QemuStreams(Rules):
             SyncBarrier(config.channels, main=config.main_stream) if config.ram else None
         )
         self.sync_points = 0
+        # Devices whose loader may not take idx 0 yet: the main stream may still bring
+        # pre-copy data for them, which goes first in their data file.
+        self.precopy_pending: set[DeviceKey] = set(config.devices) if config.main_stream else set()
+        self._precopy_last: set[DeviceKey] = set()  # their SECTION_END's data is being parsed
+        self.precopy_bytes: dict[DeviceKey, int] = {}
+        self._precopy_strays: set[DeviceKey] = set()
 
     @property
     def qemu_streams(self) -> bool:
@@ -107,6 +131,8 @@ class QemuStreams(Rules):
             self._channel_failed(c, error, now)
 
     def _main_event(self, c: Connection, event: Event, now: float) -> None:
+        if self.config.devices:
+            self._precopy_event(c, event)
         if isinstance(event, Configuration):
             self.machine = event.machine
         elif isinstance(event, BlockList):
@@ -126,6 +152,55 @@ class QemuStreams(Rules):
             if self.barrier is not None:
                 self.barrier.closed(MAIN)
             self._fail_held_for_blocks(now, "the main stream ended without a RAM block list")
+
+    # -- pre-copy VFIO data ------------------------------------------------------------------
+
+    def _precopy_event(self, c: Connection, event: Event) -> None:
+        """Pre-copy data goes to its device's writer in main-stream order; the device's
+        loader takes idx 0 only once the main stream can bring no more of it.
+
+        The earliest such point: ``MIG_CMD_SWITCHOVER_START`` (QEMU sends it once
+        iterating is over, before any SECTION_END: no SECTION_PART follows); without
+        it, the end of the device's SECTION_END (the last section it has on the
+        main stream; with multifd device state it carries only END_OF_STATE), known
+        when the next event comes; at the latest the first section that cannot be
+        followed (no VFIO data is parsed past it) or the stream's end.
+        """
+        if isinstance(event, VfioData):
+            key = DeviceKey(event.idstr, event.instance_id)
+            if key not in self.config.devices:
+                if key not in self._precopy_strays:
+                    self._precopy_strays.add(key)
+                    self._emit(StrayPrecopy(key))
+                return
+            if key not in self.precopy_pending:
+                raise ProtocolError(
+                    Reason.MAIN_VFIO,
+                    "pre-copy VFIO data after the device's last section or the switchover: "
+                    "its multifd data may be written already",
+                    device=str(key),
+                )
+            nbytes = len(event.data)
+            self.precopy_bytes[key] = self.precopy_bytes.get(key, 0) + nbytes
+            self._queue(WritePrecopy(c.conn, key, event.data, nbytes), nbytes)
+            return
+        if self._precopy_last:
+            self._open_precopy(self._precopy_last)
+        if isinstance(event, Section):
+            key = DeviceKey(event.idstr, event.instance_id)
+            if key in self.precopy_pending and event.kind in (Record.SECTION_END, Record.SECTION_FULL):
+                self._precopy_last.add(key)
+        elif (
+            isinstance(event, CommandEvent) and event.command == Command.SWITCHOVER_START
+        ) or isinstance(event, Unfollowed | Ended):
+            self._open_precopy(self.precopy_pending)
+
+    def _open_precopy(self, devices: set[DeviceKey]) -> None:
+        for key in list(devices):
+            self.precopy_pending.discard(key)
+            self._precopy_last.discard(key)
+            if self.reassembly.devices[key].ready:
+                self._wake(key)
 
     def _needs_ram(self, what: str) -> None:
         if not self.config.ram:
@@ -240,9 +315,13 @@ class QemuStreams(Rules):
         self, c: Connection, pages: tuple[tuple[str, int, memoryview | int], ...], main: bytes
     ) -> None:
         nbytes = len(main) + sum(len(data) for _, _, data in pages if not isinstance(data, int))
+        self._queue(WriteRam(c.conn, pages, main, nbytes), nbytes)
+
+    def _queue(self, command: WriteRam | WritePrecopy, nbytes: int) -> None:
+        """A write of main-stream or RAM bytes, charged until ``ram_written``."""
         self.ram_queued += nbytes
         self.ram_writes += 1
-        self._emit(WriteRam(c.conn, pages, main, nbytes))
+        self._emit(command)
         self.peak_ram_queued = max(self.peak_ram_queued, self.ram_queued)
         if self.ram_queued > self.layout.ram_hold_above:
             self.ram_full = True

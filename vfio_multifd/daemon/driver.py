@@ -104,6 +104,13 @@ class Driver:
             cmd.ResetConnection: lambda c: self._hang_up(c.conn, completed=False),
             cmd.CloseConnection: lambda c: self._hang_up(c.conn, completed=True),
             cmd.WakeLoader: lambda c: self.loaders[c.device].wake(),
+            cmd.WritePrecopy: self._write_precopy,
+            cmd.StrayPrecopy: lambda c: self.log.warning(
+                "precopy_not_kept",
+                device=str(c.device),
+                why="pre-copy VFIO data of a device that is no --device: kept in the main "
+                "stream only",
+            ),
             cmd.Spill: self._spill,
             cmd.WaitingForChannels: self._waiting_for_channels,
             MissingChannels: self._missing_channels,
@@ -324,6 +331,12 @@ class Driver:
         sink = self.ram_sink
         assert sink is not None and self._loop is not None
         future = self._loop.run_in_executor(sink.executor, sink.write, command.pages, command.main)
+        future.add_done_callback(
+            functools.partial(self._ram_written, command.conn, command.nbytes)
+        )
+
+    def _write_precopy(self, command: cmd.WritePrecopy) -> None:
+        future = self.loaders[command.device].write_precopy(command.data)
         future.add_done_callback(
             functools.partial(self._ram_written, command.conn, command.nbytes)
         )

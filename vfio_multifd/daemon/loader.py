@@ -65,6 +65,7 @@ class DeviceLoader:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{key}")
         self.next_idx = 0  # the idx this loader takes next
         self.bytes_written = 0
+        self.precopy_written = 0  # pre-copy bytes of the main stream, before every chunk
         self.chunks_written = 0
         # Monotonic times of the device's last steps (the summary's phases):
         self.received_at = 0.0  # its config chunk taken: every byte of it received
@@ -114,9 +115,27 @@ class DeviceLoader:
         self.log.info(
             "load_thread_end",
             bytes=self.bytes_written,
+            precopy_bytes=self.precopy_written,
             chunks=self.chunks_written,
             digest=self.digest_text,
         )
+
+    def write_precopy(self, data: bytes) -> asyncio.Future[None]:
+        """Pre-copy bytes from the main stream, queued to the writer thread: they land
+        before idx 0 because the core lets this loader take idx 0 only after their last."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self.executor, self._write_precopy, data)
+
+        def done(done: asyncio.Future[None]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                self.precopy_written += len(data)
+
+        future.add_done_callback(done)
+        return future
+
+    def _write_precopy(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.data.write([data])
 
     def _submit(self, loop: asyncio.AbstractEventLoop, chunks: list[Chunk]) -> None:
         """Queue a batch for the writer thread without waiting for it.

@@ -315,6 +315,48 @@ def qemu10_migration(
     )
 
 
+def device_state_migration(
+    devices: Sequence[VfioDevice],
+    *,
+    channels: int = 2,
+    uuid: bytes = bytes(16),
+    switchover_start: bool = True,
+    machine: str = "pc-i440fx-10.0",
+) -> QemuLikeStreams:
+    """Only VFIO devices, no RAM section (a test's shape: a real VM always has RAM, whose
+    sync points keep the channels behind the main stream): each device's pre-copy
+    blocks on the main channel, its chunks on the multifd channels, which can then
+    arrive before the main stream's pre-copy data. ``switchover_start``: send
+    ``MIG_CMD_SWITCHOVER_START`` (machine types older than 10.0 do not)."""
+    build = _Builder(channels, DEFAULT_PAGE_SIZE, "multifd", uuid)
+    ids = {device.key: RAM_SECTION + 1 + n for n, device in enumerate(devices)}
+    main = build.main
+    main += file_header() + configuration(machine)
+    for device in devices:
+        main += _device_section(Record.SECTION_START, ids[device.key], device)
+        main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
+        main += footer(ids[device.key])
+    for number in range(max((len(device.precopy) for device in devices), default=0)):
+        for device in devices:
+            if number < len(device.precopy):
+                main += section_header(Record.SECTION_PART, ids[device.key])
+                main += vfio_data(device.precopy[number]) + vfio_tag(ConfigTag.END_OF_STATE)
+                main += footer(ids[device.key])
+    if switchover_start:
+        main += command(Command.SWITCHOVER_START)
+    _send_device_state(build, devices)
+    for device in devices:
+        main += section_header(Record.SECTION_END, ids[device.key])
+        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    description = _end(build, devices, ids, opaque=False)
+    return QemuLikeStreams(
+        bytes(main),
+        [b"".join(packets) for packets in build.packets],
+        device_packets=build.device_packets,
+        description=description,
+    )
+
+
 def _check_images(images: Sequence[Mapping[str, bytes]], page_size: int) -> dict[str, int]:
     """The block list the images share."""
     if not images:
