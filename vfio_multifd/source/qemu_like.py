@@ -287,10 +287,7 @@ def qemu10_migration(
     main += section_header(Record.SECTION_START, RAM_SECTION, "ram", 0, 4)
     main += ram_block_list(blocks)
     build.end_ram_section()
-    for device in devices:
-        main += _device_section(Record.SECTION_START, ids[device.key], device)
-        main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
-        main += footer(ids[device.key])
+    main += _device_setups(devices, ids)
     previous = _precopy(build, images, devices, ids)
     # stop-copy: the last image's changes, the devices' chunks among them
     main += command(Command.SWITCHOVER_START)
@@ -298,10 +295,7 @@ def qemu10_migration(
     build.send_image(images[-1], previous)
     _send_device_state(build, devices)
     build.end_ram_section()
-    for device in devices:
-        # Multifd device state transfer leaves only the end markers on the main channel.
-        main += section_header(Record.SECTION_END, ids[device.key])
-        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    main += _device_ends(devices, ids)
     description = _end(build, devices, ids, opaque_device)
     return QemuLikeStreams(
         bytes(main),
@@ -332,10 +326,7 @@ def device_state_migration(
     ids = {device.key: RAM_SECTION + 1 + n for n, device in enumerate(devices)}
     main = build.main
     main += file_header() + configuration(machine)
-    for device in devices:
-        main += _device_section(Record.SECTION_START, ids[device.key], device)
-        main += vfio_tag(ConfigTag.DEV_SETUP_STATE) + vfio_tag(ConfigTag.END_OF_STATE)
-        main += footer(ids[device.key])
+    main += _device_setups(devices, ids)
     for number in range(max((len(device.precopy) for device in devices), default=0)):
         for device in devices:
             if number < len(device.precopy):
@@ -345,9 +336,7 @@ def device_state_migration(
     if switchover_start:
         main += command(Command.SWITCHOVER_START)
     _send_device_state(build, devices)
-    for device in devices:
-        main += section_header(Record.SECTION_END, ids[device.key])
-        main += vfio_tag(ConfigTag.END_OF_STATE) + footer(ids[device.key])
+    main += _device_ends(devices, ids)
     description = _end(build, devices, ids, opaque=False)
     return QemuLikeStreams(
         bytes(main),
@@ -368,6 +357,28 @@ def _check_images(images: Sequence[Mapping[str, bytes]], page_size: int) -> dict
     if any(size == 0 or size % page_size for size in blocks.values()):
         raise ValueError(f"block sizes are non-zero multiples of {page_size}")
     return blocks
+
+
+def _device_setups(devices: Sequence[VfioDevice], ids: Mapping[DeviceKey, int]) -> bytes:
+    """Each VFIO device's SECTION_START: its setup marker."""
+    return b"".join(
+        _device_section(Record.SECTION_START, ids[device.key], device)
+        + vfio_tag(ConfigTag.DEV_SETUP_STATE)
+        + vfio_tag(ConfigTag.END_OF_STATE)
+        + footer(ids[device.key])
+        for device in devices
+    )
+
+
+def _device_ends(devices: Sequence[VfioDevice], ids: Mapping[DeviceKey, int]) -> bytes:
+    """Each VFIO device's SECTION_END: multifd device state transfer leaves only the end
+    marker on the main channel."""
+    return b"".join(
+        section_header(Record.SECTION_END, ids[device.key])
+        + vfio_tag(ConfigTag.END_OF_STATE)
+        + footer(ids[device.key])
+        for device in devices
+    )
 
 
 def _device_section(kind: Record, section_id: int, device: VfioDevice) -> bytes:
