@@ -18,7 +18,8 @@ import pytest
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / "vfio_multifd"
 PURE = ("core/wire", "core/decoder", "core/queue", "core/reassembly", "core/memory", "ops/manifest")
 #: Modules a pure module may import from inside the package (paths under it).
-PURE_CLOSURE = {*PURE, "errors", "core/ram", "core/savevm"}  # the decoder sizes RAM headers
+#: (the decoder sizes RAM headers, and keeps its events and field checks beside it)
+PURE_CLOSURE = {*PURE, "errors", "core/ram", "core/savevm", "core/decoder_events", "core/decoder_checks"}
 #: Never in sys.modules after importing only the pure modules.
 IO_MODULES = ("asyncio", "socket", "selectors", "ssl", "subprocess")
 #: Never imported by the pure modules' source.

@@ -308,7 +308,7 @@ async def test_a_recording_that_cannot_keep_up_stops_and_the_migration_completes
     record = tmp_path / "rec"
     written = [0]
     released = threading.Event()
-    real_append = recorder_module._append
+    real_append = recorder_module.append
 
     def append(fd: int, data: bytes) -> None:
         if trouble == "disk-full" and written[0] + len(data) > 100_000:
@@ -320,7 +320,8 @@ async def test_a_recording_that_cannot_keep_up_stops_and_the_migration_completes
         real_append(fd, data)
         written[0] += len(data)
 
-    monkeypatch.setattr(recorder_module, "_append", append)
+    # The writer thread's channel writes (the manifest is written by record_files itself).
+    monkeypatch.setattr(recorder_module, "append", append)
     (tmp_path / "out").mkdir()
     bound = 128 << 10 if trouble == "disk-behind" else 64 << 20
     config = settings(

@@ -17,24 +17,30 @@ are ``wire.py``'s (PROTOCOL.md section 2).
 
 from __future__ import annotations
 
-import enum
 import struct
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..errors import HandshakeError, ProtocolError, Reason
+from ..errors import ProtocolError
+from .decoder_checks import (
+    check_handshake,
+    check_idstr,
+    check_packet_header,
+    device_state_header,
+    handshake_closed,
+    truncated,
+    vfio_idx,
+)
+from .decoder_events import DecoderState, Event, MainBytes, MainChannel, RamData, RamHeader
 from .ram import ram_header_size
 from .savevm import DEFAULT_PAGE_SIZE
 from .wire import (
-    COMPRESSION_METHODS,
     DEFAULT_MAX_PACKET_SIZE,
     DEVICE_STATE_HEADER,
     HANDSHAKE,
     IDSTR_END,
     INVALID_IDX,
-    KNOWN_PACKET_FLAGS,
     MAX_IDSTR_LEN,
     MULTIFD_MAGIC,
     MULTIFD_VERSION,
@@ -60,47 +66,10 @@ if TYPE_CHECKING:
 _DEVICE_STATE_ONLY = int(PacketFlag.DEVICE_STATE)
 _CONFIG_STATE = int(VfioFlag.CONFIG_STATE)
 
+# The events and states are defined in decoder_events; importers take them from here too.
+__all__ = ["ASK", "MAIN_READ_SIZE", "ChannelDecoder", "DecoderState", "Event"]
+__all__ += ["MainBytes", "MainChannel", "RamData", "RamHeader"]
 
-class DecoderState(enum.Enum):
-    HANDSHAKE = "handshake"
-    HEADER = "header"  # the 288-byte packet prefix
-    RAM_HEADER = "ram-header"  # the rest of a RAM packet's header (--ram)
-    MAIN = "main"  # QEMU's main channel: its bytes go up as they come
-    AWAITING_BUFFER = "awaiting-buffer"  # PacketHeader emitted; see provide_buffer()
-    PAYLOAD = "payload"
-    CLOSED = "closed"  # clean end of stream at a packet boundary
-    ERROR = "error"  # terminal; the decoder raised
-
-
-@dataclass(frozen=True, slots=True)
-class MainChannel:
-    """The connection began with ``QEVM``: QEMU's main channel. Its bytes (these first
-    ones included) come next as :class:`MainBytes`; the core decides whether to take it."""
-
-
-@dataclass(frozen=True, slots=True)
-class MainBytes:
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RamHeader:
-    """A RAM (or SYNC) packet's whole header (``ram_header_size`` bytes), not parsed here:
-    its fields mean something only against the main stream's block list. The decoder
-    waits for :meth:`ChannelDecoder.provide_buffer` with the size of its page data."""
-
-    raw: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class RamData:
-    """The page data of the last :class:`RamHeader` (``size`` bytes of ``buffer``)."""
-
-    buffer: PayloadBuffer
-    size: int
-
-
-Event = ChannelHandshake | PacketHeader | DevicePacket | MainChannel | MainBytes | RamHeader | RamData
 
 #: Bytes of the main channel read at once.
 MAIN_READ_SIZE = 256 * 1024
@@ -262,13 +231,7 @@ class ChannelDecoder:
         if self.state is DecoderState.MAIN:
             self.state = DecoderState.CLOSED  # the main stream's parser says if it was complete
         elif self.state is DecoderState.HANDSHAKE:
-            self._stop(
-                HandshakeError(
-                    Reason.HANDSHAKE_CLOSED,
-                    f"connection closed inside the handshake after {self._filled} of "
-                    f"{HANDSHAKE.size} bytes",
-                )
-            )
+            self._stop(handshake_closed(self._filled))
         elif self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER) or self._filled:
             self._stop(self.truncated_error())
         else:
@@ -283,58 +246,27 @@ class ChannelDecoder:
 
     def truncated_error(self) -> ProtocolError:
         """The error for a stream that ends here (see :meth:`eof`)."""
-        if self._ram_packet or self.state is DecoderState.RAM_HEADER:
-            return ProtocolError(
-                Reason.PACKET_TRUNCATED,
-                f"stream closed inside a RAM packet ({self.state.value}, {self._filled} bytes "
-                "of it received)",
-            )
-        if self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER):
-            received = self._filled if self.state is DecoderState.PAYLOAD else 0
-            return ProtocolError(
-                Reason.PACKET_TRUNCATED,
-                f"stream closed inside state buffer {self._idx}: {received} of "
-                f"{self._payload_size} data bytes received",
-                device=str(self._device),
-                idx=self._idx,
-            )
-        return ProtocolError(
-            Reason.PACKET_TRUNCATED,
-            f"stream closed inside a packet header: {self._filled} of "
-            f"{PACKET_PREFIX_SIZE} bytes received",
-            device=None if self._device is None else str(self._device),
-        )
+        ram = self._ram_packet or self.state is DecoderState.RAM_HEADER
+        in_payload = self.state in (DecoderState.PAYLOAD, DecoderState.AWAITING_BUFFER)
+        received = self._filled if ram or self.state is not DecoderState.AWAITING_BUFFER else 0
+        state, idx, size = self.state.value, self._idx, self._payload_size
+        return truncated(state, ram, in_payload, received, idx, size, self._device)
 
     # -- units ----------------------------------------------------------------
 
     def _check_handshake(self) -> None:
         buf = self._handshake
         filled = self._filled
-        if filled >= 4 and self._checked < 4:
-            if bytes(buf[:4]) == QEMU_VM_FILE_MAGIC:
-                # Whether it is taken is the core's decision (Connections.accept_main).
-                self._events.append(MainChannel())
-                self.state = DecoderState.MAIN
-                self._main_buffer = bytearray(MAIN_READ_SIZE)
-                self._unit = memoryview(self._main_buffer)
-                self._events.append(MainBytes(bytes(buf[:filled])))
-                self._filled = 0
-                return
-            (magic,) = struct.unpack_from(">I", buf, 0)
-            if magic != MULTIFD_MAGIC:
-                raise HandshakeError(
-                    Reason.HANDSHAKE_MAGIC,
-                    f"handshake magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
-                )
-            self._checked = 4
-        if filled >= 8 and self._checked < 8:
-            (version,) = struct.unpack_from(">I", buf, 4)
-            if version != MULTIFD_VERSION:
-                raise HandshakeError(
-                    Reason.HANDSHAKE_VERSION,
-                    f"handshake version {version}, expected {MULTIFD_VERSION}",
-                )
-            self._checked = 8
+        if filled >= 4 and self._checked < 4 and bytes(buf[:4]) == QEMU_VM_FILE_MAGIC:
+            # Whether it is taken is the core's decision (Connections.accept_main).
+            self._events.append(MainChannel())
+            self.state = DecoderState.MAIN
+            self._main_buffer = bytearray(MAIN_READ_SIZE)
+            self._unit = memoryview(self._main_buffer)
+            self._events.append(MainBytes(bytes(buf[:filled])))
+            self._filled = 0
+            return
+        self._checked = check_handshake(buf, filled, self._checked)
         if filled == HANDSHAKE.size:
             _, _, uuid, channel_id = HANDSHAKE.unpack(buf)
             self._events.append(ChannelHandshake(channel_id, uuid))
@@ -369,38 +301,22 @@ class ChannelDecoder:
         # Part of a prefix, or something in it is wrong: field by field, in order,
         # so that the first bad field is the one reported.
         if self._checked < PACKET_HEADER.size and filled >= 4:
-            self._check_packet_header(filled)
-            if self.state is DecoderState.RAM_HEADER:
+            checked = check_packet_header(buf, filled, self._checked, self.ram)
+            if checked is None:  # a RAM packet (--ram): the rest of its header goes there
+                self._ram_header[:filled] = buf[:filled]
+                self._unit = memoryview(self._ram_header)
+                self.state = DecoderState.RAM_HEADER
                 self._check_ram_header()
                 return
+            self._checked = checked
         if filled >= IDSTR_END and self._checked < IDSTR_END:
-            if buf[IDSTR_END - 1] != 0:
-                raise ProtocolError(
-                    Reason.PACKET_IDSTR,
-                    f"idstr is not NUL-terminated (byte {MAX_IDSTR_LEN} is "
-                    f"{buf[IDSTR_END - 1]:#04x})",
-                )
+            check_idstr(buf)
             self._checked = IDSTR_END
         if filled >= DEVICE_STATE_HEADER.size and self._checked < DEVICE_STATE_HEADER.size:
-            self._check_device_state_header()
+            self._device, self._payload_size = device_state_header(buf, self.max_packet_size)
+            self._checked = DEVICE_STATE_HEADER.size
         if filled >= VFIO_IDX_END and self._checked < VFIO_IDX_END:
-            # The version is checked with the idx, 4 bytes later, so its error names the idx.
-            version, idx = struct.unpack_from(">II", buf, DEVICE_STATE_HEADER.size)
-            if version != VFIO_STATE_VERSION:
-                raise ProtocolError(
-                    Reason.VFIO_VERSION,
-                    f"VFIO state version {version}, expected {VFIO_STATE_VERSION} (idx {idx})",
-                    device=str(self._device),
-                    idx=idx,
-                )
-            if idx == INVALID_IDX:
-                raise ProtocolError(
-                    Reason.VFIO_INVALID_IDX,
-                    f"idx {INVALID_IDX:#x} is invalid",
-                    device=str(self._device),
-                    idx=idx,
-                )
-            self._idx = idx
+            self._idx = vfio_idx(buf, self._device)
             self._checked = VFIO_IDX_END
         if filled == PACKET_PREFIX_SIZE:
             (flags,) = struct.unpack_from(">I", buf, VFIO_IDX_END)
@@ -467,86 +383,6 @@ class ChannelDecoder:
         self._prefix[:ahead] = read_ahead
         self._filled = ahead
         self._check_prefix()
-
-    def _check_packet_header(self, filled: int) -> None:
-        buf = self._prefix
-        if self._checked < 4:
-            (magic,) = struct.unpack_from(">I", buf, 0)
-            if magic != MULTIFD_MAGIC:
-                raise ProtocolError(
-                    Reason.PACKET_MAGIC,
-                    f"packet magic {magic:#010x}, expected {MULTIFD_MAGIC:#010x}",
-                )
-            self._checked = 4
-        if filled >= 8 and self._checked < 8:
-            (version,) = struct.unpack_from(">I", buf, 4)
-            if version != MULTIFD_VERSION:
-                raise ProtocolError(
-                    Reason.PACKET_VERSION,
-                    f"packet version {version}, expected {MULTIFD_VERSION}",
-                )
-            self._checked = 8
-        if filled >= 12 and self._checked < 12:
-            (flags,) = struct.unpack_from(">I", buf, 8)
-            if not flags & _DEVICE_STATE_ONLY:
-                if self.ram:  # the rest of its header goes where RAM headers are read
-                    self._ram_header[:filled] = buf[:filled]
-                    self._unit = memoryview(self._ram_header)
-                    self.state = DecoderState.RAM_HEADER
-                    return
-                kind = "SYNC" if flags & PacketFlag.SYNC else "RAM"
-                raise ProtocolError(
-                    Reason.PACKET_RAM,
-                    f"{kind} packet (flags {flags:#x}); give --ram DIR (or --ram discard) to "
-                    "take QEMU's RAM pages: without it this destination receives only "
-                    f"device-state packets (flag {PacketFlag.DEVICE_STATE:#x})",
-                )
-            if flags & PacketFlag.SYNC:
-                raise ProtocolError(
-                    Reason.PACKET_SYNC,
-                    f"SYNC bit set on a device-state packet (flags {flags:#x})",
-                )
-            if flags & PacketFlag.COMPRESSION:
-                method = COMPRESSION_METHODS.get(flags & PacketFlag.COMPRESSION, "unknown")
-                raise ProtocolError(
-                    Reason.PACKET_COMPRESSION,
-                    f"{method} compression bits set on a device-state packet (flags {flags:#x}); "
-                    "this destination implements no compression (QEMU sends device state "
-                    "uncompressed)",
-                )
-            if flags & ~KNOWN_PACKET_FLAGS:
-                raise ProtocolError(
-                    Reason.PACKET_FLAGS,
-                    f"unknown packet flag bits {flags & ~KNOWN_PACKET_FLAGS:#x} (flags {flags:#x}); "
-                    f"this destination implements only DEVICE_STATE {PacketFlag.DEVICE_STATE:#x}",
-                )
-            self._checked = 12
-
-    def _check_device_state_header(self) -> None:
-        _, _, _, raw_idstr, instance_id, size = DEVICE_STATE_HEADER.unpack_from(self._prefix)
-        idstr = raw_idstr[: raw_idstr.index(0)].decode("utf-8", "surrogateescape")
-        device = DeviceKey(idstr, instance_id)
-        self._device = device
-        if size == 0:
-            raise ProtocolError(
-                Reason.PACKET_SIZE, "next_packet_size 0: a packet has a payload", device=str(device)
-            )
-        if size > self.max_packet_size:
-            raise ProtocolError(
-                Reason.PACKET_SIZE,
-                f"next_packet_size {size} is over --max-packet-size {self.max_packet_size} "
-                f"(QEMU's largest is {DEFAULT_MAX_PACKET_SIZE}: a 1 MiB chunk and its VFIO "
-                "header; for a source that sends larger ones, raise --max-packet-size)",
-                device=str(device),
-            )
-        if size < VFIO_HEADER.size:
-            raise ProtocolError(
-                Reason.VFIO_SHORT,
-                f"payload of {size} bytes is shorter than the {VFIO_HEADER.size}-byte VFIO header",
-                device=str(device),
-            )
-        self._payload_size = size - VFIO_HEADER.size
-        self._checked = DEVICE_STATE_HEADER.size
 
     def _finish_packet(self) -> None:
         payload = self._payload

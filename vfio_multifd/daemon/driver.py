@@ -5,7 +5,8 @@ connection decoded goes to the core (``core/migration.py``) with the time,
 by a plain call, and then every command the core returns is carried out, in
 order, in one place (:meth:`Driver._act`), which is also the one place the
 core's next deadline is scheduled. The session (``session.py``) is a driver
-that also runs the migration's lifecycle.
+that also runs the migration's lifecycle. QEMU's own streams (its main channel,
+RAM packets) are the part in ``driver_qemu.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +21,6 @@ import structlog
 
 from ..config import ReceiveSettings
 from ..core import commands as cmd
-from ..core.decoder import RamData
-from ..core.mainstream import MainStreamParser
 from ..core.migration import Migration
 from ..core.watchdog import MissingChannels
 from ..core.wire import ChannelHandshake, DevicePacket, PacketHeader
@@ -31,6 +29,7 @@ from ..logconfig import debug_enabled
 from ..ops.recorder import Recorder
 from ..results import SessionStatus
 from .channel import ChannelProtocol
+from .driver_qemu import QemuStreamsDriver, clock
 from .listener import Listener
 from .loader import DeviceLoader
 from .reader_threads import ReadElsewhere, ReaderThreads
@@ -45,20 +44,16 @@ if TYPE_CHECKING:
     from .ram_sink import RamSink
 
 
-
-
 log = structlog.get_logger("vfio_multifd.session")
+
+# clock is driver_qemu's (that part of the driver needs it too); the session takes it here.
+__all__ = ["Driver", "Endpoint", "clock"]
 
 #: Where the commands for one connection go: its protocol, or its reader thread.
 Endpoint = ChannelProtocol | ReadElsewhere
 
 
-def clock() -> float:
-    """The core's clock (monotonic; the same as the loop's for asyncio, finer than uvloop's)."""
-    return time.monotonic()
-
-
-class Driver:
+class Driver(QemuStreamsDriver):
     # What it drives: set by the session before _start_driving().
     settings: ReceiveSettings
     core: Migration
@@ -87,11 +82,7 @@ class Driver:
         # QEMU's trace point vfio_load_state_device_buffer_incoming, per packet:
         # decided once here, so a disabled debug level costs one test per packet.
         self._trace_incoming = debug_enabled(log)
-        # QEMU's main channel (--main-stream): its parser, like a channel's decoder.
-        self._main_conn: int | None = None
-        self._main_parser: MainStreamParser | None = None
-        self._main_eof = False  # its end came; the core hears it once its events are in
-        self._draining = False
+        self._start_qemu_streams()
         self._handlers: dict[type, Callable[[Any], None]] = {
             cmd.ProvideBuffer: self._provide_buffer,
             cmd.PauseReading: lambda c: self._endpoint_do(c.conn, "hold", True),
@@ -171,50 +162,6 @@ class Driver:
                 "buffer_incoming", device=str(packet.device), idx=packet.idx, size=packet.size
             )
         self._feed(self.core.packet, channel.conn, packet, clock())
-
-    def main_channel(self, channel: ChannelProtocol) -> None:
-        self._feed(self.core.main_channel, channel.conn, clock())
-
-    def main_data(self, channel: ChannelProtocol, data: bytes) -> None:
-        if channel.conn != self._main_conn:
-            return  # refused: its bytes are nobody's
-        self._feed(self.core.main_data, channel.conn, data, clock())
-        assert self._main_parser is not None
-        self._main_parser.receive_data(data)
-        self._drain_main()
-
-    def _drain_main(self) -> None:
-        """Hand the main stream's events to the core while it is not held at a sync point;
-        then, once its end came and every event is in, that end."""
-        parser, conn = self._main_parser, self._main_conn
-        if parser is None or conn is None or self._draining:
-            return
-        self._draining = True
-        try:
-            while not self.core.main_held:
-                try:
-                    event = parser.next_event()
-                except ProtocolError as error:
-                    self._feed(self.core.decode_error, conn, error, clock())
-                    return
-                if event is None:
-                    break
-                self._feed(self.core.main_event, conn, event, clock())
-            else:
-                return
-            if self._main_eof:
-                self._main_eof = False
-                self._feed(self.core.eof, conn, clock())
-        finally:
-            self._draining = False
-
-    def ram_header(self, channel: ChannelProtocol, raw: bytes) -> bytearray | None:
-        buffer: bytearray | None = self._feed(self.core.ram_header, channel.conn, raw, clock())
-        return buffer
-
-    def ram_data(self, channel: ChannelProtocol, data: RamData) -> None:
-        assert isinstance(data.buffer, bytearray)
-        self._feed(self.core.ram_data, channel.conn, data.buffer, clock())
 
     def decode_error(self, channel: ChannelProtocol, error: ProtocolError) -> None:
         self._feed(self.core.decode_error, channel.conn, error, clock())
@@ -311,48 +258,6 @@ class Driver:
         self._endpoint_do(command.conn, "hold", False)
         if command.conn == self._main_conn:
             self._drain_main()
-
-    def _accepted_main(self, command: cmd.AcceptedMain) -> None:
-        channel = self._connections[command.conn]
-        channel.log = channel.log.bind(channel="main")
-        channel.log.info("channel_accepted", kind="main")
-        if self.recorder is not None:  # before anything else may read the channel
-            self.recorder.accepted(channel, None)
-        self._main_conn = command.conn
-        self._main_parser = MainStreamParser(page_size=self.core.config.page_size)
-
-    def _create_ram_images(self, command: cmd.CreateRamImages) -> None:
-        sink = self.ram_sink
-        assert sink is not None and self._loop is not None
-        future = self._loop.run_in_executor(sink.executor, sink.create, command.blocks)
-        future.add_done_callback(self._ram_done)
-
-    def _write_ram(self, command: cmd.WriteRam) -> None:
-        sink = self.ram_sink
-        assert sink is not None and self._loop is not None
-        future = self._loop.run_in_executor(sink.executor, sink.write, command.pages, command.main)
-        future.add_done_callback(
-            functools.partial(self._ram_written, command.conn, command.nbytes)
-        )
-
-    def _write_precopy(self, command: cmd.WritePrecopy) -> None:
-        future = self.loaders[command.device].write_precopy(command.data)
-        future.add_done_callback(
-            functools.partial(self._ram_written, command.conn, command.nbytes)
-        )
-
-    def _ram_done(self, future: asyncio.Future[None]) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            self.fail(future.exception())  # type: ignore[arg-type]
-
-    def _ram_written(self, conn: int, nbytes: int, future: asyncio.Future[None]) -> None:
-        if future.cancelled():
-            return
-        error = future.exception()
-        if error is not None:
-            self.fail(error)
-            return
-        self._feed(self.core.ram_written, conn, nbytes, clock())
 
     def _hand_off(self, channel: ChannelProtocol) -> None:
         connection = self.core.connections.by_conn.get(channel.conn)

@@ -44,25 +44,31 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import structlog
 
 from ..config import Address, ReceiveSettings
 from ..daemon.channel import ChannelOwner, ChannelProtocol
 from ..digest import Hasher, format_digest, new_hasher
-from ..errors import HandshakeError, MultifdError, UsageError, os_error_text
+from ..errors import HandshakeError, MultifdError, os_error_text
 from ..results import DeviceResult, SessionStatus
-from ..safe_files import check_private, create_new, open_private_directory
+from ..safe_files import create_new
 from .manifest import (
-    MANIFEST_NAME,
     ChannelEnd,
-    Manifest,
     channel_file,
     refused_file,
 )
 from .record_channel import ChannelRecording, RecordingChannel, Refusal
+from .record_files import (
+    Close,
+    Finish,
+    Item,
+    Open,
+    append,
+    check_directory,
+    open_directory,
+    write_manifest,
+)
 from .record_manifest import Build, Recorded, manifest_builder
 from .record_ring import ByteRing
 
@@ -70,81 +76,6 @@ log = structlog.get_logger("vfio_multifd.recorder")
 
 #: How long the end of a migration waits for the recording to reach the disk.
 FINISH_TIMEOUT = 60.0
-
-
-def check_directory(directory: Path) -> None:
-    """``--record DIR`` must not exist yet, or be an empty directory: recordings are
-    never mixed (a replay would send another migration's channels). It must be the
-    daemon's user's, and nobody else's to write in: another user could plant a link
-    there for the daemon to write through."""
-    what = f"--record {directory}"
-    try:
-        info = os.stat(directory)
-    except FileNotFoundError:
-        return
-    except OSError as error:
-        raise UsageError(f"{what}: {os_error_text(error)}") from None
-    check_private(info, what)
-    _check_empty(directory, what)
-
-
-def _check_empty(directory: Path | int, what: str) -> None:
-    try:
-        entries = os.listdir(directory)
-    except OSError as error:
-        raise UsageError(f"{what}: {os_error_text(error)}") from None
-    if entries:
-        raise UsageError(
-            f"{what} is not empty: give a new or empty directory (a recording "
-            "is never mixed with another)"
-        )
-
-
-def _open_directory(directory: Path) -> int:
-    """Create DIR (mode 0700: it holds device state) unless it exists, and open it,
-    checked as :func:`check_directory` does but on the directory opened: every
-    recording file is created relative to the descriptor returned."""
-    what = f"--record {directory}"
-    fd = open_private_directory(directory, what)
-    try:
-        _check_empty(fd, what)  # nothing appeared meanwhile
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _append(fd: int, data: memoryview) -> None:
-    """Write all of ``data`` to ``fd`` (a channel's file)."""
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-# -- what the loop thread hands the writer thread --------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Open:
-    sink: int
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _Close:
-    sink: int
-
-
-
-
-@dataclass(frozen=True, slots=True)
-class _Finish:
-    build: Build
-    done: concurrent.futures.Future[None]
-
-
-#: Bytes to write: (sink, offset in the ring, size, padding before them to free with them).
-_Data = tuple[int, int, int, int]
-_Item = _Data | _Open | _Close | _Finish
 
 
 class Recorder:
@@ -168,7 +99,7 @@ class Recorder:
         self.decided = False  # the migration's outcome is known: ends are no longer noted
         self._lock = threading.Lock()
         self._ring: ByteRing | None = None  # made by start()
-        self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item] = queue.SimpleQueue()
         self._sinks = itertools.count()
         self._channels: list[ChannelRecording] = []  # accepted, in order
         self._refusals: list[Refusal] = []
@@ -183,7 +114,7 @@ class Recorder:
 
     def start(self) -> None:
         """Create DIR and start the writer thread (before the session listens)."""
-        self._directory_fd = _open_directory(self.directory)
+        self._directory_fd = open_directory(self.directory)
         self._ring = ByteRing(self.max_queued_bytes)
         self._origin = time.monotonic()
         self._started_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
@@ -226,7 +157,7 @@ class Recorder:
         recording.channel_id = channel_id
         recording.sink = sink = next(self._sinks)
         self._channels.append(recording)
-        self._queue.put(_Open(sink, channel_file(channel_id)))
+        self._queue.put(Open(sink, channel_file(channel_id)))
         if pending:
             self.write(sink, memoryview(pending))
 
@@ -243,10 +174,10 @@ class Recorder:
             recording, next(self._sinks), refused_file(len(self._refusals)), error
         )
         self._refusals.append(refusal)
-        self._queue.put(_Open(refusal.sink, refusal.file))
+        self._queue.put(Open(refusal.sink, refusal.file))
         if pending:
             self.write(refusal.sink, memoryview(pending))
-        self._queue.put(_Close(refusal.sink))
+        self._queue.put(Close(refusal.sink))
 
     def status_changed(self, status: SessionStatus) -> None:
         if status not in (SessionStatus.SETUP, SessionStatus.ACTIVE):
@@ -299,10 +230,10 @@ class Recorder:
             return
         self._finished = self.decided = True
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
-        finish = _Finish(self._manifest(status, error, address, devices), done)
+        finish = Finish(self._manifest(status, error, address, devices), done)
         for recording in self._channels:
             if recording.sink is not None:
-                self._queue.put(_Close(recording.sink))
+                self._queue.put(Close(recording.sink))
                 recording.sink = None  # bytes still arriving are not recorded
         self._queue.put(finish)
         try:
@@ -361,7 +292,7 @@ class Recorder:
                     entry = files.get(sink)
                     if entry is not None and not broken:
                         try:
-                            _append(entry[0], self._ring.view[offset : offset + size])
+                            append(entry[0], self._ring.view[offset : offset + size])
                         except OSError as error:
                             broken = True
                             # Part of the write may have landed: the file holds what the
@@ -374,7 +305,7 @@ class Recorder:
                             hashers[sink].update(self._ring.view[offset : offset + size])
                     with self._lock:
                         self._ring.free(padding + size)
-                elif isinstance(item, _Open):
+                elif isinstance(item, Open):
                     # Even once broken: every channel the manifest names has its file.
                     try:
                         fd = create_new(item.name, self._directory_fd)
@@ -384,7 +315,7 @@ class Recorder:
                     else:
                         files[item.sink] = (fd, item.name)
                         written[item.sink] = 0
-                elif isinstance(item, _Close):
+                elif isinstance(item, Close):
                     entry = files.pop(item.sink, None)
                     if entry is not None:
                         os.close(entry[0])
@@ -393,47 +324,14 @@ class Recorder:
                         os.close(fd)
                     files.clear()
                     digests = {sink: format_digest(digest, h) for sink, h in hashers.items()}
-                    self._write_manifest(item.build(written, digests, self.stopped))
+                    write_manifest(
+                        self._directory_fd, self.directory, item.build(written, digests, self.stopped)
+                    )
                     item.done.set_result(None)
                     return
             except Exception as error:  # a bug: the recording stops, the migration does not
                 broken = True
                 self._stop(f"internal error: {error!r}")
-                if isinstance(item, _Finish):
+                if isinstance(item, Finish):
                     item.done.set_result(None)
                     return
-
-    def _write_manifest(self, manifest: Manifest) -> None:
-        """``manifest.json``, complete or not at all: written aside, synced, renamed."""
-        temporary = f".{MANIFEST_NAME}.tmp"
-        directory = self._directory_fd
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary, dir_fd=directory)  # a link, whatever: never written through
-            fd = create_new(temporary, directory)
-            try:
-                data = memoryview(manifest.to_json().encode())
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temporary, MANIFEST_NAME, src_dir_fd=directory, dst_dir_fd=directory)
-        except OSError as error:
-            with contextlib.suppress(OSError):
-                os.unlink(temporary, dir_fd=directory)
-            log.warning(
-                "record_manifest_failed",
-                directory=str(self.directory),
-                error=os_error_text(error),
-            )
-            return
-        log.info(
-            "record_written",
-            directory=str(self.directory),
-            channels=len(manifest.recorded_channels),
-            bytes=sum(c.bytes for c in manifest.recorded_channels),
-            refused=len(manifest.refused),
-            complete=manifest.complete,
-            outcome=manifest.outcome,
-        )
