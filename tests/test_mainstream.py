@@ -32,7 +32,7 @@ from vfio_multifd.core.savevm import (
 )
 from vfio_multifd.core.wire import ConfigTag, DeviceKey
 from vfio_multifd.errors import ProtocolError, Reason
-from vfio_multifd.source import qemu_like as q
+from vfio_multifd.source import savevm_records as q
 from vfio_multifd.source.qemu_like import VfioDevice, qemu10_migration
 
 PAGE = 4096
@@ -559,7 +559,14 @@ MAIN_STREAM_PARTS = (
     "core/mainstream_records",
     "core/mainstream_tail",
 )
-PURE_NEW = ("core/savevm", "core/mainstream", *MAIN_STREAM_PARTS, "core/ram", "source/qemu_like")
+PURE_NEW = (
+    "core/savevm",
+    "core/mainstream",
+    *MAIN_STREAM_PARTS,
+    "core/ram",
+    "source/savevm_records",
+    "source/qemu_like",
+)
 
 
 @pytest.mark.parametrize("module", PURE_NEW)
@@ -571,6 +578,7 @@ def test_the_parsers_and_the_encoder_import_nothing_that_does_io(module: str) ->
     assert absolute, f"{module} parsed to no imports at all"
     assert not absolute & (FORBIDDEN_IMPORTS | DYNAMIC_IMPORTS), absolute
     allowed = {"errors", "core/wire", "core/savevm", "core/mainstream", "core/ram"}
+    allowed.add("source/savevm_records")  # pure too: checked above
     assert relative <= allowed | set(MAIN_STREAM_PARTS), relative
 
 

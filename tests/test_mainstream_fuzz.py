@@ -28,7 +28,7 @@ from vfio_multifd.core.mainstream import MainStreamParser
 from vfio_multifd.core.savevm import Command, Ended, RamFlag, Record
 from vfio_multifd.core.wire import ConfigTag
 from vfio_multifd.errors import ProtocolError, Reason
-from vfio_multifd.source import qemu_like as q
+from vfio_multifd.source import savevm_records as q
 
 PAGE = 4096
 MAIN_REASONS = {reason for reason in Reason if reason.value.startswith("main-")}
