@@ -36,7 +36,7 @@ import structlog
 
 from ..errors import Cancelled, MultifdError, Reason, UsageError
 from ..source.replay import Recording, Replay
-from ..source.sender import SendTally, Stopped, send
+from ..source.sender import SendTally, Stopped, send, stopped_by
 from . import options as cli_options
 from .receive import receive_command, receive_settings
 from .report import print_replay_plan, print_replay_report, print_send_summary
@@ -175,11 +175,10 @@ def _replay_command(args: argparse.Namespace) -> int:
         with _sigterm_stops_sending():
             error = replay.run(args.connect, connect_timeout=args.connect_timeout, tls=tls_client)
     except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signal_number", signal.SIGINT)
-        raise Cancelled(
-            f"stopped by {signal.Signals(signum).name} after sending {sum(replay.sent)} of "
-            f"{replay.total} bytes to {args.connect} (its channels are reset)",
-            signal_number=signum,
+        raise stopped_by(
+            interrupt,
+            f"after sending {sum(replay.sent)} of {replay.total} bytes to {args.connect} "
+            "(its channels are reset)",
         ) from None
     print_replay_report(replay, sys.stdout, args.connect, error, tls=tls_client is not None)
     if error is not None:

@@ -12,7 +12,6 @@ device state alone; the daemon's verdict is awaited the same way.
 
 from __future__ import annotations
 
-import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -20,11 +19,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import Address, Digest
-from ..errors import Cancelled, UsageError
+from ..errors import UsageError
 from .channels import ChannelStream, run_channels, send_all
 from .plan import DeviceState, SourceDevice
 from .qemu_like import GUEST_RAM_BLOCK, QemuLikeStreams, VfioDevice, guest_ram, qemu10_migration
-from .sender import SendResult, SendTally, device_states
+from .sender import SendResult, SendTally, device_states, stopped_by
 
 if TYPE_CHECKING:
     from ..tls import TlsClient
@@ -81,11 +80,10 @@ def send_like_qemu(
         finally:
             tally.ended = time.monotonic()
     except KeyboardInterrupt as interrupt:
-        signum = getattr(interrupt, "signal_number", signal.SIGINT)
-        raise Cancelled(
-            f"stopped by {signal.Signals(signum).name} before the daemon closed the channels "
-            f"to {address}: the migration is incomplete (its channels are reset)",
-            signal_number=signum,
+        raise stopped_by(
+            interrupt,
+            f"before the daemon closed the channels to {address}: the migration is "
+            "incomplete (its channels are reset)",
         ) from None
     result = SendResult(
         devices=[

@@ -110,13 +110,19 @@ class _Source:
                 self.progress(d, size)
 
     def stopped(self, address: Address, interrupt: KeyboardInterrupt) -> Cancelled:
-        signum = getattr(interrupt, "signal_number", signal.SIGINT)
         what = _what_was_sent(
             address,
             data=(sum(self.data_sent), sum(state.device.size for state in self.states)),
             packets=(sum(self.packets_sent), sum(len(p) for p in self.per_channel)),
         )
-        return Cancelled(f"stopped by {signal.Signals(signum).name} {what}", signal_number=signum)
+        return stopped_by(interrupt, what)
+
+
+def stopped_by(interrupt: KeyboardInterrupt, what: str) -> Cancelled:
+    """A send (or replay) stopped by a signal (SIGINT unless the handler said which):
+    "stopped by SIGNAME <what>"."""
+    signum = getattr(interrupt, "signal_number", signal.SIGINT)
+    return Cancelled(f"stopped by {signal.Signals(signum).name} {what}", signal_number=signum)
 
 
 def send(
