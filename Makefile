@@ -30,11 +30,14 @@ lint: $(STAMP)
 qemu:
 	sh tests/qemu/get-qemu.sh >/dev/null
 
-# -n auto: one pytest worker per core (pytest-xdist), tests stolen by whichever is idle.
-# PYTHONDONTWRITEBYTECODE emptied: the suite starts some 270 Pythons, and each would
+# Two pytest workers per core (pytest-xdist), tests stolen by whichever is idle: a third of
+# the suite's time is a test waiting on a daemon, a VM, a timer or a peer, and a second
+# worker per core uses it (one per core left the cores idle a third of the time).
+# PYTHONDONTWRITEBYTECODE emptied: the suite starts some 300 Pythons, and each would
 # compile again every module whose bytecode is not cached (up to 0.5 s of CPU each).
+TEST_WORKERS ?= $(shell echo $$(( 2 * $$(nproc) )))
 test: lint qemu
-	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

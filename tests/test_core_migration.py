@@ -29,6 +29,7 @@ from vfio_multifd.core.decoder import (
 )
 from vfio_multifd.core.memory import SPILL_GRACE
 from vfio_multifd.core.migration import Migration
+from vfio_multifd.core.qemu_streams import PAGES_PER_WRITE
 from vfio_multifd.core.ram import encode_ram_packet
 from vfio_multifd.core.reassembly import CHUNK_OVERHEAD, Chunk, ChunkState, capacity_of
 from vfio_multifd.core.savevm import (
@@ -36,12 +37,14 @@ from vfio_multifd.core.savevm import (
     Command,
     CommandEvent,
     Ended,
+    Page,
     RamBlock,
     Record,
     Section,
     SyncPoint,
     Unfollowed,
     VfioData,
+    ZeroPage,
 )
 from vfio_multifd.core.state import ChannelState, Phase
 from vfio_multifd.core.wire import ChannelHandshake, DeviceKey, PacketHeader
@@ -971,6 +974,55 @@ def test_the_ram_writers_queue_stays_within_its_share_of_the_bound() -> None:
     assert driver.core.peak_ram_queued <= layout.ram
     assert driver.core.ram_pages == 128 * (packets + 5)
     assert driver.ram["pc.ram"][: 128 * PAGE] == bytes([99]) * 128 * PAGE  # c1's, after c0's
+
+
+def test_main_stream_pages_handed_in_together_reach_the_writer_as_few_jobs_in_order() -> None:
+    """QEMU 7.2 sends every zero page as a record of its own on the main stream: the
+    records the driver hands in before it carries out the commands merge into one
+    WriteRam of at most PAGES_PER_WRITE pages, in their order, charged as before."""
+    driver, main, _conns = ram_migration()
+    blocks = (RamBlock("pc.ram", 4 << 20),)
+    main_event(driver, main, BlockList(blocks))
+    driver.write_ram_at_once = False
+    count = PAGES_PER_WRITE + 44
+    events: list[object] = []
+    for n in range(count):  # every page written twice: the later record must win
+        offset = (n % (count // 2)) * PAGE
+        fill = bytes([n % 250 + 1]) * PAGE
+        events.append(ZeroPage("pc.ram", offset, 0) if n % 3 else Page("pc.ram", offset, fill))
+    for event in events:
+        driver.core.main_event(main, event, driver.now)  # type: ignore[arg-type]
+    driver.act()
+    jobs = list(driver.ram_writes)
+    assert [len(job.pages) for job in jobs] == [PAGES_PER_WRITE, count - PAGES_PER_WRITE]
+    assert driver.core.ram_writes == 2
+    assert driver.core.ram_queued == sum(job.nbytes for job in jobs) == PAGE * sum(
+        isinstance(event, Page) for event in events
+    )
+    written = [
+        (block, offset, data if isinstance(data, int) else bytes(data))
+        for job in jobs
+        for block, offset, data in job.pages
+    ]
+    assert written == [
+        (e.block, e.offset, e.fill if isinstance(e, ZeroPage) else e.data) for e in events  # type: ignore[attr-defined]
+    ]
+    # One input at a time (a command carried out after each), nothing merges.
+    driver.core.main_event(main, ZeroPage("pc.ram", 0, 0), driver.now)
+    driver.act()
+    driver.core.main_event(main, ZeroPage("pc.ram", PAGE, 0), driver.now)
+    driver.act()
+    assert [len(job.pages) for job in driver.ram_writes[2:]] == [1, 1]
+    driver.finish_ram_writes()
+    assert driver.core.ram_queued == 0 and driver.core.ram_writes == 0
+    expected = bytearray(4 << 20)
+    for event in events:
+        assert isinstance(event, (Page, ZeroPage))
+        data = bytes([event.fill]) * PAGE if isinstance(event, ZeroPage) else event.data
+        expected[event.offset : event.offset + PAGE] = data
+    expected[: 2 * PAGE] = bytes(2 * PAGE)
+    assert driver.ram["pc.ram"] == expected
+    assert driver.core.ram_zero_pages == 2 + sum(isinstance(e, ZeroPage) for e in events)
 
 
 def test_a_bound_too_small_for_qemus_streams_names_their_share() -> None:

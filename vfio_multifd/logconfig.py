@@ -70,7 +70,10 @@ def configure(
         shared.append(structlog.processors.dict_tracebacks)
         renderer = structlog.processors.JSONRenderer()
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+        # Plain tracebacks whether or not rich is installed (cli/lean_imports.py).
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     number = getattr(logging, level.upper())
     wrapper = structlog.make_filtering_bound_logger(number)
     structlog.configure(

@@ -22,6 +22,10 @@ subcommands print when they end, ``report.py``'s.
 
 from __future__ import annotations
 
+# Before anything imports structlog: structlog without rich.
+from . import lean_imports  # noqa: F401
+
+# isort: split
 import argparse
 import contextlib
 import json

@@ -56,6 +56,10 @@ from .savevm import (
 from .state import ChannelState
 from .wire import DeviceKey
 
+#: Main-stream page records merged into one :class:`WriteRam` at most (1 MiB of 4 KiB
+#: pages; a zero page carries no data).
+PAGES_PER_WRITE = 256
+
 
 class QemuStreams(Rules):
     def _init_qemu_streams(self) -> None:
@@ -315,13 +319,30 @@ class QemuStreams(Rules):
         self, c: Connection, pages: tuple[tuple[str, int, memoryview | int], ...], main: bytes
     ) -> None:
         nbytes = len(main) + sum(len(data) for _, _, data in pages if not isinstance(data, int))
+        last = self._commands[-1] if self._commands else None
+        if (
+            not main
+            and isinstance(last, WriteRam)
+            and last.conn == c.conn
+            and not last.main
+            and len(last.pages) + len(pages) <= PAGES_PER_WRITE
+        ):
+            # The main stream brings its pages one record at a time (QEMU 7.2 sends every
+            # zero page there): those next to each other in the command list go to the
+            # writer as one job, in the same order.
+            self._commands[-1] = WriteRam(c.conn, last.pages + pages, b"", last.nbytes + nbytes)
+            self._charge_ram(nbytes)
+            return
         self._queue(WriteRam(c.conn, pages, main, nbytes), nbytes)
 
     def _queue(self, command: WriteRam | WritePrecopy, nbytes: int) -> None:
         """A write of main-stream or RAM bytes, charged until ``ram_written``."""
-        self.ram_queued += nbytes
         self.ram_writes += 1
         self._emit(command)
+        self._charge_ram(nbytes)
+
+    def _charge_ram(self, nbytes: int) -> None:
+        self.ram_queued += nbytes
         self.peak_ram_queued = max(self.peak_ram_queued, self.ram_queued)
         if self.ram_queued > self.layout.ram_hold_above:
             self.ram_full = True

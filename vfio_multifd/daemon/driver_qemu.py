@@ -45,7 +45,10 @@ class QemuStreamsDriver:
 
     if TYPE_CHECKING:
 
+        _acting: bool
+
         def _feed(self, method: Callable[..., Any], *args: Any) -> Any: ...
+        def _act(self) -> None: ...
         def fail(self, error: BaseException) -> None: ...
 
     def _start_qemu_streams(self) -> None:
@@ -73,6 +76,8 @@ class QemuStreamsDriver:
         if parser is None or conn is None or self._draining:
             return
         self._draining = True
+        # One act for the whole drain: the core's page writes merge while they wait.
+        acting, self._acting = self._acting, True
         try:
             while not self.core.main_held:
                 try:
@@ -90,6 +95,8 @@ class QemuStreamsDriver:
                 self._feed(self.core.eof, conn, clock())
         finally:
             self._draining = False
+            self._acting = acting
+            self._act()
 
     def ram_header(self, channel: ChannelProtocol, raw: bytes) -> bytearray | None:
         buffer: bytearray | None = self._feed(self.core.ram_header, channel.conn, raw, clock())
