@@ -354,6 +354,7 @@ class SourceVm:
         first bandwidth estimate (before it, QEMU completes as soon as one pass is done)."""
         self.rounds = rounds
         if rounds:
+            self.wait_guest_looping()
             self.execute(
                 "migrate-set-parameters", **{"downtime-limit": 1, "max-bandwidth": max_bandwidth}
             )
@@ -373,12 +374,30 @@ class SourceVm:
                 raise QemuError(f"migration not done after {timeout} s: {info}")
             time.sleep(0.02)
 
+    def wait_guest_looping(self, passes: int = 2, timeout: float = 30.0) -> None:
+        """Until the running guest's pass counter (the first dword of its first page) shows
+        ``passes`` passes: it is rewriting its pages, so a bitmap sync finds them dirty
+        and the migration cannot converge before ``rounds`` (a fixed wait was not always
+        long enough on a loaded machine: it converged after 2 syncs)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            (counter,) = struct.unpack("<I", self.read_physical(self.dirty[0], 4))
+            if counter >= passes:
+                return
+            if time.monotonic() > deadline:
+                raise QemuError(f"the guest made {counter} passes in {timeout} s: {self.stderr()}")
+            time.sleep(0.02)
+
     def read_ram(self, size: int = RAM_SIZE) -> bytes:
         """Guest-physical 0..size with QMP ``pmemsave`` (the 0xa0000-0xfffff window as QEMU reads it)."""
+        return self.read_physical(0, size)
+
+    def read_physical(self, address: int, size: int) -> bytes:
+        """Guest-physical ``address`` .. ``address + size`` with QMP ``pmemsave``."""
         path = self.workdir / "ram.bin"
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self.execute("pmemsave", val=0, size=size, filename=str(path))
+        self.execute("pmemsave", val=address, size=size, filename=str(path))
         data = path.read_bytes()
         path.unlink()
         if len(data) != size:
