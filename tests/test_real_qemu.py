@@ -68,11 +68,11 @@ CASES = [
 
 
 def check_the_parsers_rebuild(
-    record: Path, ram: bytes, info: dict[str, object], main_stream: bytes, *, channels: int,
+    record: Path, memory: bytes, info: dict[str, object], main_stream: bytes, *, channels: int,
     running: bool,
 ) -> None:
-    """The pure parsers rebuild ``ram`` from the streams the daemon recorded
-    (``main_stream``: what it wrote to ``--main-stream``).
+    """The pure parsers rebuild ``memory`` (the source's RAM, masked) from the streams the
+    daemon recorded (``main_stream``: what it wrote to ``--main-stream``).
 
     That the recorded files hold the bytes the daemon received, and so what QEMU
     sent, is the recorder's own promise (tests/test_record.py and
@@ -88,7 +88,7 @@ def check_the_parsers_rebuild(
     streams = [by_id[n].read_bytes() for n in range(channels)]  # in channel id order
     assert [s[24] for s in streams] == list(range(channels))  # each said its id in its handshake
     result = reconstruct(main, streams)
-    assert mask_pc_window(result.images["pc.ram"]) == mask_pc_window(ram)
+    assert mask_pc_window(result.images["pc.ram"]) == memory
     assert result.ended is not None
     assert [s[8:24] for s in streams] == [bytes.fromhex(UUID.replace("-", ""))] * channels
     if running:
@@ -126,7 +126,8 @@ def test_the_daemon_receives_a_real_qemu(
         ram = vm.read_ram()
     assert code == 0, stderr
     image = (ram_dir / "pc.ram").read_bytes()
-    assert mask_pc_window(image) == mask_pc_window(ram)
+    memory = mask_pc_window(ram)  # once, for the daemon and the parsers: each mask copies 64 MiB
+    assert mask_pc_window(image) == memory
     assert ram[BLOB_ADDR : BLOB_ADDR + len(BLOB)] == BLOB
     main = (tmp_path / "main.bin").read_bytes()
     assert main[:4] == b"QEVM"
@@ -146,4 +147,4 @@ def test_the_daemon_receives_a_real_qemu(
     assert result["main_stream_bytes"] == len(main)
     assert result["sync_points"] > 0
     if recording:
-        check_the_parsers_rebuild(record, ram, info, main, channels=channels, running=running)
+        check_the_parsers_rebuild(record, memory, info, main, channels=channels, running=running)
