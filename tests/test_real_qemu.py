@@ -1,14 +1,13 @@
 """A real QEMU as the source: Debian's 7.2 and 10.0.2 (``tests/qemu/get-qemu.sh`` makes both
 available; a QEMU that is not there skips its tests with one line saying so).
 
-Today: QEMU migrates a 64 MiB VM (paused, or running a guest that rewrites 4 MiB
-over several rounds) with multifd to the raw capture receiver, and the pure
-parsers rebuild from the captured streams exactly the RAM ``pmemsave`` reads
-on the source afterwards (guest-physical 0..64 MiB, less 0xa0000-0xfffff).
-
-The same VMs migrate to ``vfio-multifd receive --main-stream FILE --ram DIR``
-and its ``pc.ram`` image must equal that memory
-(``test_the_daemon_receives_a_real_qemu``).
+QEMU migrates a 64 MiB VM (paused, or running a guest that rewrites 4 MiB over
+several rounds) with multifd to ``vfio-multifd receive --main-stream FILE --ram
+DIR``, under each event loop, and its ``pc.ram`` image must equal the RAM
+``pmemsave`` reads on the source afterwards (guest-physical 0..64 MiB, less
+0xa0000-0xfffff). Under uvloop the daemon also records what it received
+(``--record``), and the pure parsers rebuild that same memory from the recorded
+streams; under the stdlib loop it runs without ``--record``, as it runs by default.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from cli_helpers import Daemon
-from qemu.capture import CaptureReceiver, classify
 from qemu.harness import (
     BLOB_ADDR,
     Qemu,
@@ -30,6 +28,8 @@ from qemu.harness import (
     source_vm,
 )
 from qemu.reconstruct import reconstruct
+
+from vfio_multifd.source.replay import Recording
 
 QEMUS = find_qemus()
 BLOB = make_blob(256 << 10)
@@ -67,22 +67,30 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("label", "channels", "running", "zero_page_detection"), CASES)
-def test_the_parsers_rebuild_what_a_real_qemu_sends(
-    tmp_path: Path, label: str, channels: int, running: bool, zero_page_detection: str | None
+def check_the_parsers_rebuild(
+    record: Path, memory: bytes, info: dict[str, object], main_stream: bytes, *, channels: int,
+    running: bool,
 ) -> None:
-    receiver = CaptureReceiver(tmp_path / "streams", channels + 1)
-    with source_vm(qemu(label), tmp_path / "vm", blob=BLOB, running=running, uuid=UUID) as vm:
-        info = migrate(vm, receiver.port, channels=channels, running=running,
-                       zero_page_detection=zero_page_detection)
-        paths = receiver.wait(60)
-        ram = vm.read_ram()
-    main, channel_paths = classify(paths)
-    result = reconstruct(main.read_bytes(), [p.read_bytes() for p in channel_paths])
-    assert mask_pc_window(result.images["pc.ram"]) == mask_pc_window(ram)
-    assert ram[BLOB_ADDR : BLOB_ADDR + len(BLOB)] == BLOB
+    """The pure parsers rebuild ``memory`` (the source's RAM, masked) from the streams the
+    daemon recorded (``main_stream``: what it wrote to ``--main-stream``).
+
+    That the recorded files hold the bytes the daemon received, and so what QEMU
+    sent, is the recorder's own promise (tests/test_record.py and
+    tests/test_qemu_streams.py compare them with the bytes sent); ``Recording.load``
+    checks each file against its manifest's size and digest.
+    """
+    manifest = Recording.load(record).manifest
+    assert manifest.outcome == "completed" and manifest.complete, manifest
+    by_id = {c.id: record / c.file for c in manifest.recorded_channels}  # listed as accepted
+    assert sorted(by_id, key=lambda i: -1 if i is None else i) == [None, *range(channels)]
+    main = by_id[None].read_bytes()
+    assert main == main_stream  # both are the main channel byte for byte
+    streams = [by_id[n].read_bytes() for n in range(channels)]  # in channel id order
+    assert [s[24] for s in streams] == list(range(channels))  # each said its id in its handshake
+    result = reconstruct(main, streams)
+    assert mask_pc_window(result.images["pc.ram"]) == memory
     assert result.ended is not None
-    assert [p.read_bytes()[8:24] for p in channel_paths] == [bytes.fromhex(UUID.replace("-", ""))] * channels
+    assert [s[8:24] for s in streams] == [bytes.fromhex(UUID.replace("-", ""))] * channels
     if running:
         assert info["ram"]["dirty-sync-count"] >= 4  # type: ignore[index]
         assert result.sync_points > 3
@@ -91,11 +99,15 @@ def test_the_parsers_rebuild_what_a_real_qemu_sends(
 @pytest.mark.skipif(not INTEGRATED, reason="needs the daemon's --main-stream/--ram (issue 22 integration)")
 @pytest.mark.parametrize(("label", "channels", "running", "zero_page_detection"), CASES)
 def test_the_daemon_receives_a_real_qemu(
-    tmp_path: Path, daemons: list[Daemon], label: str, channels: int, running: bool,
+    tmp_path: Path, cli_loop: str, daemons: list[Daemon], label: str, channels: int, running: bool,
     zero_page_detection: str | None,
 ) -> None:
     source = qemu(label)
     ram_dir = tmp_path / "ram"
+    record = tmp_path / "record"
+    recording = ["--record", str(record)] if cli_loop == "uvloop" else []
+    if recording:
+        record.mkdir(mode=0o700)  # the daemon records only into a directory nobody else may write
     daemon = Daemon(
         tmp_path,
         "--channels", str(channels),
@@ -103,6 +115,7 @@ def test_the_daemon_receives_a_real_qemu(
         "--main-stream", str(tmp_path / "main.bin"),
         "--ram", str(ram_dir),
         "--result", str(tmp_path / "result.json"),
+        *recording,
     )
     daemons.append(daemon)
     port = int(daemon.address.rsplit(":", 1)[1])
@@ -113,7 +126,9 @@ def test_the_daemon_receives_a_real_qemu(
         ram = vm.read_ram()
     assert code == 0, stderr
     image = (ram_dir / "pc.ram").read_bytes()
-    assert mask_pc_window(image) == mask_pc_window(ram)
+    memory = mask_pc_window(ram)  # once, for the daemon and the parsers: each mask copies 64 MiB
+    assert mask_pc_window(image) == memory
+    assert ram[BLOB_ADDR : BLOB_ADDR + len(BLOB)] == BLOB
     main = (tmp_path / "main.bin").read_bytes()
     assert main[:4] == b"QEVM"
     # The daemon counts what the source says it sent: its query-migrate's normal and
@@ -131,3 +146,5 @@ def test_the_daemon_receives_a_real_qemu(
         assert result["ram_pages"] == sent["normal"]
     assert result["main_stream_bytes"] == len(main)
     assert result["sync_points"] > 0
+    if recording:
+        check_the_parsers_rebuild(record, memory, info, main, channels=channels, running=running)
