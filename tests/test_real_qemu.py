@@ -13,7 +13,6 @@ streams; under the stdlib loop it runs without ``--record``, as it runs by defau
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +45,7 @@ def qemu(label: str) -> Qemu:
 def migrate(vm: SourceVm, port: int, *, channels: int, running: bool, zero_page_detection: str | None) -> dict[str, object]:
     vm.set_multifd(channels, zero_page_detection=zero_page_detection)
     if running:
-        time.sleep(0.3)  # let the guest reach its loop
-        vm.migrate(port, rounds=4)
+        vm.migrate(port, rounds=4)  # once the guest is seen rewriting its pages
     else:
         vm.migrate(port)
     info = vm.wait_migration(120)
