@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -65,6 +65,17 @@ def perf_command() -> str | None:
     return perf if probe.returncode == 0 and b"sys_enter_read" in probe.stderr else None
 
 
+def _perf_stat(perf: str, pid: int, output: str) -> subprocess.Popen[bytes]:
+    """``perf stat`` of every :data:`SYSCALLS` tracepoint there is, attached to ``pid``."""
+    events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
+    available = [event for event in events if _tracepoint_exists(event)]
+    command = [perf, "stat", "-x", ",", "-o", output, "-p", str(pid)]
+    command += [arg for event in available for arg in ("-e", event)]
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
 class SyscallCounter:
     """``perf stat`` attached to a running process and every thread it creates."""
 
@@ -76,13 +87,7 @@ class SyscallCounter:
         handle, name = tempfile.mkstemp(prefix="vfio-multifd-perf-", suffix=".csv")
         os.close(handle)
         self.output = Path(name)
-        events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
-        available = [event for event in events if _tracepoint_exists(event)]
-        command = [self.perf, "stat", "-x", ",", "-o", str(self.output), "-p", str(pid)]
-        command += [arg for event in available for arg in ("-e", event)]
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.proc = _perf_stat(self.perf, pid, name)
 
     def result(self, timeout: float = 30.0) -> dict[str, int]:
         """Once the process has exited: each figure of :data:`SYSCALLS` (empty without perf)."""
@@ -118,6 +123,37 @@ class SyscallCounter:
         return {
             name: sum(by_call.get(call, 0) for call in calls) for name, calls in SYSCALLS.items()
         }
+
+
+@contextlib.contextmanager
+def tracepoints_held() -> Iterator[None]:
+    """Keep the :data:`SYSCALLS` tracepoints registered meanwhile (a ``perf stat`` on an
+    idle child), so that each :class:`SyscallCounter` lets go of them at once.
+
+    The last user of a tracepoint waits for an RCU grace period as it lets go of it,
+    one tracepoint after another: paid once here rather than after every run (a
+    many-run caller such as the smoke test is the quicker for it). Each run's perf
+    still counts its own process only. Without perf it does nothing."""
+    perf = perf_command()
+    if perf is None:
+        yield
+        return
+    idle = subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL)
+    holder = _perf_stat(perf, idle.pid, os.devnull)
+    try:
+        yield
+    finally:
+        holder.send_signal(signal.SIGINT)
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+        finally:
+            if holder.stderr is not None:
+                holder.stderr.close()
+            idle.kill()
+            idle.wait()
 
 
 @functools.cache
