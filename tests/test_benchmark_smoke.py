@@ -28,6 +28,9 @@ from workload import Workload, build_workload, idstr_of
 
 pytestmark = pytest.mark.slow
 
+HEADER = struct.Struct(">III256sII")  # magic, version, flags, idstr, instance_id, size
+VFIO = struct.Struct(">III")  # version, idx, flags
+
 
 @pytest.fixture(autouse=True)
 def _first_byte_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,8 +40,18 @@ def _first_byte_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(counters, "LISTEN_FOR", 0.0)
 
 
-HEADER = struct.Struct(">III256sII")  # magic, version, flags, idstr, instance_id, size
-VFIO = struct.Struct(">III")  # version, idx, flags
+def returns_of(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[Any]:
+    """What ``module.name`` returns from now on, each call's in turn (it still runs):
+    a benchmark's ``main`` is run once, and its results checked as they left it."""
+    returned: list[Any] = []
+    real = getattr(module, name)
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        returned.append(real(*args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(module, name, recorded)
+    return returned
 
 
 def packets_of(stream: bytes, channel: int) -> list[tuple[str, int, bool, bytes]]:
@@ -187,14 +200,7 @@ def test_downtime_tiny_run(
 ) -> None:
     """Both cases, both sinks, one pair each: every run exact, its phases in order
     (checked on the runs as ``run_downtime`` returned them inside ``main``)."""
-    returned: list[list[downtime.Case]] = []
-    real_run_downtime = downtime.run_downtime
-
-    def recorded_run_downtime(**kwargs: Any) -> list[downtime.Case]:
-        returned.append(real_run_downtime(**kwargs))
-        return returned[-1]
-
-    monkeypatch.setattr(downtime, "run_downtime", recorded_run_downtime)
+    returned = returns_of(monkeypatch, downtime, "run_downtime")
     argv = ["--size", "6M", "--reps", "1", "--tmpdir", str(tmp_path), "--json", str(tmp_path / "r")]
     assert downtime.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
@@ -208,6 +214,7 @@ def test_downtime_tiny_run(
     assert len(verdicts) == 5 and verdicts[-1].startswith("met") and "(0 failed" in verdicts[-1]
     assert [p.name for p in tmp_path.iterdir()] == ["r"]  # every output removed
 
+    cases: list[downtime.Case]
     (cases,) = returned
     assert [(case.name, case.sink) for case in cases] == [
         ("4x", "file"), ("4x", "null"), ("1x", "file"), ("1x", "null"),
@@ -243,20 +250,14 @@ def test_tls_row_tiny_run(
 ) -> None:
     """``main --tls-only`` runs the TLS row and nothing else; its comparison is checked
     as ``run_tls_comparison`` returned it."""
-    returned: list[throughput.TlsComparison] = []
-    real_run_tls_comparison = throughput.run_tls_comparison
-
-    def recorded_run_tls_comparison(size: int, **kwargs: Any) -> throughput.TlsComparison:
-        returned.append(real_run_tls_comparison(size, **kwargs))
-        return returned[-1]
-
-    monkeypatch.setattr(throughput, "run_tls_comparison", recorded_run_tls_comparison)
+    returned = returns_of(monkeypatch, throughput, "run_tls_comparison")
     argv = ["--tls-only", "--size", "6M", "--reps", "2", "--tmpdir", str(tmp_path)]
     code = throughput.main(argv)
     out = capsys.readouterr().out
     assert code == 0 and "TLS against plaintext: 4 channels" in out and "base MB/s" not in out
     assert list(tmp_path.iterdir()) == []  # credentials removed with the rest
 
+    comparison: throughput.TlsComparison
     (comparison,) = returned
     assert (comparison.channels, comparison.size) == (throughput.TLS_CHANNELS, 6 << 20)
     for run in (*comparison.plain, *comparison.tls):
