@@ -6,7 +6,8 @@ time, minor + major page faults, voluntary + involuntary context switches:
 always there); its CPU at start-up is read from ``/proc/PID/stat`` when it
 logs ``listening``, so CPU can be given with and without it. Syscall counts
 come from ``perf stat -p PID`` on the ``syscalls:`` tracepoints, attached
-as the process starts (it follows the threads the process creates later);
+as the process starts (it follows the threads the process creates later; the
+first byte waits until it counts);
 where perf or its tracepoints are not usable they are left out (``-``).
 
 On loopback part of the sender's work runs in whichever process reads (a
@@ -65,15 +66,32 @@ def perf_command() -> str | None:
     return perf if probe.returncode == 0 and b"sys_enter_read" in probe.stderr else None
 
 
+def _tracepoints() -> list[str]:
+    """The :data:`SYSCALLS` tracepoints this kernel has."""
+    events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
+    return [event for event in events if _tracepoint_exists(event)]
+
+
 def _perf_stat(perf: str, pid: int, output: str) -> subprocess.Popen[bytes]:
     """``perf stat`` of every :data:`SYSCALLS` tracepoint there is, attached to ``pid``."""
-    events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
-    available = [event for event in events if _tracepoint_exists(event)]
     command = [perf, "stat", "-x", ",", "-o", output, "-p", str(pid)]
-    command += [arg for event in available for arg in ("-e", event)]
+    command += [arg for event in _tracepoints() for arg in ("-e", event)]
     return subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
+
+
+def _perf_events_open(pid: int) -> int:
+    """How many perf event descriptors process ``pid`` holds (0 once it is gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    count = 0
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+    return count
 
 
 class SyscallCounter:
@@ -88,6 +106,18 @@ class SyscallCounter:
         os.close(handle)
         self.output = Path(name)
         self.proc = _perf_stat(self.perf, pid, name)
+
+    def wait_attached(self, timeout: float = 10.0) -> None:
+        """Until perf has opened a counter per tracepoint, at most ``timeout`` seconds:
+        from then on what the process does is counted (a sender waits for this)."""
+        if self.proc is None:
+            return
+        wanted = len(_tracepoints())
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if _perf_events_open(self.proc.pid) >= wanted:
+                return
+            time.sleep(0.005)
 
     def result(self, timeout: float = 30.0) -> dict[str, int]:
         """Once the process has exited: each figure of :data:`SYSCALLS` (empty without perf)."""
