@@ -34,10 +34,12 @@ VFIO = struct.Struct(">III")  # version, idx, flags
 
 @pytest.fixture(autouse=True)
 def _first_byte_once_idle(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A settled receiver gets its first byte once idle, without first listening half
-    a second (a destination's wait before its stop-copy, which ``make bench`` keeps):
-    settling is still run, and these runs are mostly that wait otherwise."""
+    """A settled receiver gets its first byte once idle for 20 ms (two CPU clock
+    ticks), without first listening half a second (a destination's wait before its
+    stop-copy, which ``make bench`` keeps, as its 50 ms): settling is still run, and
+    these runs would be mostly that wait otherwise."""
     monkeypatch.setattr(counters, "LISTEN_FOR", 0.0)
+    monkeypatch.setattr(counters, "IDLE_FOR", 0.02)
 
 
 def returns_of(monkeypatch: pytest.MonkeyPatch, module: object, name: str) -> list[Any]:
