@@ -6,7 +6,8 @@ time, minor + major page faults, voluntary + involuntary context switches:
 always there); its CPU at start-up is read from ``/proc/PID/stat`` when it
 logs ``listening``, so CPU can be given with and without it. Syscall counts
 come from ``perf stat -p PID`` on the ``syscalls:`` tracepoints, attached
-as the process starts (it follows the threads the process creates later);
+as the process starts (it follows the threads the process creates later; the
+first byte waits until it counts);
 where perf or its tracepoints are not usable they are left out (``-``).
 
 On loopback part of the sender's work runs in whichever process reads (a
@@ -22,11 +23,12 @@ import functools
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,6 +66,34 @@ def perf_command() -> str | None:
     return perf if probe.returncode == 0 and b"sys_enter_read" in probe.stderr else None
 
 
+def _tracepoints() -> list[str]:
+    """The :data:`SYSCALLS` tracepoints this kernel has."""
+    events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
+    return [event for event in events if _tracepoint_exists(event)]
+
+
+def _perf_stat(perf: str, pid: int, output: str) -> subprocess.Popen[bytes]:
+    """``perf stat`` of every :data:`SYSCALLS` tracepoint there is, attached to ``pid``."""
+    command = [perf, "stat", "-x", ",", "-o", output, "-p", str(pid)]
+    command += [arg for event in _tracepoints() for arg in ("-e", event)]
+    return subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+
+
+def _perf_events_open(pid: int) -> int:
+    """How many perf event descriptors process ``pid`` holds (0 once it is gone)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    count = 0
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[perf_event]"
+    return count
+
+
 class SyscallCounter:
     """``perf stat`` attached to a running process and every thread it creates."""
 
@@ -75,18 +105,28 @@ class SyscallCounter:
         handle, name = tempfile.mkstemp(prefix="vfio-multifd-perf-", suffix=".csv")
         os.close(handle)
         self.output = Path(name)
-        events = [f"syscalls:sys_enter_{call}" for calls in SYSCALLS.values() for call in calls]
-        available = [event for event in events if _tracepoint_exists(event)]
-        command = [self.perf, "stat", "-x", ",", "-o", str(self.output), "-p", str(pid)]
-        command += [arg for event in available for arg in ("-e", event)]
-        self.proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
+        self.proc = _perf_stat(self.perf, pid, name)
+
+    def wait_attached(self, timeout: float = 10.0) -> None:
+        """Until perf has opened a counter per tracepoint, at most ``timeout`` seconds:
+        from then on what the process does is counted (a sender waits for this)."""
+        if self.proc is None:
+            return
+        wanted = len(_tracepoints())
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            if _perf_events_open(self.proc.pid) >= wanted:
+                return
+            time.sleep(0.005)
 
     def result(self, timeout: float = 30.0) -> dict[str, int]:
         """Once the process has exited: each figure of :data:`SYSCALLS` (empty without perf)."""
         if self.proc is None:
             return {}
+        # Attached to a pid, perf looks for its exit once a second; the process is gone
+        # and its counts final, so SIGINT (perf's "stop and report") spares that wait.
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -113,6 +153,37 @@ class SyscallCounter:
         return {
             name: sum(by_call.get(call, 0) for call in calls) for name, calls in SYSCALLS.items()
         }
+
+
+@contextlib.contextmanager
+def tracepoints_held() -> Iterator[None]:
+    """Keep the :data:`SYSCALLS` tracepoints registered meanwhile (a ``perf stat`` on an
+    idle child), so that each :class:`SyscallCounter` lets go of them at once.
+
+    The last user of a tracepoint waits for an RCU grace period as it lets go of it,
+    one tracepoint after another: paid once here rather than after every run (a
+    many-run caller such as the smoke test is the quicker for it). Each run's perf
+    still counts its own process only. Without perf it does nothing."""
+    perf = perf_command()
+    if perf is None:
+        yield
+        return
+    idle = subprocess.Popen(["sleep", "infinity"], stdin=subprocess.DEVNULL)
+    holder = _perf_stat(perf, idle.pid, os.devnull)
+    try:
+        yield
+    finally:
+        holder.send_signal(signal.SIGINT)
+        try:
+            holder.wait(30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+            holder.wait()
+        finally:
+            if holder.stderr is not None:
+                holder.stderr.close()
+            idle.kill()
+            idle.wait()
 
 
 @functools.cache

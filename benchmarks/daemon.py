@@ -145,7 +145,8 @@ def run_receiver(
 ) -> Finished:
     """Start ``cmd``, ``send`` ``workload`` to the address it logs (replay it), reap it.
     ``started`` is called with the process id at once (profile_receive.py watches it);
-    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf);
+    ``count_syscalls`` attaches ``perf stat`` to it (counters.py; nothing without perf),
+    and nothing is sent before perf counts;
     ``settle``: the first byte goes out only once it is idle (as a destination is
     before a real stop-copy: started, listening, waiting)."""
     proc = subprocess.Popen(
@@ -181,6 +182,8 @@ def run_receiver(
         if address is None:
             raise RuntimeError(f"no listening address logged (it exited, or {wait:.0f} s passed)")
         idle = vm_hwm(proc.pid) or 0
+        if counter is not None:
+            counter.wait_attached()
         if settle:
             wait_idle(proc.pid)
         startup = process_usage(proc.pid)

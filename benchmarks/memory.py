@@ -262,11 +262,12 @@ def run_case(
     return case
 
 
-def run_stall(channels: int, workdir: Path) -> Case:
-    """256 channels (``channels``) announce a payload each, send part of it and stall."""
+def run_stall(channels: int, workdir: Path, settle: float = STALL_SETTLE) -> Case:
+    """256 channels (``channels``) announce a payload each, send part of it and stall
+    (nothing more going out for ``settle`` seconds)."""
     workload = announced(channels)
     bound = DEFAULT_MAX_QUEUED_BYTES
-    stall = Stall(STALL_SENT)
+    stall = Stall(STALL_SENT, settle)
     options = ["--no-fsync", "--spill-dir", str(workdir), "--max-queued-bytes", str(bound),
                "--max-packet-size", str(STALL_PAYLOAD + VFIO_HEADER.size)]  # fmt: skip
     clock = time.monotonic()
@@ -304,7 +305,13 @@ def run_stall(channels: int, workdir: Path) -> Case:
 
 
 def run_memory(
-    *, size: int, bound: int, reps: int, workdir: Path, stall_channels: int = STALL_CHANNELS
+    *,
+    size: int,
+    bound: int,
+    reps: int,
+    workdir: Path,
+    stall_channels: int = STALL_CHANNELS,
+    stall_settle: float = STALL_SETTLE,
 ) -> Report:
     report = Report(bound)
     quarter = max(CHUNK, size // 4 // CHUNK * CHUNK)
@@ -339,7 +346,7 @@ def run_memory(
     ]
     for name, workload, limit, chunk in cases:
         report.cases.append(run_case(name, workload(), limit, chunk, workdir, files=True))
-    report.cases.append(run_stall(stall_channels, workdir))
+    report.cases.append(run_stall(stall_channels, workdir, stall_settle))
     in_order = build_workload([size], channels=4, seed=4)
     report.in_order = {"unbounded": [], "bounded": []}
     for _ in range(reps):
