@@ -47,7 +47,7 @@ from pathlib import Path
 
 import plain_copy
 from daemon import run_daemon, run_receiver, timestamp
-from report import median_range, progress, quiet_sender, run_status
+from report import format_table, median_range, progress, quiet_sender, run_status
 from vfio_multifd.config import parse_size
 from workload import Workload, build_workload
 
@@ -215,16 +215,7 @@ def format_report(results: Sequence[Case]) -> list[str]:
                 "",
             )
         )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
+    return format_table(header, rows, left=2)
 
 
 def _values(runs: Sequence[Timed], duration: str) -> list[float]:
