@@ -1,4 +1,4 @@
-"""What both benchmark reports share: progress lines, and a median with its range."""
+"""What the benchmark reports share: progress lines, a median with its range, tables."""
 
 from __future__ import annotations
 
