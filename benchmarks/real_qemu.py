@@ -52,7 +52,7 @@ from typing import Any
 
 from daemon import Listening, run_receiver
 from replay import Replay
-from report import format_table, median_range, progress, run_status
+from report import comma_list, format_table, median_range, progress, run_status
 from workload import Workload
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -334,14 +334,6 @@ def missing_qemus(cases: Sequence[Case], found: dict[str, Qemu]) -> list[str]:
     ]
 
 
-def _cases(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    for name in names:
-        if name not in CASES:
-            raise argparse.ArgumentTypeError(f"unknown case {name!r} ({', '.join(CASES)})")
-    return names
-
-
 #: Run by the daemon's interpreter: where its package is, compiled there (as an installed
 #: package is): without bytecode every daemon would compile its modules again, 0.1-0.2 s
 #: of CPU, wherever PYTHONDONTWRITEBYTECODE is set.
@@ -365,7 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="benchmarks/real_qemu.py", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--reps", type=int, default=5, help="pairs per case (default 5)")
-    parser.add_argument("--cases", type=_cases, default=list(CASES), help=", ".join(CASES))
+    parser.add_argument(
+        "--cases", type=comma_list(tuple(CASES)), default=list(CASES), help=", ".join(CASES)
+    )
     parser.add_argument(
         "--checkout", type=Path, default=ROOT, help="whose vfio_multifd runs (default this one)"
     )

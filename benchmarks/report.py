@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 def quiet_sender() -> None:
@@ -52,3 +53,16 @@ def format_table(
     ]
     lines.insert(1, "-" * len(lines[0]))
     return lines
+
+
+def comma_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """An option's type: a comma-separated list of ``choices`` (an unknown one is refused)."""
+
+    def parse(text: str) -> list[str]:
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        for item in items:
+            if item not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {item!r} ({', '.join(choices)})")
+        return items
+
+    return parse
