@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/scrape_cost.py
 	$(BIN)/python benchmarks/record_cost.py
+	$(BIN)/python benchmarks/real_qemu.py
 
 # docs/vfio-multifd.1 from the parsers (committed: man ./docs/vfio-multifd.1 works in a
 # fresh clone; a test fails when it no longer matches them).

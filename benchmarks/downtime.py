@@ -47,7 +47,7 @@ from pathlib import Path
 
 import plain_copy
 from daemon import run_daemon, run_receiver, timestamp
-from report import median_range, progress, quiet_sender, run_status
+from report import comma_list, format_table, median_range, progress, quiet_sender, run_status
 from vfio_multifd.config import parse_size
 from workload import Workload, build_workload
 
@@ -215,16 +215,7 @@ def format_report(results: Sequence[Case]) -> list[str]:
                 "",
             )
         )
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.ljust(w) if i < 2 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "-" * len(lines[0]))
-    return lines
+    return format_table(header, rows, left=2)
 
 
 def _values(runs: Sequence[Timed], duration: str) -> list[float]:
@@ -269,17 +260,6 @@ LEGEND = (
 # --- the command line ------------------------------------------------------------------------
 
 
-def _list(choices: Sequence[str]) -> type:
-    def parse(text: str) -> list[str]:
-        items = [part.strip() for part in text.split(",") if part.strip()]
-        for item in items:
-            if item not in choices:
-                raise argparse.ArgumentTypeError(f"unknown {item!r} ({', '.join(choices)})")
-        return items
-
-    return parse  # type: ignore[return-value]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="benchmarks/downtime.py", description=__doc__.split("\n")[0]
@@ -287,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", default="400M", help="data bytes per run (default 400M)")
     parser.add_argument("--reps", type=int, default=5, help="a/b pairs per case (default 5)")
     parser.add_argument(
-        "--sinks", type=_list(("file", "null")), default=["file", "null"], help="file,null"
+        "--sinks", type=comma_list(("file", "null")), default=["file", "null"], help="file,null"
     )
-    parser.add_argument("--cases", type=_list(tuple(CASES)), default=list(CASES), help="4x,1x")
+    parser.add_argument("--cases", type=comma_list(tuple(CASES)), default=list(CASES), help="4x,1x")
     parser.add_argument("--json", default=None, metavar="PATH", help="also dump raw results")
     parser.add_argument("--tmpdir", default=None, help="where the files go (default $TMPDIR)")
     args = parser.parse_args(argv)
