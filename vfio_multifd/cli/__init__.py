@@ -176,10 +176,10 @@ def _replay_command(args: argparse.Namespace) -> int:
         check_outside([(f"--result {report.path}", report.path)], args.directory, "DIR")
         report.begin(facts.document)
     recording = Recording.load(args.directory)
-    tls_client = _tls_client(args)
     replay = facts.replay = Replay(
         recording, args.channels_order, args.seed, verdict_timeout=args.verdict_timeout
     )
+    tls_client = _tls_client(args)
     print_replay_plan(replay, sys.stdout, args.channels_order)
     try:
         with _sigterm_stops_sending():
