@@ -538,7 +538,7 @@ def test_a_result_inside_the_recording_is_refused_and_nothing_is_written(tmp_pat
     manifest = (record / "manifest.json").read_bytes()
     for path in (record / "manifest.json", record / "replayed.json"):
         done = run_in_process(["replay", str(record), "--connect", closed_address(),
-                               "--result", str(path)])  # fmt: skip
+                               "--connect-timeout", "0.1", "--result", str(path)])  # fmt: skip
         assert done.returncode == 2
         assert done.stderr.splitlines() == [
             f"vfio-multifd: error: --result {path} is inside DIR {record}, which holds the "
