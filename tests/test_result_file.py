@@ -5,6 +5,7 @@ processes on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,22 @@ def load(path: Path) -> dict[str, Any]:
     leftovers = [name for name in os.listdir(path.parent) if name.endswith(".tmp")]
     assert leftovers == []
     return document
+
+
+@contextlib.contextmanager
+def running(argv: list[str], stderr_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``vfio-multifd ARGV`` in a subprocess, its stderr in ``stderr_path``; killed on the
+    way out if it is still running."""
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(
+            [*TOOL, *argv], stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
 
 
 def test_a_completed_migration_is_described_by_both_ends(
@@ -220,31 +238,29 @@ def test_a_sender_stopped_by_sigterm_says_what_it_sent(tmp_path: Path) -> None:
     port = listener.getsockname()[1]
     result = tmp_path / "sent.json"
     stderr_path = tmp_path / "send.stderr"
-    with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen(
-            [*TOOL, "send", "--connect", f"tcp:127.0.0.1:{port}", "--channels", "2",
-             "--device", f"idstr={IDSTR},size=128K", "--chunk-size", "64K",
-             "--log-format", "json", "--result", str(result)],
-            stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
     conns: list[socket.socket] = []
     try:
-        received: dict[int, int] = {}
-        for _ in range(2):
-            conn, _ = listener.accept()
-            conns.append(conn)
-            conn.settimeout(10)
-            data = b""
-            while chunk := conn.recv(1 << 20):  # the sender ends its stream, then waits
-                data += chunk
-            received[data[24]] = len(data)  # the handshake's channel id
-        wait_for(lambda: "waiting_for_daemon" in stderr_path.read_text(), what="the verdict wait")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 143
+        with running(
+            ["send", "--connect", f"tcp:127.0.0.1:{port}", "--channels", "2",
+             "--device", f"idstr={IDSTR},size=128K", "--chunk-size", "64K",
+             "--log-format", "json", "--result", str(result)],
+            stderr_path,
+        ) as proc:  # fmt: skip
+            received: dict[int, int] = {}
+            for _ in range(2):
+                conn, _ = listener.accept()
+                conns.append(conn)
+                conn.settimeout(10)
+                data = b""
+                while chunk := conn.recv(1 << 20):  # the sender ends its stream, then waits
+                    data += chunk
+                received[data[24]] = len(data)  # the handshake's channel id
+            wait_for(
+                lambda: "waiting_for_daemon" in stderr_path.read_text(), what="the verdict wait"
+            )
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 143
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
         for conn in conns:
             conn.close()
         listener.close()
@@ -330,6 +346,17 @@ def test_an_existing_result_is_replaced_by_a_late_usage_error_and_kept_on_a_bad_
 # -- replay --result ------------------------------------------------------------------------
 
 
+def replay_ended(path: Path, outcome: str, exit_code: int, reason: str | None) -> dict[str, Any]:
+    """``replay --result``'s document at ``path``, every field documented, which says
+    how the replay ended."""
+    document = load(path)
+    check_documented(document, "record-replay.md")
+    assert (document["outcome"], document["exit_code"], document["reason"]) == (
+        outcome, exit_code, reason,
+    )  # fmt: skip
+    return document
+
+
 def sent_per_channel(stdout: str) -> dict[int, tuple[int, int]]:
     """What replay printed: channel id -> (bytes sent, bytes recorded)."""
     return {
@@ -359,8 +386,7 @@ def test_a_replay_the_daemon_completes_says_so_with_each_channels_bytes(
     assert code == 0, stderr
     assert (out / "a.bin").read_bytes() == data
 
-    document = load(result)
-    check_documented(document, "record-replay.md")
+    document = replay_ended(result, "completed", 0, None)
     assert {k: v for k, v in document.items() if k not in ("duration_s", "channels")} == {
         "command": "replay", "outcome": "completed", "exit_code": 0, "reason": None,
         "message": None, "uuid": OTHER_UUID, "address": daemon.address,
@@ -394,11 +420,7 @@ def test_a_replayed_failure_says_the_daemon_reset_it(
     )  # fmt: skip
     assert os.listdir(out) == []
 
-    document = load(result)
-    check_documented(document, "record-replay.md")
-    assert (document["outcome"], document["exit_code"], document["reason"]) == (
-        "failed", 1, "channel-reset",
-    )  # fmt: skip
+    document = replay_ended(result, "failed", 1, "channel-reset")
     last = replayed.stderr.splitlines()[-1]
     assert last == f"vfio-multifd: error: {document['message']}"
     assert "the daemon reset the connection" in document["message"]
@@ -424,11 +446,7 @@ def test_a_replay_without_a_verdict_says_so_with_exit_3(tmp_path: Path) -> None:
     finally:
         peer.close()
     assert replayed.returncode == 3, replayed.stderr
-    document = load(result)
-    check_documented(document, "record-replay.md")
-    assert (document["outcome"], document["exit_code"], document["reason"]) == (
-        "failed", 3, "no-verdict",
-    )  # fmt: skip
+    document = replay_ended(result, "failed", 3, "no-verdict")
     assert document["message"] == (
         f"{peer.address}: the daemon gave no verdict within 0.3 s (--verdict-timeout) after "
         "the last byte was sent: the replay reset its channels (the daemon's log says what "
@@ -454,11 +472,7 @@ def test_a_replay_that_could_not_connect_says_it_sent_nothing_of_each_channel(
         tmp_path / "rec", address, "--connect-timeout", "0.1", "--result", str(result)
     )
     assert replayed.returncode == 1, replayed.stderr
-    document = load(result)
-    check_documented(document, "record-replay.md")
-    assert (document["outcome"], document["exit_code"], document["reason"]) == (
-        "failed", 1, "connect-failed",
-    )  # fmt: skip
+    document = replay_ended(result, "failed", 1, "connect-failed")
     assert replayed.stderr.splitlines()[-1] == f"vfio-multifd: error: {document['message']}"
     assert document["channels"] == [
         {"id": n, "peer": address, "bytes": 0, "recorded_bytes": len(streams[n])} for n in (1, 0)
@@ -472,28 +486,18 @@ def test_a_replay_stopped_by_sigterm_says_what_it_sent(tmp_path: Path) -> None:
     result = tmp_path / "replayed.json"
     stderr_path = tmp_path / "replay.stderr"
     try:
-        with open(stderr_path, "w") as stderr:
-            proc = subprocess.Popen(
-                [*TOOL, "replay", str(tmp_path / "rec"), "--connect", peer.address,
-                 "--verdict-timeout", "60", "--log-format", "json", "--result", str(result)],
-                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        try:
+        with running(
+            ["replay", str(tmp_path / "rec"), "--connect", peer.address,
+             "--verdict-timeout", "60", "--log-format", "json", "--result", str(result)],
+            stderr_path,
+        ) as proc:  # fmt: skip
             # Every byte received: the replay waits for the verdict, in its SIGTERM handler.
             wait_for(lambda: sum(map(len, peer.received)) == total, what="every byte")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 143
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(5)
     finally:
         peer.close()
-    document = load(result)
-    check_documented(document, "record-replay.md")
-    assert (document["outcome"], document["exit_code"], document["reason"]) == (
-        "cancelled", 143, "cancelled",
-    )  # fmt: skip
+    document = replay_ended(result, "cancelled", 143, "cancelled")
     assert document["message"] == (
         f"stopped by SIGTERM after sending {total} of {total} bytes to {peer.address} "
         "(its channels are reset)"
@@ -519,8 +523,7 @@ def test_a_recording_that_does_not_check_out_is_a_usage_error_naming_the_file(
     address = closed_address()  # a replay that connected would fail with exit 1, not 2
     replayed = replay_cli(record, address, "--result", str(result))
     assert replayed.returncode == 2, replayed.stderr
-    document = load(result)
-    check_documented(document, "record-replay.md")
+    document = replay_ended(result, "failed", 2, "usage")
     assert document == {
         "command": "replay", "outcome": "failed", "exit_code": 2, "reason": "usage",
         "message": f"channel 1: {file} is not what was recorded: its digest is "
