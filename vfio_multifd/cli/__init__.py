@@ -38,13 +38,14 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ..config import check_outside
 from ..errors import Cancelled, MultifdError, Reason, UsageError
 from ..source.replay import Recording, Replay
 from ..source.sender import SendTally, Stopped, send, stopped_by
 from . import options as cli_options
 from .receive import receive_command, receive_settings
 from .report import print_replay_plan, print_replay_report, print_send_summary
-from .result_file import ResultFile, SendFacts
+from .result_file import ReplayFacts, ResultFile, SendFacts
 from .runner import (
     EXIT_FAILED,
     EXIT_NO_VERDICT,
@@ -92,8 +93,7 @@ def _send_command(args: argparse.Namespace) -> int:
     tally = SendTally()
     report: ResultFile | None = args.result_file
     if report is not None:
-        report.check()
-        report.describe = SendFacts(args.uuid, args.connect, args.device, tally).document
+        report.begin(SendFacts(args.uuid, args.connect, args.device, tally).document)
     tls_client = _tls_client(args)
     if args.ram is not None:
         return _send_like_qemu(args, tally, tls_client)
@@ -169,11 +169,17 @@ def _stop_sending(signum: int, frame: object) -> None:
 
 def _replay_command(args: argparse.Namespace) -> int:
     configure_logging(args)
+    facts = ReplayFacts(args.directory, args.connect)
+    report: ResultFile | None = args.result_file
+    if report is not None:
+        # Before it is checked: a usage error here writes nothing, not even into DIR.
+        check_outside([(f"--result {report.path}", report.path)], args.directory, "DIR")
+        report.begin(facts.document)
     recording = Recording.load(args.directory)
-    tls_client = _tls_client(args)
-    replay = Replay(
+    replay = facts.replay = Replay(
         recording, args.channels_order, args.seed, verdict_timeout=args.verdict_timeout
     )
+    tls_client = _tls_client(args)
     print_replay_plan(replay, sys.stdout, args.channels_order)
     try:
         with _sigterm_stops_sending():

@@ -116,7 +116,7 @@ def _add_result(parser: argparse.ArgumentParser, page: str) -> None:
         default=None,
         metavar="PATH",
         help="at exit (success, failure or cancel alike) write one JSON document to PATH, "
-        "atomically: outcome, exit code, reason, devices, channels... (every field: "
+        "atomically: outcome, exit code, reason, channels... (every field: "
         f"{page})",
     )
 

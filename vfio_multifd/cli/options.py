@@ -203,6 +203,7 @@ def _add_replay(sub: Subcommands[_Parser], handler: Handler) -> None:
         help="once every byte is sent, wait this long at most for the daemon to close or "
         f"reset the channels (default {VERDICT_TIMEOUT:g}); then reset them and exit 3",
     )
+    _add_result(rp, "docs/record-replay.md")
 
 
 def _add_status(sub: Subcommands[_Parser], handler: Handler) -> None:

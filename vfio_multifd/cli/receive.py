@@ -89,8 +89,7 @@ def receive_command(args: argparse.Namespace) -> int:
     facts = ReceiveFacts(args.uuid, args.device or ())  # none: a RAM-only migration
     report: ResultFile | None = args.result_file
     if report is not None:
-        report.check()
-        report.describe = facts.document
+        report.begin(facts.document)
     settings = receive_settings(args)
     extra_paths = []
     if args.status_socket is not None:  # before anything starts, as for the other paths

@@ -3,12 +3,14 @@
 Written once the exit code is known, for success, failure and cancellation
 alike, complete or not at all: to a new file beside PATH (``O_EXCL``, never
 through a link, see :mod:`vfio_multifd.safe_files`), synced, then renamed
-over PATH. Its fields are listed in docs/receiving.md and docs/sending.md.
+over PATH. Its fields are listed in docs/receiving.md, docs/sending.md and
+docs/record-replay.md.
 
-The documents are built by :func:`receive_document` and :func:`send_document`
-from plain values; :class:`ReceiveFacts` and :class:`SendFacts` gather those
-values from what a run has (its session, or the sender's tally), so the
-source of the values can change without changing the documents.
+The documents are built by :func:`receive_document`, :func:`send_document`
+and :func:`replay_document` from plain values; :class:`ReceiveFacts`,
+:class:`SendFacts` and :class:`ReplayFacts` gather those values from what a
+run has (its session, the sender's tally, the replay), so the source of the
+values can change without changing the documents.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from ..daemon.session import Session
     from ..results import QemuStreamFigures, SessionResult
     from ..source.plan import SourceDevice
+    from ..source.replay import Replay
     from ..source.sender import SendTally
 
 JSON = dict[str, Any]
@@ -68,8 +71,14 @@ def reason_of(error: BaseException | None) -> tuple[str | None, str | None]:
     return Reason.INTERNAL.value, repr(error)
 
 
-def _how_it_ended(command: str, exit_code: int, error: BaseException | None, uuid: bytes) -> JSON:
-    """The fields both documents begin with."""
+def _uuid_text(uuid: bytes) -> str:
+    return str(uuid_module.UUID(bytes=uuid))
+
+
+def _how_it_ended(
+    command: str, exit_code: int, error: BaseException | None, uuid: str | None
+) -> JSON:
+    """The fields every document begins with."""
     reason, message = reason_of(error)
     return {
         "command": command,
@@ -77,7 +86,7 @@ def _how_it_ended(command: str, exit_code: int, error: BaseException | None, uui
         "exit_code": exit_code,
         "reason": reason,
         "message": message,
-        "uuid": str(uuid_module.UUID(bytes=uuid)),
+        "uuid": uuid,
     }
 
 
@@ -120,7 +129,7 @@ def receive_document(
     ram = qemu if qemu is not None and qemu.ram else None
     main = qemu if qemu is not None and qemu.main_stream else None
     return {
-        **_how_it_ended("receive", exit_code, error, uuid),
+        **_how_it_ended("receive", exit_code, error, _uuid_text(uuid)),
         "duration_s": round(duration_s, 3),
         "devices": [
             {
@@ -162,7 +171,7 @@ def send_document(
     """``send --result``'s document (docs/sending.md lists every field); ``devices``:
     each device with its chunk count and digest (None if not computed yet)."""
     return {
-        **_how_it_ended("send", exit_code, error, uuid),
+        **_how_it_ended("send", exit_code, error, _uuid_text(uuid)),
         "address": address,
         "duration_s": round(duration_s, 3),
         "devices": [
@@ -178,6 +187,31 @@ def send_document(
         ],
         "channels": [
             {"id": n, "peer": address, "bytes": sent} for n, sent in enumerate(channel_bytes)
+        ],
+    }
+
+
+def replay_document(
+    *,
+    exit_code: int,
+    error: BaseException | None,
+    uuid: str | None,
+    address: str,
+    duration_s: float,
+    directory: str,
+    channels: Sequence[tuple[int | None, int, int]],
+) -> JSON:
+    """``replay --result``'s document (docs/record-replay.md lists every field); ``uuid``:
+    the recording's (None if it could not be read); ``channels``: each recorded channel's
+    id (None: QEMU's main channel), bytes sent and bytes recorded, in connection order."""
+    return {
+        **_how_it_ended("replay", exit_code, error, uuid),
+        "address": address,
+        "duration_s": round(duration_s, 3),
+        "directory": directory,
+        "channels": [
+            {"id": channel_id, "peer": address, "bytes": sent, "recorded_bytes": recorded}
+            for channel_id, sent, recorded in channels
         ],
     }
 
@@ -268,6 +302,33 @@ class SendFacts:
         )
 
 
+class ReplayFacts:
+    """What ``replay`` knows for its result: the options, then the replay once its
+    recording was read and checked."""
+
+    def __init__(self, directory: Path, address: Address) -> None:
+        self.directory = directory
+        self.address = address
+        self.replay: Replay | None = None
+
+    def document(self, exit_code: int, error: BaseException | None) -> JSON:
+        replay = self.replay
+        return replay_document(
+            exit_code=exit_code,
+            error=error,
+            uuid=None if replay is None else replay.recording.manifest.uuid,
+            address=str(self.address),
+            duration_s=0.0 if replay is None else replay.seconds,
+            directory=str(self.directory),
+            channels=()
+            if replay is None
+            else [
+                (channel.id, sent, channel.bytes)
+                for channel, sent in zip(replay.channels, replay.sent, strict=True)
+            ],
+        )
+
+
 class ResultFile:
     """``--result PATH``: checked before the command starts, written when it ends."""
 
@@ -292,6 +353,11 @@ class ResultFile:
         if self.path.is_dir() and not self.path.is_symlink():
             raise UsageError(f"{what} is a directory; give the path of a file")
         self.checked = True
+
+    def begin(self, describe: Callable[[int, BaseException | None], JSON]) -> None:
+        """:meth:`check` PATH now, and write ``describe``'s document at exit."""
+        self.check()
+        self.describe = describe
 
     def write(self, exit_code: int, error: BaseException | None) -> int:
         """Write the document; returns the exit code (1 instead of 0 if it could not be
