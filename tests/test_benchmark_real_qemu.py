@@ -17,7 +17,10 @@ from qemu.harness import find_qemus
 import real_qemu
 
 
-def test_one_pair_of_a_paused_qemu_10_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_one_pair_of_a_paused_qemu_10_0(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tmp_path = short_dir  # the VM's QMP socket path must fit in 108 bytes
     if "10.0" not in find_qemus():
         pytest.skip("no QEMU 10.0: run tests/qemu/get-qemu.sh (or set QEMU_10_0)")
     raw = tmp_path / "raw.json"
