@@ -63,6 +63,8 @@ class WriterThread(concurrent.futures.Executor):
         if self._shut:
             raise RuntimeError(f"cannot queue a job: {self.name} is shut down")
         if self._thread is None:
+            # A daemon: a write that never returns (a FIFO nobody reads, abandoned by the
+            # session) must not keep the process from exiting.
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
         self._jobs.put(job)
