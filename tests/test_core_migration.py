@@ -510,6 +510,26 @@ def test_a_memory_wait_gives_another_channel_its_grace_then_spills() -> None:
     assert driver.core.snapshot(driver.now).paused_seconds == pytest.approx(SPILL_GRACE)
 
 
+def test_freed_memory_goes_first_to_the_waiting_chunk_needed_soonest() -> None:
+    """Memory given to whichever header waited longest lets a channel far ahead hold it
+    while the chunks needed next wait: the channels drift apart and every read waits
+    for a write. Freed memory goes first to the header nearest its device's next chunk."""
+    unit = capacity_of(CHUNK) + CHUNK_OVERHEAD
+    bound = smallest_bound() + 2 * unit  # room for two chunks ahead of the next one
+    driver = Driver.start(config(channels=3, max_queued_bytes=bound, max_payload_size=CHUNK))
+    first, far, near = driver.connect(), driver.connect(), driver.connect()
+    driver.send(first, qs.handshake(0) + qs.device_packet(IDSTR, 0, 0, bytes(CHUNK)))
+    driver.send(far, qs.handshake(1) + qs.device_packet(IDSTR, 0, 9, bytes(CHUNK)))
+    driver.send(far, qs.device_packet(IDSTR, 0, 10, bytes(CHUNK))[:300])
+    assert driver.log[-1] == cmd.PauseReading(far)  # it waits first
+    driver.send(near, qs.handshake(2) + qs.device_packet(IDSTR, 0, 2, bytes(CHUNK))[:300])
+    assert driver.log[-1] == cmd.PauseReading(near)
+
+    driver.load()  # idx 0 written: room for one chunk ahead again
+    assert [provided.conn for provided in driver.of(cmd.ProvideBuffer)] == [near]
+    assert [resumed.conn for resumed in driver.of(cmd.ResumeReading)] == [near]
+
+
 def test_paused_seconds_include_a_pause_going_on() -> None:
     bound = smallest_bound() + capacity_of(CHUNK) + CHUNK_OVERHEAD
     driver = Driver.start(config(channels=2, max_queued_bytes=bound, max_payload_size=CHUNK))

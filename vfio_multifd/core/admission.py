@@ -4,7 +4,8 @@ Part of the migration core (pure). :meth:`Admission.admit` carries out the
 memory policy for one header until it has a buffer or must wait; the headers
 that wait are kept here in the order they began to, with the time at least
 one of them waited (reading paused). :class:`~.migration.Migration` decides
-when they look again (every change of memory, or a wait's deadline).
+when they look again (every change of memory, or a wait's deadline), and they
+look nearest-needed first (:meth:`Admission.in_order`).
 """
 
 from __future__ import annotations
@@ -84,12 +85,24 @@ class Admission:
             self._paused_seconds += now - self._pause_started
 
     def in_order(self, first: Connection | None = None) -> list[Connection]:
-        """The waiting connections, ``first`` (whose spill just made room) first."""
-        order = list(self.waiting.values())
+        """The waiting connections, the header nearest its device's next chunk first
+        (ties: the one waiting longer), but ``first`` (whose spill just made room) first.
+
+        Freed memory goes where it is freed again soonest. Given to whichever
+        waited longest, it lets a channel far ahead hold it while the chunks
+        needed next wait: the channels drift apart until every read waits
+        for a write.
+        """
+        order = sorted(self.waiting.values(), key=self._distance)
         if first is not None:
             order.remove(first)
             order.insert(0, first)
         return order
+
+    def _distance(self, c: Connection) -> int:
+        header = c.header
+        assert header is not None, "a connection waits for memory only for its header"
+        return self.ledger.reassembly.distance(header.device, header.idx)
 
     def owner_of(self, victim: object) -> Connection | None:
         """The waiting connection for whose header ``victim`` was spilled."""

@@ -7,7 +7,9 @@ batches, and hands each batch to the device's own writer thread, which hashes
 and ``writev``s it. Channels keep reading meanwhile. After the last data chunk comes
 the config state: its tags are checked, it is stored, and the device is
 complete (QEMU's ``vfio_load_bufs_thread``). Each batch written goes back to
-the core (``written``), which releases its memory.
+the core (``written``), which releases its memory; the writer thread
+(``writer_thread.py``) tells the loop about every batch it wrote since it last
+did in one call.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import structlog
 
@@ -28,6 +29,7 @@ from ..digest import format_digest, new_hasher
 from ..errors import MultifdError
 from ..logconfig import debug_enabled
 from .output import Output
+from .writer_thread import WriterThread
 
 log = structlog.get_logger("vfio_multifd.loader")
 
@@ -60,9 +62,10 @@ class DeviceLoader:
         self._release = release  # gives the written chunks' memory back
         self._read_spilled = read_spilled
         self._write_failed = write_failed  # a batch written in the background failed
-        self._in_flight: set[asyncio.Future[None]] = set()
+        self._unwritten = 0  # batches queued to the writer thread, not yet reported written
+        self._all_written: asyncio.Future[None] | None = None  # run() waits for them
         self.write_error: BaseException | None = None
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"writer-{key}")
+        self.executor = WriterThread(f"writer-{key}")
         self.next_idx = 0  # the idx this loader takes next
         self.bytes_written = 0
         self.precopy_written = 0  # pre-copy bytes of the main stream, before every chunk
@@ -84,7 +87,6 @@ class DeviceLoader:
         a chunk goes from its socket to the writer thread without waiting for a task."""
         if self._config is not None or self._stopped:
             return
-        loop = asyncio.get_running_loop()
         while chunks := self._take(self.key, BATCH_BYTES):
             self.next_idx = chunks[-1].idx + 1
             if chunks[0].config:  # the last chunk: run() completes the device
@@ -92,7 +94,7 @@ class DeviceLoader:
                 self._config = chunks
                 self._config_ready.set()
                 return
-            self._submit(loop, chunks)
+            self._submit(chunks)
         if self._debug:
             self.log.debug("load_starved", next_idx=self.next_idx)
 
@@ -104,8 +106,9 @@ class DeviceLoader:
             self.wake()
             await self._config_ready.wait()
             assert self._config is not None
-            if self._in_flight:
-                await asyncio.gather(*self._in_flight)  # every data chunk is written
+            if self._unwritten:  # every data chunk is written first
+                self._all_written = loop.create_future()
+                await self._all_written
             if self.write_error is not None:
                 raise self.write_error
             await self._load_config(loop, self._config[0])
@@ -137,40 +140,38 @@ class DeviceLoader:
         self.hasher.update(data)
         self.data.write([data])
 
-    def _submit(self, loop: asyncio.AbstractEventLoop, chunks: list[Chunk]) -> None:
+    def _submit(self, chunks: list[Chunk]) -> None:
         """Queue a batch for the writer thread without waiting for it.
 
         The loader goes straight back for the next ready chunks, so the writer
         always has work queued and never waits for the event loop to come
         round (one loop iteration can receive more than a batch). The single
         writer thread keeps batches in order; each one's memory is released
-        when it is written.
+        when it is written (:meth:`_batch_written`).
         """
-        future = loop.run_in_executor(self.executor, self._write_batch, chunks)
-        self._in_flight.add(future)
+        self._unwritten += 1
         if self._debug:  # QEMU's vfio_load_state_device_buffer_load_start/_end
             first, last = chunks[0].idx, chunks[-1].idx
             self.log.debug("load_start", first_idx=first, last_idx=last, chunks=len(chunks))
-            future.add_done_callback(
-                lambda _: self.log.debug("load_end", first_idx=first, last_idx=last)
-            )
+        self.executor.post(self._write_batch, chunks, self._batch_written)
 
-        def batch_done(done: asyncio.Future[None]) -> None:
-            self._in_flight.discard(done)
-            if done.cancelled():
-                return
-            error = done.exception()
-            if error is None:
-                self.bytes_written += sum(chunk.size for chunk in chunks)
-                self.chunks_written += len(chunks)
-                self._release(self.key, chunks)
-                return
+    def _batch_written(self, chunks: list[Chunk], error: BaseException | None) -> None:
+        """On the loop: the writer thread wrote ``chunks`` (or failed to: ``error``)."""
+        self._unwritten -= 1
+        if self._debug:
+            self.log.debug("load_end", first_idx=chunks[0].idx, last_idx=chunks[-1].idx)
+        if error is None:
+            self.bytes_written += sum(chunk.size for chunk in chunks)
+            self.chunks_written += len(chunks)
+            self._release(self.key, chunks)
+        elif self.write_error is None:
             # Whatever it was, the batch is not on disk: the device can never complete.
             self.write_error = error
             if self._write_failed is not None:
                 self._write_failed(error)
-
-        future.add_done_callback(batch_done)
+        waiting = self._all_written
+        if not self._unwritten and waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     @property
     def digest_text(self) -> str:
