@@ -35,8 +35,10 @@ qemu:
 # worker per core uses it (one per core left the cores idle a third of the time).
 # PYTHONDONTWRITEBYTECODE emptied: the suite starts some 300 Pythons, and each would
 # compile again every module whose bytecode is not cached (up to 0.5 s of CPU each).
+# compileall first: in a fresh clone the workers' first daemons would each compile it.
 TEST_WORKERS ?= $(shell echo $$(( 2 * $$(nproc) )))
 test: lint qemu
+	$(BIN)/python -m compileall -q vfio_multifd tests benchmarks examples tools
 	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 demo: $(STAMP)
