@@ -13,6 +13,7 @@ streams; under the stdlib loop it runs without ``--record``, as it runs by defau
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -26,14 +27,16 @@ from qemu.harness import (
     mask_pc_window,
     source_vm,
 )
-from qemu.reconstruct import reconstruct
+from qemu.reconstruct import channel_units, main_units, reconstruct
 
+from vfio_multifd.core.savevm import BlockList, RamBlock
 from vfio_multifd.source.replay import Recording
 
 QEMUS = find_qemus()
 BLOB = make_blob(256 << 10)
 UUID = "6b8e1a52-3c1d-4f8e-9b1a-22c0ffee0022"
 INTEGRATED = True  # the daemon takes --main-stream / --ram (issue 22)
+PAGES_PER_PACKET_7_2 = 128  # MULTIFD_PACKET_SIZE (512 KiB) of 4 KiB pages
 
 
 def qemu(label: str) -> Qemu:
@@ -94,6 +97,29 @@ def check_the_parsers_rebuild(
         assert result.sync_points > 3
 
 
+def pages_sent_twice_in_a_round(record: Path, channels: int) -> int:
+    """How many times the recorded RAM packets repeat a page between the same two sync
+    points. QEMU queues a page at most once between two bitmap syncs (queuing clears
+    its dirty bit) and 7.2 ends each ram_save_iterate() with a sync point, so every
+    repeat within a round is a page it sent twice."""
+    by_id = {c.id: record / c.file for c in Recording.load(record).manifest.recorded_channels}
+    blocks: dict[str, RamBlock] = {}
+    for unit in main_units(by_id[None].read_bytes()):
+        if isinstance(unit, BlockList):
+            blocks.update((block.name, block) for block in unit.blocks)
+    seen: Counter[tuple[int, str, int]] = Counter()
+    for channel in range(channels):
+        sync_round = 0  # the k-th sync packet of every channel is the same sync point
+        for unit in channel_units(by_id[channel].read_bytes(), channel, lambda: blocks):
+            seen.update(
+                (sync_round, name, offset)
+                for name, offset, page in unit.pages
+                if not isinstance(page, int)
+            )
+            sync_round += unit.sync
+    return sum(count - 1 for count in seen.values())
+
+
 @pytest.mark.skipif(not INTEGRATED, reason="needs the daemon's --main-stream/--ram (issue 22 integration)")
 @pytest.mark.parametrize(("label", "channels", "running", "zero_page_detection"), CASES)
 def test_the_daemon_receives_a_real_qemu(
@@ -135,13 +161,24 @@ def test_the_daemon_receives_a_real_qemu(
     sent = info["ram"]
     assert isinstance(sent, dict)
     assert result["ram_zero_pages"] == sent["duplicate"]
-    if label == "7.2" and running:
-        # QEMU 7.2's own normal count runs a few pages short of the pages it sends
-        # with a running guest (9 to 18 of about 4530 measured), while the image is
-        # exact; 10.0's is exact.
-        assert sent["normal"] <= result["ram_pages"] <= sent["normal"] + 64  # type: ignore[operator]
+    surplus = result["ram_pages"] - sent["normal"]
+    if label == "7.2":
+        # QEMU 7.2 sometimes sends a page twice and counts it once: in
+        # migration/multifd.c multifd_queue_page(), once multifd_send_pages() has
+        # handed the full `pages` to a channel, `if (pages->block != block) {` reads
+        # it again, and if that channel's multifd_send_thread() has already run
+        # `p->pages->block = NULL;` the page is queued again into the next packet,
+        # while migration/ram.c ram_save_multifd_page() counted it once
+        # (`ram_counters.normal++;`). A recording shows each such page twice in one
+        # round; without one, only the last page of a full packet can be queued
+        # again, so the surplus is at most one page per full packet. (10.0's
+        # multifd_queue_page() reads only its own queue, and its count is exact.)
+        if recording:
+            assert surplus == pages_sent_twice_in_a_round(record, channels)
+        else:
+            assert 0 <= surplus <= result["ram_pages"] // PAGES_PER_PACKET_7_2
     else:
-        assert result["ram_pages"] == sent["normal"]
+        assert surplus == 0
     assert result["main_stream_bytes"] == len(main)
     assert result["sync_points"] > 0
     if recording:
