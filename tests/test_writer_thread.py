@@ -99,6 +99,46 @@ async def test_a_failed_job_is_told_with_its_error_and_the_next_still_runs() -> 
     assert told == [(0, None), (1, "[Errno 28] No space left on device"), (2, None)]
 
 
+async def test_a_callback_that_raises_does_not_strand_the_batches_told_after_it() -> None:
+    """The batches of one report are told one by one: a bug in one callback goes to the
+    loop's exception handler, and the others are still told (a loader waiting for its
+    last batch would otherwise wait for ever)."""
+    writer = WriterThread("writer-test")
+    loop = asyncio.get_running_loop()
+    handled: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: handled.append(context))
+    told: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def write(n: int) -> None:
+        if n == 0:
+            started.set()
+            assert release.wait(WAIT)
+
+    def done(n: int, error: BaseException | None) -> None:
+        told.append(n)
+        if n == 0:
+            raise RuntimeError("a bug in the first callback")
+
+    try:
+        for n in range(3):
+            writer.post(write, n, done)
+        assert started.wait(WAIT)
+        release.set()
+        writer.submit(lambda: None).result(WAIT)  # all three written: one report for them
+        for _ in range(int(WAIT / 0.01)):
+            if len(told) == 3:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        writer.shutdown()
+        loop.set_exception_handler(None)
+    assert told == [0, 1, 2]
+    assert len(handled) == 1
+    assert str(handled[0]["exception"]) == "a bug in the first callback"
+    assert "writer-test" in str(handled[0]["message"])
+
+
 async def test_shutdown_cancels_what_is_queued_and_refuses_more() -> None:
     writer = WriterThread("writer-test")
     loop = asyncio.get_running_loop()

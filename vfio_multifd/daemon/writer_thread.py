@@ -93,7 +93,13 @@ class WriterThread(concurrent.futures.Executor):
         written = self._written
         while written:
             done, item, error = written.popleft()
-            done(item, error)
+            try:
+                done(item, error)
+            except Exception as raised:  # a bug in one callback must not strand the others
+                assert self._loop is not None
+                self._loop.call_exception_handler(
+                    {"message": f"{self.name}: a written job's callback failed", "exception": raised}
+                )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more jobs; ``cancel_futures``: drop the queued ones (futures cancelled,
