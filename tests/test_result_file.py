@@ -509,6 +509,41 @@ def test_a_replay_stopped_by_sigterm_says_what_it_sent(tmp_path: Path) -> None:
     assert peer.ended == ["reset", "reset"]
 
 
+def test_a_replay_stopped_by_sigterm_while_checking_the_recording_says_so(
+    tmp_path: Path,
+) -> None:
+    """Reading and hashing a large recording takes a while: SIGTERM then stops it with
+    its own exit code and document, not the default action (killed, nothing written)."""
+    record = tmp_path / "rec"
+    fake_recording(record, 1)
+    huge = 256 << 30  # sparse: hashing it would take far longer than the test waits
+    with open(record / channel_file(0), "r+b") as channel:
+        channel.truncate(huge)
+    manifest = json.loads((record / "manifest.json").read_text())
+    manifest["recorded_channels"][0].update(bytes=huge, received=huge)
+    (record / "manifest.json").write_text(json.dumps(manifest))
+    result = tmp_path / "replayed.json"
+    stderr_path = tmp_path / "replay.stderr"
+    with running(
+        ["replay", str(record), "--connect", closed_address(), "--result", str(result)],
+        stderr_path,
+    ) as proc:
+        file = str(record / channel_file(0))
+        wait_for(
+            lambda: any(os.path.realpath(f"/proc/{proc.pid}/fd/{fd}") == file
+                        for fd in os.listdir(f"/proc/{proc.pid}/fd")),
+            what="the replay reading the channel file",
+        )  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 143
+    document = replay_ended(result, "cancelled", 143, "cancelled")
+    assert document["message"] == (
+        f"stopped by SIGTERM while checking the recording {record} (nothing was sent)"
+    )
+    assert document["channels"] == []
+    assert stderr_path.read_text().splitlines()[-1] == f"vfio-multifd: {document['message']}"
+
+
 def test_a_recording_that_does_not_check_out_is_a_usage_error_naming_the_file(
     tmp_path: Path,
 ) -> None:

@@ -175,21 +175,27 @@ def _replay_command(args: argparse.Namespace) -> int:
         # Before it is checked: a usage error here writes nothing, not even into DIR.
         check_outside([(f"--result {report.path}", report.path)], args.directory, "DIR")
         report.begin(facts.document)
-    recording = Recording.load(args.directory)
-    replay = facts.replay = Replay(
-        recording, args.channels_order, args.seed, verdict_timeout=args.verdict_timeout
-    )
-    tls_client = _tls_client(args)
-    print_replay_plan(replay, sys.stdout, args.channels_order)
-    try:
-        with _sigterm_stops_sending():
+    # SIGTERM stops it from here on, also while it reads and checks a large recording.
+    with _sigterm_stops_sending():
+        try:
+            recording = Recording.load(args.directory)
+        except KeyboardInterrupt as interrupt:
+            raise stopped_by(
+                interrupt, f"while checking the recording {args.directory} (nothing was sent)"
+            ) from None
+        replay = facts.replay = Replay(
+            recording, args.channels_order, args.seed, verdict_timeout=args.verdict_timeout
+        )
+        tls_client = _tls_client(args)
+        print_replay_plan(replay, sys.stdout, args.channels_order)
+        try:
             error = replay.run(args.connect, connect_timeout=args.connect_timeout, tls=tls_client)
-    except KeyboardInterrupt as interrupt:
-        raise stopped_by(
-            interrupt,
-            f"after sending {sum(replay.sent)} of {replay.total} bytes to {args.connect} "
-            "(its channels are reset)",
-        ) from None
+        except KeyboardInterrupt as interrupt:
+            raise stopped_by(
+                interrupt,
+                f"after sending {sum(replay.sent)} of {replay.total} bytes to {args.connect} "
+                "(its channels are reset)",
+            ) from None
     print_replay_report(replay, sys.stdout, args.connect, error, tls=tls_client is not None)
     if error is not None:
         raise error
@@ -296,7 +302,7 @@ def _exit_code(error: MultifdError | OSError | KeyboardInterrupt) -> int:
     if isinstance(error, OSError):
         print(f"vfio-multifd: error: {error}", file=sys.stderr)
         return EXIT_FAILED
-    return 128 + signal.SIGINT
+    return 128 + getattr(error, "signal_number", signal.SIGINT)  # a Stopped says which
 
 
 def console_main() -> None:
