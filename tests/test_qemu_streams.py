@@ -15,6 +15,7 @@ import random
 import socket
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,9 @@ from helpers import settings, start
 from prometheus_client.parser import text_string_to_metric_families
 
 from vfio_multifd.cli.report import print_receive_summary
+from vfio_multifd.config import Address, ReceiveSettings
 from vfio_multifd.core.wire import DeviceKey
+from vfio_multifd.daemon.ram_sink import RamSink
 from vfio_multifd.ops.metrics import render
 from vfio_multifd.ops.status_server import query_migrate
 from vfio_multifd.source.qemu_like import VfioDevice, device_state_migration, qemu10_migration
@@ -186,6 +189,45 @@ def test_a_ram_only_migration_has_its_result(tmp_path: Path, daemons: list[Daemo
         streams.normal_pages, streams.zero_pages, streams.sync_points,
     )  # fmt: skip
     assert (tmp_path / "ram" / "pc.ram").read_bytes() == rounds(2)[-1]["pc.ram"]
+
+
+async def test_zero_pages_of_the_main_stream_reach_the_ram_writer_many_to_a_job(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU 7.2 (and 10.0 with zero-page-detection=legacy) sends every zero page as a
+    record of the main stream: the driver hands a whole read's records to the core
+    before carrying out its commands, so they reach the RAM writer as a few jobs of
+    many pages, not one job (a thread hand-off) each."""
+    images = rounds(2)
+    uuid = bytes.fromhex(UUID.replace("-", ""))
+    streams = qemu10_migration(images, channels=2, uuid=uuid, devices=[], zero_pages="legacy")
+    assert streams.zero_pages > 200
+    jobs: list[int] = []  # pages in each job of the RAM writer that carries pages
+    write = RamSink.write
+
+    def counted(sink: RamSink, pages: Sequence[tuple[str, int, memoryview | int]], main: bytes) -> None:
+        if pages:
+            jobs.append(len(pages))
+        write(sink, pages, main)
+
+    monkeypatch.setattr(RamSink, "write", counted)
+    running = await start(
+        ReceiveSettings(
+            devices=(), listen=Address("tcp", "127.0.0.1", 0), channels=2, fsync=False,
+            uuid=uuid, main_stream=tmp_path / "main.bin", ram=tmp_path / "ram",
+        )
+    )  # fmt: skip
+    port = int(running.address.rsplit(":", 1)[1])
+    await asyncio.wait_for(
+        # The main channel last: its records come in reads of its own (not released
+        # by another channel reaching a sync point, inside that channel's commands).
+        asyncio.to_thread(send, port, streams.main, streams.channels, lag=None, main_lag=0.3),
+        60,
+    )
+    await asyncio.wait_for(running.task, 60)
+    assert (tmp_path / "ram" / "pc.ram").read_bytes() == images[-1]["pc.ram"]
+    assert sum(jobs) == streams.normal_pages + streams.zero_pages  # each page written once
+    assert len(jobs) * 4 < streams.zero_pages, jobs  # one job per page: as many as pages
 
 
 async def test_status_and_metrics_count_what_qemu_sent(tmp_path: Path) -> None:
