@@ -163,16 +163,16 @@ def test_the_daemon_receives_a_real_qemu(
     assert result["ram_zero_pages"] == sent["duplicate"]
     surplus = result["ram_pages"] - sent["normal"]
     if label == "7.2":
-        # QEMU 7.2 sometimes sends a page twice and counts it once: in
-        # migration/multifd.c multifd_queue_page(), once multifd_send_pages() has
-        # handed the full `pages` to a channel, `if (pages->block != block) {` reads
-        # it again, and if that channel's multifd_send_thread() has already run
-        # `p->pages->block = NULL;` the page is queued again into the next packet,
-        # while migration/ram.c ram_save_multifd_page() counted it once
-        # (`ram_counters.normal++;`). A recording shows each such page twice in one
-        # round; without one, only the last page of a full packet can be queued
-        # again, so the surplus is at most one page per full packet. (10.0's
-        # multifd_queue_page() reads only its own queue, and its count is exact.)
+        # QEMU 7.2 sometimes sends a page twice and counts it once. In its
+        # migration/multifd.c, multifd_queue_page() hands a full queue of pages to a
+        # channel thread and then reads that queue's block again to decide whether
+        # the page still fits; if the channel thread (multifd_send_thread()) has
+        # already cleared it, the same page is queued again into the next packet,
+        # while migration/ram.c ram_save_multifd_page() counted it once. A recording
+        # shows each such page twice in one round; without one, only the last page of
+        # a full packet can be queued again, so the surplus is at most one page per
+        # full packet. (10.0's multifd_queue_page() does not read the handed-over
+        # queue again, and its count is exact.)
         if recording:
             assert surplus == pages_sent_twice_in_a_round(record, channels)
         else:
