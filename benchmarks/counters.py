@@ -114,9 +114,11 @@ class SyscallCounter:
             return
         wanted = len(_tracepoints())
         deadline = time.monotonic() + timeout
-        while self.proc.poll() is None and time.monotonic() < deadline:
+        while self.proc.poll() is None:
             if _perf_events_open(self.proc.pid) >= wanted:
                 return
+            if time.monotonic() > deadline:  # counting part of the run: a failed run
+                raise RuntimeError(f"perf stat did not start counting within {timeout:g} s")
             time.sleep(0.005)
 
     def result(self, timeout: float = 30.0) -> dict[str, int]:
