@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from helpers import until
 
 from vfio_multifd.daemon.writer_thread import WriterThread
 
@@ -65,10 +66,7 @@ async def test_batches_written_while_the_loop_is_busy_are_told_in_one_call() -> 
         # Blocking the loop until the thread is past all three: the loop has not run.
         writer.submit(lambda: None).result(WAIT)
         assert told == []
-        for _ in range(int(WAIT / 0.01)):
-            if len(told) == 3:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(told) == 3, "every batch told", WAIT)
     finally:
         writer.shutdown()
     assert told == [0, 1, 2]
@@ -126,10 +124,7 @@ async def test_a_callback_that_raises_does_not_strand_the_batches_told_after_it(
         assert started.wait(WAIT)
         release.set()
         writer.submit(lambda: None).result(WAIT)  # all three written: one report for them
-        for _ in range(int(WAIT / 0.01)):
-            if len(told) == 3:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: len(told) == 3, "every batch told", WAIT)
     finally:
         writer.shutdown()
         loop.set_exception_handler(None)
