@@ -12,9 +12,10 @@ RAM packets) are the part in ``driver_qemu.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -215,6 +216,17 @@ class Driver(QemuStreamsDriver):
             self._schedule()
         finally:
             self._acting = False
+
+    @contextlib.contextmanager
+    def _acting_together(self) -> Iterator[None]:
+        """The inputs fed inside have their commands carried out together, at the end (or
+        by the ``_act`` this runs inside): writes that wait side by side can merge."""
+        outer, self._acting = self._acting, True
+        try:
+            yield
+        finally:
+            self._acting = outer
+            self._act()
 
     def _schedule(self) -> None:
         loop = self._loop

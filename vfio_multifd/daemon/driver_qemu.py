@@ -10,6 +10,7 @@ thread (``ram_sink.py``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import Callable
@@ -45,10 +46,8 @@ class QemuStreamsDriver:
 
     if TYPE_CHECKING:
 
-        _acting: bool
-
         def _feed(self, method: Callable[..., Any], *args: Any) -> Any: ...
-        def _act(self) -> None: ...
+        def _acting_together(self) -> contextlib.AbstractContextManager[None]: ...
         def fail(self, error: BaseException) -> None: ...
 
     def _start_qemu_streams(self) -> None:
@@ -75,28 +74,30 @@ class QemuStreamsDriver:
         parser, conn = self._main_parser, self._main_conn
         if parser is None or conn is None or self._draining:
             return
-        self._draining = True
-        # One act for the whole drain: the core's page writes merge while they wait.
-        acting, self._acting = self._acting, True
-        try:
-            while not self.core.main_held:
-                try:
-                    event = parser.next_event()
-                except ProtocolError as error:
-                    self._feed(self.core.decode_error, conn, error, clock())
-                    return
-                if event is None:
-                    break
-                self._feed(self.core.main_event, conn, event, clock())
-            else:
+        # One act for the whole drain (after it, so that a resume it carries out drains
+        # again): the core's page writes merge while they wait.
+        with self._acting_together():
+            self._draining = True
+            try:
+                self._hand_events(parser, conn)
+            finally:
+                self._draining = False
+
+    def _hand_events(self, parser: MainStreamParser, conn: int) -> None:
+        while not self.core.main_held:
+            try:
+                event = parser.next_event()
+            except ProtocolError as error:
+                self._feed(self.core.decode_error, conn, error, clock())
                 return
-            if self._main_eof:
-                self._main_eof = False
-                self._feed(self.core.eof, conn, clock())
-        finally:
-            self._draining = False
-            self._acting = acting
-            self._act()
+            if event is None:
+                break
+            self._feed(self.core.main_event, conn, event, clock())
+        else:
+            return
+        if self._main_eof:
+            self._main_eof = False
+            self._feed(self.core.eof, conn, clock())
 
     def ram_header(self, channel: ChannelProtocol, raw: bytes) -> bytearray | None:
         buffer: bytearray | None = self._feed(self.core.ram_header, channel.conn, raw, clock())
